@@ -1,0 +1,177 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/units"
+)
+
+func TestExampleConfigsAreValid(t *testing.T) {
+	d, err := LoadDaemon("../../configs/vmhopd.yaml")
+	if err != nil {
+		t.Fatalf("configs/vmhopd.yaml: %v", err)
+	}
+	if d.Uplink != "eth0" || d.Address.String() != "10.1.0.2" || d.Datapath != "auto" {
+		t.Errorf("daemon = %+v", d)
+	}
+	m, err := LoadMigration("../../configs/migration.yaml")
+	if err != nil {
+		t.Fatalf("configs/migration.yaml: %v", err)
+	}
+	if m.Network.NewIP.String() != "10.2.0.10" || m.Limits.Bandwidth != 100*units.Mbit ||
+		m.Limits.Downtime != 300*time.Millisecond || m.Storage.FinalDelta != 16*units.MiB {
+		t.Errorf("migration = %+v", m)
+	}
+}
+
+// base is a minimal valid migration spec; cases below edit one line of it.
+const base = `migration:
+  name: web1
+  vm: {hypervisor: qemu, qmp_socket: /run/q.sock, disk: /d.raw}
+  source: {daemon: "10.1.0.2:7710", address: 10.1.0.2}
+  destination: {daemon: "10.2.0.2:7710", address: 10.2.0.2, disk: /d.raw}
+  network: {old_ip: 10.1.0.10, new_ip: 10.2.0.10, gateway: 10.1.0.1}
+  dns: {server: "10.0.3.2:53", zone: example., name: svc.example., tsig_key_file: /k}
+`
+
+func TestParseErrorsNameKeyAndValue(t *testing.T) {
+	tests := []struct {
+		name string
+		from string // replaced in base...
+		to   string // ...by this
+		want []string
+	}{
+		{"valid", "", "", nil},
+		{"bad new ip", "new_ip: 10.2.0.10", "new_ip: 10.2.0.300",
+			[]string{`migration.network.new_ip: "10.2.0.300" is not an IPv4 or IPv6 address`}},
+		{"same ips", "new_ip: 10.2.0.10", "new_ip: 10.1.0.10",
+			[]string{`migration.network.new_ip: "10.1.0.10" equals old_ip`}},
+		{"mixed family", "new_ip: 10.2.0.10", "new_ip: '2001:db8::10'",
+			[]string{`migration.network.new_ip: "2001:db8::10" is not the same IP family`}},
+		{"unknown key", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, gatway: 1}",
+			[]string{`migration.network.gatway: unknown key`}},
+		{"unknown top key", "migration:", "extra: 1\nmigration:",
+			[]string{`extra: unknown top-level key`}},
+		{"bad hypervisor", "hypervisor: qemu", "hypervisor: xen",
+			[]string{`migration.vm.hypervisor: "xen" is not one of qemu, virtualbox`}},
+		{"virtualbox needs chunked", "hypervisor: qemu, qmp_socket: /run/q.sock", "hypervisor: virtualbox, name: v",
+			[]string{`migration.storage.mode: "qemu" needs QEMU`}},
+		{"relative disk", "disk: /d.raw}\n  network", "disk: d.raw}\n  network",
+			[]string{`migration.destination.disk: "d.raw" is not an absolute path`}},
+		{"bad port", `"10.2.0.2:7710"`, `"10.2.0.2:99999"`,
+			[]string{`migration.destination.daemon: "10.2.0.2:99999": port "99999" is not from 1 to 65535`}},
+		{"name outside zone", "name: svc.example.", "name: svc.other.",
+			[]string{`migration.dns.name: "svc.other." is not inside zone "example."`}},
+		{"not fqdn", "zone: example.", "zone: example",
+			[]string{`migration.dns.zone: "example" is not a fully qualified domain name`}},
+		{"bad duration", "tsig_key_file: /k}", "tsig_key_file: /k, timeout: soon}",
+			[]string{`migration.dns.timeout: "soon" is not a duration`}},
+		{"bad rate", "name: web1", "name: web1\n  limits: {bandwidth: fast}",
+			[]string{`migration.limits.bandwidth: "fast" is not a bit rate`}},
+		{"chunk not power of two", "name: web1", "name: web1\n  storage: {chunk_size: 3MiB}",
+			[]string{`migration.storage.chunk_size: "3MiB" is not a power of two`}},
+		{"wrong type", "name: web1", "name: web1\n  limits: {max_iterations: many}",
+			[]string{`migration.limits.max_iterations: "many" is not a whole number`}},
+		{"mapping expected", "network: {", "network: 5\n  x: {",
+			[]string{`migration.network: want a mapping, got 5`}},
+		{"several errors reported together", "old_ip: 10.1.0.10, new_ip: 10.2.0.10", "old_ip: x, new_ip: y",
+			[]string{`migration.network.old_ip: "x"`, `migration.network.new_ip: "y"`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			text := base
+			if tt.from != "" {
+				if !strings.Contains(base, tt.from) {
+					t.Fatalf("test bug: %q not in base", tt.from)
+				}
+				text = strings.Replace(base, tt.from, tt.to, 1)
+			}
+			f, err := Parse([]byte(text))
+			if tt.want == nil {
+				if err != nil {
+					t.Fatalf("Parse: %v", err)
+				}
+				if f.Migration == nil || f.Kind() != "migration" {
+					t.Fatalf("kind = %s", f.Kind())
+				}
+				return
+			}
+			var errs Errors
+			if !errors.As(err, &errs) {
+				t.Fatalf("Parse error = %v, want Errors", err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q\ndoes not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestParseDaemon(t *testing.T) {
+	f, err := Parse([]byte("vmhopd:\n  uplink: eth1\n  address: 10.2.0.2\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Kind() != "vmhopd" || f.Daemon.Listen != "0.0.0.0:7710" || f.Daemon.Uplink != "eth1" {
+		t.Errorf("daemon = %+v", f.Daemon)
+	}
+	_, err = Parse([]byte("vmhopd:\n  uplink: an-interface-name-too-long\n  address: 10.2.0.2\n  datapath: xdp\n  tls: {cert: /c}\n"))
+	for _, w := range []string{
+		`vmhopd.uplink: "an-interface-name-too-long" is not an interface name`,
+		`vmhopd.datapath: "xdp" is not one of auto, ebpf, userspace`,
+		`vmhopd.tls: set cert, key and ca together`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("error %v does not contain %q", err, w)
+		}
+	}
+}
+
+func TestParseRejectsNonConfigs(t *testing.T) {
+	for _, text := range []string{"", "a: 1", "vmhopd: {}\nmigration: {}", "migration: [1, 2]", ":::"} {
+		if _, err := Parse([]byte(text)); err == nil {
+			t.Errorf("Parse(%q) succeeded", text)
+		}
+	}
+}
+
+func TestLoadMigrationRejectsDaemonFile(t *testing.T) {
+	_, err := LoadMigration("../../configs/vmhopd.yaml")
+	if err == nil || !strings.Contains(err.Error(), "want a migration spec") {
+		t.Errorf("err = %v", err)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	for _, p := range []string{"../../configs/vmhopd.yaml", "../../configs/migration.yaml"} {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte(base))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		file, err := Parse(data)
+		if err != nil {
+			var errs Errors
+			if errors.As(err, &errs) {
+				for _, e := range errs {
+					if e.Key == "" || e.Msg == "" {
+						t.Fatalf("error without key or message: %#v", e)
+					}
+				}
+			}
+			return
+		}
+		if (file.Daemon == nil) == (file.Migration == nil) {
+			t.Fatalf("exactly one kind must be set: %+v", file)
+		}
+	})
+}

@@ -1,0 +1,162 @@
+// Package config reads and validates vmhop's two YAML files: the host daemon's
+// (top-level key "vmhopd") and a migration spec (top-level key "migration").
+// It is the only package that knows about viper; everything else takes the
+// typed structs below.
+package config
+
+import (
+	"net/netip"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/units"
+)
+
+// Daemon configures vmhopd on one host. See configs/vmhopd.yaml.
+type Daemon struct {
+	// Listen is the host:port of the peer API other vmhopd instances and the CLI dial.
+	Listen string `key:"listen"`
+	// StateDir holds migration state and manifests that survive a restart.
+	StateDir string `key:"state_dir"`
+	// Uplink is the interface facing the WAN; the redirect datapath attaches here.
+	Uplink string `key:"uplink"`
+	// Address is this host's WAN address: the tunnel endpoint peers send to.
+	Address netip.Addr `key:"address"`
+	// Datapath selects the network-continuity mechanism: "auto" (eBPF, else the
+	// userspace proxy), "ebpf", or "userspace".
+	Datapath string `key:"datapath"`
+	// BPFFS is where maps and links are pinned so forwarding outlives a restart.
+	BPFFS string `key:"bpffs"`
+	// TLS secures the peer API and the streams between hosts.
+	TLS TLS `key:"tls"`
+	// LogLevel is one of debug, info, warn, error.
+	LogLevel string `key:"log_level"`
+}
+
+// TLS names PEM files for mutual TLS between vmhop daemons.
+type TLS struct {
+	Cert string `key:"cert"` // this host's certificate
+	Key  string `key:"key"`  // its private key
+	CA   string `key:"ca"`   // CA that signs every peer's certificate
+}
+
+// Migration describes one move of one VM. See configs/migration.yaml.
+type Migration struct {
+	// Name labels the migration in logs, state files and reports.
+	Name        string  `key:"name"`
+	VM          VM      `key:"vm"`
+	Source      Host    `key:"source"`
+	Destination Host    `key:"destination"`
+	Network     Network `key:"network"`
+	DNS         DNS     `key:"dns"`
+	Limits      Limits  `key:"limits"`
+	Storage     Storage `key:"storage"`
+}
+
+// VM identifies the guest on the source host.
+type VM struct {
+	// Hypervisor is "qemu" or "virtualbox".
+	Hypervisor string `key:"hypervisor"`
+	// Name is the VM's name (VirtualBox) or label (QEMU).
+	Name string `key:"name"`
+	// QMPSocket is the source QEMU's QMP unix socket (qemu only).
+	QMPSocket string `key:"qmp_socket"`
+	// Disk is the path of the VM's disk image on the source host.
+	Disk string `key:"disk"`
+}
+
+// Host is one end of a migration.
+type Host struct {
+	// Daemon is the host:port of vmhopd on that host.
+	Daemon string `key:"daemon"`
+	// Address is the host's WAN address (tunnel endpoint, migration stream).
+	Address netip.Addr `key:"address"`
+	// Disk is where the VM's disk lives on that host (destination: where it is written).
+	Disk string `key:"disk"`
+}
+
+// Network is the VM's address change.
+type Network struct {
+	// OldIP is the VM's address at the source site; the guest keeps it.
+	OldIP netip.Addr `key:"old_ip"`
+	// NewIP is the address the VM is reached at from the destination site on.
+	NewIP netip.Addr `key:"new_ip"`
+	// Gateway is the guest's default gateway at the source site; the destination
+	// host answers for it on the VM's tap so the guest needs no change.
+	Gateway netip.Addr `key:"gateway"`
+	// DrainTimeout bounds how long the redirect stays after the switch while old
+	// flows are still active.
+	DrainTimeout time.Duration `key:"drain_timeout"`
+	// DrainIdle removes the redirect early once no redirected packet has been seen for this long.
+	DrainIdle time.Duration `key:"drain_idle"`
+}
+
+// DNS is the Dynamic DNS record to flip.
+type DNS struct {
+	// Server is the primary that accepts RFC 2136 updates, as host:port.
+	Server string `key:"server"`
+	// Zone is the zone apex, e.g. "example.".
+	Zone string `key:"zone"`
+	// Name is the record to flip, e.g. "svc.example.".
+	Name string `key:"name"`
+	// TTL is the low TTL set by prepare and used for the new record, in seconds.
+	TTL uint32 `key:"ttl"`
+	// TSIGKeyFile is a BIND-format key file ("key "name" { algorithm ...; secret ...; };").
+	TSIGKeyFile string `key:"tsig_key_file"`
+	// Timeout bounds each DNS exchange.
+	Timeout time.Duration `key:"timeout"`
+}
+
+// Limits bound the runtime-state migration.
+type Limits struct {
+	// Bandwidth caps the migration streams (RAM and disk share it).
+	Bandwidth units.Bitrate `key:"bandwidth"`
+	// Downtime is the pause the hypervisor aims for at switchover.
+	Downtime time.Duration `key:"downtime"`
+	// Deadline aborts the migration if it has not completed by then.
+	Deadline time.Duration `key:"deadline"`
+	// MaxIterations aborts (or escalates) when pre-copy has not converged after this many passes.
+	MaxIterations int `key:"max_iterations"`
+	// AutoConverge lets the hypervisor throttle the guest's CPU when it dirties memory too fast.
+	AutoConverge bool `key:"auto_converge"`
+}
+
+// Storage controls the staged disk copy.
+type Storage struct {
+	// Mode is "qemu" (QEMU dirty bitmaps to an NBD export) or "chunked"
+	// (hash-compared chunks, for images without hypervisor dirty tracking).
+	Mode string `key:"mode"`
+	// ChunkSize is the unit the chunked engine hashes and sends.
+	ChunkSize units.ByteSize `key:"chunk_size"`
+	// FinalDelta: once a delta round is at most this big, the rest is sent inside the pause.
+	FinalDelta units.ByteSize `key:"final_delta"`
+	// MaxRounds bounds the delta rounds before the pause.
+	MaxRounds int `key:"max_rounds"`
+}
+
+// DefaultDaemon returns a Daemon with every optional field set.
+func DefaultDaemon() Daemon {
+	return Daemon{
+		Listen:   "0.0.0.0:7710",
+		StateDir: "/var/lib/vmhop",
+		Datapath: "auto",
+		BPFFS:    "/sys/fs/bpf/vmhop",
+		LogLevel: "info",
+	}
+}
+
+// DefaultMigration returns a Migration with every optional field set.
+func DefaultMigration() Migration {
+	return Migration{
+		VM:      VM{Hypervisor: "qemu"},
+		Network: Network{DrainTimeout: 10 * time.Minute, DrainIdle: 30 * time.Second},
+		DNS:     DNS{TTL: 5, Timeout: 5 * time.Second},
+		Limits: Limits{
+			Bandwidth:     100 * units.Mbit,
+			Downtime:      300 * time.Millisecond,
+			Deadline:      30 * time.Minute,
+			MaxIterations: 30,
+			AutoConverge:  true,
+		},
+		Storage: Storage{Mode: "qemu", ChunkSize: units.MiB, FinalDelta: 16 * units.MiB, MaxRounds: 10},
+	}
+}

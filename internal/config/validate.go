@@ -1,0 +1,196 @@
+package config
+
+import (
+	"net"
+	"net/netip"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/vmhop/vmhop/internal/units"
+)
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+func (d *Daemon) validate(p string, errs *Errors) {
+	checkHostPort(p+".listen", d.Listen, errs)
+	checkAbs(p+".state_dir", d.StateDir, errs)
+	if d.Uplink == "" {
+		errs.add(p+".uplink", "required: the interface facing the WAN")
+	} else if len(d.Uplink) > 15 || strings.ContainsAny(d.Uplink, "/ \t") {
+		errs.add(p+".uplink", "%q is not an interface name", d.Uplink)
+	}
+	if !d.Address.IsValid() {
+		errs.add(p+".address", "required: this host's WAN address")
+	}
+	checkOneOf(p+".datapath", d.Datapath, errs, "auto", "ebpf", "userspace")
+	checkAbs(p+".bpffs", d.BPFFS, errs)
+	set := 0
+	for _, s := range []string{d.TLS.Cert, d.TLS.Key, d.TLS.CA} {
+		if s != "" {
+			set++
+		}
+	}
+	if set != 0 && set != 3 {
+		errs.add(p+".tls", "set cert, key and ca together, or none of them")
+	}
+	checkOneOf(p+".log_level", d.LogLevel, errs, "debug", "info", "warn", "error")
+}
+
+func (m *Migration) validate(p string, errs *Errors) {
+	if !nameRE.MatchString(m.Name) {
+		errs.add(p+".name", "%q is not a name (letters, digits, _ . -; at most 64)", m.Name)
+	}
+
+	vm := p + ".vm"
+	checkOneOf(vm+".hypervisor", m.VM.Hypervisor, errs, "qemu", "virtualbox")
+	switch m.VM.Hypervisor {
+	case "qemu":
+		checkAbs(vm+".qmp_socket", m.VM.QMPSocket, errs)
+	case "virtualbox":
+		if m.VM.Name == "" {
+			errs.add(vm+".name", "required for virtualbox: the VM's name in VBoxManage")
+		}
+		if m.Storage.Mode != "chunked" {
+			errs.add(p+".storage.mode", "%q needs QEMU; virtualbox disks use \"chunked\"", m.Storage.Mode)
+		}
+	}
+	checkAbs(vm+".disk", m.VM.Disk, errs)
+
+	for _, h := range []struct {
+		key string
+		h   Host
+	}{{p + ".source", m.Source}, {p + ".destination", m.Destination}} {
+		checkHostPort(h.key+".daemon", h.h.Daemon, errs)
+		if !h.h.Address.IsValid() {
+			errs.add(h.key+".address", "required: the host's WAN address")
+		}
+	}
+	checkAbs(p+".destination.disk", m.Destination.Disk, errs)
+	if m.Source.Address.IsValid() && m.Source.Address == m.Destination.Address {
+		errs.add(p+".destination.address", "%q is the source's address too", m.Destination.Address)
+	}
+
+	n := p + ".network"
+	checkAddr(n+".old_ip", m.Network.OldIP, errs)
+	checkAddr(n+".new_ip", m.Network.NewIP, errs)
+	checkAddr(n+".gateway", m.Network.Gateway, errs)
+	if m.Network.OldIP.IsValid() && m.Network.NewIP.IsValid() {
+		if m.Network.OldIP == m.Network.NewIP {
+			errs.add(n+".new_ip", "%q equals old_ip: nothing to move", m.Network.NewIP)
+		} else if m.Network.OldIP.Is4() != m.Network.NewIP.Is4() {
+			errs.add(n+".new_ip", "%q is not the same IP family as old_ip %q", m.Network.NewIP, m.Network.OldIP)
+		}
+	}
+	checkPositive(n+".drain_timeout", m.Network.DrainTimeout, errs)
+	if m.Network.DrainIdle <= 0 || m.Network.DrainIdle > m.Network.DrainTimeout {
+		errs.add(n+".drain_idle", "%s must be above 0 and at most drain_timeout (%s)", m.Network.DrainIdle, m.Network.DrainTimeout)
+	}
+
+	d := p + ".dns"
+	checkHostPort(d+".server", m.DNS.Server, errs)
+	zoneOK := checkFQDN(d+".zone", m.DNS.Zone, errs)
+	if checkFQDN(d+".name", m.DNS.Name, errs) && zoneOK && !dns.IsSubDomain(m.DNS.Zone, m.DNS.Name) {
+		errs.add(d+".name", "%q is not inside zone %q", m.DNS.Name, m.DNS.Zone)
+	}
+	if m.DNS.TTL < 1 || m.DNS.TTL > 86400 {
+		errs.add(d+".ttl", "%d is not from 1 to 86400 seconds", m.DNS.TTL)
+	}
+	if m.DNS.TSIGKeyFile == "" {
+		errs.add(d+".tsig_key_file", "required: updates are always TSIG-signed")
+	}
+	checkPositive(d+".timeout", m.DNS.Timeout, errs)
+
+	l := p + ".limits"
+	if m.Limits.Bandwidth < units.Kbit {
+		errs.add(l+".bandwidth", "%q is below 1kbit", m.Limits.Bandwidth)
+	}
+	if m.Limits.Downtime < time.Millisecond || m.Limits.Downtime > time.Hour {
+		errs.add(l+".downtime", "%s is not from 1ms to 1h", m.Limits.Downtime)
+	}
+	checkPositive(l+".deadline", m.Limits.Deadline, errs)
+	if m.Limits.MaxIterations < 1 {
+		errs.add(l+".max_iterations", "%d is below 1", m.Limits.MaxIterations)
+	}
+
+	s := p + ".storage"
+	checkOneOf(s+".mode", m.Storage.Mode, errs, "qemu", "chunked")
+	if c := m.Storage.ChunkSize; c < 4*units.KiB || c > 64*units.MiB || c&(c-1) != 0 {
+		errs.add(s+".chunk_size", "%q is not a power of two from 4KiB to 64MiB", c)
+	}
+	if m.Storage.FinalDelta == 0 {
+		errs.add(s+".final_delta", "must be above 0")
+	}
+	if m.Storage.MaxRounds < 1 {
+		errs.add(s+".max_rounds", "%d is below 1", m.Storage.MaxRounds)
+	}
+}
+
+func checkHostPort(key, s string, errs *Errors) {
+	if s == "" {
+		errs.add(key, "required: host:port")
+		return
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		errs.add(key, "%q is not host:port", s)
+		return
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		errs.add(key, "%q: port %q is not from 1 to 65535", s, port)
+	}
+	if host == "" {
+		return // ":7710" listens on every address
+	}
+	if _, err := netip.ParseAddr(host); err != nil && !isHostName(host) {
+		errs.add(key, "%q: %q is not an address or host name", s, host)
+	}
+}
+
+func checkAbs(key, path string, errs *Errors) {
+	if path == "" {
+		errs.add(key, "required: an absolute path")
+	} else if !filepath.IsAbs(path) {
+		errs.add(key, "%q is not an absolute path", path)
+	}
+}
+
+func checkAddr(key string, a netip.Addr, errs *Errors) {
+	if !a.IsValid() {
+		errs.add(key, "required: an IPv4 or IPv6 address")
+	} else if a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
+		errs.add(key, "%q is not a unicast host address", a)
+	}
+}
+
+func checkOneOf(key, v string, errs *Errors, allowed ...string) {
+	for _, a := range allowed {
+		if v == a {
+			return
+		}
+	}
+	errs.add(key, "%q is not one of %s", v, strings.Join(allowed, ", "))
+}
+
+func checkPositive(key string, d time.Duration, errs *Errors) {
+	if d <= 0 {
+		errs.add(key, "%s must be above 0", d)
+	}
+}
+
+func checkFQDN(key, name string, errs *Errors) bool {
+	if _, ok := dns.IsDomainName(name); !ok || !dns.IsFqdn(name) || name == "." {
+		errs.add(key, "%q is not a fully qualified domain name (end it with a dot)", name)
+		return false
+	}
+	return true
+}
+
+func isHostName(s string) bool {
+	_, ok := dns.IsDomainName(s)
+	return ok
+}

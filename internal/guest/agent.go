@@ -1,0 +1,329 @@
+package guest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// AgentConfig configures the agent; the guest's /init passes it on the kernel
+// command line as vmhop.KEY=VALUE.
+type AgentConfig struct {
+	Disk      string  // block device for the record log ("" disables the writer)
+	Rate      float64 // records per second
+	Log       Log     // where on Disk the records go
+	HTTPAddr  string  // status page
+	EchoAddr  string  // TCP and UDP echo
+	TickEvery time.Duration
+}
+
+// DefaultAgentConfig: 20 records/s into the first 16 MiB of /dev/vda.
+func DefaultAgentConfig() AgentConfig {
+	return AgentConfig{
+		Disk: "/dev/vda", Rate: 20, Log: Log{Offset: 0, Slots: 16 << 20 / RecordSize},
+		HTTPAddr: ":80", EchoAddr: ":7", TickEvery: 100 * time.Millisecond,
+	}
+}
+
+// ParseCmdline applies vmhop.disk, vmhop.rate and vmhop.logmb from a kernel command line.
+func (c *AgentConfig) ParseCmdline(cmdline string) error {
+	for _, f := range strings.Fields(cmdline) {
+		k, v, ok := strings.Cut(f, "=")
+		if !ok || !strings.HasPrefix(k, "vmhop.") {
+			continue
+		}
+		switch k {
+		case "vmhop.disk":
+			c.Disk = v
+		case "vmhop.rate":
+			r, err := strconv.ParseFloat(v, 64)
+			if err != nil || r < 0 {
+				return fmt.Errorf("vmhop.rate=%q: not a rate", v)
+			}
+			c.Rate = r
+		case "vmhop.logmb":
+			n, err := strconv.ParseUint(v, 10, 32)
+			if err != nil || n == 0 {
+				return fmt.Errorf("vmhop.logmb=%q: not a size in MiB", v)
+			}
+			c.Log.Slots = n << 20 / RecordSize
+		}
+	}
+	return nil
+}
+
+// Status is what GET /status returns.
+type Status struct {
+	BootID     string  `json:"boot_id"`
+	Uptime     float64 `json:"uptime_s"` // guest clock: drifts under TCG, do not time with it
+	Counter    uint64  `json:"counter"`  // ticks since boot
+	Requests   uint64  `json:"requests"`
+	DiskAcked  uint64  `json:"disk_acked"` // highest record seq written with O_DSYNC
+	DiskErrors uint64  `json:"disk_errors"`
+	DirtyMiB   int     `json:"dirty_mib"`
+	DirtyRate  float64 `json:"dirty_mibps"`
+}
+
+// Agent is the guest's workload.
+type Agent struct {
+	cfg               AgentConfig
+	boot              BootID
+	start             time.Time
+	counter, requests atomic.Uint64
+	acked, diskErrors atomic.Uint64
+	dirtyMu           sync.Mutex
+	dirtyStop         context.CancelFunc
+	dirtyMiB          int
+	dirtyRate         float64
+}
+
+// NewAgent reads the boot id and returns an agent ready to Run.
+func NewAgent(cfg AgentConfig) (*Agent, error) {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return nil, err
+	}
+	boot, err := ParseBootID(string(b))
+	if err != nil {
+		return nil, err
+	}
+	return &Agent{cfg: cfg, boot: boot, start: time.Now()}, nil
+}
+
+// Run serves until ctx ends or a listener fails.
+func (a *Agent) Run(ctx context.Context) error {
+	errc := make(chan error, 4)
+	go func() { errc <- a.tick(ctx) }()
+	go func() { errc <- a.serveEchoTCP(ctx) }()
+	go func() { errc <- a.serveEchoUDP(ctx) }()
+	go func() { errc <- a.serveHTTP(ctx) }()
+	if a.cfg.Disk != "" && a.cfg.Rate > 0 {
+		go func() { errc <- a.writeRecords(ctx) }()
+	}
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+func (a *Agent) tick(ctx context.Context) error {
+	t := time.NewTicker(a.cfg.TickEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			a.counter.Add(1)
+		}
+	}
+}
+
+func (a *Agent) serveEchoTCP(ctx context.Context) error {
+	ln, err := net.Listen("tcp", a.cfg.EchoAddr)
+	if err != nil {
+		return err
+	}
+	context.AfterFunc(ctx, func() { ln.Close() })
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return ctx.Err()
+		}
+		go func() { defer c.Close(); io.Copy(c, c) }()
+	}
+}
+
+func (a *Agent) serveEchoUDP(ctx context.Context) error {
+	pc, err := net.ListenPacket("udp", a.cfg.EchoAddr)
+	if err != nil {
+		return err
+	}
+	context.AfterFunc(ctx, func() { pc.Close() })
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return ctx.Err()
+		}
+		pc.WriteTo(buf[:n], from)
+	}
+}
+
+func (a *Agent) status() Status {
+	a.dirtyMu.Lock()
+	defer a.dirtyMu.Unlock()
+	return Status{
+		BootID: a.boot.String(), Uptime: time.Since(a.start).Seconds(),
+		Counter: a.counter.Load(), Requests: a.requests.Load(),
+		DiskAcked: a.acked.Load(), DiskErrors: a.diskErrors.Load(),
+		DirtyMiB: a.dirtyMiB, DirtyRate: a.dirtyRate,
+	}
+}
+
+func (a *Agent) serveHTTP(ctx context.Context) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		a.requests.Add(1)
+		s := a.status()
+		fmt.Fprintf(w, "vmhop-guest boot_id=%s uptime=%.1f counter=%d requests=%d disk_acked=%d\n",
+			s.BootID, s.Uptime, s.Counter, s.Requests, s.DiskAcked)
+	})
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		a.requests.Add(1)
+		json.NewEncoder(w).Encode(a.status())
+	})
+	// /verify?acked=N reads the log back from the disk, bypassing the page
+	// cache, and reports whether every record up to N is there.
+	mux.HandleFunc("GET /verify", func(w http.ResponseWriter, r *http.Request) {
+		acked, err := strconv.ParseUint(r.URL.Query().Get("acked"), 10, 64)
+		if err != nil {
+			http.Error(w, "acked: want a record sequence number", http.StatusBadRequest)
+			return
+		}
+		rep, err := a.verify(acked)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		json.NewEncoder(w).Encode(rep)
+	})
+	// /dirty?mib=N&mibps=R keeps rewriting an N MiB buffer at R MiB/s, so
+	// pre-copy has work to do; mibps=0 stops.
+	mux.HandleFunc("POST /dirty", func(w http.ResponseWriter, r *http.Request) {
+		mib, err1 := strconv.Atoi(r.URL.Query().Get("mib"))
+		rate, err2 := strconv.ParseFloat(r.URL.Query().Get("mibps"), 64)
+		if err1 != nil || err2 != nil || mib < 0 || mib > 1024 || rate < 0 {
+			http.Error(w, "want mib=0..1024 and mibps>=0", http.StatusBadRequest)
+			return
+		}
+		a.setDirty(mib, rate)
+		json.NewEncoder(w).Encode(a.status())
+	})
+	srv := &http.Server{Addr: a.cfg.HTTPAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	context.AfterFunc(ctx, func() { srv.Close() })
+	if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func (a *Agent) setDirty(mib int, rate float64) {
+	a.dirtyMu.Lock()
+	defer a.dirtyMu.Unlock()
+	if a.dirtyStop != nil {
+		a.dirtyStop()
+		a.dirtyStop = nil
+	}
+	a.dirtyMiB, a.dirtyRate = 0, 0
+	if mib == 0 || rate == 0 {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a.dirtyStop, a.dirtyMiB, a.dirtyRate = cancel, mib, rate
+	go func() {
+		buf := make([]byte, mib<<20)
+		const page = 4096
+		pagesPerTick := int(rate * (1 << 20) / page / 100) // 100 ticks a second
+		if pagesPerTick < 1 {
+			pagesPerTick = 1
+		}
+		t := time.NewTicker(10 * time.Millisecond)
+		defer t.Stop()
+		p, v := 0, byte(0)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			v++
+			for range pagesPerTick {
+				buf[p*page] = v
+				p = (p + 1) % (len(buf) / page)
+			}
+		}
+	}()
+}
+
+// alignedBlock returns a RecordSize buffer aligned for O_DIRECT.
+func alignedBlock() []byte {
+	b := make([]byte, 2*RecordSize)
+	off := int(uintptr(unsafe.Pointer(&b[0])) & (RecordSize - 1))
+	if off != 0 {
+		off = RecordSize - off
+	}
+	return b[off : off+RecordSize]
+}
+
+// writeRecords appends records at cfg.Rate; a record counts as acknowledged
+// once its O_DIRECT|O_DSYNC write returned: QEMU has then put it in the image.
+func (a *Agent) writeRecords(ctx context.Context) error {
+	f, err := os.OpenFile(a.cfg.Disk, os.O_RDWR|unix.O_DIRECT|unix.O_DSYNC, 0)
+	if err != nil {
+		return fmt.Errorf("open disk: %w", err)
+	}
+	defer f.Close()
+	buf := alignedBlock()
+	t := time.NewTicker(time.Duration(float64(time.Second) / a.cfg.Rate))
+	defer t.Stop()
+	for seq := uint64(1); ; seq++ {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		Record{Seq: seq, Boot: a.boot, Time: time.Now().UnixNano()}.MarshalTo(buf)
+		for {
+			if _, err := f.WriteAt(buf, a.cfg.Log.At(seq)); err == nil {
+				break
+			}
+			// Not acknowledged: retry the same seq so the log stays gapless.
+			a.diskErrors.Add(1)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+		a.acked.Store(seq)
+	}
+}
+
+type directReader struct {
+	f   *os.File
+	buf []byte
+}
+
+func (d directReader) ReadAt(p []byte, off int64) (int, error) {
+	if len(p) != RecordSize || off%RecordSize != 0 {
+		return 0, errors.New("direct read: want whole aligned records")
+	}
+	n, err := d.f.ReadAt(d.buf, off)
+	copy(p, d.buf[:n])
+	return n, err
+}
+
+func (a *Agent) verify(acked uint64) (Report, error) {
+	f, err := os.OpenFile(a.cfg.Disk, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return Report{}, err
+	}
+	defer f.Close()
+	return a.cfg.Log.Verify(directReader{f, alignedBlock()}, a.boot, acked)
+}

@@ -1,0 +1,262 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/guest"
+	"github.com/vmhop/vmhop/internal/netns"
+	"github.com/vmhop/vmhop/internal/units"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+)
+
+// VMConfig describes a lab guest to start.
+type VMConfig struct {
+	Name     string         // 1-8 letters or digits; default "vm"
+	Host     string         // SiteA (default) or SiteB
+	MemMiB   int            // default 128
+	DiskSize units.ByteSize // default 256MiB, sparse
+	Format   string         // "raw" (default) or "qcow2"
+	IP       netip.Addr     // default OldIP; the guest keeps it wherever it runs
+	Gateway  netip.Addr     // default GatewayA
+	Rate     float64        // disk records per second; default 20, negative disables
+	// Incoming starts a migration destination (-incoming defer) whose tap is
+	// not yet on the bridge: frames seen before switchover would be replayed
+	// into the guest on resume. The disk must exist (the migrator fills it).
+	Incoming bool
+}
+
+// VM is a running lab guest; its fields are what a migrator needs.
+type VM struct {
+	Name    string       `json:"name"`
+	Host    string       `json:"host"`
+	IP      netip.Addr   `json:"ip"`
+	Machine qemu.Machine `json:"machine"`
+	Pid     int          `json:"pid"`
+}
+
+func (l *Lab) fillVMDefaults(c *VMConfig) {
+	if c.Name == "" {
+		c.Name = "vm"
+	}
+	if c.Host == "" {
+		c.Host = SiteA
+	}
+	if c.MemMiB == 0 {
+		c.MemMiB = 128
+	}
+	if c.DiskSize == 0 {
+		c.DiskSize = 256 * units.MiB
+	}
+	if c.Format == "" {
+		c.Format = "raw"
+	}
+	if !c.IP.IsValid() {
+		c.IP = OldIP
+	}
+	if !c.Gateway.IsValid() {
+		c.Gateway = GatewayA
+	}
+	if c.Rate == 0 {
+		c.Rate = 20
+	}
+}
+
+// MachineFor returns the QEMU definition of a lab guest on host (files in
+// the lab dir, named by VM and host so source and destination do not clash).
+func (l *Lab) MachineFor(c VMConfig) (qemu.Machine, error) {
+	l.fillVMDefaults(&c)
+	kernel, initrd, err := guest.Image()
+	if err != nil {
+		return qemu.Machine{}, err
+	}
+	sum := sha256.Sum256([]byte(l.Name + "/" + c.Name))
+	rate := c.Rate
+	if rate < 0 {
+		rate = 0
+	}
+	id := c.Name + "-" + c.Host
+	m := qemu.Machine{
+		Name:   id,
+		MemMiB: c.MemMiB,
+		Kernel: kernel, Initrd: initrd,
+		Append: fmt.Sprintf("console=ttyS0 quiet panic=-1 vmhop.ip=%s/24 vmhop.gw=%s vmhop.rate=%s",
+			c.IP, c.Gateway, strconv.FormatFloat(rate, 'f', -1, 64)),
+		Disk: l.Path(id + "." + c.Format), DiskFormat: c.Format,
+		Tap: "tap-" + c.Name,
+		// Same MAC on both hosts: it is the guest's NIC, which moves.
+		MAC:       fmt.Sprintf("52:54:00:%02x:%02x:%02x", sum[0], sum[1], sum[2]),
+		QMPSocket: l.Path(id + ".qmp"),
+		Console:   l.Path(id + ".console"),
+		PidFile:   l.Path(id + ".pid"),
+	}
+	if c.Incoming {
+		m.Incoming = "defer"
+	}
+	return m, nil
+}
+
+// StartVM creates the VM's disk (unless Incoming) and tap, and starts QEMU in
+// c.Host's namespace. A source VM is ready once WaitGuest returns.
+func (l *Lab) StartVM(ctx context.Context, c VMConfig) (*VM, error) {
+	l.fillVMDefaults(&c)
+	if !nameRE.MatchString(c.Name) {
+		return nil, fmt.Errorf("vm name %q: want 1-8 lowercase letters or digits", c.Name)
+	}
+	m, err := l.MachineFor(c)
+	if err != nil {
+		return nil, err
+	}
+	if !c.Incoming {
+		if err := createDisk(ctx, m.Disk, c.Format, c.DiskSize); err != nil {
+			return nil, err
+		}
+	}
+	if err := l.AddTap(ctx, c.Host, m.Tap, !c.Incoming); err != nil {
+		return nil, err
+	}
+	args, err := m.Args()
+	if err != nil {
+		return nil, err
+	}
+	exited, err := l.startDaemon(c.Host, m.Name+".log", nil, "qemu-system-x86_64", args...)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitFor(ctx, 15*time.Second, func() error {
+		if isClosed(exited) {
+			b, _ := os.ReadFile(l.Path(m.Name + ".log"))
+			return fmt.Errorf("qemu exited: %s", bytes.TrimSpace(b))
+		}
+		_, err := os.Stat(m.QMPSocket)
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("start vm %s: %w", c.Name, err)
+	}
+	pid := 0
+	if b, err := os.ReadFile(m.PidFile); err == nil {
+		pid, _ = strconv.Atoi(string(bytes.TrimSpace(b)))
+	}
+	vm := &VM{Name: c.Name, Host: c.Host, IP: c.IP, Machine: m, Pid: pid}
+	l.State.VMs[m.Name] = vm
+	return vm, l.save()
+}
+
+func createDisk(ctx context.Context, path, format string, size units.ByteSize) error {
+	if format == "raw" {
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		return f.Truncate(int64(size))
+	}
+	out, err := execOutput(ctx, "qemu-img", "create", "-q", "-f", format, path, strconv.FormatUint(uint64(size), 10))
+	if err != nil {
+		return fmt.Errorf("qemu-img create: %w: %s", err, out)
+	}
+	return nil
+}
+
+// AddTap creates tap dev on host, and puts it on the site bridge if attach.
+func (l *Lab) AddTap(ctx context.Context, host, dev string, attach bool) error {
+	if _, err := netns.Run(ctx, l.NS(host), "ip", "tuntap", "add", "dev", dev, "mode", "tap"); err != nil {
+		return err
+	}
+	if _, err := netns.Run(ctx, l.NS(host), "ip", "link", "set", dev, "up"); err != nil {
+		return err
+	}
+	if attach {
+		return l.AttachTap(ctx, host, dev)
+	}
+	return nil
+}
+
+// AttachTap puts a VM's tap on the host's bridge: the switchover step for a
+// destination VM.
+func (l *Lab) AttachTap(ctx context.Context, host, dev string) error {
+	_, err := netns.Run(ctx, l.NS(host), "ip", "link", "set", dev, "master", LANIf(host))
+	return err
+}
+
+// DialTCP connects from host's namespace.
+func (l *Lab) DialTCP(ctx context.Context, host string, to netip.AddrPort) (net.Conn, error) {
+	var c net.Conn
+	err := netns.Do(l.NS(host), func() (err error) {
+		d := net.Dialer{Timeout: 2 * time.Second}
+		c, err = d.DialContext(ctx, "tcp", to.String())
+		return err
+	})
+	return c, err
+}
+
+// Echo sends payload to the guest's TCP echo service at ip from host and
+// checks it comes back intact.
+func (l *Lab) Echo(ctx context.Context, host string, ip netip.Addr, payload []byte) error {
+	c, err := l.DialTCP(ctx, host, netip.AddrPortFrom(ip, 7))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write(payload); err != nil {
+		return err
+	}
+	got := make([]byte, len(payload))
+	if _, err := io.ReadFull(c, got); err != nil {
+		return fmt.Errorf("echo from %s: %w", ip, err)
+	}
+	if !bytes.Equal(got, payload) {
+		return fmt.Errorf("echo from %s: got different bytes back", ip)
+	}
+	return nil
+}
+
+// HTTPClient returns a client whose connections start in host's namespace.
+func (l *Lab) HTTPClient(host string) *http.Client {
+	return &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				ap, err := netip.ParseAddrPort(addr)
+				if err != nil {
+					return nil, err
+				}
+				return l.DialTCP(ctx, host, ap)
+			},
+		},
+	}
+}
+
+// GuestStatus fetches the agent's /status from host.
+func (l *Lab) GuestStatus(ctx context.Context, host string, ip netip.Addr) (guest.Status, error) {
+	var s guest.Status
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+ip.String()+"/status", nil)
+	resp, err := l.HTTPClient(host).Do(req)
+	if err != nil {
+		return s, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return s, fmt.Errorf("guest status: %s", resp.Status)
+	}
+	return s, json.NewDecoder(resp.Body).Decode(&s)
+}
+
+// WaitGuest waits until the guest answers echo from the client.
+func (l *Lab) WaitGuest(ctx context.Context, ip netip.Addr, timeout time.Duration) error {
+	return waitFor(ctx, timeout, func() error {
+		return l.Echo(ctx, Client, ip, []byte("ping\n"))
+	})
+}

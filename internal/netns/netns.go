@@ -1,0 +1,160 @@
+// Package netns creates, enters and removes named network namespaces (the
+// ones `ip netns` manages under /var/run/netns) and finds the processes in them.
+package netns
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+
+	vns "github.com/vishvananda/netns"
+)
+
+// Dir is where named namespaces are bind-mounted, as iproute2 does.
+const Dir = "/var/run/netns"
+
+// Path returns the bind-mount path of the named namespace.
+func Path(name string) string { return filepath.Join(Dir, name) }
+
+// Exists reports whether the named namespace exists.
+func Exists(name string) bool {
+	_, err := os.Stat(Path(name))
+	return err == nil
+}
+
+// Create makes a new named namespace. The calling thread's namespace is unchanged.
+func Create(name string) error {
+	runtime.LockOSThread()
+	orig, err := vns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("create netns %q: %w", name, err)
+	}
+	defer orig.Close()
+	h, err := vns.NewNamed(name)
+	if err == nil {
+		h.Close()
+	}
+	if serr := vns.Set(orig); serr != nil {
+		// The thread is stuck in the wrong namespace: leave it locked so the
+		// runtime discards it when this goroutine exits.
+		return fmt.Errorf("create netns %q: restore namespace: %w", name, serr)
+	}
+	runtime.UnlockOSThread()
+	if err != nil {
+		return fmt.Errorf("create netns %q: %w", name, err)
+	}
+	return nil
+}
+
+// Delete removes the named namespace. Processes still inside keep it alive
+// (without a name); kill them first (see Pids).
+func Delete(name string) error {
+	if err := vns.DeleteNamed(name); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("delete netns %q: %w", name, err)
+	}
+	return nil
+}
+
+// List returns the named namespaces whose names start with prefix.
+func List(prefix string) ([]string, error) {
+	ents, err := os.ReadDir(Dir)
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), prefix) {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
+}
+
+// Do runs fn on a thread switched into the named namespace. Sockets fn opens
+// stay in that namespace after Do returns, which is how tests reach lab hosts.
+func Do(name string, fn func() error) error {
+	h, err := vns.GetFromName(name)
+	if err != nil {
+		return fmt.Errorf("open netns %q: %w", name, err)
+	}
+	defer h.Close()
+	runtime.LockOSThread()
+	orig, err := vns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer orig.Close()
+	if err := vns.Set(h); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("enter netns %q: %w", name, err)
+	}
+	ferr := fn()
+	if err := vns.Set(orig); err != nil {
+		return fmt.Errorf("leave netns %q: %w", name, err) // thread stays locked: discarded
+	}
+	runtime.UnlockOSThread()
+	return ferr
+}
+
+// Handle opens the named namespace for netlink.NewHandleAt and friends.
+func Handle(name string) (vns.NsHandle, error) {
+	h, err := vns.GetFromName(name)
+	if err != nil {
+		return h, fmt.Errorf("open netns %q: %w", name, err)
+	}
+	return h, nil
+}
+
+// Command returns a command that runs prog inside the named namespace, via
+// `ip netns exec` (which also applies /etc/netns/NAME/resolv.conf).
+func Command(ctx context.Context, name, prog string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", name, prog}, args...)...)
+}
+
+// Run runs prog in the namespace and returns its combined output; the error
+// carries the output so a failing step says why.
+func Run(ctx context.Context, name, prog string, args ...string) (string, error) {
+	out, err := Command(ctx, name, prog, args...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s %s in netns %q: %w: %s", prog, strings.Join(args, " "), name, err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+// Pids returns the processes whose network namespace is the named one.
+func Pids(name string) ([]int, error) {
+	var want syscall.Stat_t
+	if err := syscall.Stat(Path(name), &want); err != nil {
+		return nil, fmt.Errorf("stat netns %q: %w", name, err)
+	}
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		var st syscall.Stat_t
+		if syscall.Stat(filepath.Join("/proc", p.Name(), "ns/net"), &st) != nil {
+			continue // exited meanwhile, or a kernel thread
+		}
+		if st.Dev == want.Dev && st.Ino == want.Ino {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}

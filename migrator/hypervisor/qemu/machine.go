@@ -1,0 +1,78 @@
+package qemu
+
+import (
+	"fmt"
+	"strconv"
+)
+
+// Machine is a QEMU VM definition. A migration destination must be started
+// from the same definition as the source (same devices, same memory), with
+// Incoming set; Args renders both.
+type Machine struct {
+	Name       string // -name, for ps and logs
+	MemMiB     int    // guest RAM; the lab guest needs at least 96
+	CPUs       int
+	Accel      string // "tcg" (default) or "kvm"
+	Kernel     string // direct kernel boot (the lab guest); empty to boot from disk
+	Initrd     string
+	Append     string // kernel command line
+	Disk       string // disk image path
+	DiskFormat string // "raw" or "qcow2"
+	Tap        string // existing tap interface for the NIC
+	MAC        string
+	QMPSocket  string // unix socket path, server side
+	Console    string // serial output file
+	PidFile    string
+	// Incoming makes a migration destination: "defer" waits for
+	// migrate-incoming over QMP (so capabilities can be set first).
+	Incoming string
+}
+
+// Args returns the qemu-system-x86_64 arguments for m.
+func (m Machine) Args() ([]string, error) {
+	if m.MemMiB < 16 || m.QMPSocket == "" || m.Disk == "" {
+		return nil, fmt.Errorf("qemu machine %q: want MemMiB >= 16, a QMP socket and a disk", m.Name)
+	}
+	accel := m.Accel
+	if accel == "" {
+		accel = "tcg"
+	}
+	cpus := m.CPUs
+	if cpus == 0 {
+		cpus = 1
+	}
+	format := m.DiskFormat
+	if format == "" {
+		format = "raw"
+	}
+	a := []string{
+		"-name", m.Name,
+		"-machine", "pc,accel=" + accel,
+		"-m", strconv.Itoa(m.MemMiB),
+		"-smp", strconv.Itoa(cpus),
+		"-nodefaults", "-no-user-config", "-display", "none",
+		"-qmp", "unix:" + m.QMPSocket + ",server=on,wait=off",
+		// The disk's node name is stable so block jobs can name it.
+		"-blockdev", fmt.Sprintf("driver=file,filename=%s,node-name=file0,cache.direct=off", m.Disk),
+		"-blockdev", fmt.Sprintf("driver=%s,file=file0,node-name=disk0", format),
+		"-device", "virtio-blk-pci,drive=disk0,id=vblk0",
+	}
+	if m.Kernel != "" {
+		a = append(a, "-kernel", m.Kernel, "-initrd", m.Initrd, "-append", m.Append)
+	}
+	if m.Tap != "" {
+		a = append(a,
+			"-netdev", "tap,id=net0,ifname="+m.Tap+",script=no,downscript=no",
+			"-device", "virtio-net-pci,netdev=net0,id=nic0,romfile=,mac="+m.MAC)
+	}
+	if m.Console != "" {
+		a = append(a, "-serial", "file:"+m.Console)
+	}
+	if m.PidFile != "" {
+		a = append(a, "-pidfile", m.PidFile)
+	}
+	if m.Incoming != "" {
+		a = append(a, "-incoming", m.Incoming)
+	}
+	return append(a, "-no-reboot"), nil
+}
