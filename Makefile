@@ -57,6 +57,7 @@ demo-down:
 
 fuzz:
 	$(GO) test ./internal/config/ -run '^$$' -fuzz FuzzParse -fuzztime 30s -fuzzminimizetime 5s
+	$(GO) test ./proxy/ddns/ -run '^$$' -fuzz FuzzParseKey -fuzztime 30s -fuzzminimizetime 5s
 
 clean:
 	rm -rf bin $(TEST_LOG)

@@ -1,0 +1,55 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/spf13/cobra"
+)
+
+func execute(t *testing.T, c *cobra.Command, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	var o, e bytes.Buffer
+	c.SetOut(&o)
+	c.SetErr(&e)
+	c.SetArgs(args)
+	c.SilenceUsage, c.SilenceErrors = true, true
+	err = c.Execute()
+	return o.String(), e.String(), err
+}
+
+func TestConfigCheck(t *testing.T) {
+	out, _, err := execute(t, newConfigCmd(), "check", "../../configs/vmhopd.yaml", "../../configs/migration.yaml")
+	if err != nil || !strings.Contains(out, "vmhopd.yaml: ok (vmhopd config)") || !strings.Contains(out, "migration.yaml: ok (migration config)") {
+		t.Fatalf("good files: %q, %v", out, err)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	os.WriteFile(bad, []byte("migration:\n  network: {new_ip: 10.2.0.300, colour: red}\n"), 0o644)
+	_, errOut, err := execute(t, newConfigCmd(), "check", bad)
+	if err == nil {
+		t.Fatal("bad file passed")
+	}
+	for _, want := range []string{
+		`migration.network.new_ip: "10.2.0.300" is not an IPv4 or IPv6 address`,
+		`migration.network.colour: unknown key`,
+		`migration.vm.disk: required`,
+	} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, errOut)
+		}
+	}
+}
+
+func TestDNSFlagsNameWhatIsMissing(t *testing.T) {
+	_, _, err := execute(t, newDNSCmd(), "show", "--zone", "example.")
+	if err == nil || !strings.Contains(err.Error(), "--server: required") {
+		t.Fatalf("err = %v", err)
+	}
+	_, _, err = execute(t, newDNSCmd(), "restore", "--server", "x:53", "--zone", "example.", "--name", "a.example.", "--key-file", "/k")
+	if err == nil || !strings.Contains(err.Error(), "--ttl: required for restore") {
+		t.Fatalf("err = %v", err)
+	}
+}
