@@ -236,9 +236,15 @@ func (a *Agent) setDirty(mib int, rate float64) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a.dirtyStop, a.dirtyMiB, a.dirtyRate = cancel, mib, rate
+	buf := make([]byte, mib<<20)
+	const page = 4096
+	// Fault every page in now: pages first touched during a migration change
+	// the guest's page tables, which QEMU 7.2 TCG does not always track (see
+	// docs/architecture.md); the workload is "rewrite resident memory".
+	for i := 0; i < len(buf); i += page {
+		buf[i] = 1
+	}
 	go func() {
-		buf := make([]byte, mib<<20)
-		const page = 4096
 		pagesPerTick := int(rate * (1 << 20) / page / 100) // 100 ticks a second
 		if pagesPerTick < 1 {
 			pagesPerTick = 1

@@ -65,12 +65,12 @@ zone %[4]q {
 		return err
 	}
 	// -g: foreground, log to stderr; -4: the lab is IPv4; -n 1: one worker is plenty.
-	exited, err := l.startDaemon(DNS, "named.log", nil, "named", "-g", "-4", "-n", "1", "-c", l.Path("bind", "named.conf"))
+	proc, err := l.startDaemon(DNS, "named.log", nil, "named", "-g", "-4", "-n", "1", "-c", l.Path("bind", "named.conf"))
 	if err != nil {
 		return err
 	}
 	return waitFor(ctx, 20*time.Second, func() error {
-		if isClosed(exited) {
+		if isClosed(proc.Exited()) {
 			return fmt.Errorf("named exited: see %s", l.Path("named.log"))
 		}
 		_, err := l.QueryDNS(DNS, Zone, dns.TypeSOA)

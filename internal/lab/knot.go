@@ -68,12 +68,12 @@ log:
 	if err := os.WriteFile(l.Path("knot", Zone+"zone"), []byte(zoneText), 0o644); err != nil {
 		return addr, err
 	}
-	exited, err := l.startDaemon(DNS, "knot.log", nil, "knotd", "-c", l.Path("knot", "knot.conf"))
+	proc, err := l.startDaemon(DNS, "knot.log", nil, "knotd", "-c", l.Path("knot", "knot.conf"))
 	if err != nil {
 		return addr, err
 	}
 	return addr, waitFor(ctx, 20*time.Second, func() error {
-		if isClosed(exited) {
+		if isClosed(proc.Exited()) {
 			return fmt.Errorf("knotd exited: see %s", l.Path("knot.log"))
 		}
 		var conn net.Conn

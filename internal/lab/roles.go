@@ -88,10 +88,24 @@ func runWANEm(specJSON string) error {
 	return first
 }
 
+// Proc is a process a lab started.
+type Proc struct {
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+// Kill kills the process.
+func (p *Proc) Kill() error { return p.cmd.Process.Kill() }
+
+// Exited is closed once the process has exited.
+func (p *Proc) Exited() <-chan struct{} { return p.exited }
+
+// Pid returns the process id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
 // startDaemon starts prog detached (own session, output to logName in the lab
-// dir) inside host's namespace, and reaps it if it exits while we run; the
-// returned channel closes when it does.
-func (l *Lab) startDaemon(host, logName string, env []string, prog string, args ...string) (<-chan struct{}, error) {
+// dir) inside host's namespace, and reaps it if it exits while we run.
+func (l *Lab) startDaemon(host, logName string, env []string, prog string, args ...string) (*Proc, error) {
 	logf, err := os.Create(l.Path(logName))
 	if err != nil {
 		return nil, err
@@ -104,9 +118,9 @@ func (l *Lab) startDaemon(host, logName string, env []string, prog string, args 
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s in %s: %w", filepath.Base(prog), host, err)
 	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	return exited, nil
+	p := &Proc{cmd: cmd, exited: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.exited) }()
+	return p, nil
 }
 
 func (l *Lab) startWANEm(ctx context.Context) error {
@@ -124,12 +138,12 @@ func (l *Lab) startWANEm(ctx context.Context) error {
 		return err
 	}
 	b, _ := json.Marshal(spec)
-	exited, err := l.startDaemon(Wire, "wanem.log", []string{roleEnv + "=wanem", specEnv + "=" + string(b)}, exe)
+	proc, err := l.startDaemon(Wire, "wanem.log", []string{roleEnv + "=wanem", specEnv + "=" + string(b)}, exe)
 	if err != nil {
 		return err
 	}
 	return waitFor(ctx, 10*time.Second, func() error {
-		if isClosed(exited) {
+		if isClosed(proc.Exited()) {
 			return fmt.Errorf("exited: see %s", l.Path("wanem.log"))
 		}
 		_, err := os.Stat(spec.Ready)

@@ -129,12 +129,12 @@ func (l *Lab) StartVM(ctx context.Context, c VMConfig) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	exited, err := l.startDaemon(c.Host, m.Name+".log", nil, "qemu-system-x86_64", args...)
+	proc, err := l.startDaemon(c.Host, m.Name+".log", nil, "qemu-system-x86_64", args...)
 	if err != nil {
 		return nil, err
 	}
 	if err := waitFor(ctx, 15*time.Second, func() error {
-		if isClosed(exited) {
+		if isClosed(proc.Exited()) {
 			b, _ := os.ReadFile(l.Path(m.Name + ".log"))
 			return fmt.Errorf("qemu exited: %s", bytes.TrimSpace(b))
 		}
@@ -225,7 +225,7 @@ func (l *Lab) Echo(ctx context.Context, host string, ip netip.Addr, payload []by
 // HTTPClient returns a client whose connections start in host's namespace.
 func (l *Lab) HTTPClient(host string) *http.Client {
 	return &http.Client{
-		Timeout: 5 * time.Second,
+		Timeout: 15 * time.Second, // TCG guests are slow to fault in memory
 		Transport: &http.Transport{
 			DisableKeepAlives: true,
 			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -259,4 +259,70 @@ func (l *Lab) WaitGuest(ctx context.Context, ip netip.Addr, timeout time.Duratio
 	return waitFor(ctx, timeout, func() error {
 		return l.Echo(ctx, Client, ip, []byte("ping\n"))
 	})
+}
+
+// Launcher starts programs in host's namespace: the lab's stand-in for the
+// destination host's vmhopd starting QEMU.
+func (l *Lab) Launcher(host string) qemu.Launcher { return launcher{l, host} }
+
+type launcher struct {
+	l    *Lab
+	host string
+}
+
+func (la launcher) Launch(ctx context.Context, name, prog string, args []string) (qemu.Process, error) {
+	return la.l.startDaemon(la.host, name+".log", nil, prog, args...)
+}
+
+// GuestLink lets host talk to a lab guest that moved onto its LAN but kept
+// its site A address and its neighbour cache: a macvlan on host's bridge
+// takes the guest's gateway's MAC and address, and routes to the guest. It
+// stands in for the datapath in tests of the runtime migration alone.
+func (l *Lab) GuestLink(ctx context.Context, host string, guestIP, guestGW netip.Addr) error {
+	mac, err := l.RouterMAC(SiteA)
+	if err != nil {
+		return err
+	}
+	ns := l.NS(host)
+	for _, args := range [][]string{
+		{"link", "add", "vhgw", "link", LANIf(host), "type", "macvlan", "mode", "bridge"},
+		{"link", "set", "vhgw", "address", mac.String(), "up"},
+		{"addr", "add", guestGW.String() + "/32", "dev", "vhgw"},
+		{"route", "add", guestIP.String() + "/32", "dev", "vhgw", "src", guestGW.String()},
+	} {
+		if _, err := netns.Run(ctx, ns, "ip", args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// RouterMAC returns the MAC of the WAN router's interface on site's LAN:
+// what a guest at that site has in its neighbour cache for its gateway.
+func (l *Lab) RouterMAC(site string) (net.HardwareAddr, error) {
+	h, err := l.handle(WAN)
+	if err != nil {
+		return nil, err
+	}
+	defer h.close()
+	for _, a := range accesses {
+		if a.host == site {
+			link, err := h.LinkByName(a.routerIf)
+			if err != nil {
+				return nil, err
+			}
+			return link.Attrs().HardwareAddr, nil
+		}
+	}
+	return nil, fmt.Errorf("no router interface for %q", site)
+}
+
+// CopyDisk copies a disk image sparsely (a destination's starting point when
+// the test is about memory, not storage).
+func CopyDisk(ctx context.Context, from, to string) error {
+	out, err := execOutput(ctx, "cp", "--sparse=always", from, to)
+	if err != nil {
+		return fmt.Errorf("copy disk: %w: %s", err, out)
+	}
+	return nil
 }

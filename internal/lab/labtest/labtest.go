@@ -57,7 +57,13 @@ func New(t testing.TB, cfg lab.Config) *lab.Lab {
 	if err != nil {
 		t.Fatalf("lab up: %v", err)
 	}
-	t.Cleanup(func() { DownAndAssertGone(t, l) })
+	t.Cleanup(func() {
+		if os.Getenv("VMHOP_KEEP_LAB") != "" && t.Failed() {
+			t.Logf("VMHOP_KEEP_LAB: lab %s kept for debugging; remove it with `vmhop lab down --name %s`", l.Name, l.Name)
+			return
+		}
+		DownAndAssertGone(t, l)
+	})
 	return l
 }
 

@@ -1,0 +1,413 @@
+package qemu
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/vmhop/vmhop/migrator/hypervisor"
+)
+
+// Launcher starts a program on the destination host (vmhopd runs it
+// locally; the lab runs it inside the destination's network namespace).
+type Launcher interface {
+	Launch(ctx context.Context, name, prog string, args []string) (Process, error)
+}
+
+// Process is a program a Launcher started.
+type Process interface {
+	Kill() error
+	Exited() <-chan struct{}
+}
+
+// PSK is the TLS pre-shared key of one migration (QEMU's tls-creds-psk):
+// the stream is encrypted and each QEMU authenticates the other. A fresh
+// random key per migration means nothing long-lived to steal.
+type PSK struct {
+	Username  string // identity the source presents
+	Key       []byte // at least 16 random bytes
+	SourceDir string // where the source QEMU reads keys.psk
+	DestDir   string // where the destination QEMU reads it
+}
+
+// Config is one QEMU migration.
+type Config struct {
+	SourceQMP  string         // the running source QEMU's QMP socket
+	Dest       Machine        // destination definition: the source's, with destination paths
+	DestListen netip.AddrPort // where the destination listens for the stream (host B's WAN address)
+	Launcher   Launcher       // starts the destination QEMU
+	TLS        *PSK           // nil sends the stream in plaintext (lab tests only)
+	Multifd    int            // parallel channels; 0 or 1 is one channel
+	Poll       time.Duration  // progress interval; default 250ms
+}
+
+// Driver migrates a QEMU VM; it implements hypervisor.Driver.
+type Driver struct {
+	cfg     Config
+	src     *Monitor
+	dst     *Monitor
+	dstProc Process
+}
+
+var _ hypervisor.Driver = (*Driver)(nil)
+
+// New returns a driver for cfg; nothing is started until PrepareDestination.
+func New(cfg Config) *Driver {
+	if cfg.Poll == 0 {
+		cfg.Poll = 250 * time.Millisecond
+	}
+	return &Driver{cfg: cfg}
+}
+
+const tlsID = "vmhop-tls"
+
+func writePSK(dir string, p *PSK) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "keys.psk"), []byte(p.Username+":"+hex.EncodeToString(p.Key)+"\n"), 0o600)
+}
+
+// PrepareDestination starts the destination QEMU paused (-incoming defer),
+// sets the same capabilities as the source will use, and makes it listen.
+func (d *Driver) PrepareDestination(ctx context.Context) error {
+	m := d.cfg.Dest
+	m.Incoming = "defer"
+	args, err := m.Args()
+	if err != nil {
+		return err
+	}
+	os.Remove(m.QMPSocket)
+	if d.cfg.TLS != nil {
+		if len(d.cfg.TLS.Key) < 16 {
+			return errors.New("prepare destination: TLS PSK shorter than 16 bytes")
+		}
+		if err := writePSK(d.cfg.TLS.DestDir, d.cfg.TLS); err != nil {
+			return fmt.Errorf("prepare destination: %w", err)
+		}
+	}
+	proc, err := d.cfg.Launcher.Launch(ctx, m.Name, "qemu-system-x86_64", args)
+	if err != nil {
+		return fmt.Errorf("prepare destination: start qemu: %w", err)
+	}
+	d.dstProc = proc
+	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-proc.Exited():
+			cancel() // QEMU died (bad args, port in use): stop waiting for its socket
+		case <-dctx.Done():
+		}
+	}()
+	mon, err := Dial(dctx, m.QMPSocket)
+	if err != nil {
+		proc.Kill()
+		return fmt.Errorf("prepare destination: %w", err)
+	}
+	d.dst = mon
+	steps := []command{{"migrate-set-capabilities", caps(map[string]bool{"events": true, "multifd": d.cfg.Multifd > 1})}}
+	if d.cfg.TLS != nil {
+		steps = append(steps,
+			command{"object-add", map[string]any{"qom-type": "tls-creds-psk", "id": tlsID, "dir": d.cfg.TLS.DestDir, "endpoint": "server"}},
+			command{"migrate-set-parameters", map[string]any{"tls-creds": tlsID}})
+	}
+	if d.cfg.Multifd > 1 {
+		steps = append(steps, command{"migrate-set-parameters", map[string]any{"multifd-channels": d.cfg.Multifd}})
+	}
+	steps = append(steps, command{"migrate-incoming", map[string]any{"uri": "tcp:" + d.cfg.DestListen.String()}})
+	for _, s := range steps {
+		if err := d.dst.Execute(ctx, s.name, s.args, nil); err != nil {
+			d.AbortDestination(context.Background())
+			return fmt.Errorf("prepare destination: %w", err)
+		}
+	}
+	return nil
+}
+
+// command is one QMP command with its arguments.
+type command struct {
+	name string
+	args any
+}
+
+func caps(m map[string]bool) map[string]any {
+	var list []map[string]any
+	for k, v := range m {
+		list = append(list, map[string]any{"capability": k, "state": v})
+	}
+	return map[string]any{"capabilities": list}
+}
+
+// queryMigrate is the part of QEMU's query-migrate reply vmhop reads.
+type queryMigrate struct {
+	Status           string `json:"status"`
+	TotalTime        int64  `json:"total-time"`        // ms
+	ExpectedDowntime int64  `json:"expected-downtime"` // ms
+	Downtime         int64  `json:"downtime"`          // ms, once completed
+	ErrorDesc        string `json:"error-desc"`
+	RAM              struct {
+		Transferred    uint64  `json:"transferred"`
+		Remaining      uint64  `json:"remaining"`
+		Total          uint64  `json:"total"`
+		DirtyPagesRate uint64  `json:"dirty-pages-rate"`
+		DirtySyncCount uint64  `json:"dirty-sync-count"`
+		Mbps           float64 `json:"mbps"`
+		PageSize       uint64  `json:"page-size"`
+	} `json:"ram"`
+}
+
+func (q queryMigrate) progress(elapsed time.Duration) hypervisor.Progress {
+	ps := q.RAM.PageSize
+	if ps == 0 {
+		ps = 4096
+	}
+	return hypervisor.Progress{
+		Status: q.Status, Elapsed: elapsed,
+		Transferred: q.RAM.Transferred, Remaining: q.RAM.Remaining, Total: q.RAM.Total,
+		DirtyRate: q.RAM.DirtyPagesRate * ps, Iteration: q.RAM.DirtySyncCount,
+		Throughput: q.RAM.Mbps * 1e6, ExpectedDowntime: time.Duration(q.ExpectedDowntime) * time.Millisecond,
+	}
+}
+
+// Migrate implements hypervisor.Driver.
+func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress chan<- hypervisor.Progress, switchover hypervisor.Switchover) (hypervisor.Result, error) {
+	var res hypervisor.Result
+	if d.dst == nil {
+		return res, errors.New("migrate: destination not prepared")
+	}
+	if d.src == nil {
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		mon, err := Dial(dctx, d.cfg.SourceQMP)
+		cancel()
+		if err != nil {
+			return res, fmt.Errorf("migrate: source: %w", err)
+		}
+		d.src = mon
+	}
+	// Commands that must reach QEMU even when ctx is cancelled.
+	bg := context.Background()
+	downtime := opts.Downtime
+	params := map[string]any{
+		"max-bandwidth":  opts.Bandwidth.BytesPerSecond(),
+		"downtime-limit": downtime.Milliseconds(),
+	}
+	if d.cfg.Multifd > 1 {
+		params["multifd-channels"] = d.cfg.Multifd
+	}
+	if d.cfg.TLS != nil {
+		if err := writePSK(d.cfg.TLS.SourceDir, d.cfg.TLS); err != nil {
+			return res, fmt.Errorf("migrate: %w", err)
+		}
+		// A leftover from an earlier attempt would make object-add fail.
+		_ = d.src.Execute(bg, "object-del", map[string]any{"id": tlsID}, nil)
+		if err := d.src.Execute(ctx, "object-add", map[string]any{"qom-type": "tls-creds-psk", "id": tlsID,
+			"dir": d.cfg.TLS.SourceDir, "endpoint": "client", "username": d.cfg.TLS.Username}, nil); err != nil {
+			return res, fmt.Errorf("migrate: %w", err)
+		}
+		params["tls-creds"] = tlsID
+		params["tls-hostname"] = d.cfg.DestListen.Addr().String()
+	} else {
+		params["tls-creds"] = ""
+	}
+	if err := d.src.Execute(ctx, "migrate-set-capabilities", caps(map[string]bool{
+		"events": true, "pause-before-switchover": true, "auto-converge": opts.AutoConverge, "multifd": d.cfg.Multifd > 1,
+	}), nil); err != nil {
+		return res, fmt.Errorf("migrate: %w", err)
+	}
+	if err := d.src.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
+		return res, fmt.Errorf("migrate: %w", err)
+	}
+	start := time.Now()
+	if err := d.src.Execute(ctx, "migrate", map[string]any{"uri": "tcp:" + d.cfg.DestListen.String()}, nil); err != nil {
+		return res, fmt.Errorf("migrate: %w", err)
+	}
+	tick := time.NewTicker(d.cfg.Poll)
+	defer tick.Stop()
+	budget := uint64(opts.MaxIterations)
+	hooked := false
+	for {
+		select {
+		case <-ctx.Done():
+			return res, d.abort(fmt.Errorf("%w: %v", hypervisor.ErrCancelled, context.Cause(ctx)))
+		case <-d.dstProc.Exited():
+			return res, d.abort(fmt.Errorf("%w: destination QEMU exited during the migration", hypervisor.ErrDestinationFailed))
+		case <-d.src.Done():
+			return res, fmt.Errorf("migrate: source QMP connection lost (did the source QEMU exit?)")
+		case <-tick.C:
+		}
+		var q queryMigrate
+		if err := d.src.Execute(ctx, "query-migrate", nil, &q); err != nil {
+			if ctx.Err() != nil {
+				continue // handled as a cancel above
+			}
+			return res, d.abort(fmt.Errorf("migrate: %w", err))
+		}
+		elapsed := time.Since(start)
+		p := q.progress(elapsed)
+		if progress != nil {
+			select {
+			case progress <- p:
+			default:
+			}
+		}
+		switch q.Status {
+		case "pre-switchover":
+			if hooked {
+				continue
+			}
+			hooked = true
+			t0 := time.Now()
+			if err := switchover(ctx); err != nil {
+				return res, d.abort(fmt.Errorf("%w: %v", hypervisor.ErrSwitchover, err))
+			}
+			res.Hook = time.Since(t0)
+			if err := d.src.Execute(bg, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
+				return res, d.abort(fmt.Errorf("migrate: %w", err))
+			}
+		case "completed":
+			res.Total = elapsed
+			res.Downtime = time.Duration(q.Downtime) * time.Millisecond
+			res.Transferred = q.RAM.Transferred
+			res.Iterations = q.RAM.DirtySyncCount
+			if err := d.waitDestinationRunning(ctx); err != nil {
+				return res, err
+			}
+			return res, nil
+		case "failed", "cancelled":
+			return res, d.abort(fmt.Errorf("%w: migration %s: %s", hypervisor.ErrDestinationFailed, q.Status, q.ErrorDesc))
+		case "active":
+			if opts.Deadline > 0 && elapsed > opts.Deadline {
+				return res, d.abort(fmt.Errorf("%w: deadline %s passed with %d MiB left (pass %d)",
+					hypervisor.ErrNotConverging, opts.Deadline, p.Remaining>>20, p.Iteration))
+			}
+			if budget > 0 && p.Iteration > budget {
+				if opts.MaxDowntime > downtime {
+					downtime = min(2*downtime, opts.MaxDowntime)
+					budget += uint64(opts.MaxIterations)
+					if err := d.src.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtime.Milliseconds()}, nil); err != nil {
+						return res, d.abort(fmt.Errorf("migrate: escalate: %w", err))
+					}
+					continue
+				}
+				return res, d.abort(fmt.Errorf("%w: after %d passes %d MiB remain: the guest dirties %.1f MiB/s, the stream carries %.1f MiB/s",
+					hypervisor.ErrNotConverging, p.Iteration, p.Remaining>>20, float64(p.DirtyRate)/(1<<20), p.Throughput/8/(1<<20)))
+			}
+		}
+	}
+}
+
+// abort cancels the migration on the source, waits until QEMU has left the
+// migration, makes sure the source runs, and returns cause.
+func (d *Driver) abort(cause error) error {
+	bg, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_ = d.src.Execute(bg, "migrate_cancel", nil, nil)
+	for bg.Err() == nil {
+		var q queryMigrate
+		if err := d.src.Execute(bg, "query-migrate", nil, &q); err != nil {
+			break
+		}
+		if q.Status != "cancelling" && q.Status != "active" && q.Status != "pre-switchover" && q.Status != "device" && q.Status != "setup" {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := d.ensureRunning(bg, d.src); err != nil {
+		return fmt.Errorf("%w; and the source is not running: %v", cause, err)
+	}
+	return cause
+}
+
+type queryStatus struct {
+	Status  string `json:"status"`
+	Running bool   `json:"running"`
+}
+
+func (d *Driver) ensureRunning(ctx context.Context, m *Monitor) error {
+	var s queryStatus
+	if err := m.Execute(ctx, "query-status", nil, &s); err != nil {
+		return err
+	}
+	if s.Running {
+		return nil
+	}
+	if err := m.Execute(ctx, "cont", nil, nil); err != nil {
+		return fmt.Errorf("source in state %q: %w", s.Status, err)
+	}
+	return nil
+}
+
+// waitDestinationRunning waits for the destination guest to run after the
+// stream completed.
+func (d *Driver) waitDestinationRunning(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		var s queryStatus
+		err := d.dst.Execute(ctx, "query-status", nil, &s)
+		if err == nil && s.Running {
+			return nil
+		}
+		if isDone(d.dst.Done()) {
+			return fmt.Errorf("%w: destination QEMU exited after the stream completed", hypervisor.ErrDestinationFailed)
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%w: destination not running (state %q): %v", hypervisor.ErrDestinationFailed, s.Status, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Announce makes the destination guest's NIC send gratuitous RARPs now, so
+// switches and neighbours learn where it is (QEMU also does this by itself
+// right after resuming).
+func (d *Driver) Announce(ctx context.Context) error {
+	return d.dst.Execute(ctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
+}
+
+// ResumeSource implements hypervisor.Driver: QEMU lets a source in
+// "postmigrate" run again (it takes its disk back).
+func (d *Driver) ResumeSource(ctx context.Context) error {
+	return d.ensureRunning(ctx, d.src)
+}
+
+// AbortDestination implements hypervisor.Driver.
+func (d *Driver) AbortDestination(ctx context.Context) error {
+	if d.dst != nil {
+		_ = d.dst.Execute(ctx, "quit", nil, nil)
+		d.dst.Close()
+		d.dst = nil
+	}
+	if d.dstProc == nil {
+		return nil
+	}
+	select {
+	case <-d.dstProc.Exited():
+	case <-time.After(3 * time.Second):
+		d.dstProc.Kill()
+		<-d.dstProc.Exited()
+	}
+	return nil
+}
+
+// Close releases the QMP connections; the QEMUs keep running.
+func (d *Driver) Close() error {
+	for _, m := range []*Monitor{d.src, d.dst} {
+		if m != nil {
+			m.Close()
+		}
+	}
+	return nil
+}
+
+// Source returns the source monitor once Migrate has connected (for status checks).
+func (d *Driver) Source() *Monitor { return d.src }
+
+// Destination returns the destination monitor once prepared.
+func (d *Driver) Destination() *Monitor { return d.dst }

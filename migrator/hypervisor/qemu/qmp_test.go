@@ -1,0 +1,127 @@
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// fakeQEMU speaks just enough QMP: greeting, capabilities negotiation, then
+// for "query-status" an event followed by the reply, and an error for
+// anything else.
+func fakeQEMU(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "qmp.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		w := json.NewEncoder(c)
+		w.Encode(map[string]any{"QMP": map[string]any{"version": map[string]any{}, "capabilities": []string{}}})
+		r := bufio.NewScanner(c)
+		for r.Scan() {
+			var req struct {
+				Execute string `json:"execute"`
+				ID      string `json:"id"`
+			}
+			json.Unmarshal(r.Bytes(), &req)
+			switch req.Execute {
+			case "qmp_capabilities":
+				w.Encode(map[string]any{"return": map[string]any{}, "id": req.ID})
+			case "query-status":
+				w.Encode(map[string]any{"event": "STOP", "data": map[string]any{}, "timestamp": map[string]any{"seconds": 1, "microseconds": 5}})
+				w.Encode(map[string]any{"return": map[string]any{"status": "paused", "running": false}, "id": req.ID})
+			case "quit":
+				return
+			default:
+				w.Encode(map[string]any{"error": map[string]any{"class": "CommandNotFound", "desc": "The command " + req.Execute + " has not been found"}, "id": req.ID})
+			}
+		}
+	}()
+	return path
+}
+
+func TestMonitor(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m, err := Dial(ctx, fakeQEMU(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	events, stop := m.Events()
+	defer stop()
+
+	var st queryStatus
+	if err := m.Execute(ctx, "query-status", nil, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Status != "paused" || st.Running {
+		t.Fatalf("status = %+v", st)
+	}
+	select {
+	case ev := <-events:
+		if ev.Name != "STOP" || ev.Time != time.Unix(1, 5000) {
+			t.Fatalf("event = %+v", ev)
+		}
+	case <-ctx.Done():
+		t.Fatal("no event")
+	}
+
+	err = m.Execute(ctx, "frobnicate", nil, nil)
+	var qe *Error
+	if !errors.As(err, &qe) || qe.Class != "CommandNotFound" || qe.Command != "frobnicate" {
+		t.Fatalf("err = %v", err)
+	}
+
+	// QEMU going away ends the monitor; later commands say so.
+	m.Execute(ctx, "quit", nil, nil)
+	<-m.Done()
+	if err := m.Execute(ctx, "query-status", nil, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after quit: err = %v", err)
+	}
+}
+
+func TestDialWaitsForSocket(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	_, err := Dial(ctx, filepath.Join(t.TempDir(), "absent.sock"))
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestMachineArgs(t *testing.T) {
+	m := Machine{Name: "vm-siteB", MemMiB: 128, Disk: "/d.raw", QMPSocket: "/q", Tap: "tap-vm", MAC: "52:54:00:01:02:03", Incoming: "defer"}
+	a, err := m.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"-m": "128", "-incoming": "defer", "-machine": "pc,accel=tcg", "-qmp": "unix:/q,server=on,wait=off"}
+	for i := 0; i+1 < len(a); i++ {
+		if w, ok := want[a[i]]; ok {
+			if a[i+1] != w {
+				t.Errorf("%s %s, want %s", a[i], a[i+1], w)
+			}
+			delete(want, a[i])
+		}
+	}
+	if len(want) > 0 {
+		t.Errorf("missing %v in %q", want, a)
+	}
+	if _, err := (Machine{Name: "x"}).Args(); err == nil {
+		t.Error("incomplete machine accepted")
+	}
+}
