@@ -38,8 +38,10 @@ lint:
 	$(GO) vet ./...
 
 # Rebuild the generated BPF objects and Go bindings (needs clang, libbpf-dev).
+# Debian's clang needs the multiarch include dir for asm/types.h.
+BPF_CFLAGS ?= -O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu
 generate:
-	$(GO) generate ./bpf/... ./proxy/...
+	BPF_CLANG=$(CLANG) BPF_CFLAGS="$(BPF_CFLAGS)" $(GO) generate ./bpf/...
 
 # The lab guest: Debian cloud kernel + busybox initramfs with vmhop-guest.
 guest: $(GUEST_DIR)/initrd.img

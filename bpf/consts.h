@@ -1,0 +1,51 @@
+/* consts.h: constants and tunables of the vmhop datapath. */
+#pragma once
+
+#define ETH_HLEN_ 14
+#define IPV4_HLEN 20
+#define ETH_P_IP_ 0x0800
+#define ETH_P_ARP_ 0x0806
+#define IPPROTO_IPIP_ 4
+
+/* Kernel 6.3+ uapi; Debian 12's 6.1 headers lack it. */
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+#endif
+
+/* The WAN MTU the tunnel must fit in. */
+#ifndef TUNNEL_MTU
+#define TUNNEL_MTU 1500
+#endif
+/* Outer header of the IPIP tunnel. */
+#define TUNNEL_OVERHEAD IPV4_HLEN
+/* Largest inner packet that fits the tunnel, and the MSS that fills it. */
+#define TUNNEL_INNER_MTU (TUNNEL_MTU - TUNNEL_OVERHEAD)
+#define TUNNEL_MSS (TUNNEL_INNER_MTU - IPV4_HLEN - 20)
+
+#define MAX_TCP_OPTIONS 10
+#define MAX_FLOWS 65536
+#define MAX_VMS 256
+
+/* redirect.mode */
+#define REDIRECT_OFF 0
+#define REDIRECT_ON 1
+
+/* Counter slots of struct counters. */
+enum counter {
+	C_ENCAP_PKTS = 0,   /* packets for old_ip tunnelled to the peer */
+	C_ENCAP_BYTES,
+	C_DECAP_PKTS,       /* tunnel packets from a known peer, decapsulated */
+	C_DECAP_BYTES,
+	C_DELIVER_PKTS,     /* packets delivered to the VM's tap */
+	C_DNAT_PKTS,        /* packets to new_ip rewritten to old_ip */
+	C_SNAT_PKTS,        /* packets from the VM rewritten to new_ip */
+	C_TUNNEL_BACK_PKTS, /* packets from the VM sent back through the tunnel */
+	C_ARP_REPLIES,      /* ARP replies for the VM's old gateway */
+	C_ICMP_TOO_BIG,     /* ICMP fragmentation-needed sent instead of a too-big packet */
+	C_MSS_CLAMPED,      /* SYNs whose MSS was lowered to fit the tunnel */
+	C_DROP_NO_ROUTE,    /* dropped: no route to the peer or the destination */
+	C_DROP_UNKNOWN_VM,  /* dropped: decapsulated packet for no local VM */
+	C_DROP_ERROR,       /* dropped: a helper failed (adjust_room, store_bytes) */
+	C_DROP_TOO_BIG,     /* dropped: too big and no ICMP could be sent (GSO, options) */
+	C_MAX,
+};

@@ -1,0 +1,180 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
+/* datapath.c: the vmhop network-continuity datapath, two TC programs.
+ *
+ * uplink_ingress, on each host's WAN-facing interface:
+ *   - IPIP from a known peer to us: decapsulate; deliver to the local VM it
+ *     is for, or forward it (the old host relaying the VM's replies).
+ *   - to an old address with its redirect on (old host): tunnel to the peer.
+ *   - to a new address (new host): rewrite to the old address, deliver.
+ * vm_ingress, on a moved VM's tap (new host):
+ *   - ARP from the VM: answer with the old gateway's MAC.
+ *   - IPv4 from the VM: flows to new_ip (NAT flows) and new outbound TCP
+ *     connections leave with source new_ip; everything else goes back
+ *     through the tunnel while the VM has a peer, so connections made
+ *     before the move keep their address end to end.
+ * Anything not understood (not IPv4, IP options, fragments, truncated) is
+ * passed on untouched. */
+#include "encap.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* deliver sends a packet for a local VM into its tap (queued there while
+ * the VM is paused, read by QEMU on resume). */
+static __always_inline int deliver(struct __sk_buff *skb, struct vm *v, __u32 key)
+{
+	if (set_macs(skb, v->vm_mac, v->gw_mac))
+		return drop(key, C_DROP_ERROR);
+	count(key, C_DELIVER_PKTS, 1);
+	return bpf_redirect(v->ifindex, 0);
+}
+
+static __always_inline void learn(struct pkt *p, __u32 vm_ip, int from_vm)
+{
+	struct flow_key k = {};
+	__u64 now = bpf_ktime_get_ns();
+	k.vm_ip = vm_ip;
+	k.proto = p->proto;
+	k.remote_ip = from_vm ? p->daddr : p->saddr;
+	k.vm_port = from_vm ? p->sport : p->dport;
+	k.remote_port = from_vm ? p->dport : p->sport;
+	bpf_map_update_elem(&flows, &k, &now, BPF_ANY);
+}
+
+static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
+{
+	__u32 len = skb->len;
+	if (decap(skb))
+		return TC_ACT_SHOT;
+	struct pkt p;
+	if (!parse_ipv4(skb, &p))
+		return TC_ACT_SHOT; /* a tunnel carries only what we put in */
+	struct vm *v = bpf_map_lookup_elem(&vms, &p.daddr);
+	__u32 key = v ? p.daddr : p.saddr;
+	count(key, C_DECAP_PKTS, 1);
+	count(key, C_DECAP_BYTES, len);
+	if (v)
+		return deliver(skb, v, key);
+	/* The old host relays the moved VM's replies to their clients. */
+	return fib_redirect(skb, key, p.saddr, p.daddr);
+}
+
+SEC("tc")
+int uplink_ingress(struct __sk_buff *skb)
+{
+	struct pkt p;
+	if (!parse_ipv4(skb, &p))
+		return TC_ACT_OK;
+	if (p.proto == IPPROTO_IPIP_ && p.daddr == local_ip && bpf_map_lookup_elem(&peers, &p.saddr))
+		return from_peer(skb, &p);
+
+	struct redirect *r = bpf_map_lookup_elem(&redirects, &p.daddr);
+	if (r && r->mode == REDIRECT_ON) {
+		__u32 key = p.daddr;
+		__u64 now = bpf_ktime_get_ns();
+		bpf_map_update_elem(&last_seen, &key, &now, BPF_ANY);
+		count(key, C_ENCAP_PKTS, 1);
+		count(key, C_ENCAP_BYTES, skb->len);
+		return encap_to(skb, &p, key, r->peer, local_ip);
+	}
+
+	__u32 *old = bpf_map_lookup_elem(&nat, &p.daddr);
+	if (old) {
+		__u32 old_ip = *old;
+		struct vm *v = bpf_map_lookup_elem(&vms, &old_ip);
+		if (!v)
+			return TC_ACT_OK;
+		if (p.has_ports)
+			learn(&p, old_ip, 0);
+		if (rewrite_addr(skb, &p, 0, old_ip))
+			return drop(old_ip, C_DROP_ERROR);
+		count(old_ip, C_DNAT_PKTS, 1);
+		return deliver(skb, v, old_ip);
+	}
+	return TC_ACT_OK;
+}
+
+struct arp_eth {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[6];
+	__u8 spa[4];
+	__u8 tha[6];
+	__u8 tpa[4];
+} __attribute__((packed));
+
+/* arp_reply answers a local VM's ARP request for any address but its own
+ * with the old gateway's MAC: the guest still believes it is on its old
+ * subnet, and every address there is now reached through this host. */
+static __always_inline int arp_reply(struct __sk_buff *skb)
+{
+	struct arp_eth a;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &a, sizeof(a)))
+		return TC_ACT_OK;
+	if (a.htype != bpf_htons(1) || a.ptype != bpf_htons(ETH_P_IP_) || a.hlen != 6 || a.plen != 4 ||
+	    a.op != bpf_htons(1))
+		return TC_ACT_OK;
+	__u32 spa, tpa;
+	__builtin_memcpy(&spa, a.spa, 4);
+	__builtin_memcpy(&tpa, a.tpa, 4);
+	struct vm *v = bpf_map_lookup_elem(&vms, &spa);
+	if (!v || tpa == spa || tpa == 0)
+		return TC_ACT_OK; /* not a moved VM, or duplicate address detection */
+	struct arp_eth r = a;
+	r.op = bpf_htons(2);
+	__builtin_memcpy(r.tha, a.sha, 6);
+	__builtin_memcpy(r.tpa, a.spa, 4);
+	__builtin_memcpy(r.sha, v->gw_mac, 6);
+	__builtin_memcpy(r.spa, a.tpa, 4);
+	if (set_macs(skb, a.sha, v->gw_mac) || bpf_skb_store_bytes(skb, ETH_HLEN_, &r, sizeof(r), 0))
+		return drop(spa, C_DROP_ERROR);
+	count(spa, C_ARP_REPLIES, 1);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+SEC("tc")
+int vm_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP_))
+		return arp_reply(skb);
+
+	struct pkt p;
+	if (!parse_ipv4(skb, &p))
+		return TC_ACT_OK;
+	struct vm *v = bpf_map_lookup_elem(&vms, &p.saddr);
+	if (!v)
+		return TC_ACT_OK;
+	__u32 key = p.saddr;
+	int nat_flow = 0;
+	if (p.has_ports) {
+		struct flow_key k = {};
+		k.vm_ip = p.saddr;
+		k.remote_ip = p.daddr;
+		k.vm_port = p.sport;
+		k.remote_port = p.dport;
+		k.proto = p.proto;
+		nat_flow = bpf_map_lookup_elem(&flows, &k) != NULL;
+	}
+	int new_conn = p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_;
+	if (!nat_flow && !new_conn && v->peer) {
+		count(key, C_TUNNEL_BACK_PKTS, 1);
+		return encap_to(skb, &p, key, v->peer, v->gw_ip);
+	}
+	if (!v->new_ip)
+		return TC_ACT_OK;
+	if (new_conn)
+		learn(&p, p.saddr, 1);
+	if (rewrite_addr(skb, &p, 1, v->new_ip))
+		return drop(key, C_DROP_ERROR);
+	count(key, C_SNAT_PKTS, 1);
+	return fib_redirect(skb, key, v->new_ip, p.daddr);
+}

@@ -1,0 +1,91 @@
+/* encap.h: IPIP encapsulation and decapsulation, and ICMP "fragmentation needed". */
+#pragma once
+#include "helpers.h"
+
+/* build_outer fills an outer IPv4 header for an IPIP tunnel packet whose
+ * inner packet is inner_len bytes. */
+static __always_inline void build_outer(struct iphdr *o, __u32 src, __u32 dst, __u8 tos, __u16 inner_len)
+{
+	__builtin_memset(o, 0, sizeof(*o));
+	o->version = 4;
+	o->ihl = 5;
+	o->tos = tos;
+	o->tot_len = bpf_htons(inner_len + IPV4_HLEN);
+	o->frag_off = bpf_htons(0x4000); /* DF: the tunnel never fragments */
+	o->ttl = 64;
+	o->protocol = IPPROTO_IPIP_;
+	o->saddr = src;
+	o->daddr = dst;
+	o->check = ipv4_csum(o);
+}
+
+/* icmp_too_big turns the packet into an ICMP "fragmentation needed" (type 3
+ * code 4, next-hop MTU mtu) from src to the packet's sender, and sends it
+ * back out of the interface it arrived on.
+ * Precondition: parse_ipv4 accepted the packet and it is not GSO. */
+static __always_inline int icmp_too_big(struct __sk_buff *skb, __u32 key, __u32 src, __u16 mtu)
+{
+	struct {
+		struct iphdr ip;
+		struct icmphdr icmp;
+		struct iphdr orig;
+		__u8 l4[8];
+	} __attribute__((packed)) r;
+	__u8 eth[12];
+	__builtin_memset(&r, 0, sizeof(r));
+	if (bpf_skb_load_bytes(skb, 0, eth, 12) || bpf_skb_load_bytes(skb, ETH_HLEN_, &r.orig, IPV4_HLEN) ||
+	    bpf_skb_load_bytes(skb, L4_OFF, r.l4, 8))
+		return drop(key, C_DROP_TOO_BIG);
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + sizeof(r), 0))
+		return drop(key, C_DROP_TOO_BIG);
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.saddr = src;
+	r.ip.daddr = r.orig.saddr;
+	r.ip.check = ipv4_csum(&r.ip);
+	r.icmp.type = ICMP_DEST_UNREACH;
+	r.icmp.code = ICMP_FRAG_NEEDED;
+	r.icmp.un.frag.mtu = bpf_htons(mtu);
+	r.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (void *)&r.icmp, sizeof(r) - IPV4_HLEN, 0));
+	/* Back where it came from: swap the Ethernet addresses. */
+	if (bpf_skb_store_bytes(skb, 0, eth + 6, 6, 0) || bpf_skb_store_bytes(skb, 6, eth, 6, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN_, &r, sizeof(r), 0))
+		return drop(key, C_DROP_ERROR);
+	count(key, C_ICMP_TOO_BIG, 1);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* encap_to tunnels the packet to peer and forwards it. A non-GSO packet too
+ * big for the tunnel gets an ICMP "fragmentation needed" (from icmp_src)
+ * instead when DF is set, and is dropped otherwise; GSO packets are
+ * encapsulated with gso_size lowered so each segment fits. A SYN's MSS is
+ * clamped to fit. Precondition: parse_ipv4 accepted the packet. */
+static __always_inline int encap_to(struct __sk_buff *skb, struct pkt *p, __u32 key, __u32 peer, __u32 icmp_src)
+{
+	if (skb->gso_size == 0 && p->tot_len > TUNNEL_INNER_MTU) {
+		if (p->df)
+			return icmp_too_big(skb, key, icmp_src, TUNNEL_INNER_MTU);
+		return drop(key, C_DROP_TOO_BIG);
+	}
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_))
+		clamp_mss(skb, key, TUNNEL_MSS);
+	/* Without FIXED_GSO the kernel lowers gso_size by the added header. */
+	if (bpf_skb_adjust_room(skb, IPV4_HLEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
+		return drop(key, C_DROP_ERROR);
+	struct iphdr outer;
+	build_outer(&outer, local_ip, peer, p->tos, skb->len - ETH_HLEN_ - IPV4_HLEN);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &outer, sizeof(outer), 0))
+		return drop(key, C_DROP_ERROR);
+	return fib_redirect(skb, key, local_ip, peer);
+}
+
+/* decap strips the outer header of an IPIP packet. FIXED_GSO keeps gso_size:
+ * without it, forwarded GSO segments would grow past the MTU. */
+static __always_inline int decap(struct __sk_buff *skb)
+{
+	return bpf_skb_adjust_room(skb, -IPV4_HLEN, BPF_ADJ_ROOM_MAC,
+				   BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
+}

@@ -1,0 +1,133 @@
+/* helpers.h: counters, forwarding (fib lookup + redirect), NAT rewrite, MSS clamp. */
+#pragma once
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <stddef.h>
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/* This host's tunnel endpoint address (network order), set by the loader. */
+volatile const __u32 local_ip = 0;
+
+/* count adds n to counter c of old address ip, if it has a stats entry. */
+static __always_inline void count(__u32 ip, enum counter c, __u64 n)
+{
+	struct counters *s = bpf_map_lookup_elem(&stats, &ip);
+	if (s && c < C_MAX)
+		s->c[c] += n;
+}
+
+static __always_inline int drop(__u32 ip, enum counter why)
+{
+	count(ip, why, 1);
+	return TC_ACT_SHOT;
+}
+
+/* fib_redirect sends the packet (IPv4 from src to dst, Ethernet header in
+ * place) out of the interface the FIB picks, with the next hop's MAC; if the
+ * neighbour is not resolved yet, the kernel resolves it (redirect_neigh).
+ * Returns a TC action. */
+static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst)
+{
+	struct bpf_fib_lookup p = {};
+	p.family = AF_INET;
+	p.ipv4_src = src;
+	p.ipv4_dst = dst;
+	p.ifindex = skb->ingress_ifindex;
+	p.tot_len = skb->len - ETH_HLEN_;
+	long rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, p.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p.smac, 6, 0))
+			return drop(key, C_DROP_ERROR);
+		return bpf_redirect(p.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(p.ifindex, NULL, 0, 0);
+	return drop(key, C_DROP_NO_ROUTE);
+}
+
+/* set_macs writes the Ethernet addresses. */
+static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dst, const __u8 *src)
+{
+	if (bpf_skb_store_bytes(skb, 0, dst, 6, 0) || bpf_skb_store_bytes(skb, 6, src, 6, 0))
+		return -1;
+	return 0;
+}
+
+/* rewrite_addr replaces the source (is_src) or destination IPv4 address and
+ * fixes the IP and TCP/UDP checksums (UDP's zero checksum stays zero).
+ * Precondition: parse_ipv4 accepted the packet. Returns 0 on success. */
+static __always_inline int rewrite_addr(struct __sk_buff *skb, struct pkt *p, int is_src, __u32 to)
+{
+	__u32 from = is_src ? p->saddr : p->daddr;
+	__u32 off = ETH_HLEN_ + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+	if (p->proto == IPPROTO_TCP) {
+		if (bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct tcphdr, check), from, to, BPF_F_PSEUDO_HDR | sizeof(to)))
+			return -1;
+	} else if (p->proto == IPPROTO_UDP) {
+		if (bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct udphdr, check), from, to,
+					BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(to)))
+			return -1;
+	}
+	if (bpf_l3_csum_replace(skb, ETH_HLEN_ + offsetof(struct iphdr, check), from, to, sizeof(to)))
+		return -1;
+	if (bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0))
+		return -1;
+	if (is_src)
+		p->saddr = to;
+	else
+		p->daddr = to;
+	return 0;
+}
+
+/* clamp_mss lowers the MSS option of a TCP SYN to max_mss, fixing the TCP
+ * checksum. Packets without the option are left alone. */
+static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 key, __u16 max_mss)
+{
+	__u8 doff;
+	if (bpf_skb_load_bytes(skb, L4_OFF + 12, &doff, 1))
+		return;
+	__u32 end = L4_OFF + (doff >> 4) * 4;
+	__u32 off = L4_OFF + 20;
+	for (int i = 0; i < MAX_TCP_OPTIONS; i++) {
+		if (off + 2 > end || off > L4_OFF + 60)
+			return;
+		__u8 opt[2];
+		if (bpf_skb_load_bytes(skb, off, opt, 1))
+			return;
+		if (opt[0] == 0) /* end of options */
+			return;
+		if (opt[0] == 1) { /* no-op */
+			off++;
+			continue;
+		}
+		if (bpf_skb_load_bytes(skb, off, opt, 2) || opt[1] < 2)
+			return;
+		if (opt[0] == 2 && opt[1] == 4) {
+			__u16 mss;
+			if (bpf_skb_load_bytes(skb, off + 2, &mss, 2))
+				return;
+			if (bpf_ntohs(mss) > max_mss) {
+				__u16 nmss = bpf_htons(max_mss);
+				/* The checksum sums aligned 16-bit words: a field at an
+				 * odd offset enters it byte-swapped. */
+				int odd = (off + 2 - L4_OFF) & 1;
+				__u16 cf = odd ? __builtin_bswap16(mss) : mss;
+				__u16 ct = odd ? __builtin_bswap16(nmss) : nmss;
+				if (bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct tcphdr, check), cf, ct, 2) ||
+				    bpf_skb_store_bytes(skb, off + 2, &nmss, 2, 0))
+					return;
+				count(key, C_MSS_CLAMPED, 1);
+			}
+			return;
+		}
+		off += opt[1];
+	}
+}

@@ -1,0 +1,104 @@
+/* parse.h: packet parsing into struct pkt. */
+#pragma once
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+#include <bpf/bpf_endian.h>
+#include "consts.h"
+
+/* icmphdr: linux/icmp.h pulls in libc headers, so the few fields used are here. */
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	union {
+		struct {
+			__be16 id;
+			__be16 sequence;
+		} echo;
+		struct {
+			__be16 unused;
+			__be16 mtu;
+		} frag;
+	} un;
+};
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
+#define ICMP_ECHO 8
+
+/* pkt is what the programs need to know of an IPv4 packet. */
+struct pkt {
+	__u32 saddr, daddr; /* network order */
+	__u16 sport, dport; /* network order; ICMP echo: id in both */
+	__u16 tot_len;      /* host order */
+	__u8 proto;
+	__u8 tos;
+	__u8 tcp_flags;     /* TCP: the flags byte */
+	__u8 df;            /* don't-fragment set */
+	__u8 has_ports;     /* sport/dport valid */
+};
+
+#define TCP_FLAG_SYN_ 0x02
+#define TCP_FLAG_ACK_ 0x10
+#define L4_OFF (ETH_HLEN_ + IPV4_HLEN)
+
+/* parse_ipv4 reads the IPv4 packet after the Ethernet header.
+ * Returns 1 for a packet the datapath may rewrite: IPv4, no IP options, not
+ * a fragment, not truncated. Returns 0 for anything else, which callers pass
+ * on untouched. */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP_))
+		return 0;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return 0;
+	if (ip->version != 4 || ip->ihl != 5)
+		return 0;
+	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset: a fragment */
+		return 0;
+	__u16 tot = bpf_ntohs(ip->tot_len);
+	if (tot < IPV4_HLEN || (skb->gso_size == 0 && skb->len < ETH_HLEN_ + (__u32)tot))
+		return 0;
+	p->saddr = ip->saddr;
+	p->daddr = ip->daddr;
+	p->tot_len = tot;
+	p->proto = ip->protocol;
+	p->tos = ip->tos;
+	p->df = (ip->frag_off & bpf_htons(0x4000)) != 0;
+	p->has_ports = 0;
+	p->tcp_flags = 0;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)(ip + 1);
+		if ((void *)(th + 1) > data_end)
+			return 0;
+		p->sport = th->source;
+		p->dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->has_ports = 1;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(ip + 1);
+		if ((void *)(uh + 1) > data_end)
+			return 0;
+		p->sport = uh->source;
+		p->dport = uh->dest;
+		p->has_ports = 1;
+	} else if (ip->protocol == IPPROTO_ICMP) {
+		struct icmphdr *ih = (void *)(ip + 1);
+		if ((void *)(ih + 1) > data_end)
+			return 0;
+		if (ih->type == ICMP_ECHO || ih->type == ICMP_ECHOREPLY) {
+			p->sport = ih->un.echo.id;
+			p->dport = ih->un.echo.id;
+			p->has_ports = 1;
+		}
+	}
+	return 1;
+}
