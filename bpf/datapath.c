@@ -4,6 +4,7 @@
 /* datapath.c: the vmhop network-continuity datapath, two TC programs.
  *
  * uplink_ingress, on each host's WAN-facing interface:
+ *   - ARP for a redirected old address or a new address: answer it.
  *   - IPIP from a known peer to us: decapsulate; deliver to the local VM it
  *     is for, or forward it (the old host relaying the VM's replies).
  *   - to an old address with its redirect on (old host): tunnel to the peer.
@@ -60,9 +61,77 @@ static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
 	return fib_redirect(skb, key, p.saddr, p.daddr);
 }
 
+struct arp_eth {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[6];
+	__u8 spa[4];
+	__u8 tha[6];
+	__u8 tpa[4];
+} __attribute__((packed));
+
+/* arp_answer turns the ARP request a into a reply from ip at mac and sends
+ * it back out of the interface it came in on. */
+static __always_inline int arp_answer(struct __sk_buff *skb, struct arp_eth *a, const __u8 *mac, __u32 key)
+{
+	struct arp_eth r = *a;
+	r.op = bpf_htons(2);
+	__builtin_memcpy(r.tha, a->sha, 6);
+	__builtin_memcpy(r.tpa, a->spa, 4);
+	__builtin_memcpy(r.sha, mac, 6);
+	__builtin_memcpy(r.spa, a->tpa, 4);
+	if (set_macs(skb, a->sha, mac) || bpf_skb_store_bytes(skb, ETH_HLEN_, &r, sizeof(r), 0))
+		return drop(key, C_DROP_ERROR);
+	count(key, C_ARP_REPLIES, 1);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* load_arp_request reads an Ethernet/IPv4 ARP request. Returns 1 if it is one. */
+static __always_inline int load_arp_request(struct __sk_buff *skb, struct arp_eth *a)
+{
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, a, sizeof(*a)))
+		return 0;
+	return a->htype == bpf_htons(1) && a->ptype == bpf_htons(ETH_P_IP_) && a->hlen == 6 && a->plen == 4 &&
+	       a->op == bpf_htons(1);
+}
+
+/* uplink_arp answers, on the uplink, ARP for an old address whose redirect
+ * is on (the VM left: its neighbours must still find it here) and for a new
+ * address (the VM arrived). Packets to either are taken at this hook
+ * whatever their destination MAC, so the VM's MAC serves for both. */
+static __always_inline int uplink_arp(struct __sk_buff *skb)
+{
+	struct arp_eth a;
+	if (!load_arp_request(skb, &a))
+		return TC_ACT_OK;
+	__u32 tpa;
+	__builtin_memcpy(&tpa, a.tpa, 4);
+	struct redirect *r = bpf_map_lookup_elem(&redirects, &tpa);
+	if (r && r->mode == REDIRECT_ON)
+		return arp_answer(skb, &a, r->mac, tpa);
+	__u32 *old = bpf_map_lookup_elem(&nat, &tpa);
+	if (old) {
+		__u32 old_ip = *old;
+		struct vm *v = bpf_map_lookup_elem(&vms, &old_ip);
+		if (v)
+			return arp_answer(skb, &a, v->vm_mac, old_ip);
+	}
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int uplink_ingress(struct __sk_buff *skb)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP_))
+		return uplink_arp(skb);
 	struct pkt p;
 	if (!parse_ipv4(skb, &p))
 		return TC_ACT_OK;
@@ -95,28 +164,13 @@ int uplink_ingress(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-struct arp_eth {
-	__be16 htype;
-	__be16 ptype;
-	__u8 hlen;
-	__u8 plen;
-	__be16 op;
-	__u8 sha[6];
-	__u8 spa[4];
-	__u8 tha[6];
-	__u8 tpa[4];
-} __attribute__((packed));
-
 /* arp_reply answers a local VM's ARP request for any address but its own
  * with the old gateway's MAC: the guest still believes it is on its old
  * subnet, and every address there is now reached through this host. */
 static __always_inline int arp_reply(struct __sk_buff *skb)
 {
 	struct arp_eth a;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &a, sizeof(a)))
-		return TC_ACT_OK;
-	if (a.htype != bpf_htons(1) || a.ptype != bpf_htons(ETH_P_IP_) || a.hlen != 6 || a.plen != 4 ||
-	    a.op != bpf_htons(1))
+	if (!load_arp_request(skb, &a))
 		return TC_ACT_OK;
 	__u32 spa, tpa;
 	__builtin_memcpy(&spa, a.spa, 4);
@@ -124,16 +178,7 @@ static __always_inline int arp_reply(struct __sk_buff *skb)
 	struct vm *v = bpf_map_lookup_elem(&vms, &spa);
 	if (!v || tpa == spa || tpa == 0)
 		return TC_ACT_OK; /* not a moved VM, or duplicate address detection */
-	struct arp_eth r = a;
-	r.op = bpf_htons(2);
-	__builtin_memcpy(r.tha, a.sha, 6);
-	__builtin_memcpy(r.tpa, a.spa, 4);
-	__builtin_memcpy(r.sha, v->gw_mac, 6);
-	__builtin_memcpy(r.spa, a.tpa, 4);
-	if (set_macs(skb, a.sha, v->gw_mac) || bpf_skb_store_bytes(skb, ETH_HLEN_, &r, sizeof(r), 0))
-		return drop(spa, C_DROP_ERROR);
-	count(spa, C_ARP_REPLIES, 1);
-	return bpf_redirect(skb->ifindex, 0);
+	return arp_answer(skb, &a, v->gw_mac, spa);
 }
 
 SEC("tc")

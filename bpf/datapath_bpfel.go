@@ -32,6 +32,8 @@ type DatapathRedirect struct {
 	_    structs.HostLayout
 	Peer uint32
 	Mode uint32
+	Mac  [6]uint8
+	Pad  [2]uint8
 }
 
 type DatapathVm struct {

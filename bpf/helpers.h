@@ -41,7 +41,9 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 
 	p.ipv4_src = src;
 	p.ipv4_dst = dst;
 	p.ifindex = skb->ingress_ifindex;
-	p.tot_len = skb->len - ETH_HLEN_;
+	/* The FIB checks tot_len against the route's MTU; a GSO packet is
+	 * segmented to fit later, so only a plain packet's length is given. */
+	p.tot_len = skb->gso_size ? 0 : skb->len - ETH_HLEN_;
 	long rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (bpf_skb_store_bytes(skb, 0, p.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p.smac, 6, 0))

@@ -4,8 +4,10 @@
 
 /* redirects: on the old host, packets for an old address go to a peer. */
 struct redirect {
-	__u32 peer; /* tunnel endpoint (host B), network order */
-	__u32 mode; /* REDIRECT_OFF or REDIRECT_ON: switching is this one field */
+	__u32 peer;   /* tunnel endpoint (host B), network order */
+	__u32 mode;   /* REDIRECT_OFF or REDIRECT_ON: switching is this one field */
+	__u8 mac[6];  /* answered for the old address once on (the VM's MAC: neighbours' caches stay right) */
+	__u8 pad[2];
 };
 
 /* vms: a VM this host delivers to, keyed by its (old) address. */

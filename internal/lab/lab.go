@@ -222,8 +222,23 @@ func Down(name, dir string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, err)
 	}
+	// BPF objects tests pinned for this lab's hosts (their links died with
+	// the namespaces; the pins would keep maps alive).
+	pins, _ := filepath.Glob(filepath.Join(BPFPinRoot, name+"-*"))
+	for _, p := range pins {
+		if err := os.RemoveAll(p); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
 }
+
+// BPFPinRoot is where vmhop pins BPF objects; a lab's hosts use
+// BPFPinRoot/LAB-HOST.
+const BPFPinRoot = "/sys/fs/bpf/vmhop"
+
+// PinDir is where host's datapath pins its maps and links in this lab.
+func (l *Lab) PinDir(host string) string { return filepath.Join(BPFPinRoot, l.Name+"-"+host) }
 
 // killAll ends every process in namespace ns: SIGTERM, then SIGKILL after 3 s.
 func killAll(ns string) error {

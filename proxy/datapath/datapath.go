@@ -236,8 +236,10 @@ func (d *Datapath) SetPeer(peer netip.Addr, accept bool) error {
 }
 
 // SetRedirect points oldIP at peer. on=false installs the entry switched
-// off; switching it on later is one map write, which is atomic.
-func (d *Datapath) SetRedirect(oldIP, peer netip.Addr, on bool) error {
+// off; switching it on later is one map write, which is atomic. Once on,
+// this host answers ARP for oldIP with mac (the VM's: neighbours' caches
+// need no change).
+func (d *Datapath) SetRedirect(oldIP, peer netip.Addr, mac net.HardwareAddr, on bool) error {
 	mode := uint32(0)
 	if on {
 		mode = 1
@@ -245,7 +247,9 @@ func (d *Datapath) SetRedirect(oldIP, peer netip.Addr, on bool) error {
 	if err := d.ensureStats(oldIP); err != nil {
 		return err
 	}
-	return d.objs.Redirects.Put(be32(oldIP), bpf.DatapathRedirect{Peer: be32(peer), Mode: mode})
+	r := bpf.DatapathRedirect{Peer: be32(peer), Mode: mode}
+	copy(r.Mac[:], mac)
+	return d.objs.Redirects.Put(be32(oldIP), r)
 }
 
 // RemoveRedirect stops redirecting oldIP.

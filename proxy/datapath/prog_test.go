@@ -64,7 +64,7 @@ func newTestHost(t *testing.T, local netip.Addr) *testHost {
 	}
 	b := make([]byte, 3)
 	rand.Read(b)
-	ns := "vhu-" + hex.EncodeToString(b)
+	ns := "vh-u" + hex.EncodeToString(b) + "-dp" // swept like a lab if a run dies
 	if err := netns.Create(ns); err != nil {
 		t.Fatal(err)
 	}
@@ -226,7 +226,7 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 	if err := a.dp.SetPeer(hostB, true); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.dp.SetRedirect(oldIP, hostB, false); err != nil {
+	if err := a.dp.SetRedirect(oldIP, hostB, vmMAC, false); err != nil {
 		t.Fatal(err)
 	}
 	toVM := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolTCP, sport: 40000, dport: 80, ack: true, payload: 100, df: true})
@@ -237,7 +237,7 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 			t.Fatalf("ret %d, changed=%v", ret, !bytes.Equal(out, toVM))
 		}
 	})
-	if err := a.dp.SetRedirect(oldIP, hostB, true); err != nil {
+	if err := a.dp.SetRedirect(oldIP, hostB, vmMAC, true); err != nil {
 		t.Fatal(err)
 	}
 	t.Run("encap", func(t *testing.T) {
@@ -268,6 +268,15 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 		}
 		if idle, ok, _ := a.dp.Idle(oldIP); !ok || idle < 0 || idle > 10e9 {
 			t.Errorf("idle %v %v", idle, ok)
+		}
+	})
+	t.Run("ARP for the redirected old address", func(t *testing.T) {
+		ret, out := a.run(t, up, arpRequest(nextHop, gwA, oldIP))
+		p := gopacket.NewPacket(out, layers.LayerTypeEthernet, gopacket.Default)
+		arp, _ := p.Layer(layers.LayerTypeARP).(*layers.ARP)
+		if ret != actRedirect || arp == nil || arp.Operation != 2 || !bytes.Equal(arp.SourceHwAddress, vmMAC) ||
+			!bytes.Equal(arp.SourceProtAddress, ip4(oldIP)) || !bytes.Equal(out[0:6], nextHop) {
+			t.Fatalf("ret %d reply %v", ret, p)
 		}
 	})
 	t.Run("SYN MSS clamped", func(t *testing.T) {
@@ -445,4 +454,60 @@ func arpRequest(from net.HardwareAddr, spa, tpa netip.Addr) []byte {
 	buf := gopacket.NewSerializeBuffer()
 	gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true}, eth, arp)
 	return buf.Bytes()
+}
+
+// TestRestartKeepsState: a daemon that exits without Remove leaves its maps
+// and links pinned (forwarding goes on); the next one takes them over.
+func TestRestartKeepsState(t *testing.T) {
+	h := newTestHost(t, hostA)
+	pin := t.TempDir() // not bpffs: pinning must fail clearly there
+	if _, err := Load(Options{LocalIP: hostA, PinDir: pin}); err == nil {
+		t.Fatal("pinning outside bpffs succeeded")
+	}
+	pin = "/sys/fs/bpf/vmhop/" + h.ns
+	t.Cleanup(func() { os.RemoveAll(pin) })
+	first, err := Load(Options{LocalIP: hostA, PinDir: pin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(netns.Do(h.ns, func() error { return first.Attach(Uplink, "u0") }))
+	must(first.SetRedirect(oldIP, hostB, vmMAC, true))
+	first.Close() // the daemon dies
+
+	links, _ := os.ReadDir(pin)
+	names := ""
+	for _, e := range links {
+		names += e.Name() + " "
+	}
+	if !bytes.Contains([]byte(names), []byte("link-uplink-")) || !bytes.Contains([]byte(names), []byte("redirects")) {
+		t.Fatalf("pins after exit: %s", names)
+	}
+	second, err := Load(Options{LocalIP: hostA, PinDir: pin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := second.Stats(oldIP); err != nil {
+		t.Fatalf("second daemon lost the first one's state: %v", err)
+	}
+	var r struct {
+		Peer, Mode uint32
+		Mac        [6]byte
+		Pad        [2]byte
+	}
+	must(second.objs.Redirects.Lookup(be32(oldIP), &r))
+	if r.Mode != 1 || r.Peer != be32(hostB) {
+		t.Fatalf("redirect after restart: %+v", r)
+	}
+	must(netns.Do(h.ns, func() error { return second.Attach(Uplink, "u0") }))
+	must(netns.Do(h.ns, second.Remove))
+	if _, err := os.Stat(pin); !os.IsNotExist(err) {
+		left, _ := os.ReadDir(pin)
+		t.Fatalf("pins left after Remove: %v", left)
+	}
 }

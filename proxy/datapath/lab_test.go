@@ -1,0 +1,328 @@
+package datapath_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/internal/lab/labtest"
+	"github.com/vmhop/vmhop/internal/netns"
+	"github.com/vmhop/vmhop/proxy/datapath"
+	"github.com/vmhop/vmhop/proxy/userspace"
+)
+
+func TestMain(m *testing.M) {
+	lab.RunChild()
+	os.Exit(m.Run())
+}
+
+// data returns n deterministic pseudo-random bytes.
+func data(n int) []byte {
+	r := rand.New(rand.NewPCG(1, 2))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+func sum(b []byte) string { h := sha256.Sum256(b); return hex.EncodeToString(h[:]) }
+
+// serveVM runs, inside the stand-in VM: 9000 upload (replies with the
+// sha256 of what it read), 9001 download (sends the bytes paced at ~2 MB/s),
+// 9002 line echo.
+func serveVM(t *testing.T, ns string, payload []byte) {
+	t.Helper()
+	var lns []net.Listener
+	err := netns.Do(ns, func() error {
+		for _, p := range []string{":9000", ":9001", ":9002"} {
+			ln, err := net.Listen("tcp", p)
+			if err != nil {
+				return err
+			}
+			lns = append(lns, ln)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	})
+	handlers := []func(net.Conn){
+		func(c net.Conn) {
+			h := sha256.New()
+			io.Copy(h, c)
+			fmt.Fprintf(c, "%x %s\n", h.Sum(nil), c.RemoteAddr())
+		},
+		func(c net.Conn) {
+			for off := 0; off < len(payload); off += 64 << 10 {
+				if _, err := c.Write(payload[off:min(off+64<<10, len(payload))]); err != nil {
+					return
+				}
+				time.Sleep(32 * time.Millisecond)
+			}
+		},
+		func(c net.Conn) { io.Copy(c, c) },
+	}
+	for i, ln := range lns {
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() { defer c.Close(); handlers[i](c) }()
+			}
+		}()
+	}
+}
+
+func echo(c net.Conn, msg string) error {
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := fmt.Fprintln(c, msg); err != nil {
+		return err
+	}
+	got := make([]byte, len(msg)+1)
+	if _, err := io.ReadFull(c, got); err != nil {
+		return err
+	}
+	if string(got) != msg+"\n" {
+		return fmt.Errorf("echo: got %q", got)
+	}
+	return nil
+}
+
+// hostDatapath loads and attaches the datapath on host's uplink.
+func hostDatapath(t *testing.T, l *lab.Lab, host string, local netip.Addr) *datapath.Datapath {
+	t.Helper()
+	dp, err := datapath.Load(datapath.Options{LocalIP: local, PinDir: l.PinDir(host)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { netns.Do(l.NS(host), dp.Remove) })
+	if err := netns.Do(l.NS(host), func() error { return dp.Attach(datapath.Uplink, lab.Uplink) }); err != nil {
+		t.Fatal(err)
+	}
+	return dp
+}
+
+// TestContinuityAcrossMove: connections made to the VM's old address before
+// it moved keep working after it moved to site B (including bulk transfers
+// with full-size packets in flight at the switch), new connections to the
+// old address reach it through the tunnel, and the new address works both
+// ways with the right source address.
+func TestContinuityAcrossMove(t *testing.T) {
+	l := labtest.New(t, lab.Config{})
+	ctx := context.Background()
+	vm, err := l.StartNSVM(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := data(8 << 20)
+	serveVM(t, vm.NS, payload)
+
+	dpA := hostDatapath(t, l, lab.SiteA, lab.HostA)
+	dpB := hostDatapath(t, l, lab.SiteB, lab.HostB)
+	must(t, dpA.SetPeer(lab.HostB, true))
+	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, false))
+	must(t, dpB.SetPeer(lab.HostA, true))
+
+	old := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(lab.OldIP, port) }
+	// Before the move: an echo connection and two bulk transfers under way.
+	ec, err := l.DialTCP(ctx, lab.Client, old(9002))
+	must(t, err)
+	defer ec.Close()
+	must(t, echo(ec, "before"))
+	up, err := l.DialTCP(ctx, lab.Client, old(9000))
+	must(t, err)
+	down, err := l.DialTCP(ctx, lab.Client, old(9001))
+	must(t, err)
+	upDone := make(chan error, 1)
+	go func() {
+		for off := 0; off < len(payload); off += 64 << 10 {
+			if _, err := up.Write(payload[off:min(off+64<<10, len(payload))]); err != nil {
+				upDone <- err
+				return
+			}
+			time.Sleep(32 * time.Millisecond)
+		}
+		up.(*net.TCPConn).CloseWrite()
+		upDone <- nil
+	}()
+	downDone := make(chan []byte, 1)
+	go func() {
+		down.SetDeadline(time.Now().Add(60 * time.Second))
+		b, _ := io.ReadAll(down)
+		downDone <- b
+	}()
+	time.Sleep(1500 * time.Millisecond)
+
+	// The move, in the order the migrator uses: the new host is ready before
+	// the old host switches (one map write).
+	must(t, l.UnplugNSVM(ctx, vm))
+	switchAt := time.Now()
+	tap, err := l.PlugNSVM(ctx, vm)
+	must(t, err)
+	gwMAC, err := l.RouterMAC(lab.SiteA)
+	must(t, err)
+	must(t, dpB.SetVM(datapath.VM{OldIP: lab.OldIP, NewIP: lab.NewIP, Gateway: lab.GatewayA, GatewayMAC: gwMAC,
+		MAC: vm.MAC, Tap: tap, Peer: lab.HostA}))
+	must(t, netns.Do(l.NS(lab.SiteB), func() error { return dpB.Attach(datapath.VMTap, vm.Tap) }))
+	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, true))
+	t.Logf("switched in %s", time.Since(switchAt).Round(time.Microsecond))
+
+	must(t, echo(ec, "after the move"))
+	must(t, <-upDone)
+	up.SetReadDeadline(time.Now().Add(30 * time.Second))
+	line, err := io.ReadAll(up)
+	must(t, err)
+	if !strings.HasPrefix(string(line), sum(payload)+" "+lab.ClientIP.String()+":") {
+		t.Errorf("upload across the move: server saw %q, want sha %s from the client", line, sum(payload)[:12])
+	}
+	if got := <-downDone; !bytes.Equal(got, payload) {
+		t.Errorf("download across the move: %d bytes, sha %s, want %d bytes sha %s", len(got), sum(got)[:12], len(payload), sum(payload)[:12])
+	}
+
+	// The router forgets the old address's MAC: host A answers ARP for it now.
+	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
+	nc, err := l.DialTCP(ctx, lab.Client, old(9002))
+	must(t, err)
+	must(t, echo(nc, "new connection to the old address"))
+	nc.Close()
+
+	// The new address, both ways: the client sees new_ip as its peer, the VM
+	// sees the client's own address.
+	nu, err := l.DialTCP(ctx, lab.Client, netip.AddrPortFrom(lab.NewIP, 9000))
+	must(t, err)
+	if ra := nu.RemoteAddr().(*net.TCPAddr); !ra.IP.Equal(net.IP(lab.NewIP.AsSlice())) {
+		t.Errorf("client's peer %s, want %s", ra, lab.NewIP)
+	}
+	nu.Write([]byte("hello"))
+	nu.(*net.TCPConn).CloseWrite()
+	nu.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line, _ = io.ReadAll(nu)
+	nu.Close()
+	if !strings.HasPrefix(string(line), sum([]byte("hello"))+" "+lab.ClientIP.String()+":") {
+		t.Errorf("via new ip: %q", line)
+	}
+	// The VM's own new connection leaves from new_ip.
+	var seen string
+	ln, err := listenIn(l.NS(lab.Client), ":9100")
+	must(t, err)
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			seen = c.RemoteAddr().(*net.TCPAddr).IP.String()
+			c.Close()
+		}
+	}()
+	must(t, netns.Do(vm.NS, func() error {
+		c, err := net.DialTimeout("tcp", lab.ClientIP.String()+":9100", 5*time.Second)
+		if err == nil {
+			time.Sleep(200 * time.Millisecond)
+			c.Close()
+		}
+		return err
+	}))
+	if seen != lab.NewIP.String() {
+		t.Errorf("VM's outbound connection arrived from %q, want %s", seen, lab.NewIP)
+	}
+
+	ca, _ := dpA.Stats(lab.OldIP)
+	cb, _ := dpB.Stats(lab.OldIP)
+	t.Logf("host A counters: %v", nonzero(ca))
+	t.Logf("host B counters: %v", nonzero(cb))
+	if ca["encap_packets"] == 0 || ca["icmp_too_big"] == 0 || cb["decap_packets"] == 0 || cb["tunnel_back_packets"] == 0 ||
+		cb["dnat_packets"] == 0 || cb["snat_packets"] == 0 || cb["arp_replies"] == 0 {
+		t.Errorf("a path was not exercised: A %v, B %v", nonzero(ca), nonzero(cb))
+	}
+}
+
+func nonzero(c datapath.Counters) map[string]uint64 {
+	out := map[string]uint64{}
+	for k, v := range c {
+		if v != 0 {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+func listenIn(ns, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := netns.Do(ns, func() (err error) {
+		ln, err = net.Listen("tcp", addr)
+		return err
+	})
+	return ln, err
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestUserspaceFallback: where eBPF cannot load, host A proxies new
+// connections for the old address to the new one.
+func TestUserspaceFallback(t *testing.T) {
+	l := labtest.New(t, lab.Config{})
+	ctx := context.Background()
+	vm, err := l.StartNSVM(ctx)
+	must(t, err)
+	serveVM(t, vm.NS, nil)
+	// The VM moves; host B gives it its new address by plain routing (the
+	// fallback has no BPF on B either): new_ip on the VM's link, routed.
+	must(t, l.UnplugNSVM(ctx, vm))
+	_, err = l.PlugNSVM(ctx, vm)
+	must(t, err)
+	for _, s := range []struct {
+		ns   string
+		args []string
+	}{
+		{vm.NS, []string{"addr", "add", lab.NewIP.String() + "/32", "dev", "eth0"}},
+		{l.NS(lab.SiteB), []string{"route", "add", lab.NewIP.String() + "/32", "dev", vm.Tap}},
+		{vm.NS, []string{"route", "replace", "default", "dev", "eth0", "src", lab.NewIP.String()}},
+	} {
+		_, err := netns.Run(ctx, s.ns, "ip", s.args...)
+		must(t, err)
+	}
+	// Host B answers the VM's on-link ARP for everything it routes.
+	_, err = netns.Run(ctx, l.NS(lab.SiteB), "sysctl", "-qw", "net.ipv4.conf."+vm.Tap+".proxy_arp=1")
+	must(t, err)
+	must(t, netns.Do(l.NS(lab.SiteB), func() error { return datapath.ProxyARP(lab.LANIf(lab.SiteB), lab.NewIP, true) }))
+	// Host A takes the old address and proxies.
+	_, err = netns.Run(ctx, l.NS(lab.SiteA), "ip", "addr", "add", lab.OldIP.String()+"/32", "dev", "lo")
+	must(t, err)
+	var p *userspace.Proxy
+	must(t, netns.Do(l.NS(lab.SiteA), func() (err error) {
+		p, err = userspace.Start(userspace.Config{OldIP: lab.OldIP, NewIP: lab.NewIP, TCPPorts: []uint16{9002}, Dial: l.Dialer(lab.SiteA)})
+		return err
+	}))
+	defer p.Close()
+	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
+	c, err := l.DialTCP(ctx, lab.Client, netip.AddrPortFrom(lab.OldIP, 9002))
+	must(t, err)
+	defer c.Close()
+	must(t, echo(c, "through the userspace proxy"))
+	if p.Stats.TCPConns.Load() != 1 {
+		t.Errorf("proxy counted %d connections", p.Stats.TCPConns.Load())
+	}
+}
