@@ -144,6 +144,45 @@ func caps(m map[string]bool) map[string]any {
 	return map[string]any{"capabilities": list}
 }
 
+// ConnectSource connects to the source QEMU and, with TLS, gives it the
+// migration's client credentials (TLSObject), which the disk mirror's NBD
+// connection uses too. Idempotent.
+func (d *Driver) ConnectSource(ctx context.Context) error {
+	if d.src != nil {
+		return nil
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	mon, err := Dial(dctx, d.cfg.SourceQMP)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	if d.cfg.TLS != nil {
+		if err := writePSK(d.cfg.TLS.SourceDir, d.cfg.TLS); err != nil {
+			mon.Close()
+			return err
+		}
+		// A leftover from an earlier attempt would make object-add fail.
+		_ = mon.Execute(ctx, "object-del", map[string]any{"id": tlsID}, nil)
+		if err := mon.Execute(ctx, "object-add", map[string]any{"qom-type": "tls-creds-psk", "id": tlsID,
+			"dir": d.cfg.TLS.SourceDir, "endpoint": "client", "username": d.cfg.TLS.Username}, nil); err != nil {
+			mon.Close()
+			return err
+		}
+	}
+	d.src = mon
+	return nil
+}
+
+// TLSObject names the TLS credentials object both QEMUs hold once
+// ConnectSource and PrepareDestination ran ("" without TLS).
+func (d *Driver) TLSObject() string {
+	if d.cfg.TLS == nil {
+		return ""
+	}
+	return tlsID
+}
+
 // queryMigrate is the part of QEMU's query-migrate reply vmhop reads.
 type queryMigrate struct {
 	Status           string `json:"status"`
@@ -181,14 +220,8 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 	if d.dst == nil {
 		return res, errors.New("migrate: destination not prepared")
 	}
-	if d.src == nil {
-		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		mon, err := Dial(dctx, d.cfg.SourceQMP)
-		cancel()
-		if err != nil {
-			return res, fmt.Errorf("migrate: source: %w", err)
-		}
-		d.src = mon
+	if err := d.ConnectSource(ctx); err != nil {
+		return res, fmt.Errorf("migrate: %w", err)
 	}
 	// Commands that must reach QEMU even when ctx is cancelled.
 	bg := context.Background()
@@ -201,15 +234,6 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 		params["multifd-channels"] = d.cfg.Multifd
 	}
 	if d.cfg.TLS != nil {
-		if err := writePSK(d.cfg.TLS.SourceDir, d.cfg.TLS); err != nil {
-			return res, fmt.Errorf("migrate: %w", err)
-		}
-		// A leftover from an earlier attempt would make object-add fail.
-		_ = d.src.Execute(bg, "object-del", map[string]any{"id": tlsID}, nil)
-		if err := d.src.Execute(ctx, "object-add", map[string]any{"qom-type": "tls-creds-psk", "id": tlsID,
-			"dir": d.cfg.TLS.SourceDir, "endpoint": "client", "username": d.cfg.TLS.Username}, nil); err != nil {
-			return res, fmt.Errorf("migrate: %w", err)
-		}
 		params["tls-creds"] = tlsID
 		params["tls-hostname"] = d.cfg.DestListen.Addr().String()
 	} else {
@@ -223,6 +247,11 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 	if err := d.src.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
 	}
+	// The MIGRATION event says "pre-switchover" the moment the source
+	// stops: polling would add up to a poll interval to the pause, and
+	// packets reaching the stopped source meanwhile are lost with it.
+	events, unsubscribe := d.src.Events()
+	defer unsubscribe()
 	start := time.Now()
 	if err := d.src.Execute(ctx, "migrate", map[string]any{"uri": "tcp:" + d.cfg.DestListen.String()}, nil); err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
@@ -239,6 +268,10 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 			return res, d.abort(fmt.Errorf("%w: destination QEMU exited during the migration", hypervisor.ErrDestinationFailed))
 		case <-d.src.Done():
 			return res, fmt.Errorf("migrate: source QMP connection lost (did the source QEMU exit?)")
+		case ev := <-events:
+			if ev.Name != "MIGRATION" {
+				continue
+			}
 		case <-tick.C:
 		}
 		var q queryMigrate
@@ -272,6 +305,10 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 			}
 		case "completed":
 			res.Total = elapsed
+			if q.Downtime == 0 { // the event can beat the final statistics
+				time.Sleep(20 * time.Millisecond)
+				_ = d.src.Execute(ctx, "query-migrate", nil, &q)
+			}
 			res.Downtime = time.Duration(q.Downtime) * time.Millisecond
 			res.Transferred = q.RAM.Transferred
 			res.Iterations = q.RAM.DirtySyncCount

@@ -53,8 +53,10 @@ func (m Machine) Args() ([]string, error) {
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-qmp", "unix:" + m.QMPSocket + ",server=on,wait=off",
 		// The disk's node name is stable so block jobs can name it.
-		"-blockdev", fmt.Sprintf("driver=file,filename=%s,node-name=file0,cache.direct=off", m.Disk),
-		"-blockdev", fmt.Sprintf("driver=%s,file=file0,node-name=disk0", format),
+		"-blockdev", fmt.Sprintf("driver=file,filename=%s,node-name=file0,cache.direct=off,discard=unmap", m.Disk),
+		// Zeros written to the disk (a mirror copying holes) become holes
+		// again, so images stay sparse and digests skip them.
+		"-blockdev", fmt.Sprintf("driver=%s,file=file0,node-name=disk0,discard=unmap,detect-zeroes=unmap", format),
 		"-device", "virtio-blk-pci,drive=disk0,id=vblk0",
 	}
 	if m.Kernel != "" {

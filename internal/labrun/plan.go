@@ -1,0 +1,113 @@
+// Package labrun runs vmhop migrations in the lab: it turns a lab, its guest
+// and a migration spec into a migrator.Plan (hosts are the lab's
+// namespaces), and measures what a client sees (Probe, Capture).
+package labrun
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/hypervisor"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+	"github.com/vmhop/vmhop/proxy/ddns"
+)
+
+// Ports the destination listens on for the memory stream and the disk mirror.
+const (
+	MigrationPort = 4444
+	NBDPort       = 10809
+)
+
+// Plan builds the plan that moves vm from site A to site B of l under spec
+// (limits, DNS, drain). The destination's tap and empty disk are created.
+func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, log *slog.Logger) (*migrator.Plan, error) {
+	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, MemMiB: vm.Machine.MemMiB, IP: vm.IP})
+	if err != nil {
+		return nil, err
+	}
+	// Same definition as the source's: only paths and the host differ.
+	dm.Append = vm.Machine.Append
+	st, err := os.Stat(vm.Machine.Disk)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Create(dm.Disk)
+	if err != nil {
+		return nil, err
+	}
+	f.Truncate(st.Size())
+	f.Close()
+	if err := l.AddTap(ctx, lab.SiteB, dm.Tap, false); err != nil {
+		return nil, err
+	}
+	key := make([]byte, 32)
+	rand.Read(key)
+	drv := qemu.New(qemu.Config{
+		SourceQMP:  vm.Machine.QMPSocket,
+		Dest:       dm,
+		DestListen: netip.AddrPortFrom(lab.HostB, MigrationPort),
+		Launcher:   l.Launcher(lab.SiteB),
+		TLS:        &qemu.PSK{Username: "vmhop", Key: key, SourceDir: l.Path("tls-a"), DestDir: l.Path("tls-b")},
+	})
+	gwMAC, err := l.RouterMAC(lab.SiteA)
+	if err != nil {
+		return nil, err
+	}
+	vmMAC, err := parseMAC(dm.MAC)
+	if err != nil {
+		return nil, err
+	}
+	p := &migrator.Plan{
+		Label:      spec.Name,
+		Source:     &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA)},
+		Dest:       &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB)},
+		Driver:     drv,
+		SourceDisk: vm.Machine.Disk,
+		DestDisk:   dm.Disk,
+		DestTap:    dm.Tap,
+		NBDListen:  netip.AddrPortFrom(lab.HostB, NBDPort),
+		Limits: hypervisor.Options{
+			Bandwidth: spec.Limits.Bandwidth, Downtime: spec.Limits.Downtime, AutoConverge: spec.Limits.AutoConverge,
+			MaxIterations: spec.Limits.MaxIterations, Deadline: spec.Limits.Deadline,
+		},
+		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
+		VMMAC: vmMAC, GatewayMAC: gwMAC,
+		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL, MaxTTLWait: 10 * time.Second,
+		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
+		Log: log,
+	}
+	keyFile := spec.DNS.TSIGKeyFile
+	if _, err := os.Stat(keyFile); err != nil {
+		keyFile = l.KeyFile() // the lab's own key when the spec's is not on this machine
+	}
+	k, err := ddns.LoadKey(keyFile)
+	if err != nil {
+		return nil, err
+	}
+	// The migrator runs where vmhopd on host A would: DNS goes from there.
+	p.DNS = &ddns.Client{Server: spec.DNS.Server, Key: k, Timeout: spec.DNS.Timeout, Dial: l.Dialer(lab.SiteA)}
+	return p, nil
+}
+
+// Cleanup removes what a plan left on the hosts (datapaths and their pins).
+func Cleanup(p *migrator.Plan) error {
+	return errors.Join(p.Source.RemoveDatapath(), p.Dest.RemoveDatapath())
+}
+
+func parseMAC(s string) (net.HardwareAddr, error) {
+	m, err := net.ParseMAC(s)
+	if err != nil {
+		return nil, fmt.Errorf("vm mac: %w", err)
+	}
+	return m, nil
+}

@@ -1,0 +1,166 @@
+package labrun
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/lab"
+)
+
+// Probe is a client in the lab's client namespace that keeps one TCP
+// connection to the guest's echo service and sends a small request every
+// Interval; it records when each answer came back. Where the connection
+// breaks (freeze-and-copy), it reconnects to Resolve()'s address, as a
+// client following DNS would.
+type Probe struct {
+	L        *lab.Lab
+	Target   netip.AddrPort
+	Interval time.Duration
+	// Resolve, if set, gives the address to reconnect to after a failure.
+	Resolve func(context.Context) (netip.Addr, error)
+
+	mu          sync.Mutex
+	sent, got   int
+	replies     []time.Time
+	reconnects  int
+	firstFailAt time.Time
+}
+
+// Run probes until ctx ends.
+func (p *Probe) Run(ctx context.Context) {
+	target := p.Target
+	for ctx.Err() == nil {
+		c, err := p.L.DialTCP(ctx, lab.Client, target)
+		if err != nil {
+			time.Sleep(50 * time.Millisecond)
+			if p.Resolve != nil {
+				if a, err := p.Resolve(ctx); err == nil {
+					target = netip.AddrPortFrom(a, target.Port())
+				}
+			}
+			continue
+		}
+		p.session(ctx, c)
+		c.Close()
+		if ctx.Err() == nil {
+			p.mu.Lock()
+			p.reconnects++
+			p.mu.Unlock()
+		}
+	}
+}
+
+func (p *Probe) session(ctx context.Context, c net.Conn) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 8)
+		for {
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			if _, err := io.ReadFull(c, buf); err != nil {
+				var ne net.Error
+				if ok := asNetErr(err, &ne); ok && ne.Timeout() && ctx.Err() == nil {
+					continue // a long pause is what we measure, not a failure
+				}
+				return
+			}
+			p.mu.Lock()
+			p.got++
+			p.replies = append(p.replies, time.Now())
+			p.mu.Unlock()
+		}
+	}()
+	t := time.NewTicker(p.Interval)
+	defer t.Stop()
+	var seq uint64
+	for {
+		select {
+		case <-ctx.Done():
+			// Stop asking; let the answers in flight arrive.
+			for i := 0; i < 100; i++ {
+				p.mu.Lock()
+				all := p.got >= p.sent
+				p.mu.Unlock()
+				if all {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			c.Close()
+			<-done
+			return
+		case <-done:
+			return
+		case <-t.C:
+		}
+		seq++
+		b := binary.BigEndian.AppendUint64(nil, seq)
+		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		if _, err := c.Write(b); err != nil {
+			c.Close()
+			<-done
+			return
+		}
+		p.mu.Lock()
+		p.sent++
+		p.mu.Unlock()
+	}
+}
+
+func asNetErr(err error, ne *net.Error) bool {
+	e, ok := err.(net.Error)
+	if ok {
+		*ne = e
+	}
+	return ok
+}
+
+// Disruption summarises gaps in a series of arrival times.
+type Disruption struct {
+	Worst    []Gap         // the longest gaps, longest first (at most 5)
+	Total    time.Duration // sum over gaps longer than Threshold of (gap - interval)
+	Longest  time.Duration
+	Gaps     int // gaps longer than Threshold
+	Samples  int
+	Interval time.Duration
+	// Threshold: shorter gaps are jitter, not disruption.
+	Threshold time.Duration
+}
+
+// Gaps computes the disruption of arrivals expected every interval.
+func Gaps(arrivals []time.Time, interval time.Duration) Disruption {
+	d := Disruption{Samples: len(arrivals), Interval: interval, Threshold: 3 * interval}
+	sort.Slice(arrivals, func(i, j int) bool { return arrivals[i].Before(arrivals[j]) })
+	var all []Gap
+	for i := 1; i < len(arrivals); i++ {
+		g := arrivals[i].Sub(arrivals[i-1])
+		d.Longest = max(d.Longest, g)
+		if g > d.Threshold {
+			d.Gaps++
+			d.Total += g - interval
+			all = append(all, Gap{Start: arrivals[i-1], Length: g})
+		}
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].Length > all[j].Length })
+	d.Worst = all[:min(5, len(all))]
+	return d
+}
+
+// Result returns the probe's counts and its disruption.
+func (p *Probe) Result() (sent, got, reconnects int, d Disruption) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sent, p.got, p.reconnects, Gaps(append([]time.Time(nil), p.replies...), p.Interval)
+}
+
+// Gap is a stretch without arrivals.
+type Gap struct {
+	Start  time.Time
+	Length time.Duration
+}

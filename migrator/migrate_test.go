@@ -1,0 +1,224 @@
+package migrator_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/internal/guest"
+	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/internal/lab/labtest"
+	"github.com/vmhop/vmhop/internal/labrun"
+	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/hypervisor"
+)
+
+func TestMain(m *testing.M) {
+	lab.RunChild()
+	os.Exit(m.Run())
+}
+
+func spec(t *testing.T) *config.Migration {
+	t.Helper()
+	m, err := config.LoadMigration("../configs/lab-migration.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func setup(t *testing.T) (*lab.Lab, *lab.VM, *migrator.Plan) {
+	t.Helper()
+	labtest.RequireTools(t, "tcpdump")
+	l := labtest.New(t, lab.Config{})
+	ctx := context.Background()
+	vm, err := l.StartVM(ctx, lab.VMConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitGuest(ctx, vm.IP, 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	p, err := labrun.Plan(ctx, l, vm, spec(t), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { labrun.Cleanup(p) })
+	return l, vm, p
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) { w.t.Log(string(b)); return len(b), nil }
+
+func verify(t *testing.T, l *lab.Lab, from string, ip netip.Addr, acked uint64) guest.Report {
+	t.Helper()
+	resp, err := l.HTTPClient(from).Get("http://" + ip.String() + "/verify?acked=" + strconv.FormatUint(acked, 10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var rep guest.Report
+	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+		t.Fatal(err)
+	}
+	return rep
+}
+
+func svcA(t *testing.T, l *lab.Lab) string {
+	t.Helper()
+	r, err := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA)
+	if err != nil || len(r.Answer) != 1 {
+		t.Fatalf("svc: %v %v", r, err)
+	}
+	return r.Answer[0].(*dns.A).A.String()
+}
+
+// TestMigration moves the lab guest, with its disk writer running and a
+// client talking to it, from site A to site B, and checks everything a user
+// would: the client's connection never broke, the guest did not reboot,
+// every acknowledged disk write is on the destination disk, DNS points at
+// the new address, both addresses reach the VM.
+func TestMigration(t *testing.T) {
+	l, vm, p := setup(t)
+	ctx := context.Background()
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	probe := &labrun.Probe{L: l, Target: netip.AddrPortFrom(lab.OldIP, 7), Interval: 10 * time.Millisecond}
+	pctx, stopProbe := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { probe.Run(pctx); close(done) }()
+	time.Sleep(time.Second)
+
+	migStart := time.Now()
+	rep, err := migrator.Run(ctx, p)
+	if err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	for _, ph := range rep.Phases {
+		t.Logf("phase %-14s %s", ph.Name, ph.Duration.Round(time.Millisecond))
+	}
+	t.Logf("total %s, pause %s (hook %s), disk %d MiB mirrored, digest %s (read %d MiB), redirected %v",
+		rep.Total.Round(time.Millisecond), rep.Pause, rep.Runtime.Hook.Round(time.Millisecond), rep.DiskBytes>>20,
+		rep.Digest, rep.DigestRead>>20, rep.Redirected)
+	if !rep.DigestMatch {
+		t.Fatal("digests did not match")
+	}
+	time.Sleep(2 * time.Second)
+	stopProbe()
+	<-done
+	sent, got, reconnects, d := probe.Result()
+	t.Logf("probe: %d sent, %d answered, %d reconnects; disruption %s in %d gaps, longest %s", sent, got, reconnects, d.Total, d.Gaps, d.Longest)
+	for _, g := range d.Worst {
+		t.Logf("  gap %s at %s into the migration", g.Length.Round(time.Millisecond), g.Start.Sub(migStart).Round(time.Millisecond))
+	}
+	if reconnects != 0 || got != sent {
+		t.Errorf("client connection broke: %d reconnects, %d of %d answered", reconnects, got, sent)
+	}
+
+	after, err := l.GuestStatus(ctx, lab.Client, lab.NewIP)
+	if err != nil {
+		t.Fatalf("guest via new ip: %v", err)
+	}
+	if after.BootID != before.BootID || after.Counter <= before.Counter || after.DiskErrors != 0 {
+		t.Fatalf("guest after: %+v, before: %+v", after, before)
+	}
+	if _, err := l.GuestStatus(ctx, lab.Client, lab.OldIP); err != nil {
+		t.Fatalf("guest via old ip after the move: %v", err)
+	}
+	if r := verify(t, l, lab.Client, lab.NewIP, after.DiskAcked); !r.OK() || r.Checked == 0 {
+		t.Fatalf("disk records at site B: %+v", r)
+	}
+	if got := svcA(t, l); got != lab.NewIP.String() {
+		t.Fatalf("svc.example. = %s, want %s", got, lab.NewIP)
+	}
+	// The old host no longer runs the VM.
+	if pids, _ := os.ReadFile(vm.Machine.PidFile); len(pids) > 0 {
+		pid, _ := strconv.Atoi(string(pids[:len(pids)-1]))
+		if syscall.Kill(pid, 0) == nil {
+			time.Sleep(2 * time.Second)
+			if syscall.Kill(pid, 0) == nil {
+				t.Errorf("source QEMU %d still running", pid)
+			}
+		}
+	}
+
+	// Drain: the probe stopped, so old flows are idle; the redirect goes.
+	p.DrainIdle = time.Second
+	if took, err := migrator.Drain(ctx, p); err != nil || took > 10*time.Second {
+		t.Fatalf("drain: %v after %s", err, took)
+	}
+	if _, err := l.GuestStatus(ctx, lab.Client, lab.NewIP); err != nil {
+		t.Fatalf("guest via new ip after drain: %v", err)
+	}
+}
+
+// TestFailedMigrationLeavesSourceRunning: the destination dies during the
+// memory copy; the VM must keep running on the source with its disk intact,
+// DNS unchanged, and no redirect left.
+func TestFailedMigrationLeavesSourceRunning(t *testing.T) {
+	l, vm, p := setup(t)
+	ctx := context.Background()
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	progress := make(chan hypervisor.Progress, 100)
+	p.Progress = progress
+	go func() {
+		for pr := range progress {
+			if pr.Transferred > 16<<20 {
+				b, _ := os.ReadFile(l.Path("vm-siteB.pid"))
+				pid, _ := strconv.Atoi(string(b[:max(0, len(b)-1)]))
+				if pid > 0 {
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+				return
+			}
+		}
+	}()
+	_, err = migrator.Run(ctx, p)
+	close(progress)
+	if !errors.Is(err, hypervisor.ErrDestinationFailed) {
+		t.Fatalf("err = %v, want destination failure", err)
+	}
+	t.Logf("failed as expected: %v", err)
+	s, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil || s.BootID != before.BootID || s.DiskErrors != 0 {
+		t.Fatalf("source guest after failure: %+v, %v", s, err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	s2, _ := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if s2.DiskAcked <= s.DiskAcked {
+		t.Errorf("source guest's disk writer stalled: %d then %d", s.DiskAcked, s2.DiskAcked)
+	}
+	if r := verify(t, l, lab.Client, vm.IP, s2.DiskAcked); !r.OK() {
+		t.Fatalf("source disk after failure: %+v", r)
+	}
+	if got := svcA(t, l); got != lab.OldIP.String() {
+		t.Fatalf("DNS changed by a failed migration: %s", got)
+	}
+	r, _ := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA)
+	if ttl := r.Answer[0].Header().Ttl; ttl != 300 {
+		t.Errorf("TTL after failed migration %d, want the original 300", ttl)
+	}
+	// No redirect is left on host A: its counters show nothing redirected.
+	if dp, err := p.Source.Datapath(); err == nil {
+		if c, err := dp.Stats(lab.OldIP); err == nil && c["encap_packets"] != 0 {
+			t.Errorf("packets were redirected during a failed migration: %v", c)
+		}
+	}
+}

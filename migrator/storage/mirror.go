@@ -1,0 +1,226 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/units"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+)
+
+// Mirror copies a running QEMU VM's disk to the destination QEMU with QEMU's
+// own dirty tracking: the destination exports its (empty) disk over NBD,
+// the source mirrors into it. The bulk copy runs while the guest runs;
+// once it is done ("ready"), every guest write is copied before it
+// completes (copy-mode write-blocking), so at the pause nothing is left but
+// the writes in flight, and Complete is proportional to them, not to the
+// disk size. NBD uses the migration's TLS credentials.
+type Mirror struct {
+	Src, Dst *qemu.Monitor
+	// Node is the disk's node name in both QEMUs (qemu.Machine uses "disk0").
+	Node string
+	// Listen is where the destination serves NBD (host B's WAN address).
+	Listen netip.AddrPort
+	// TLS names the credentials object both QEMUs hold; "" is plaintext.
+	TLS string
+	// Speed caps the bulk copy; 0 is unlimited.
+	Speed units.Bitrate
+
+	started, exported, targetAdded bool
+}
+
+const (
+	mirrorJob  = "vmhop-mirror"
+	mirrorNode = "vmhop-mirror-target"
+	exportID   = "vmhop-export"
+)
+
+// Progress is the mirror's state.
+type Progress struct {
+	Done, Total uint64 // bytes
+	Ready       bool   // bulk copy done; writes are mirrored synchronously
+	Rate        float64
+}
+
+// Start exports the destination disk and starts mirroring into it.
+func (m *Mirror) Start(ctx context.Context) error {
+	nbd := map[string]any{"addr": map[string]any{"type": "inet", "data": map[string]any{
+		"host": m.Listen.Addr().String(), "port": strconv.Itoa(int(m.Listen.Port()))}}}
+	if m.TLS != "" {
+		nbd["tls-creds"] = m.TLS
+	}
+	if err := m.Dst.Execute(ctx, "nbd-server-start", nbd, nil); err != nil {
+		return fmt.Errorf("mirror: %w", err)
+	}
+	m.exported = true
+	if err := m.Dst.Execute(ctx, "block-export-add", map[string]any{"type": "nbd", "id": exportID,
+		"node-name": m.Node, "name": m.Node, "writable": true}, nil); err != nil {
+		return fmt.Errorf("mirror: %w", err)
+	}
+	target := map[string]any{"driver": "nbd", "node-name": mirrorNode, "export": m.Node,
+		"server": map[string]any{"type": "inet", "host": m.Listen.Addr().String(), "port": strconv.Itoa(int(m.Listen.Port()))}}
+	if m.TLS != "" {
+		target["tls-creds"] = m.TLS
+	}
+	if err := m.Src.Execute(ctx, "blockdev-add", target, nil); err != nil {
+		return fmt.Errorf("mirror: %w", err)
+	}
+	m.targetAdded = true
+	args := map[string]any{"job-id": mirrorJob, "device": m.Node, "target": mirrorNode, "sync": "full",
+		"copy-mode": "write-blocking", "auto-dismiss": false}
+	if m.Speed > 0 {
+		args["speed"] = m.Speed.BytesPerSecond()
+	}
+	if err := m.Src.Execute(ctx, "blockdev-mirror", args, nil); err != nil {
+		return fmt.Errorf("mirror: %w", err)
+	}
+	m.started = true
+	return nil
+}
+
+type blockJob struct {
+	Device string `json:"device"`
+	Len    uint64 `json:"len"`
+	Offset uint64 `json:"offset"`
+	Ready  bool   `json:"ready"`
+	Status string `json:"status"`
+	Speed  uint64 `json:"speed"`
+	Busy   bool   `json:"busy"`
+	Error  string `json:"error"`
+}
+
+func (m *Mirror) job(ctx context.Context) (*blockJob, error) {
+	var jobs []blockJob
+	if err := m.Src.Execute(ctx, "query-block-jobs", nil, &jobs); err != nil {
+		return nil, err
+	}
+	for i := range jobs {
+		if jobs[i].Device == mirrorJob {
+			return &jobs[i], nil
+		}
+	}
+	return nil, nil
+}
+
+// WaitReady waits for the bulk copy to finish, reporting progress.
+func (m *Mirror) WaitReady(ctx context.Context, progress func(Progress)) error {
+	start := time.Now()
+	for {
+		j, err := m.job(ctx)
+		if err != nil {
+			return fmt.Errorf("mirror: %w", err)
+		}
+		if j == nil {
+			return fmt.Errorf("mirror: job vanished")
+		}
+		if j.Error != "" || j.Status == "concluded" || j.Status == "aborting" {
+			return fmt.Errorf("mirror: job %s: %s", j.Status, j.Error)
+		}
+		if progress != nil {
+			progress(Progress{Done: j.Offset, Total: j.Len, Ready: j.Ready,
+				Rate: float64(j.Offset) * 8 / time.Since(start).Seconds()})
+		}
+		if j.Ready {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// WaitSynced waits until the mirror has no copy in progress and nothing
+// left to copy (up to 2 s): with the source paused and drained, the
+// destination then holds the same bytes.
+func (m *Mirror) WaitSynced(ctx context.Context) error {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		j, err := m.job(ctx)
+		if err != nil {
+			return fmt.Errorf("mirror: %w", err)
+		}
+		if j == nil || !j.Ready {
+			return fmt.Errorf("mirror: not ready at the pause")
+		}
+		if j.Offset == j.Len && !j.Busy {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("mirror: %d bytes still to copy at the pause", j.Len-j.Offset)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// Complete ends the mirror once the VM runs at the destination: cancelling
+// a ready mirror leaves the destination an exact copy; then the NBD
+// connection and export are taken down (source side first, as QEMU wants).
+func (m *Mirror) Complete(ctx context.Context) error {
+	if err := m.Src.Execute(ctx, "block-job-cancel", map[string]any{"device": mirrorJob}, nil); err != nil {
+		return fmt.Errorf("mirror: complete: %w", err)
+	}
+	for {
+		j, err := m.job(ctx)
+		if err != nil {
+			return fmt.Errorf("mirror: complete: %w", err)
+		}
+		if j == nil || j.Status == "concluded" {
+			if j != nil && j.Error != "" {
+				return fmt.Errorf("mirror: complete: %s", j.Error)
+			}
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	_ = m.Src.Execute(ctx, "job-dismiss", map[string]any{"id": mirrorJob}, nil)
+	m.started = false
+	return m.teardown(ctx)
+}
+
+// Abort stops the mirror (the source disk is untouched) and removes the export.
+func (m *Mirror) Abort(ctx context.Context) error {
+	if m.started {
+		_ = m.Src.Execute(ctx, "block-job-cancel", map[string]any{"device": mirrorJob, "force": true}, nil)
+		for i := 0; i < 500; i++ {
+			j, err := m.job(ctx)
+			if err != nil || j == nil || j.Status == "concluded" {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		_ = m.Src.Execute(ctx, "job-dismiss", map[string]any{"id": mirrorJob}, nil)
+		m.started = false
+	}
+	return m.teardown(ctx)
+}
+
+func (m *Mirror) teardown(ctx context.Context) error {
+	var first error
+	if m.targetAdded {
+		if err := m.Src.Execute(ctx, "blockdev-del", map[string]any{"node-name": mirrorNode}, nil); err != nil && first == nil {
+			first = err
+		}
+		m.targetAdded = false
+	}
+	if m.exported {
+		// The source has let go; "hard" closes the NBD connection the
+		// server may still be tearing down instead of failing "in use".
+		if err := m.Dst.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && first == nil {
+			first = err
+		}
+		if err := m.Dst.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil {
+			first = err
+		}
+		m.exported = false
+	}
+	return first
+}
