@@ -48,10 +48,12 @@ guest: $(GUEST_DIR)/initrd.img
 $(GUEST_DIR)/initrd.img: $(GUEST_SRC) go.mod
 	internal/guest/image/build.sh $(GUEST_DIR)
 
-# The main job in the lab (root): build the lab, boot the guest at site A.
+# The main job in the lab (root): build the lab, boot the guest at site A,
+# migrate it to site B while a client probes it, print the disruption report.
 demo: build guest
 	bin/vmhop lab up --name demo
 	bin/vmhop lab vm start --name demo
+	bin/vmhop migrate -f configs/lab-migration.yaml --lab demo
 	bin/vmhop lab status
 
 demo-down:

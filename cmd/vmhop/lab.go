@@ -166,7 +166,7 @@ func printLab(w io.Writer, l *lab.Lab) {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\tip netns exec %s bash%s\n", h, addr, link, l.NS(h), state)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "  VM addresses: old %s (site A), new %s (site B); DNS %s -> %s at %s; TSIG key %s\n",
+	fmt.Fprintf(w, "  VM addresses: old %s (site A), new %s (site B); DNS name %s (was %s) served by %s; TSIG key %s\n",
 		lab.OldIP, lab.NewIP, lab.SvcName, lab.OldIP, lab.DNSIP, l.KeyFile())
 	for _, vm := range l.State.VMs {
 		alive := "running"

@@ -24,7 +24,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newConfigCmd(), newDNSCmd(), newLabCmd())
+	root.AddCommand(newMigrateCmd(), newConfigCmd(), newDNSCmd(), newLabCmd())
 	if err := root.Execute(); err != nil {
 		if !errors.Is(err, errSilent) {
 			fmt.Fprintln(os.Stderr, "vmhop:", err)

@@ -3,6 +3,7 @@ package lab
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
@@ -30,6 +31,9 @@ type VMConfig struct {
 	IP       netip.Addr     // default OldIP; the guest keeps it wherever it runs
 	Gateway  netip.Addr     // default GatewayA
 	Rate     float64        // disk records per second; default 20, negative disables
+	// Prefill writes this many bytes of random data into the image after the
+	// guest's record log before boot: a disk with content worth copying.
+	Prefill units.ByteSize
 	// Incoming starts a migration destination (-incoming defer) whose tap is
 	// not yet on the bridge: frames seen before switchover would be replayed
 	// into the guest on resume. The disk must exist (the migrator fills it).
@@ -121,6 +125,14 @@ func (l *Lab) StartVM(ctx context.Context, c VMConfig) (*VM, error) {
 		if err := createDisk(ctx, m.Disk, c.Format, c.DiskSize); err != nil {
 			return nil, err
 		}
+		if c.Prefill > 0 && c.Format != "raw" {
+			return nil, fmt.Errorf("prefill: raw images only, not %q", c.Format)
+		}
+		if c.Prefill > 0 {
+			if err := prefill(m.Disk, int64(guest.DefaultAgentConfig().Log.Slots)*guest.RecordSize, int64(c.Prefill)); err != nil {
+				return nil, err
+			}
+		}
 	}
 	if err := l.AddTap(ctx, c.Host, m.Tap, !c.Incoming); err != nil {
 		return nil, err
@@ -150,6 +162,24 @@ func (l *Lab) StartVM(ctx context.Context, c VMConfig) (*VM, error) {
 	vm := &VM{Name: c.Name, Host: c.Host, IP: c.IP, Machine: m, Pid: pid}
 	l.State.VMs[m.Name] = vm
 	return vm, l.save()
+}
+
+// prefill writes n random bytes to the raw image at path from offset off.
+func prefill(path string, off, n int64) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, 4<<20)
+	for done := int64(0); done < n; done += int64(len(buf)) {
+		rand.Read(buf)
+		k := min(int64(len(buf)), n-done)
+		if _, err := f.WriteAt(buf[:k], off+done); err != nil {
+			return fmt.Errorf("prefill %s: %w", path, err)
+		}
+	}
+	return f.Sync()
 }
 
 func createDisk(ctx context.Context, path, format string, size units.ByteSize) error {
@@ -325,4 +355,19 @@ func CopyDisk(ctx context.Context, from, to string) error {
 		return fmt.Errorf("copy disk: %w: %s", err, out)
 	}
 	return nil
+}
+
+// MoveVM records that the VM named from (a Machine name) now runs as dest on host.
+func (l *Lab) MoveVM(from string, dest qemu.Machine, host string) error {
+	old, ok := l.State.VMs[from]
+	if !ok {
+		return fmt.Errorf("no vm %q in lab %s", from, l.Name)
+	}
+	delete(l.State.VMs, from)
+	pid := 0
+	if b, err := os.ReadFile(dest.PidFile); err == nil {
+		pid, _ = strconv.Atoi(string(bytes.TrimSpace(b)))
+	}
+	l.State.VMs[dest.Name] = &VM{Name: old.Name, Host: host, IP: old.IP, Machine: dest, Pid: pid}
+	return l.save()
 }

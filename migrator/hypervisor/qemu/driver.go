@@ -443,6 +443,9 @@ func (d *Driver) Close() error {
 	return nil
 }
 
+// DestMachine is the destination's definition as started.
+func (d *Driver) DestMachine() Machine { return d.cfg.Dest }
+
 // Source returns the source monitor once Migrate has connected (for status checks).
 func (d *Driver) Source() *Monitor { return d.src }
 
