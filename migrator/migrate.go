@@ -27,12 +27,15 @@ import (
 type Plan struct {
 	Label        string // for logs
 	Source, Dest *Host
-	Driver       *qemu.Driver // prepared with the destination machine and launcher
-	SourceDisk   string       // the source image, for the digest
-	DestDisk     string       // the destination image (created empty, same size)
-	DestTap      string       // the destination VM's tap on Dest
-	NBDListen    netip.AddrPort
-	Limits       hypervisor.Options
+	Driver       *qemu.Driver   // prepared with the destination machine and launcher
+	SourceDisk   string         // the source image, for the digest
+	DestDisk     string         // the destination image (created empty, same size)
+	DestTap      string         // the destination VM's tap on Dest
+	NBDListen    netip.AddrPort // where the destination QEMU serves the disk
+	// Relay, if set, carries the NBD connection (NBDListen is then local to
+	// the destination); nil connects the QEMUs directly with their TLS.
+	Relay  *storage.Relay
+	Limits hypervisor.Options
 
 	OldIP, NewIP, Gateway netip.Addr
 	VMMAC, GatewayMAC     net.HardwareAddr
@@ -153,6 +156,9 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	if err := r.step(ctx, "disk-release", r.mirror.Complete); err != nil {
 		p.Log.Warn("mirror teardown", "err", err)
 	}
+	if p.Relay != nil {
+		p.Relay.Close()
+	}
 	if p.DNS != nil {
 		if err := r.step(ctx, "dns-flip", r.dnsFlip); err != nil {
 			return r.rep, err
@@ -240,6 +246,13 @@ func (r *run) diskBulk(ctx context.Context) error {
 	// sparse disk would crawl; the WAN is the limit.
 	r.mirror = &storage.Mirror{Src: p.Driver.Source(), Dst: p.Driver.Destination(), Node: "disk0",
 		Listen: p.NBDListen, TLS: p.Driver.TLSObject()}
+	if p.Relay != nil {
+		if err := p.Relay.Start(ctx); err != nil {
+			return err
+		}
+		r.onFailure(func(context.Context) error { return p.Relay.Close() })
+		r.mirror.SourceSocket, r.mirror.TLS = p.Relay.SourceSock, ""
+	}
 	if err := r.mirror.Start(ctx); err != nil {
 		r.mirror.Abort(context.Background())
 		return err

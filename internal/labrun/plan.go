@@ -16,9 +16,11 @@ import (
 
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor"
 	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
@@ -75,7 +77,19 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		SourceDisk: vm.Machine.Disk,
 		DestDisk:   dm.Disk,
 		DestTap:    dm.Tap,
-		NBDListen:  netip.AddrPortFrom(lab.HostB, NBDPort),
+		// The destination serves NBD on its loopback; the relay carries it
+		// over the WAN (see storage.Relay).
+		NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
+		Relay: &storage.Relay{
+			DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
+			ListenDest: func(network, addr string) (ln net.Listener, err error) {
+				err = netns.Do(l.NS(lab.SiteB), func() (err error) { ln, err = net.Listen(network, addr); return err })
+				return ln, err
+			},
+			DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
+			DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
+			SourceSock: l.Path("nbd-relay.sock"),
+		},
 		Limits: hypervisor.Options{
 			Bandwidth: spec.Limits.Bandwidth, Downtime: spec.Limits.Downtime, AutoConverge: spec.Limits.AutoConverge,
 			MaxIterations: spec.Limits.MaxIterations, Deadline: spec.Limits.Deadline,

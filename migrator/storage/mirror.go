@@ -22,8 +22,12 @@ type Mirror struct {
 	Src, Dst *qemu.Monitor
 	// Node is the disk's node name in both QEMUs (qemu.Machine uses "disk0").
 	Node string
-	// Listen is where the destination serves NBD (host B's WAN address).
+	// Listen is where the destination serves NBD: host B's WAN address, or
+	// a local one when a Relay carries the connection.
 	Listen netip.AddrPort
+	// SourceSocket, if set, is the unix socket the source connects to
+	// instead of Listen (a Relay's source end).
+	SourceSocket string
 	// TLS names the credentials object both QEMUs hold; "" is plaintext.
 	TLS string
 	// Speed caps the bulk copy; 0 is unlimited.
@@ -60,8 +64,11 @@ func (m *Mirror) Start(ctx context.Context) error {
 		"node-name": m.Node, "name": m.Node, "writable": true}, nil); err != nil {
 		return fmt.Errorf("mirror: %w", err)
 	}
-	target := map[string]any{"driver": "nbd", "node-name": mirrorNode, "export": m.Node,
-		"server": map[string]any{"type": "inet", "host": m.Listen.Addr().String(), "port": strconv.Itoa(int(m.Listen.Port()))}}
+	server := map[string]any{"type": "inet", "host": m.Listen.Addr().String(), "port": strconv.Itoa(int(m.Listen.Port()))}
+	if m.SourceSocket != "" {
+		server = map[string]any{"type": "unix", "path": m.SourceSocket}
+	}
+	target := map[string]any{"driver": "nbd", "node-name": mirrorNode, "export": m.Node, "server": server}
 	if m.TLS != "" {
 		target["tls-creds"] = m.TLS
 	}
