@@ -59,6 +59,12 @@ demo: build guest
 demo-down:
 	bin/vmhop lab down --name demo
 
+# Disruption benchmark (root, ~15 min): vmhop vs freeze-and-copy, side by
+# side in one run, measured by packet capture at the lab's client.
+bench: guest
+	mkdir -p bench/results
+	$(GO) run ./bench/disruption -out bench/results/disruption.txt
+
 fuzz:
 	$(GO) test ./internal/config/ -run '^$$' -fuzz FuzzParse -fuzztime 30s -fuzzminimizetime 5s
 	$(GO) test ./proxy/ddns/ -run '^$$' -fuzz FuzzParseKey -fuzztime 30s -fuzzminimizetime 5s

@@ -54,17 +54,19 @@ type Plan struct {
 
 // Report is what a migration did, phase by phase.
 type Report struct {
-	Phases      []Phase
-	Runtime     hypervisor.Result
-	DiskBytes   uint64 // mirrored by the bulk copy
-	DigestMatch bool
-	Digest      string
-	DigestRead  int64         // bytes the digests read (holes are free)
-	Pause       time.Duration // source paused to destination running: the hypervisor's downtime
-	Total       time.Duration
-	Redirected  datapath.Counters // old host's counters for the old address at the end
-	DNSBefore   []ddns.Record
-	DNSAfter    []ddns.Record
+	Phases       []Phase
+	Runtime      hypervisor.Result
+	DiskBytes    uint64 // mirrored by the bulk copy
+	DigestMatch  bool
+	Digest       string
+	DigestRead   int64         // bytes hashed before the pause (holes are free)
+	VerifyRead   int64         // bytes hashed inside the pause
+	VerifyChunks int           // chunks re-hashed inside the pause (0: whole images)
+	Pause        time.Duration // source paused to destination running: the hypervisor's downtime
+	Total        time.Duration
+	Redirected   datapath.Counters // old host's counters for the old address at the end
+	DNSBefore    []ddns.Record
+	DNSAfter     []ddns.Record
 }
 
 // Phase is a named step and how long it took.
@@ -75,11 +77,12 @@ type Phase struct {
 }
 
 type run struct {
-	p      *Plan
-	rep    Report
-	undo   []func(context.Context) error // LIFO, run on failure
-	mirror *storage.Mirror
-	dnsPre *ddns.Result
+	p          *Plan
+	srcH, dstH *storage.Hashes // chunk hashes taken after the bulk copy (with a Relay)
+	rep        Report
+	undo       []func(context.Context) error // LIFO, run on failure
+	mirror     *storage.Mirror
+	dnsPre     *ddns.Result
 }
 
 func (r *run) step(ctx context.Context, name string, fn func(context.Context) error) error {
@@ -139,6 +142,7 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	}{
 		{"destination", r.destination},
 		{"disk-bulk", r.diskBulk},
+		{"disk-prehash", r.diskPrehash},
 	}
 	for _, s := range steps {
 		if err := r.step(ctx, s.name, s.fn); err != nil {
@@ -153,6 +157,9 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		return r.rep, err
 	}
 	committed = true // the VM runs at the destination: from here on, go forward
+	if r.srcH != nil {
+		_ = p.Driver.Source().Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": verifyBitmap}, nil)
+	}
 	if err := r.step(ctx, "disk-release", r.mirror.Complete); err != nil {
 		p.Log.Warn("mirror teardown", "err", err)
 	}
@@ -261,6 +268,118 @@ func (r *run) diskBulk(ctx context.Context) error {
 	return r.mirror.WaitReady(ctx, func(pr storage.Progress) { r.rep.DiskBytes = pr.Done })
 }
 
+const verifyBitmap = "vmhop-verify"
+
+// diskPrehash hashes both images once the bulk copy is done, so that the
+// pause only re-hashes what was written since. Two independent records of
+// what was written from here on: QEMU's dirty bitmap on the source disk
+// (counts) and the relay's log of NBD writes (locations). At the pause,
+// if they agree, only the logged chunks are re-hashed; if not, both images
+// are read whole.
+func (r *run) diskPrehash(ctx context.Context) error {
+	p := r.p
+	if p.Relay == nil {
+		return nil // the pause reads both images whole
+	}
+	src := p.Driver.Source()
+	if err := src.Execute(ctx, "block-dirty-bitmap-add", map[string]any{"node": "disk0", "name": verifyBitmap,
+		"granularity": storage.TrackGranularity}, nil); err != nil {
+		return err
+	}
+	r.onFailure(func(ctx context.Context) error {
+		return src.Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": verifyBitmap}, nil)
+	})
+	p.Relay.ResetTracking()
+	var derr error
+	done := make(chan struct{})
+	go func() { r.dstH, derr = storage.HashImage(p.DestDisk); close(done) }()
+	var err error
+	r.srcH, err = storage.HashImage(p.SourceDisk)
+	<-done
+	if err = errors.Join(err, derr); err != nil {
+		r.srcH, r.dstH = nil, nil
+		return err
+	}
+	r.rep.DigestRead = r.srcH.Read + r.dstH.Read
+	return nil
+}
+
+// verifyDisk compares the images inside the pause.
+func (r *run) verifyDisk(ctx context.Context) error {
+	p := r.p
+	src, dst := r.srcH, r.dstH
+	var chunks []int64
+	if src != nil {
+		written, followed := p.Relay.Written()
+		count, err := dirtyCount(ctx, p.Driver, verifyBitmap)
+		if err == nil && followed && count == uint64(len(written))*storage.TrackGranularity {
+			last := int64(-1)
+			for _, c := range written {
+				if ch := int64(c * storage.TrackGranularity / storage.DigestChunk); ch != last {
+					chunks, last = append(chunks, ch), ch
+				}
+			}
+		} else {
+			p.Log.Warn("disk verify: reading both images whole", "relay_followed", followed,
+				"relay_clusters", len(written), "qemu_dirty_bytes", count, "err", err)
+			src = nil
+		}
+	}
+	if src == nil { // no pre-hash, or the records disagree: hash everything
+		var err error
+		var derr error
+		done := make(chan struct{})
+		go func() { dst, derr = storage.HashImage(p.DestDisk); close(done) }()
+		src, err = storage.HashImage(p.SourceDisk)
+		<-done
+		if err = errors.Join(err, derr); err != nil {
+			return err
+		}
+		r.rep.VerifyRead = src.Read + dst.Read
+	} else {
+		before := src.Read + dst.Read
+		var derr error
+		done := make(chan struct{})
+		go func() { derr = dst.Update(chunks); close(done) }()
+		err := src.Update(chunks)
+		<-done
+		if err = errors.Join(err, derr); err != nil {
+			return err
+		}
+		r.rep.VerifyRead = src.Read + dst.Read - before
+		r.rep.VerifyChunks = len(chunks)
+	}
+	s, d := src.Root(), dst.Root()
+	r.rep.Digest = fmt.Sprintf("%x", s[:8])
+	if !bytes.Equal(s, d) {
+		return fmt.Errorf("disk digest mismatch: source %x, destination %x", s[:8], d[:8])
+	}
+	r.rep.DigestMatch = true
+	return nil
+}
+
+// dirtyCount reads the byte count of a dirty bitmap on the source's disk0.
+func dirtyCount(ctx context.Context, d *qemu.Driver, name string) (uint64, error) {
+	var nodes []struct {
+		NodeName string `json:"node-name"`
+		Bitmaps  []struct {
+			Name  string `json:"name"`
+			Count uint64 `json:"count"`
+		} `json:"dirty-bitmaps"`
+	}
+	if err := d.Source().Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
+		return 0, err
+	}
+	for _, n := range nodes {
+		for _, b := range n.Bitmaps {
+			if n.NodeName == "disk0" && b.Name == name {
+				return b.Count, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("dirty bitmap %q not found", name)
+}
+
 // memory runs the live migration; the switchover hook (source paused,
 // destination not yet running) finishes the disk, proves it by digest and
 // switches the network.
@@ -283,33 +402,13 @@ func (r *run) memory(ctx context.Context) error {
 		redirectOn = true
 		// The mirror is synchronous (write-blocking) and the source drained
 		// its disk when it paused: the destination already holds every
-		// acknowledged write. No block operation runs here: QEMU 7.2 lets a
-		// paused virtio-blk pick up queued requests when a block job ends,
-		// and completes them after the device state was sent (the migrated
-		// guest then crashes on an unknown completion). The job ends after
-		// the switch instead, as libvirt does.
+		// acknowledged write, so the final delta is what is in flight, and
+		// the digests prove it. The job itself is ended after the switch,
+		// as libvirt does, keeping block-graph changes out of the pause.
 		if err := r.mirror.WaitSynced(ctx); err != nil {
 			return err
 		}
-		type dg struct {
-			sum  []byte
-			read int64
-			err  error
-		}
-		dc := make(chan dg, 1)
-		go func() { s, n, err := storage.Digest(p.DestDisk); dc <- dg{s, n, err} }()
-		src, n1, err := storage.Digest(p.SourceDisk)
-		d := <-dc
-		if err != nil || d.err != nil {
-			return errors.Join(err, d.err)
-		}
-		r.rep.DigestRead = n1 + d.read
-		r.rep.Digest = fmt.Sprintf("%x", src[:8])
-		if !bytes.Equal(src, d.sum) {
-			return fmt.Errorf("disk digest mismatch: source %x, destination %x", src[:8], d.sum[:8])
-		}
-		r.rep.DigestMatch = true
-		return nil
+		return r.verifyDisk(ctx)
 	})
 	r.rep.Runtime = res
 	r.rep.Pause = res.Downtime

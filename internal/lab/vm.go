@@ -34,6 +34,9 @@ type VMConfig struct {
 	// Prefill writes this many bytes of random data into the image after the
 	// guest's record log before boot: a disk with content worth copying.
 	Prefill units.ByteSize
+	// ExistingDisk boots from the image already at the machine's disk path
+	// (a copy made by freeze-and-copy) instead of creating one.
+	ExistingDisk bool
 	// Incoming starts a migration destination (-incoming defer) whose tap is
 	// not yet on the bridge: frames seen before switchover would be replayed
 	// into the guest on resume. The disk must exist (the migrator fills it).
@@ -121,7 +124,7 @@ func (l *Lab) StartVM(ctx context.Context, c VMConfig) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !c.Incoming {
+	if !c.Incoming && !c.ExistingDisk {
 		if err := createDisk(ctx, m.Disk, c.Format, c.DiskSize); err != nil {
 			return nil, err
 		}

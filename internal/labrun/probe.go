@@ -24,6 +24,9 @@ type Probe struct {
 	Interval time.Duration
 	// Resolve, if set, gives the address to reconnect to after a failure.
 	Resolve func(context.Context) (netip.Addr, error)
+	// GiveUp, if set, ends a connection that got no answer for this long
+	// (a client's own timeout: how it notices a server that went away).
+	GiveUp time.Duration
 
 	mu          sync.Mutex
 	sent, got   int
@@ -62,12 +65,17 @@ func (p *Probe) session(ctx context.Context, c net.Conn) {
 		defer close(done)
 		buf := make([]byte, 8)
 		for {
-			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			wait := 3 * time.Second
+			if p.GiveUp > 0 {
+				wait = p.GiveUp
+			}
+			c.SetReadDeadline(time.Now().Add(wait))
 			if _, err := io.ReadFull(c, buf); err != nil {
 				var ne net.Error
-				if ok := asNetErr(err, &ne); ok && ne.Timeout() && ctx.Err() == nil {
+				if ok := asNetErr(err, &ne); ok && ne.Timeout() && ctx.Err() == nil && p.GiveUp == 0 {
 					continue // a long pause is what we measure, not a failure
 				}
+				c.Close() // unblocks the writer
 				return
 			}
 			p.mu.Lock()
@@ -163,4 +171,14 @@ func (p *Probe) Result() (sent, got, reconnects int, d Disruption) {
 type Gap struct {
 	Start  time.Time
 	Length time.Duration
+}
+
+// LastReply is when the last answer arrived (zero if none yet).
+func (p *Probe) LastReply() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.replies) == 0 {
+		return time.Time{}
+	}
+	return p.replies[len(p.replies)-1]
 }

@@ -22,44 +22,78 @@ const DigestChunk = 1 << 20
 
 var zeroChunk = xxh3.Hash128(make([]byte, DigestChunk))
 
-// Digest hashes the logical content of the image at path (holes read as
-// zeros), so a sparse copy and a dense one of the same bytes agree. Holes
-// cost nothing: their chunk hash is known. Returns the digest and the bytes
-// actually read.
-func Digest(path string) ([]byte, int64, error) {
-	f, err := os.Open(path)
+// Hashes are an image's chunk hashes: the digest can be brought up to date
+// by re-hashing only the chunks that changed.
+type Hashes struct {
+	Path  string
+	Size  int64
+	Chunk [][16]byte
+	Read  int64 // bytes read so far (holes cost nothing)
+}
+
+// HashImage hashes every chunk of the image at path (holes read as zeros,
+// so a sparse copy and a dense one of the same bytes agree).
+func HashImage(path string) (*Hashes, error) {
+	st, err := os.Stat(path)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
+	}
+	h := &Hashes{Path: path, Size: st.Size(), Chunk: make([][16]byte, (st.Size()+DigestChunk-1)/DigestChunk)}
+	all := make([]int64, len(h.Chunk))
+	for i := range all {
+		all[i] = int64(i)
+	}
+	return h, h.Update(all)
+}
+
+// Update re-hashes the given chunks.
+func (h *Hashes) Update(chunks []int64) error {
+	f, err := os.Open(h.Path)
+	if err != nil {
+		return err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, 0, err
-	}
-	size := st.Size()
-	root := sha256.New()
-	binary.Write(root, binary.LittleEndian, size)
 	buf := make([]byte, DigestChunk)
-	var read int64
-	for off := int64(0); off < size; off += DigestChunk {
-		n := min(DigestChunk, size-off)
+	for _, c := range chunks {
+		off := c * DigestChunk
+		if c < 0 || off >= h.Size {
+			continue
+		}
+		n := min(DigestChunk, h.Size-off)
 		if hole, err := isHole(f, off, n); err == nil && hole {
-			h := zeroChunk
-			if n < DigestChunk {
-				h = xxh3.Hash128(make([]byte, n))
+			if n == DigestChunk {
+				h.Chunk[c] = zeroChunk.Bytes()
+			} else {
+				h.Chunk[c] = xxh3.Hash128(make([]byte, n)).Bytes()
 			}
-			b := h.Bytes()
-			root.Write(b[:])
 			continue
 		}
 		if _, err := f.ReadAt(buf[:n], off); err != nil && !errors.Is(err, io.EOF) {
-			return nil, read, fmt.Errorf("digest %s at %d: %w", path, off, err)
+			return fmt.Errorf("digest %s at %d: %w", h.Path, off, err)
 		}
-		read += n
-		b := xxh3.Hash128(buf[:n]).Bytes()
-		root.Write(b[:])
+		h.Read += n
+		h.Chunk[c] = xxh3.Hash128(buf[:n]).Bytes()
 	}
-	return root.Sum(nil), read, nil
+	return nil
+}
+
+// Root is the image digest: SHA-256 over the size and every chunk hash.
+func (h *Hashes) Root() []byte {
+	root := sha256.New()
+	binary.Write(root, binary.LittleEndian, h.Size)
+	for _, c := range h.Chunk {
+		root.Write(c[:])
+	}
+	return root.Sum(nil)
+}
+
+// Digest hashes the whole image at path; returns the digest and the bytes read.
+func Digest(path string) ([]byte, int64, error) {
+	h, err := HashImage(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	return h.Root(), h.Read, nil
 }
 
 // isHole reports whether [off, off+n) holds no data (SEEK_DATA finds none there).

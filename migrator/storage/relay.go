@@ -48,7 +48,16 @@ type Relay struct {
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	conns   []net.Conn
+	tracker nbdTracker
 }
+
+// ResetTracking starts recording which clusters the source writes to the
+// destination from now on.
+func (r *Relay) ResetTracking() { r.tracker.reset() }
+
+// Written returns the clusters (of TrackGranularity) written through the
+// relay since ResetTracking, and false if the stream could not be followed.
+func (r *Relay) Written() ([]uint64, bool) { return r.tracker.snapshot() }
 
 // NewKeyPair makes the per-migration certificate both ends use.
 func (r *Relay) newKeyPair() error {
@@ -125,7 +134,18 @@ func (r *Relay) serveSource() {
 		return
 	}
 	r.track(c)
-	pipe(c, r.preconn)
+	pipeTracked(c, r.preconn, &r.tracker)
+}
+
+// pipeTracked is pipe with the client-to-server half also fed to t.
+func pipeTracked(client, server net.Conn, t io.Writer) {
+	done := make(chan struct{}, 2)
+	go func() { io.Copy(server, io.TeeReader(client, t)); done <- struct{}{} }()
+	go func() { io.Copy(client, server); done <- struct{}{} }()
+	<-done
+	client.Close()
+	server.Close()
+	<-done
 }
 
 func (r *Relay) serveDest() {
