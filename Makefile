@@ -12,7 +12,7 @@ TEST_LOG ?= test.log
 
 GUEST_SRC := $(wildcard internal/guest/*.go internal/guest/image/*) cmd/vmhop-guest/main.go
 
-.PHONY: all build test unit lint generate guest demo demo-down fuzz bench clean
+.PHONY: all build test unit lint generate guest demo demo-down fuzz bench bench-datapath clean
 
 all: build
 
@@ -64,6 +64,12 @@ demo-down:
 bench: guest
 	mkdir -p bench/results
 	$(GO) run ./bench/disruption -out bench/results/disruption.txt
+
+# Datapath throughput (root, ~1 min): iperf3 over plain routing, the eBPF
+# redirect, the new address (NAT) and the userspace fallback, in one run.
+bench-datapath:
+	mkdir -p bench/results
+	$(GO) run ./bench/datapath -out bench/results/datapath.txt
 
 fuzz:
 	$(GO) test ./internal/config/ -run '^$$' -fuzz FuzzParse -fuzztime 30s -fuzzminimizetime 5s

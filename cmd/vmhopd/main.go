@@ -3,8 +3,10 @@
 // host's network-continuity datapath (eBPF/TC on Linux >= 6.6 with TCX, or
 // the userspace proxy fallback). Needs root (CAP_NET_ADMIN, CAP_BPF).
 //
-// This build validates its config and runs until SIGINT/SIGTERM; the peer
-// API and the datapath are added by the issues that build them.
+// This build loads the continuity datapath (or picks the userspace
+// fallback) and runs until SIGINT/SIGTERM, leaving the pinned datapath in
+// place so forwarding outlives a restart; -cleanup removes it. The peer API
+// that carries migrations between hosts is not built yet.
 package main
 
 import (
@@ -18,17 +20,21 @@ import (
 	"syscall"
 
 	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/proxy/datapath"
+	"github.com/vmhop/vmhop/proxy/sidecar"
 )
 
 // flags are vmhopd's command line.
 var flags struct {
-	config string // path of the vmhopd YAML config
-	check  bool   // validate the config and exit
+	config  string // path of the vmhopd YAML config
+	check   bool   // validate the config and exit
+	cleanup bool   // remove what an earlier vmhopd left (pinned maps and links) and exit
 }
 
 func main() {
 	flag.StringVar(&flags.config, "config", "/etc/vmhop/vmhopd.yaml", "vmhopd config file")
 	flag.BoolVar(&flags.check, "check", false, "validate the config file and exit")
+	flag.BoolVar(&flags.cleanup, "cleanup", false, "remove the pinned datapath an earlier vmhopd left, then exit")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "vmhopd: unexpected argument %q\n", flag.Arg(0))
@@ -54,8 +60,25 @@ func run() error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	log.Info("vmhopd started", "uplink", cfg.Uplink, "address", cfg.Address, "datapath", cfg.Datapath, "listen", cfg.Listen)
+	opts := datapath.Options{LocalIP: cfg.Address, PinDir: cfg.BPFFS}
+	if flags.cleanup {
+		dp, err := datapath.Load(opts)
+		if err != nil {
+			return fmt.Errorf("cleanup: %w", err)
+		}
+		if err := dp.Remove(); err != nil {
+			return fmt.Errorf("cleanup: %w", err)
+		}
+		log.Info("removed the pinned datapath", "pins", cfg.BPFFS)
+		return nil
+	}
+	sc, err := sidecar.Start(cfg.Datapath, opts, cfg.Uplink, log)
+	if err != nil {
+		return err
+	}
+	defer sc.Close()
+	log.Info("vmhopd started", "uplink", cfg.Uplink, "address", cfg.Address, "continuity", sc.Mode, "listen", cfg.Listen)
 	<-ctx.Done()
-	log.Info("vmhopd stopping")
+	log.Info("vmhopd stopping; the pinned datapath keeps forwarding (vmhopd -cleanup removes it)")
 	return ctx.Err()
 }

@@ -44,6 +44,7 @@ type Progress struct {
 	Iteration        uint64        // passes over memory so far
 	Throughput       float64       // bits per second
 	ExpectedDowntime time.Duration // the hypervisor's estimate of the final pause
+	Throttle         int           // percent of guest CPU taken away by auto-converge
 }
 
 func (p Progress) String() string {

@@ -511,3 +511,28 @@ func TestRestartKeepsState(t *testing.T) {
 		t.Fatalf("pins left after Remove: %v", left)
 	}
 }
+
+// TestLegacyAttach: kernels without TCX get a clsact qdisc and a
+// direct-action tc filter; Detach removes the filter.
+func TestLegacyAttach(t *testing.T) {
+	h := newTestHost(t, hostA)
+	dp, err := Load(Options{LocalIP: hostA, Legacy: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	if err := netns.Do(h.ns, func() error { return dp.Attach(Uplink, "u0") }); err != nil {
+		t.Fatal(err)
+	}
+	out, err := netns.Run(context.Background(), h.ns, "tc", "filter", "show", "dev", "u0", "ingress")
+	if err != nil || !bytes.Contains([]byte(out), []byte("vmhop-uplink")) || !bytes.Contains([]byte(out), []byte("direct-action")) {
+		t.Fatalf("tc filter after legacy attach: %q, %v", out, err)
+	}
+	if err := netns.Do(h.ns, func() error { return dp.Detach("u0") }); err != nil {
+		t.Fatal(err)
+	}
+	out, _ = netns.Run(context.Background(), h.ns, "tc", "filter", "show", "dev", "u0", "ingress")
+	if bytes.Contains([]byte(out), []byte("vmhop")) {
+		t.Fatalf("filter left after detach: %q", out)
+	}
+}

@@ -190,6 +190,7 @@ type queryMigrate struct {
 	ExpectedDowntime int64  `json:"expected-downtime"` // ms
 	Downtime         int64  `json:"downtime"`          // ms, once completed
 	ErrorDesc        string `json:"error-desc"`
+	CPUThrottle      int    `json:"cpu-throttle-percentage"`
 	RAM              struct {
 		Transferred    uint64  `json:"transferred"`
 		Remaining      uint64  `json:"remaining"`
@@ -211,6 +212,7 @@ func (q queryMigrate) progress(elapsed time.Duration) hypervisor.Progress {
 		Transferred: q.RAM.Transferred, Remaining: q.RAM.Remaining, Total: q.RAM.Total,
 		DirtyRate: q.RAM.DirtyPagesRate * ps, Iteration: q.RAM.DirtySyncCount,
 		Throughput: q.RAM.Mbps * 1e6, ExpectedDowntime: time.Duration(q.ExpectedDowntime) * time.Millisecond,
+		Throttle: q.CPUThrottle,
 	}
 }
 

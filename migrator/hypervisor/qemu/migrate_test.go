@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -301,6 +302,40 @@ func TestNonConvergingAborts(t *testing.T) {
 		t.Fatalf("err = %v, want ErrNotConverging", err)
 	}
 	t.Logf("watchdog: %v", err)
+	assertSourceRuns(t, l, d, vm)
+	d.AbortDestination(context.Background())
+	assertNoDestination(t, l, dm)
+}
+
+// TestAutoConverge: with auto-converge on, a guest dirtying memory faster
+// than the stream is throttled by QEMU. The migration is cancelled once the
+// throttle is seen: completing it under TCG crashes the guest on QEMU 7.2
+// (docs/architecture.md, "Known limits").
+func TestAutoConverge(t *testing.T) {
+	l := labtest.New(t, lab.Config{})
+	vm, dm := setup(t, l)
+	dirty(t, l, vm.IP, 24, 100)
+	d := newDriver(t, l, vm, dm, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	progress := make(chan hypervisor.Progress, 1000)
+	var throttled atomic.Int64
+	go func() {
+		for p := range progress {
+			if p.Throttle > 0 && throttled.Load() == 0 {
+				throttled.Store(int64(p.Throttle))
+				cancel()
+			}
+		}
+	}()
+	_, err := d.Migrate(ctx, hypervisor.Options{Bandwidth: 50 * units.Mbit, Downtime: 50 * time.Millisecond, AutoConverge: true},
+		progress, func(context.Context) error { t.Error("switchover reached"); return nil })
+	close(progress)
+	time.Sleep(100 * time.Millisecond)
+	if throttled.Load() == 0 {
+		t.Fatalf("no CPU throttle seen before the migration ended: %v", err)
+	}
+	t.Logf("QEMU throttled the guest to %d%%; cancelled: %v", throttled.Load(), err)
 	assertSourceRuns(t, l, d, vm)
 	d.AbortDestination(context.Background())
 	assertNoDestination(t, l, dm)

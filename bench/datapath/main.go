@@ -1,0 +1,159 @@
+// Command datapath measures TCP throughput (iperf3) from the lab's client to
+// a VM, side by side in one run: plain routing to the VM at site A; through
+// the eBPF redirect (old address, tunnelled from host A to host B); to the
+// new address (NAT on host B); and through the userspace fallback proxy.
+// The lab's links are plain veths here (no WAN emulator), so the numbers
+// are the datapaths' own costs on this machine. Needs root and iperf3.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/internal/netns"
+	"github.com/vmhop/vmhop/proxy/datapath"
+	"github.com/vmhop/vmhop/proxy/userspace"
+)
+
+func main() {
+	lab.RunChild()
+	out := flag.String("out", "", "also write the report here")
+	secs := flag.Int("t", 8, "seconds per iperf3 run")
+	flag.Parse()
+	if err := run(*out, *secs); err != nil {
+		fmt.Fprintln(os.Stderr, "datapath bench:", err)
+		os.Exit(1)
+	}
+}
+
+func iperf(ctx context.Context, l *lab.Lab, target string, secs int) (float64, error) {
+	cmd := netns.Command(ctx, l.NS(lab.Client), "iperf3", "-c", target, "-t", fmt.Sprint(secs), "-J", "-O", "1")
+	b, err := cmd.Output()
+	if err != nil {
+		return 0, fmt.Errorf("iperf3 -c %s: %w: %s", target, err, b)
+	}
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		return 0, err
+	}
+	return r.End.SumReceived.BitsPerSecond, nil
+}
+
+func run(out string, secs int) error {
+	ctx := context.Background()
+	l, err := lab.Up(ctx, lab.Config{Name: "benchdp", Links: map[string]lab.Profile{}})
+	if err != nil {
+		return err
+	}
+	defer l.Down()
+	vm, err := l.StartNSVM(ctx)
+	if err != nil {
+		return err
+	}
+	srv := netns.Command(context.Background(), vm.NS, "iperf3", "-s")
+	if err := srv.Start(); err != nil {
+		return err
+	}
+	defer func() { srv.Process.Kill(); srv.Wait() }()
+	time.Sleep(500 * time.Millisecond)
+
+	var rep strings.Builder
+	fmt.Fprintf(&rep, "vmhop datapath throughput, %s; %d cores; iperf3 TCP, %d s per run, plain veth links\n\n",
+		time.Now().UTC().Format(time.RFC3339), runtime.NumCPU(), secs)
+	res := map[string]float64{}
+	measure := func(name, target string) error {
+		bps, err := iperf(ctx, l, target, secs)
+		if err != nil {
+			return err
+		}
+		res[name] = bps
+		fmt.Fprintf(&rep, "%-44s %7.2f Gbit/s\n", name, bps/1e9)
+		return nil
+	}
+	if err := measure("plain routing (VM at site A)", lab.OldIP.String()); err != nil {
+		return err
+	}
+
+	// Move the VM to site B and redirect.
+	dpA, err := datapath.Load(datapath.Options{LocalIP: lab.HostA, PinDir: l.PinDir(lab.SiteA)})
+	if err != nil {
+		return err
+	}
+	defer netns.Do(l.NS(lab.SiteA), dpA.Remove)
+	dpB, err := datapath.Load(datapath.Options{LocalIP: lab.HostB, PinDir: l.PinDir(lab.SiteB)})
+	if err != nil {
+		return err
+	}
+	defer netns.Do(l.NS(lab.SiteB), dpB.Remove)
+	if err := netns.Do(l.NS(lab.SiteA), func() error { return dpA.Attach(datapath.Uplink, lab.Uplink) }); err != nil {
+		return err
+	}
+	if err := netns.Do(l.NS(lab.SiteB), func() error { return dpB.Attach(datapath.Uplink, lab.Uplink) }); err != nil {
+		return err
+	}
+	dpA.SetPeer(lab.HostB, true)
+	dpB.SetPeer(lab.HostA, true)
+	if err := l.UnplugNSVM(ctx, vm); err != nil {
+		return err
+	}
+	tap, err := l.PlugNSVM(ctx, vm)
+	if err != nil {
+		return err
+	}
+	gw, _ := l.RouterMAC(lab.SiteA)
+	if err := dpB.SetVM(datapath.VM{OldIP: lab.OldIP, NewIP: lab.NewIP, Gateway: lab.GatewayA, GatewayMAC: gw, MAC: vm.MAC, Tap: tap, Peer: lab.HostA}); err != nil {
+		return err
+	}
+	if err := netns.Do(l.NS(lab.SiteB), func() error { return dpB.Attach(datapath.VMTap, vm.Tap) }); err != nil {
+		return err
+	}
+	if err := dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, true); err != nil {
+		return err
+	}
+	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
+	if err := measure("eBPF redirect (old address, A->B tunnel)", lab.OldIP.String()); err != nil {
+		return err
+	}
+	if err := measure("new address (NAT at host B)", lab.NewIP.String()); err != nil {
+		return err
+	}
+
+	// Userspace fallback: no BPF on host A; the VM is reached at new_ip.
+	dpA.RemoveRedirect(lab.OldIP)
+	netns.Do(l.NS(lab.SiteA), dpA.Remove)
+	netns.Run(ctx, l.NS(lab.SiteA), "ip", "addr", "add", lab.OldIP.String()+"/32", "dev", "lo")
+	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
+	var p *userspace.Proxy
+	if err := netns.Do(l.NS(lab.SiteA), func() (err error) {
+		p, err = userspace.Start(userspace.Config{OldIP: lab.OldIP, NewIP: lab.NewIP, TCPPorts: []uint16{5201}, Dial: l.Dialer(lab.SiteA)})
+		return err
+	}); err != nil {
+		return err
+	}
+	defer p.Close()
+	if err := measure("userspace proxy (old address, A->B)", lab.OldIP.String()); err != nil {
+		return err
+	}
+	fmt.Fprintf(&rep, "\nredirect / plain: %.2f; userspace / plain: %.2f; redirect / userspace: %.2f\n",
+		res["eBPF redirect (old address, A->B tunnel)"]/res["plain routing (VM at site A)"],
+		res["userspace proxy (old address, A->B)"]/res["plain routing (VM at site A)"],
+		res["eBPF redirect (old address, A->B tunnel)"]/res["userspace proxy (old address, A->B)"])
+	fmt.Print(rep.String())
+	if out != "" {
+		return os.WriteFile(out, []byte(rep.String()), 0o644)
+	}
+	return nil
+}
