@@ -15,7 +15,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -71,6 +70,9 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	var copts ebpf.CollectionOptions
 	if opts.PinDir != "" {
+		if err := checkBPFFS(filepath.Dir(opts.PinDir)); err != nil {
+			return nil, err
+		}
 		if err := os.MkdirAll(opts.PinDir, 0o700); err != nil {
 			return nil, fmt.Errorf("datapath: pin dir: %w", err)
 		}
@@ -92,6 +94,23 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, fmt.Errorf("datapath: load: %w", err)
 	}
 	return d, nil
+}
+
+// checkBPFFS fails clearly when dir (or the nearest existing parent) is not
+// on a bpf filesystem: pins elsewhere fail with a bare EPERM.
+func checkBPFFS(dir string) error {
+	for d := dir; ; d = filepath.Dir(d) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(d, &st); err == nil {
+			if st.Type != unix.BPF_FS_MAGIC {
+				return fmt.Errorf("datapath: pin dir %s is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)", dir)
+			}
+			return nil
+		}
+		if d == "/" || d == "." {
+			return fmt.Errorf("datapath: pin dir %s: no such directory", dir)
+		}
+	}
 }
 
 // Hook selects a program.
@@ -206,22 +225,16 @@ func (d *Datapath) Detach(ifname string) error {
 func (d *Datapath) Close() error { return d.objs.Close() }
 
 // Remove detaches every program this Datapath attached, closes it, and
-// deletes its pins.
+// deletes its pin directory: pinned maps, and pinned links (an earlier
+// daemon's too; a TCX link whose last pin and handle go is detached).
 func (d *Datapath) Remove() error {
 	var errs []error
 	for name := range d.attached {
 		errs = append(errs, d.Detach(name))
 	}
-	if d.opts.PinDir != "" {
-		for _, m := range []*ebpf.Map{d.objs.Redirects, d.objs.Peers, d.objs.Vms, d.objs.Nat, d.objs.Flows, d.objs.Stats, d.objs.LastSeen} {
-			errs = append(errs, m.Unpin())
-		}
-	}
 	errs = append(errs, d.objs.Close())
 	if d.opts.PinDir != "" {
-		if err := os.Remove(d.opts.PinDir); err != nil && !os.IsNotExist(err) && !strings.Contains(err.Error(), "not empty") {
-			errs = append(errs, err)
-		}
+		errs = append(errs, os.RemoveAll(d.opts.PinDir))
 	}
 	return errors.Join(errs...)
 }

@@ -1,0 +1,90 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/netns"
+)
+
+// TestDaemonLifecycle runs the real vmhopd in a namespace: it attaches the
+// datapath, leaves it pinned when stopped (forwarding goes on), and
+// -cleanup removes it.
+func TestDaemonLifecycle(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (BPF, network namespaces): run `sudo make test`")
+	}
+	bin := filepath.Join(t.TempDir(), "vmhopd")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	b := make([]byte, 3)
+	rand.Read(b)
+	ns := "vh-u" + hex.EncodeToString(b) + "-d"
+	if err := netns.Create(ns); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { netns.Delete(ns) })
+	ctx := context.Background()
+	for _, args := range [][]string{
+		{"link", "add", "u0", "type", "veth", "peer", "name", "u1"},
+		{"link", "set", "u0", "up"},
+		{"addr", "add", "10.9.0.2/24", "dev", "u0"},
+	} {
+		if _, err := netns.Run(ctx, ns, "ip", args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pins := "/sys/fs/bpf/vmhop/" + ns
+	t.Cleanup(func() { os.RemoveAll(pins) })
+	cfg := filepath.Join(t.TempDir(), "vmhopd.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("vmhopd:\n  uplink: u0\n  address: 10.9.0.2\n  bpffs: %s\n  datapath: ebpf\n  state_dir: %s\n", pins, t.TempDir())), 0o644)
+
+	// nsenter enters the network namespace only: `ip netns exec` would also
+	// remount /sys, hiding the host's bpffs (and the daemon's pins with it).
+	d := exec.CommandContext(ctx, "nsenter", "--net="+netns.Path(ns), bin, "-config", cfg)
+	var logs strings.Builder
+	d.Stderr = &logs
+	if err := d.Start(); err != nil {
+		t.Fatal(err)
+	}
+	attached := false
+	for i := 0; i < 100 && !attached; i++ {
+		ents, _ := os.ReadDir(pins)
+		for _, e := range ents {
+			attached = attached || strings.HasPrefix(e.Name(), "link-uplink-")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !attached {
+		d.Process.Kill()
+		d.Wait()
+		t.Fatalf("vmhopd did not pin its uplink link; log:\n%s", logs.String())
+	}
+	d.Process.Signal(syscall.SIGTERM)
+	if err := d.Wait(); err != nil {
+		t.Fatalf("vmhopd exit: %v; log:\n%s", err, logs.String())
+	}
+	if !strings.Contains(logs.String(), "continuity=ebpf") {
+		t.Errorf("log does not say which mechanism: %s", logs.String())
+	}
+	if ents, _ := os.ReadDir(pins); len(ents) == 0 {
+		t.Fatal("stopping vmhopd removed the pinned datapath")
+	}
+	if out, err := exec.CommandContext(ctx, "nsenter", "--net="+netns.Path(ns), bin, "-config", cfg, "-cleanup").CombinedOutput(); err != nil {
+		t.Fatalf("cleanup: %v: %s", err, out)
+	}
+	if _, err := os.Stat(pins); !os.IsNotExist(err) {
+		ents, _ := os.ReadDir(pins)
+		t.Fatalf("pins left after -cleanup: %v", ents)
+	}
+}
