@@ -97,5 +97,6 @@ func (o Outcome) Print(w io.Writer) {
 	}
 	fmt.Fprintf(w, "  longest gaps: %s (gaps over %s count, minus the %s probe interval)\n",
 		strings.Join(gaps, ", "), o.Packets.Threshold, o.Packets.Interval)
+	fmt.Fprintf(w, "  outages (gaps over %s only): %s in %d\n", o.Packets.OutageThreshold, o.Packets.Outage.Round(time.Millisecond), o.Packets.Outages)
 	fmt.Fprintf(w, "redirect drained after %s\n", o.Drained.Round(time.Millisecond))
 }

@@ -139,11 +139,16 @@ type Disruption struct {
 	Interval time.Duration
 	// Threshold: shorter gaps are jitter, not disruption.
 	Threshold time.Duration
+	// Outage is the same sum over gaps longer than OutageThreshold (100 ms):
+	// what a person would notice, leaving out latency bumps.
+	Outage          time.Duration
+	Outages         int
+	OutageThreshold time.Duration
 }
 
 // Gaps computes the disruption of arrivals expected every interval.
 func Gaps(arrivals []time.Time, interval time.Duration) Disruption {
-	d := Disruption{Samples: len(arrivals), Interval: interval, Threshold: 3 * interval}
+	d := Disruption{Samples: len(arrivals), Interval: interval, Threshold: 3 * interval, OutageThreshold: 100 * time.Millisecond}
 	sort.Slice(arrivals, func(i, j int) bool { return arrivals[i].Before(arrivals[j]) })
 	var all []Gap
 	for i := 1; i < len(arrivals); i++ {
@@ -153,6 +158,10 @@ func Gaps(arrivals []time.Time, interval time.Duration) Disruption {
 			d.Gaps++
 			d.Total += g - interval
 			all = append(all, Gap{Start: arrivals[i-1], Length: g})
+		}
+		if g > d.OutageThreshold {
+			d.Outages++
+			d.Outage += g - interval
 		}
 	}
 	sort.Slice(all, func(i, j int) bool { return all[i].Length > all[j].Length })
