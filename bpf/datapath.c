@@ -122,15 +122,19 @@ static __always_inline int uplink_arp(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-SEC("tc")
-int uplink_ingress(struct __sk_buff *skb)
+/* is_arp reports whether the frame is ARP (0 for runts too). */
+static __always_inline int is_arp(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
-	if (eth->h_proto == bpf_htons(ETH_P_ARP_))
+	return (void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_ARP_);
+}
+
+SEC("tc")
+int uplink_ingress(struct __sk_buff *skb)
+{
+	if (is_arp(skb))
 		return uplink_arp(skb);
 	struct pkt p;
 	if (!parse_ipv4(skb, &p))
@@ -184,12 +188,7 @@ static __always_inline int arp_reply(struct __sk_buff *skb)
 SEC("tc")
 int vm_ingress(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
-	if (eth->h_proto == bpf_htons(ETH_P_ARP_))
+	if (is_arp(skb))
 		return arp_reply(skb);
 
 	struct pkt p;
