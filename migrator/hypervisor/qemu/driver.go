@@ -315,7 +315,9 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 			res.Transferred = q.RAM.Transferred
 			res.Iterations = q.RAM.DirtySyncCount
 			if err := d.waitDestinationRunning(ctx); err != nil {
-				return res, err
+				// The source stopped in "postmigrate" holds everything:
+				// run it again (cont takes its disk back).
+				return res, d.abort(err)
 			}
 			return res, nil
 		case "failed", "cancelled":
