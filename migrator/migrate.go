@@ -56,7 +56,8 @@ type Plan struct {
 type Report struct {
 	Phases       []Phase
 	Runtime      hypervisor.Result
-	DiskBytes    uint64 // mirrored by the bulk copy
+	DiskBytes    uint64 // mirrored by the bulk copy (QEMU's count: holes included)
+	DiskWire     int64  // bytes the disk mirror sent to the destination (with a Relay)
 	DigestMatch  bool
 	Digest       string
 	DigestRead   int64         // bytes hashed before the pause (holes are free)
@@ -162,6 +163,9 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	}
 	if err := r.step(ctx, "disk-release", r.mirror.Complete); err != nil {
 		p.Log.Warn("mirror teardown", "err", err)
+	}
+	if p.Relay != nil {
+		r.rep.DiskWire = p.Relay.BytesToDest()
 	}
 	if p.Relay != nil {
 		p.Relay.Close()

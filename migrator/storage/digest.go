@@ -107,3 +107,34 @@ func isHole(f *os.File, off, n int64) (bool, error) {
 	}
 	return next >= off+n, nil
 }
+
+// Allocated returns how many bytes of the image at path hold data (its
+// holes excluded), as SEEK_DATA/SEEK_HOLE see it.
+func Allocated(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for off := int64(0); off < st.Size(); {
+		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if err != nil {
+			return 0, err
+		}
+		hole, err := unix.Seek(int(f.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			return 0, err
+		}
+		n += hole - data
+		off = hole
+	}
+	return n, nil
+}

@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -49,7 +50,12 @@ type Relay struct {
 	mu      sync.Mutex
 	conns   []net.Conn
 	tracker nbdTracker
+	toDest  atomic.Int64 // bytes from the source QEMU to the destination
 }
+
+// BytesToDest is how many bytes the source sent to the destination
+// through the relay (NBD payload and headers, before TLS).
+func (r *Relay) BytesToDest() int64 { return r.toDest.Load() }
 
 // ResetTracking starts recording which clusters the source writes to the
 // destination from now on.
@@ -134,8 +140,12 @@ func (r *Relay) serveSource() {
 		return
 	}
 	r.track(c)
-	pipeTracked(c, r.preconn, &r.tracker)
+	pipeTracked(c, r.preconn, io.MultiWriter(&r.tracker, counter{&r.toDest}))
 }
+
+type counter struct{ n *atomic.Int64 }
+
+func (c counter) Write(p []byte) (int, error) { c.n.Add(int64(len(p))); return len(p), nil }
 
 // pipeTracked is pipe with the client-to-server half also fed to t.
 func pipeTracked(client, server net.Conn, t io.Writer) {
