@@ -50,6 +50,10 @@ type Plan struct {
 	Log *slog.Logger
 	// Progress, if set, gets memory-migration progress.
 	Progress chan<- hypervisor.Progress
+	// OnSwitch, if set, runs last in the switchover hook: the source is
+	// paused, the redirect on, the destination not yet running (tests send
+	// packets here that must wait in the destination's tap).
+	OnSwitch func(context.Context) error
 }
 
 // Report is what a migration did, phase by phase.
@@ -412,7 +416,13 @@ func (r *run) memory(ctx context.Context) error {
 		if err := r.mirror.WaitSynced(ctx); err != nil {
 			return err
 		}
-		return r.verifyDisk(ctx)
+		if err := r.verifyDisk(ctx); err != nil {
+			return err
+		}
+		if p.OnSwitch != nil {
+			return p.OnSwitch(ctx)
+		}
+		return nil
 	})
 	r.rep.Runtime = res
 	r.rep.Pause = res.Downtime

@@ -4,10 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -19,6 +22,7 @@ import (
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/labrun"
+	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/internal/units"
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor"
@@ -104,6 +108,25 @@ func TestMigration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Datagrams sent inside the pause, after the switch, must wait in the
+	// destination's tap and be answered once the VM runs there.
+	var udp net.Conn
+	if err := netns.Do(l.NS(lab.Client), func() (err error) {
+		udp, err = net.Dial("udp", netip.AddrPortFrom(lab.OldIP, 7).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer udp.Close()
+	const inPause = 5
+	p.OnSwitch = func(context.Context) error {
+		for i := range inPause {
+			fmt.Fprintf(udp, "sent in the pause %d", i)
+		}
+		return nil
+	}
+	timeouts := func() int64 { return tcpTimeouts(t, l) }
+	timeoutsBefore := timeouts()
 	probe := &labrun.Probe{L: l, Target: netip.AddrPortFrom(lab.OldIP, 7), Interval: 10 * time.Millisecond}
 	pctx, stopProbe := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -134,6 +157,21 @@ func TestMigration(t *testing.T) {
 	}
 	if reconnects != 0 || got != sent {
 		t.Errorf("client connection broke: %d reconnects, %d of %d answered", reconnects, got, sent)
+	}
+
+	t.Logf("client TCP retransmission timeouts during the migration: %d", timeouts()-timeoutsBefore)
+	echoed := map[string]bool{}
+	buf := make([]byte, 100)
+	udp.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for len(echoed) < inPause {
+		n, err := udp.Read(buf)
+		if err != nil {
+			break
+		}
+		echoed[string(buf[:n])] = true
+	}
+	if len(echoed) != inPause {
+		t.Errorf("of %d datagrams sent while the VM was paused, %d came back: the tap did not hold them", inPause, len(echoed))
 	}
 
 	after, err := l.GuestStatus(ctx, lab.Client, lab.NewIP)
@@ -259,4 +297,26 @@ func TestDiskBytesOnTheWire(t *testing.T) {
 	if !rep.DigestMatch || rep.DiskWire < allocated || float64(rep.DiskWire) > limit {
 		t.Fatalf("disk: %d bytes on the wire for %d allocated + %d rewritten (digest match %v)", rep.DiskWire, allocated, rewritten, rep.DigestMatch)
 	}
+}
+
+// tcpTimeouts reads TcpExt TCPTimeouts (retransmission timeouts) in the
+// client's namespace.
+func tcpTimeouts(t *testing.T, l *lab.Lab) int64 {
+	t.Helper()
+	out, err := netns.Run(context.Background(), l.NS(lab.Client), "cat", "/proc/net/netstat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(out, "\n")
+	for i := 0; i+1 < len(lines); i += 2 {
+		names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		for j := range names {
+			if names[j] == "TCPTimeouts" && j < len(vals) {
+				n, _ := strconv.ParseInt(vals[j], 10, 64)
+				return n
+			}
+		}
+	}
+	t.Fatal("no TCPTimeouts in /proc/net/netstat")
+	return 0
 }
