@@ -33,7 +33,7 @@
 /* Counter slots of struct counters. */
 enum counter {
 	C_ENCAP_PKTS = 0,   /* packets for old_ip tunnelled to the peer */
-	C_ENCAP_BYTES,
+	C_ENCAP_BYTES,      /* (each *_PKTS slot is followed by its *_BYTES slot where it has one) */
 	C_DECAP_PKTS,       /* tunnel packets from a known peer, decapsulated */
 	C_DECAP_BYTES,
 	C_DELIVER_PKTS,     /* packets delivered to the VM's tap */

@@ -53,8 +53,7 @@ static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
 		return TC_ACT_SHOT; /* a tunnel carries only what we put in */
 	struct vm *v = bpf_map_lookup_elem(&vms, &p.daddr);
 	__u32 key = v ? p.daddr : p.saddr;
-	count(key, C_DECAP_PKTS, 1);
-	count(key, C_DECAP_BYTES, len);
+	count_pkt(key, C_DECAP_PKTS, len, 0);
 	if (v)
 		return deliver(skb, v, key);
 	/* The old host relays the moved VM's replies to their clients. */
@@ -145,10 +144,7 @@ int uplink_ingress(struct __sk_buff *skb)
 	struct redirect *r = bpf_map_lookup_elem(&redirects, &p.daddr);
 	if (r && r->mode == REDIRECT_ON) {
 		__u32 key = p.daddr;
-		__u64 now = bpf_ktime_get_ns();
-		bpf_map_update_elem(&last_seen, &key, &now, BPF_ANY);
-		count(key, C_ENCAP_PKTS, 1);
-		count(key, C_ENCAP_BYTES, skb->len);
+		count_pkt(key, C_ENCAP_PKTS, skb->len, 1);
 		return encap_to(skb, &p, key, r->peer, local_ip);
 	}
 

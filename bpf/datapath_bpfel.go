@@ -14,8 +14,9 @@ import (
 )
 
 type DatapathCounters struct {
-	_ structs.HostLayout
-	C [15]uint64
+	_      structs.HostLayout
+	C      [15]uint64
+	LastNs uint64
 }
 
 type DatapathFlowKey struct {
@@ -51,7 +52,6 @@ type DatapathVm struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	DatapathMapFlows          = "flows"
-	DatapathMapLastSeen       = "last_seen"
 	DatapathMapNat            = "nat"
 	DatapathMapPeers          = "peers"
 	DatapathMapRedirects      = "redirects"
@@ -113,7 +113,6 @@ type DatapathProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathMapSpecs struct {
 	Flows     *ebpf.MapSpec `ebpf:"flows"`
-	LastSeen  *ebpf.MapSpec `ebpf:"last_seen"`
 	Nat       *ebpf.MapSpec `ebpf:"nat"`
 	Peers     *ebpf.MapSpec `ebpf:"peers"`
 	Redirects *ebpf.MapSpec `ebpf:"redirects"`
@@ -149,7 +148,6 @@ func (o *DatapathObjects) Close() error {
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathMaps struct {
 	Flows     *ebpf.Map `ebpf:"flows"`
-	LastSeen  *ebpf.Map `ebpf:"last_seen"`
 	Nat       *ebpf.Map `ebpf:"nat"`
 	Peers     *ebpf.Map `ebpf:"peers"`
 	Redirects *ebpf.Map `ebpf:"redirects"`
@@ -160,7 +158,6 @@ type DatapathMaps struct {
 func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
 		m.Flows,
-		m.LastSeen,
 		m.Nat,
 		m.Peers,
 		m.Redirects,

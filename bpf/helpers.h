@@ -24,6 +24,19 @@ static __always_inline void count(__u32 ip, enum counter c, __u64 n)
 		s->c[c] += n;
 }
 
+/* count_pkt counts one packet of len bytes in slots pkts and pkts+1 with a
+ * single lookup (this is the per-packet path), and stamps last_ns if stamp. */
+static __always_inline void count_pkt(__u32 ip, enum counter pkts, __u64 len, int stamp)
+{
+	struct counters *s = bpf_map_lookup_elem(&stats, &ip);
+	if (!s || pkts + 1 >= C_MAX)
+		return;
+	s->c[pkts] += 1;
+	s->c[pkts + 1] += len;
+	if (stamp)
+		s->last_ns = bpf_ktime_get_ns();
+}
+
 static __always_inline int drop(__u32 ip, enum counter why)
 {
 	count(ip, why, 1);

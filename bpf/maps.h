@@ -58,12 +58,3 @@ struct {
 	__type(value, struct counters);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
-
-/* Last time (ns) a packet for each old address was redirected: drain detection. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_VMS);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} last_seen SEC(".maps");

@@ -34,4 +34,5 @@ struct flow_key {
 
 struct counters {
 	__u64 c[C_MAX];
+	__u64 last_ns; /* when this CPU last redirected a packet for the address (drain detection) */
 };

@@ -357,12 +357,19 @@ func (d *Datapath) Stats(ip netip.Addr) (Counters, error) {
 // Idle returns how long ago a packet for oldIP was last redirected (the
 // drain signal), and false if none ever was.
 func (d *Datapath) Idle(oldIP netip.Addr) (time.Duration, bool, error) {
-	var last uint64
-	if err := d.objs.LastSeen.Lookup(be32(oldIP), &last); err != nil {
+	var per []bpf.DatapathCounters
+	if err := d.objs.Stats.Lookup(be32(oldIP), &per); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return 0, false, nil
 		}
 		return 0, false, err
+	}
+	var last uint64
+	for _, p := range per {
+		last = max(last, p.LastNs)
+	}
+	if last == 0 {
+		return 0, false, nil
 	}
 	var ts unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
