@@ -138,3 +138,35 @@ func Allocated(path string) (int64, error) {
 	}
 	return n, nil
 }
+
+// HashImageChunk is HashImage with another chunk size (the chunked engine's).
+func HashImageChunk(path string, chunk int) (*Hashes, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	h := &Hashes{Path: path, Size: st.Size()}
+	buf := make([]byte, chunk)
+	for off := int64(0); off < h.Size; off += int64(chunk) {
+		k := min(int64(chunk), h.Size-off)
+		if hole, err := isHole(f, off, k); err == nil && hole {
+			clear(buf[:k])
+		} else if _, err := f.ReadAt(buf[:k], off); err != nil && !errors.Is(err, io.EOF) {
+			return nil, err
+		} else {
+			h.Read += k
+		}
+		h.Chunk = append(h.Chunk, xxh3.Hash128(buf[:k]).Bytes())
+	}
+	return h, nil
+}
+
+// fallocatePunch turns [off, off+n) into a hole (zeros without storage).
+func fallocatePunch(f *os.File, off, n int64) error {
+	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
