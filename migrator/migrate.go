@@ -273,7 +273,15 @@ func (r *run) diskBulk(ctx context.Context) error {
 		return err
 	}
 	r.onFailure(r.mirror.Abort)
-	return r.mirror.WaitReady(ctx, func(pr storage.Progress) { r.rep.DiskBytes = pr.Done })
+	var logged time.Time
+	return r.mirror.WaitReady(ctx, func(pr storage.Progress) {
+		r.rep.DiskBytes = pr.Done
+		if time.Since(logged) > 5*time.Second {
+			logged = time.Now()
+			p.Log.Info("disk bulk copy", "done_mib", pr.Done>>20, "total_mib", pr.Total>>20,
+				"mbit_s", int(pr.Rate/1e6), "eta", pr.ETA.Round(time.Second))
+		}
+	})
 }
 
 const verifyBitmap = "vmhop-verify"

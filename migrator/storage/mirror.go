@@ -44,9 +44,10 @@ const (
 
 // Progress is the mirror's state.
 type Progress struct {
-	Done, Total uint64 // bytes
-	Ready       bool   // bulk copy done; writes are mirrored synchronously
-	Rate        float64
+	Done, Total uint64        // bytes (QEMU counts holes as copied)
+	Ready       bool          // bulk copy done; writes are mirrored synchronously
+	Rate        float64       // bits per second since the start
+	ETA         time.Duration // at Rate, until Done reaches Total
 }
 
 // Start exports the destination disk and starts mirroring into it.
@@ -127,8 +128,12 @@ func (m *Mirror) WaitReady(ctx context.Context, progress func(Progress)) error {
 			return fmt.Errorf("mirror: job %s: %s", j.Status, j.Error)
 		}
 		if progress != nil {
-			progress(Progress{Done: j.Offset, Total: j.Len, Ready: j.Ready,
-				Rate: float64(j.Offset) * 8 / time.Since(start).Seconds()})
+			p := Progress{Done: j.Offset, Total: j.Len, Ready: j.Ready,
+				Rate: float64(j.Offset) * 8 / time.Since(start).Seconds()}
+			if p.Rate > 0 && j.Len > j.Offset {
+				p.ETA = time.Duration(float64(j.Len-j.Offset) * 8 / p.Rate * float64(time.Second))
+			}
+			progress(p)
 		}
 		if j.Ready {
 			return nil
