@@ -378,18 +378,6 @@ func (d *Datapath) Idle(oldIP netip.Addr) (time.Duration, bool, error) {
 	return time.Duration(uint64(ts.Nano()) - last), true, nil
 }
 
-// Flows returns the number of NATed flows learned (for status output).
-func (d *Datapath) Flows() int {
-	n := 0
-	var k bpf.DatapathFlowKey
-	var v uint64
-	it := d.objs.Flows.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	return n
-}
-
 func ignoreNotExist(err error) error {
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil

@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -189,17 +188,4 @@ func (p *Proxy) serveUDP(ctx context.Context, pc net.PacketConn, port uint16) {
 		p.Stats.BytesIn.Add(uint64(n))
 		s.Write(buf[:n])
 	}
-}
-
-// Ports parses "80,443" style lists (for flags).
-func Ports(s []string) ([]uint16, error) {
-	var out []uint16
-	for _, x := range s {
-		n, err := strconv.ParseUint(x, 10, 16)
-		if err != nil || n == 0 {
-			return nil, fmt.Errorf("port %q: want 1-65535", x)
-		}
-		out = append(out, uint16(n))
-	}
-	return out, nil
 }

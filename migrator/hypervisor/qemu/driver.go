@@ -405,13 +405,6 @@ func (d *Driver) waitDestinationRunning(ctx context.Context) error {
 	}
 }
 
-// Announce makes the destination guest's NIC send gratuitous RARPs now, so
-// switches and neighbours learn where it is (QEMU also does this by itself
-// right after resuming).
-func (d *Driver) Announce(ctx context.Context) error {
-	return d.dst.Execute(ctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
-}
-
 // ResumeSource implements hypervisor.Driver: QEMU lets a source in
 // "postmigrate" run again (it takes its disk back).
 func (d *Driver) ResumeSource(ctx context.Context) error {
