@@ -40,7 +40,14 @@ static __always_inline void learn(struct pkt *p, __u32 vm_ip, int from_vm)
 	k.remote_ip = from_vm ? p->daddr : p->saddr;
 	k.vm_port = from_vm ? p->sport : p->dport;
 	k.remote_port = from_vm ? p->dport : p->sport;
-	bpf_map_update_elem(&flows, &k, &now, BPF_ANY);
+	/* Per packet on the NAT path: refresh a known flow in place (the lookup
+	 * also marks it used for the LRU); insert only new ones. */
+	__u64 *seen = bpf_map_lookup_elem(&flows, &k);
+	if (seen) {
+		*seen = now;
+		return;
+	}
+	bpf_map_update_elem(&flows, &k, &now, BPF_NOEXIST);
 }
 
 static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
