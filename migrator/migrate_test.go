@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -110,11 +109,8 @@ func TestMigration(t *testing.T) {
 	}
 	// Datagrams sent inside the pause, after the switch, must wait in the
 	// destination's tap and be answered once the VM runs there.
-	var udp net.Conn
-	if err := netns.Do(l.NS(lab.Client), func() (err error) {
-		udp, err = net.Dial("udp", netip.AddrPortFrom(lab.OldIP, 7).String())
-		return err
-	}); err != nil {
+	udp, err := l.Dialer(lab.Client)(ctx, "udp", netip.AddrPortFrom(lab.OldIP, 7).String())
+	if err != nil {
 		t.Fatal(err)
 	}
 	defer udp.Close()

@@ -19,7 +19,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"runtime"
@@ -239,8 +238,8 @@ func lastReplyAfter(p *labrun.Probe, t time.Time) bool { return p.LastReply().Af
 // copyOverWAN sends the data extents of the image at src (site A) to dst
 // (site B) through the lab's WAN over TCP, and returns the bytes sent.
 func copyOverWAN(ctx context.Context, l *lab.Lab, src, dst string) (int64, error) {
-	var ln net.Listener
-	if err := netns.Do(l.NS(lab.SiteB), func() (err error) { ln, err = net.Listen("tcp", lab.HostB.String()+":9911"); return err }); err != nil {
+	ln, err := netns.Listen(l.NS(lab.SiteB), "tcp", lab.HostB.String()+":9911")
+	if err != nil {
 		return 0, err
 	}
 	defer ln.Close()

@@ -203,16 +203,7 @@ func (f *dnsFlags) resolve(cmd *cobra.Command) (*ddns.Client, error) {
 	}
 	c := &ddns.Client{Server: f.server, Key: key, Timeout: f.timeout, Servers: f.verifyServers, VerifyTimeout: f.verifyTimeout}
 	if f.inNetns != "" {
-		ns := f.inNetns
-		c.Dial = func(ctx context.Context, network, address string) (net.Conn, error) {
-			var conn net.Conn
-			err := netns.Do(ns, func() (err error) {
-				var d net.Dialer
-				conn, err = d.DialContext(ctx, network, address)
-				return err
-			})
-			return conn, err
-		}
+		c.Dial = netns.DialFunc(f.inNetns)
 	}
 	return c, nil
 }

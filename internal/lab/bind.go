@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
-
-	"github.com/vmhop/vmhop/internal/netns"
 )
 
 // The zone the lab's BIND serves: svc points at the VM's old address.
@@ -80,11 +78,7 @@ zone %[4]q {
 
 // QueryDNS asks the lab's BIND for name/qtype from inside host's namespace.
 func (l *Lab) QueryDNS(host, name string, qtype uint16) (*dns.Msg, error) {
-	var conn net.Conn
-	err := netns.Do(l.NS(host), func() (err error) {
-		conn, err = net.Dial("udp", net.JoinHostPort(DNSIP.String(), "53"))
-		return err
-	})
+	conn, err := l.Dialer(host)(context.Background(), "udp", net.JoinHostPort(DNSIP.String(), "53"))
 	if err != nil {
 		return nil, err
 	}

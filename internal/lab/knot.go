@@ -76,11 +76,8 @@ log:
 		if isClosed(proc.Exited()) {
 			return fmt.Errorf("knotd exited: see %s", l.Path("knot.log"))
 		}
-		var conn net.Conn
-		if err := netns.Do(l.NS(DNS), func() (err error) {
-			conn, err = net.Dial("udp", addr.String())
-			return err
-		}); err != nil {
+		conn, err := l.Dialer(DNS)(ctx, "udp", addr.String())
+		if err != nil {
 			return err
 		}
 		defer conn.Close()
@@ -96,13 +93,5 @@ log:
 
 // Dialer returns a dial function whose sockets live in host's namespace.
 func (l *Lab) Dialer(host string) func(ctx context.Context, network, address string) (net.Conn, error) {
-	return func(ctx context.Context, network, address string) (net.Conn, error) {
-		var c net.Conn
-		err := netns.Do(l.NS(host), func() (err error) {
-			var d net.Dialer
-			c, err = d.DialContext(ctx, network, address)
-			return err
-		})
-		return c, err
-	}
+	return netns.DialFunc(l.NS(host))
 }

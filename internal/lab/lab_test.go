@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"net"
 	"os"
 	"regexp"
 	"strconv"
@@ -17,6 +16,7 @@ import (
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
+	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
 func TestMain(m *testing.M) {
@@ -59,8 +59,6 @@ func TestWAN(t *testing.T) {
 	}
 }
 
-var keyRE = regexp.MustCompile(`key "([^"]+)" \{\s*algorithm ([a-z0-9-]+);\s*secret "([^"]+)";`)
-
 func TestBIND(t *testing.T) {
 	l := labtest.New(t, lab.Config{Links: map[string]lab.Profile{}})
 	r, err := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA)
@@ -76,18 +74,15 @@ func TestBIND(t *testing.T) {
 		t.Fatalf("client resolv.conf = %q, %v", out, err)
 	}
 
-	kb, err := os.ReadFile(l.KeyFile())
+	// The key file the lab wrote is in BIND's format, as ddns reads it.
+	key, err := ddns.LoadKey(l.KeyFile())
 	if err != nil {
 		t.Fatal(err)
 	}
-	km := keyRE.FindSubmatch(kb)
-	if km == nil {
-		t.Fatalf("key file not in BIND format: %s", kb)
+	if key.Algorithm != dns.HmacSHA256 {
+		t.Fatalf("algorithm %s", key.Algorithm)
 	}
-	keyName, secret := string(km[1]), string(km[3])
-	if string(km[2]) != "hmac-sha256" {
-		t.Fatalf("algorithm %s", km[2])
-	}
+	keyName, secret := key.Name, key.Secret
 	update := func(ip string, sign bool) *dns.Msg {
 		m := new(dns.Msg)
 		m.SetUpdate(lab.Zone)
@@ -99,11 +94,8 @@ func TestBIND(t *testing.T) {
 			m.SetTsig(keyName, dns.HmacSHA256, 300, time.Now().Unix())
 			c.TsigSecret = map[string]string{keyName: secret}
 		}
-		var conn net.Conn
-		if err := netns.Do(l.NS(lab.Client), func() (err error) {
-			conn, err = net.Dial("udp", lab.DNSIP.String()+":53")
-			return err
-		}); err != nil {
+		conn, err := l.Dialer(lab.Client)(context.Background(), "udp", lab.DNSIP.String()+":53")
+		if err != nil {
 			t.Fatal(err)
 		}
 		defer conn.Close()

@@ -23,25 +23,10 @@ func Addr(host string) netip.Addr {
 	panic("lab: no address for host " + host)
 }
 
-func listenIn(ns, network string, port int) (net.Listener, net.PacketConn, error) {
-	var ln net.Listener
-	var pc net.PacketConn
-	err := netns.Do(ns, func() (err error) {
-		addr := fmt.Sprintf(":%d", port)
-		if network == "udp" {
-			pc, err = net.ListenPacket("udp", addr)
-		} else {
-			ln, err = net.Listen("tcp", addr)
-		}
-		return err
-	})
-	return ln, pc, err
-}
-
 // MeasureRTT sends n small UDP probes from host from to an echo responder on
 // host to and returns the median round-trip time.
 func (l *Lab) MeasureRTT(ctx context.Context, from, to string, n int) (time.Duration, error) {
-	_, pc, err := listenIn(l.NS(to), "udp", 9007)
+	pc, err := netns.ListenPacket(l.NS(to), "udp", ":9007")
 	if err != nil {
 		return 0, err
 	}
@@ -56,11 +41,7 @@ func (l *Lab) MeasureRTT(ctx context.Context, from, to string, n int) (time.Dura
 			pc.WriteTo(buf[:k], a)
 		}
 	}()
-	var c net.Conn
-	err = netns.Do(l.NS(from), func() (err error) {
-		c, err = net.Dial("udp", netip.AddrPortFrom(Addr(to), 9007).String())
-		return err
-	})
+	c, err := l.Dialer(from)(ctx, "udp", netip.AddrPortFrom(Addr(to), 9007).String())
 	if err != nil {
 		return 0, err
 	}
@@ -93,7 +74,7 @@ func (l *Lab) MeasureRTT(ctx context.Context, from, to string, n int) (time.Dura
 // returns goodput in bits per second over the part after warm-up (the first
 // quarter, where slow start runs, is left out).
 func (l *Lab) MeasureThroughput(ctx context.Context, from, to string, d time.Duration) (float64, error) {
-	ln, _, err := listenIn(l.NS(to), "tcp", 9008)
+	ln, err := netns.Listen(l.NS(to), "tcp", ":9008")
 	if err != nil {
 		return 0, err
 	}

@@ -224,13 +224,9 @@ func (l *Lab) AttachTap(ctx context.Context, host, dev string) error {
 
 // DialTCP connects from host's namespace.
 func (l *Lab) DialTCP(ctx context.Context, host string, to netip.AddrPort) (net.Conn, error) {
-	var c net.Conn
-	err := netns.Do(l.NS(host), func() (err error) {
-		d := net.Dialer{Timeout: 2 * time.Second}
-		c, err = d.DialContext(ctx, "tcp", to.String())
-		return err
-	})
-	return c, err
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	return l.Dialer(host)(ctx, "tcp", to.String())
 }
 
 // Echo sends payload to the guest's TCP echo service at ip from host and

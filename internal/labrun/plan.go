@@ -82,10 +82,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
 		Relay: &storage.Relay{
 			DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
-			ListenDest: func(network, addr string) (ln net.Listener, err error) {
-				err = netns.Do(l.NS(lab.SiteB), func() (err error) { ln, err = net.Listen(network, addr); return err })
-				return ln, err
-			},
+			ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
 			DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
 			DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
 			SourceSock: l.Path("nbd-relay.sock"),

@@ -5,6 +5,7 @@ package netns
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -157,4 +158,32 @@ func Pids(name string) ([]int, error) {
 		}
 	}
 	return pids, nil
+}
+
+// DialFunc returns a dial function whose sockets live in the named
+// namespace (a socket stays in the namespace it was created in).
+func DialFunc(name string) func(ctx context.Context, network, address string) (net.Conn, error) {
+	return func(ctx context.Context, network, address string) (net.Conn, error) {
+		var c net.Conn
+		err := Do(name, func() (err error) {
+			var d net.Dialer
+			c, err = d.DialContext(ctx, network, address)
+			return err
+		})
+		return c, err
+	}
+}
+
+// Listen listens on a stream address inside the named namespace.
+func Listen(name, network, address string) (net.Listener, error) {
+	var ln net.Listener
+	err := Do(name, func() (err error) { ln, err = net.Listen(network, address); return err })
+	return ln, err
+}
+
+// ListenPacket listens on a datagram address inside the named namespace.
+func ListenPacket(name, network, address string) (net.PacketConn, error) {
+	var pc net.PacketConn
+	err := Do(name, func() (err error) { pc, err = net.ListenPacket(network, address); return err })
+	return pc, err
 }

@@ -45,18 +45,12 @@ func sum(b []byte) string { h := sha256.Sum256(b); return hex.EncodeToString(h[:
 func serveVM(t *testing.T, ns string, payload []byte) {
 	t.Helper()
 	var lns []net.Listener
-	err := netns.Do(ns, func() error {
-		for _, p := range []string{":9000", ":9001", ":9002"} {
-			ln, err := net.Listen("tcp", p)
-			if err != nil {
-				return err
-			}
-			lns = append(lns, ln)
+	for _, p := range []string{":9000", ":9001", ":9002"} {
+		ln, err := netns.Listen(ns, "tcp", p)
+		if err != nil {
+			t.Fatal(err)
 		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
+		lns = append(lns, ln)
 	}
 	t.Cleanup(func() {
 		for _, ln := range lns {
@@ -222,7 +216,7 @@ func TestContinuityAcrossMove(t *testing.T) {
 	}
 	// The VM's own new connection leaves from new_ip.
 	var seen string
-	ln, err := listenIn(l.NS(lab.Client), ":9100")
+	ln, err := netns.Listen(l.NS(lab.Client), "tcp", ":9100")
 	must(t, err)
 	defer ln.Close()
 	go func() {
@@ -262,15 +256,6 @@ func nonzero(c datapath.Counters) map[string]uint64 {
 		}
 	}
 	return out
-}
-
-func listenIn(ns, addr string) (net.Listener, error) {
-	var ln net.Listener
-	err := netns.Do(ns, func() (err error) {
-		ln, err = net.Listen("tcp", addr)
-		return err
-	})
-	return ln, err
 }
 
 func must(t *testing.T, err error) {
