@@ -306,13 +306,8 @@ func (r *run) diskPrehash(ctx context.Context) error {
 		return src.Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": verifyBitmap}, nil)
 	})
 	p.Relay.ResetTracking()
-	var derr error
-	done := make(chan struct{})
-	go func() { r.dstH, derr = storage.HashImage(p.DestDisk); close(done) }()
 	var err error
-	r.srcH, err = storage.HashImage(p.SourceDisk)
-	<-done
-	if err = errors.Join(err, derr); err != nil {
+	if r.srcH, r.dstH, err = hashBoth(p.SourceDisk, p.DestDisk); err != nil {
 		r.srcH, r.dstH = nil, nil
 		return err
 	}
@@ -343,12 +338,7 @@ func (r *run) verifyDisk(ctx context.Context) error {
 	}
 	if src == nil { // no pre-hash, or the records disagree: hash everything
 		var err error
-		var derr error
-		done := make(chan struct{})
-		go func() { dst, derr = storage.HashImage(p.DestDisk); close(done) }()
-		src, err = storage.HashImage(p.SourceDisk)
-		<-done
-		if err = errors.Join(err, derr); err != nil {
+		if src, dst, err = hashBoth(p.SourceDisk, p.DestDisk); err != nil {
 			return err
 		}
 		r.rep.VerifyRead = src.Read + dst.Read
@@ -372,6 +362,17 @@ func (r *run) verifyDisk(ctx context.Context) error {
 	}
 	r.rep.DigestMatch = true
 	return nil
+}
+
+// hashBoth hashes the two images at once (one per core).
+func hashBoth(src, dst string) (*storage.Hashes, *storage.Hashes, error) {
+	var dh *storage.Hashes
+	var derr error
+	done := make(chan struct{})
+	go func() { dh, derr = storage.HashImage(dst); close(done) }()
+	sh, err := storage.HashImage(src)
+	<-done
+	return sh, dh, errors.Join(err, derr)
 }
 
 // dirtyCount reads the byte count of a dirty bitmap on the source's disk0.

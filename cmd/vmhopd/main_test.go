@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
 )
 
@@ -20,20 +19,11 @@ import (
 // datapath, leaves it pinned when stopped (forwarding goes on), and
 // -cleanup removes it.
 func TestDaemonLifecycle(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (BPF, network namespaces): run `sudo make test`")
-	}
+	ns := labtest.Netns(t)
 	bin := filepath.Join(t.TempDir(), "vmhopd")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	b := make([]byte, 3)
-	rand.Read(b)
-	ns := "vh-u" + hex.EncodeToString(b) + "-d"
-	if err := netns.Create(ns); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { netns.Delete(ns) })
 	ctx := context.Background()
 	for _, args := range [][]string{
 		{"link", "add", "u0", "type", "veth", "peer", "name", "u1"},

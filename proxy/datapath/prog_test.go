@@ -3,9 +3,7 @@ package datapath
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/binary"
-	"encoding/hex"
 	"net"
 	"net/netip"
 	"os"
@@ -15,6 +13,7 @@ import (
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
 
+	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
 )
 
@@ -59,16 +58,7 @@ type testHost struct {
 
 func newTestHost(t *testing.T, local netip.Addr) *testHost {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (BPF, network namespaces): run `sudo make test`")
-	}
-	b := make([]byte, 3)
-	rand.Read(b)
-	ns := "vh-u" + hex.EncodeToString(b) + "-dp" // swept like a lab if a run dies
-	if err := netns.Create(ns); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { netns.Delete(ns) })
+	ns := labtest.Netns(t)
 	gw := netip.AddrFrom4([4]byte{local.As4()[0], local.As4()[1], local.As4()[2], 1})
 	for _, args := range [][]string{
 		{"link", "add", "u0", "type", "veth", "peer", "name", "u1"},

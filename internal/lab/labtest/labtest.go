@@ -103,3 +103,18 @@ func AssertGone(t testing.TB, name string) {
 		t.Errorf("lab %s: directory left", name)
 	}
 }
+
+// Netns creates a throwaway network namespace for t, named like a lab's
+// (so a sweep removes it if the test binary dies) and deleted on cleanup.
+func Netns(t testing.TB) string {
+	t.Helper()
+	RequireRoot(t)
+	b := make([]byte, 3)
+	rand.Read(b)
+	ns := lab.NSPrefix + "u" + hex.EncodeToString(b) + "-scratch"
+	if err := netns.Create(ns); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { netns.Delete(ns) })
+	return ns
+}
