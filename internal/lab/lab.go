@@ -164,6 +164,17 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 	return l, l.save()
 }
 
+// Claim records that namespaces named NSPrefix+name+"-*" belong to the live
+// process owner, so SweepStale leaves them alone until it dies (tests'
+// scratch namespaces). Down(name, "") removes them and the record.
+func Claim(name string, owner int) error {
+	l := &Lab{Name: name, Dir: filepath.Join(RootDir, name), State: State{Name: name, Owner: owner, Created: time.Now().UTC()}}
+	if err := os.MkdirAll(l.Dir, 0o755); err != nil {
+		return err
+	}
+	return l.save()
+}
+
 // Open loads a lab built earlier, possibly by another process.
 func Open(name string) (*Lab, error) {
 	dir := filepath.Join(RootDir, name)

@@ -104,17 +104,22 @@ func AssertGone(t testing.TB, name string) {
 	}
 }
 
-// Netns creates a throwaway network namespace for t, named like a lab's
-// (so a sweep removes it if the test binary dies) and deleted on cleanup.
+// Netns creates a throwaway network namespace for t, claimed like a lab
+// (a sweep by a parallel test leaves it alone; one after this binary died
+// removes it), and removed on cleanup.
 func Netns(t testing.TB) string {
 	t.Helper()
 	RequireRoot(t)
 	b := make([]byte, 3)
 	rand.Read(b)
-	ns := lab.NSPrefix + "u" + hex.EncodeToString(b) + "-scratch"
+	name := "u" + hex.EncodeToString(b)
+	if err := lab.Claim(name, os.Getpid()); err != nil {
+		t.Fatal(err)
+	}
+	ns := lab.NSPrefix + name + "-scratch"
+	t.Cleanup(func() { lab.Down(name, "") })
 	if err := netns.Create(ns); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { netns.Delete(ns) })
 	return ns
 }
