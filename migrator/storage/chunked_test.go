@@ -153,3 +153,88 @@ func TestChunkedResumesAfterCut(t *testing.T) {
 		t.Fatal("images differ after the resumed copy")
 	}
 }
+
+// TestChunkedRepeatedAndCompressible: chunks the destination already holds
+// travel as copy instructions, compressible ones as LZ4, and the image
+// arrives exact.
+func TestChunkedRepeatedAndCompressible(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "disk.raw")
+	f, _ := os.Create(path)
+	f.Truncate(16 * mib)
+	a := make([]byte, mib)
+	rand.Read(a)
+	for _, c := range []int64{0, 5, 6, 7} {
+		f.WriteAt(a, c*mib)
+	}
+	text := bytes.Repeat([]byte("acknowledged record 0042, checksum ok\n"), mib/38+1)[:mib]
+	f.WriteAt(text, 10*mib)
+	f.Close()
+	src := &ChunkedSource{Path: path, Chunk: mib, Compress: true}
+	dst := &ChunkedDest{Path: filepath.Join(dir, "copy.raw")}
+	st, err, derr := round(t, src, dst, 0)
+	if err != nil || derr != nil {
+		t.Fatalf("round: %v / %v", err, derr)
+	}
+	t.Logf("%+v", st)
+	if st.Sent != 2 || st.Copied != 3 || st.Compressed != 1 || st.Zero != 11 || st.Bytes > mib+mib/8 {
+		t.Fatalf("want 2 sent (1 as LZ4), 3 copies, 11 zeros in about 1 MiB: %+v", st)
+	}
+	x, _, _ := Digest(path)
+	y, _, _ := Digest(dst.Path)
+	if !bytes.Equal(x, y) {
+		t.Fatal("images differ")
+	}
+}
+
+// TestChunkedCopyIsChecked: a copy instruction whose source chunk does not
+// hold what the source expects (the destination image changed behind the
+// manifest) fails the round instead of spreading the damage.
+func TestChunkedCopyIsChecked(t *testing.T) {
+	src, dst := setupImage(t)
+	if _, err, derr := round(t, src, dst, 0); err != nil || derr != nil {
+		t.Fatalf("bulk: %v / %v", err, derr)
+	}
+	in, _ := os.ReadFile(src.Path)
+	randomAt(t, dst.Path, 8*mib, 4096) // damage chunk 8 at the destination
+	f, _ := os.OpenFile(src.Path, os.O_WRONLY, 0)
+	f.WriteAt(in[8*mib:9*mib], 40*mib) // chunk 40 becomes a copy of chunk 8
+	f.Close()
+	st, err, derr := round(t, src, dst, 0)
+	if st.Copied != 1 || derr == nil || err == nil {
+		t.Fatalf("round with a damaged copy source: %+v, %v / %v", st, err, derr)
+	}
+	t.Logf("refused: %v", derr)
+}
+
+// TestChunkedDestRejectsGarbage: malformed records end the round with an
+// error naming what was wrong, never a panic or a write out of range.
+func TestChunkedDestRejectsGarbage(t *testing.T) {
+	dst := &ChunkedDest{Path: filepath.Join(t.TempDir(), "copy.raw")}
+	hello := append([]byte("VHC2"), 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0x10, 0, 0) // 4 MiB, 1 MiB chunks
+	for name, rec := range map[string][]byte{
+		"out of range": {recData, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 1, 0},
+		"bad length":   {recData, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0},
+		"bad kind":     {77, 0, 0, 0, 0, 0, 0, 0, 1},
+		"bad lz4":      {recLZ4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 3, 0xff, 0xff, 0xff},
+		"bad hello":    nil,
+	} {
+		in := append(append([]byte{}, hello...), rec...)
+		if rec == nil {
+			in = []byte("VHC9........xxxx")
+		}
+		err := dst.Serve(&rw{r: bytes.NewReader(in)})
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+		t.Logf("%s: %v", name, err)
+	}
+}
+
+type rw struct {
+	r   *bytes.Reader
+	out bytes.Buffer
+}
+
+func (c *rw) Read(p []byte) (int, error)  { return c.r.Read(p) }
+func (c *rw) Write(p []byte) (int, error) { return c.out.Write(p) }

@@ -2,20 +2,16 @@ package storage
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // Relay carries the disk mirror's NBD connection between the hosts over a
@@ -40,9 +36,11 @@ type Relay struct {
 	DestWAN    string // host:port the destination end listens on
 	DestNBD    string // host:port of the destination QEMU's NBD server (local to it)
 	SourceSock string // unix socket the source QEMU connects to
+	// Limiter, if set, paces the bytes to the destination (shared with the
+	// memory stream's budget by the migrator).
+	Limiter *rate.Limiter
 
-	cert    tls.Certificate
-	pool    *x509.CertPool
+	peer    *peerTLS
 	wanLn   net.Listener
 	srcLn   net.Listener
 	preconn net.Conn
@@ -65,40 +63,17 @@ func (r *Relay) ResetTracking() { r.tracker.reset() }
 // relay since ResetTracking, and false if the stream could not be followed.
 func (r *Relay) Written() ([]uint64, bool) { return r.tracker.snapshot() }
 
-// NewKeyPair makes the per-migration certificate both ends use.
-func (r *Relay) newKeyPair() error {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "vmhop-migration"},
-		DNSNames: []string{"vmhop-migration"}, NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		IsCA: true, BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return err
-	}
-	c, _ := x509.ParseCertificate(der)
-	r.pool = x509.NewCertPool()
-	r.pool.AddCert(c)
-	r.cert = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: c}
-	return nil
-}
-
 // Start listens at both ends and opens the TLS connection in advance.
 func (r *Relay) Start(ctx context.Context) error {
-	if err := r.newKeyPair(); err != nil {
+	var err error
+	if r.peer, err = newPeerTLS(); err != nil {
 		return err
 	}
 	ln, err := r.ListenDest("tcp", r.DestWAN)
 	if err != nil {
 		return fmt.Errorf("relay: listen %s: %w", r.DestWAN, err)
 	}
-	r.wanLn = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{r.cert}, ClientCAs: r.pool,
-		ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS13})
+	r.wanLn = tls.NewListener(ln, r.peer.server())
 	r.wg.Add(1)
 	go r.serveDest()
 	src, err := net.Listen("unix", r.SourceSock)
@@ -112,8 +87,7 @@ func (r *Relay) Start(ctx context.Context) error {
 		r.Close()
 		return fmt.Errorf("relay: dial %s: %w", r.DestWAN, err)
 	}
-	tc := tls.Client(raw, &tls.Config{Certificates: []tls.Certificate{r.cert}, RootCAs: r.pool,
-		ServerName: "vmhop-migration", MinVersion: tls.VersionTLS13})
+	tc := tls.Client(raw, r.peer.client())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		r.Close()
@@ -140,17 +114,22 @@ func (r *Relay) serveSource() {
 		return
 	}
 	r.track(c)
-	pipeTracked(c, r.preconn, io.MultiWriter(&r.tracker, counter{&r.toDest}))
+	var toDest io.ReadWriter = r.preconn
+	if r.Limiter != nil {
+		toDest = &paced{ctx: context.Background(), c: r.preconn, l: r.Limiter}
+	}
+	pipeTracked(c, r.preconn, toDest, io.MultiWriter(&r.tracker, counter{&r.toDest}))
 }
 
 type counter struct{ n *atomic.Int64 }
 
 func (c counter) Write(p []byte) (int, error) { c.n.Add(int64(len(p))); return len(p), nil }
 
-// pipeTracked is pipe with the client-to-server half also fed to t.
-func pipeTracked(client, server net.Conn, t io.Writer) {
+// pipeTracked is pipe with the client-to-server half written through up
+// (server itself, or a pacer over it) and also fed to t.
+func pipeTracked(client, server net.Conn, up io.Writer, t io.Writer) {
 	done := make(chan struct{}, 2)
-	go func() { io.Copy(server, io.TeeReader(client, t)); done <- struct{}{} }()
+	go func() { io.Copy(up, io.TeeReader(client, t)); done <- struct{}{} }()
 	go func() { io.Copy(client, server); done <- struct{}{} }()
 	<-done
 	client.Close()

@@ -1,0 +1,296 @@
+package storage
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// ChunkedSync runs the chunked engine between two hosts: rounds while the
+// VM runs (Converge), then one inside the pause (Final). Each round is one
+// mutually authenticated TLS 1.3 connection (per-migration certificate);
+// a connection that moves nothing for Stall is cut and redialled, and the
+// destination's manifest makes the new round resume where the old stopped.
+type ChunkedSync struct {
+	Source ChunkedSource // on the source host
+	Dest   ChunkedDest   // on the destination host
+
+	DialSource func(ctx context.Context, network, addr string) (net.Conn, error)
+	ListenDest func(network, addr string) (net.Listener, error)
+	DestWAN    string // host:port the destination end listens on
+
+	// Limiter, if set, paces what the source sends (bytes per second). The
+	// migrator shares it with the memory migration's budget.
+	Limiter *rate.Limiter
+	// FinalDelta: a live round that sent at most this many bytes ends the
+	// live rounds; MaxRounds bounds them anyway.
+	FinalDelta int64
+	MaxRounds  int
+	Stall      time.Duration // default 5s
+	Retry      time.Duration // how long Converge redials after cuts; default 2m
+	Log        *slog.Logger
+
+	tls    *peerTLS
+	ln     net.Listener
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	cur    net.Conn
+	done   chan struct{}
+	sent   atomic.Int64
+	rounds atomic.Int32
+	cuts   atomic.Int32
+}
+
+// SyncProgress is one report of the live rounds.
+type SyncProgress struct {
+	Round           int
+	Scanned, Chunks int           // of the current round
+	Sent            int64         // bytes on the wire so far, all rounds
+	Rate            float64       // bytes per second on the wire, this round
+	ETA             time.Duration // to the end of this round's scan
+}
+
+// Sent is what the source wrote to the destination, all rounds and cut
+// attempts included (before TLS).
+func (s *ChunkedSync) Sent() int64 { return s.sent.Load() }
+
+// Rounds is how many rounds completed; Cuts how many connections broke.
+func (s *ChunkedSync) Rounds() int { return int(s.rounds.Load()) }
+func (s *ChunkedSync) Cuts() int   { return int(s.cuts.Load()) }
+
+func (s *ChunkedSync) stall() time.Duration {
+	if s.Stall > 0 {
+		return s.Stall
+	}
+	return 5 * time.Second
+}
+
+// Start listens at the destination.
+func (s *ChunkedSync) Start(ctx context.Context) error {
+	if s.Log == nil {
+		s.Log = slog.Default()
+	}
+	var err error
+	if s.tls, err = newPeerTLS(); err != nil {
+		return err
+	}
+	ln, err := s.ListenDest("tcp", s.DestWAN)
+	if err != nil {
+		return fmt.Errorf("chunked sync: listen %s: %w", s.DestWAN, err)
+	}
+	s.ln = tls.NewListener(ln, s.tls.server())
+	s.wg.Add(1)
+	go s.serve()
+	return nil
+}
+
+// serve runs the destination's rounds one at a time: a new connection
+// means the source gave up on the old one, which is closed and finished
+// (its manifest saved) before the new round reads the manifest.
+func (s *ChunkedSync) serve() {
+	defer s.wg.Done()
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return
+		}
+		c.SetDeadline(time.Now().Add(s.stall()))
+		if err := c.(*tls.Conn).Handshake(); err != nil {
+			s.Log.Warn("chunked sync: handshake refused", "from", c.RemoteAddr(), "err", err)
+			c.Close()
+			continue
+		}
+		s.mu.Lock()
+		prev, prevDone := s.cur, s.done
+		done := make(chan struct{})
+		s.cur, s.done = c, done
+		s.mu.Unlock()
+		if prev != nil {
+			prev.Close()
+			<-prevDone
+		}
+		go func() {
+			defer close(done)
+			if err := s.Dest.Serve(&stallConn{Conn: c, d: s.stall()}); err != nil {
+				s.Log.Warn("chunked sync: destination round ended", "err", err)
+			}
+			c.Close()
+		}()
+	}
+}
+
+// round runs one round of src on a fresh connection.
+func (s *ChunkedSync) round(ctx context.Context, src ChunkedSource) (RoundStats, error) {
+	dctx, cancel := context.WithTimeout(ctx, s.stall())
+	raw, err := s.DialSource(dctx, "tcp", s.DestWAN)
+	cancel()
+	if err != nil {
+		return RoundStats{}, err
+	}
+	defer raw.Close()
+	tc := tls.Client(raw, s.tls.client())
+	hctx, cancel := context.WithTimeout(ctx, s.stall())
+	err = tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		return RoundStats{}, err
+	}
+	// Cancelling ctx ends the round at once, not at the next stall.
+	stop := context.AfterFunc(ctx, func() { tc.Close() })
+	defer stop()
+	conn := &paced{ctx: ctx, c: &stallConn{Conn: tc, d: s.stall()}, l: s.Limiter, n: &s.sent}
+	st, err := src.Round(ctx, conn)
+	if err == nil {
+		s.rounds.Add(1)
+	}
+	return st, err
+}
+
+// Converge runs live rounds until one is small (FinalDelta) or MaxRounds
+// ran. A cut connection is redialled until Retry passes; the round then
+// resumes from the destination's manifest.
+func (s *ChunkedSync) Converge(ctx context.Context, progress func(SyncProgress)) error {
+	retry := s.Retry
+	if retry == 0 {
+		retry = 2 * time.Minute
+	}
+	for n := 1; ; n++ {
+		var cutSince time.Time
+		for {
+			t0, base := time.Now(), s.Sent()
+			src := s.Source
+			if progress != nil {
+				src.Progress = func(p RoundProgress) {
+					el := time.Since(t0)
+					sp := SyncProgress{Round: n, Scanned: p.Scanned, Chunks: p.Chunks, Sent: s.Sent()}
+					if el > 0 {
+						sp.Rate = float64(s.Sent()-base) / el.Seconds()
+					}
+					if p.Scanned > 0 {
+						sp.ETA = time.Duration(float64(el) * float64(p.Chunks-p.Scanned) / float64(p.Scanned))
+					}
+					progress(sp)
+				}
+			}
+			st, err := s.round(ctx, src)
+			if err == nil {
+				s.Log.Info("chunked sync: round", "round", n, "chunks_sent", st.Sent, "lz4", st.Compressed,
+					"copies", st.Copied, "zeros", st.Zero, "bytes", st.Bytes, "took", time.Since(t0).Round(time.Millisecond))
+				if st.Bytes <= s.FinalDelta || n >= max(s.MaxRounds, 1) {
+					return nil
+				}
+				break
+			}
+			if errors.Is(err, ErrDigestMismatch) || ctx.Err() != nil {
+				return err
+			}
+			s.cuts.Add(1)
+			if cutSince.IsZero() {
+				cutSince = time.Now()
+			}
+			if time.Since(cutSince) > retry {
+				return fmt.Errorf("chunked sync: round %d: connection lost for over %s: %w", n, retry, err)
+			}
+			s.Log.Warn("chunked sync: connection cut, resuming", "round", n, "err", err)
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(time.Second):
+			}
+		}
+	}
+}
+
+// Final is the round inside the pause: no retry (a cut here aborts the
+// migration; the source still holds everything). Its digest comparison is
+// the migration's proof that the destination image is the source's.
+func (s *ChunkedSync) Final(ctx context.Context) (RoundStats, error) {
+	st, err := s.round(ctx, s.Source)
+	if err != nil {
+		s.cuts.Add(1)
+		return st, fmt.Errorf("chunked sync: final round: %w", err)
+	}
+	return st, nil
+}
+
+// Close stops the destination's listener and any round in progress.
+func (s *ChunkedSync) Close() error {
+	if s.ln == nil {
+		return nil
+	}
+	err := s.ln.Close()
+	s.mu.Lock()
+	if s.cur != nil {
+		s.cur.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	s.mu.Lock()
+	done := s.done
+	s.mu.Unlock()
+	if done != nil {
+		<-done
+	}
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// stallConn fails a read or write that makes no progress for d.
+type stallConn struct {
+	net.Conn
+	d time.Duration
+}
+
+func (c *stallConn) Read(p []byte) (int, error) {
+	c.Conn.SetReadDeadline(time.Now().Add(c.d))
+	return c.Conn.Read(p)
+}
+
+func (c *stallConn) Write(p []byte) (int, error) {
+	c.Conn.SetWriteDeadline(time.Now().Add(c.d))
+	return c.Conn.Write(p)
+}
+
+// paced writes through a token bucket in bytes (nil: no limit) and counts
+// what it wrote into n (if set).
+type paced struct {
+	ctx context.Context
+	c   io.ReadWriter
+	l   *rate.Limiter
+	n   *atomic.Int64
+}
+
+func (p *paced) Read(b []byte) (int, error) { return p.c.Read(b) }
+
+func (p *paced) Write(b []byte) (int, error) {
+	done := 0
+	for done < len(b) {
+		k := len(b) - done
+		if p.l != nil {
+			k = min(k, p.l.Burst())
+			if err := p.l.WaitN(p.ctx, k); err != nil {
+				return done, err
+			}
+		}
+		n, err := p.c.Write(b[done : done+k])
+		done += n
+		if p.n != nil {
+			p.n.Add(int64(n))
+		}
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
