@@ -21,6 +21,7 @@ import (
 	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/datapath"
 	"github.com/vmhop/vmhop/proxy/ddns"
+	"golang.org/x/time/rate"
 )
 
 // Plan is one migration of one QEMU VM.
@@ -34,7 +35,13 @@ type Plan struct {
 	NBDListen    netip.AddrPort // where the destination QEMU serves the disk
 	// Relay, if set, carries the NBD connection (NBDListen is then local to
 	// the destination); nil connects the QEMUs directly with their TLS.
-	Relay  *storage.Relay
+	Relay *storage.Relay
+	// Chunked, if set, moves the disk with the chunked engine instead of
+	// QEMU's mirror (NBDListen and Relay are then unused): live rounds
+	// before the memory copy, the last one inside the pause.
+	Chunked *storage.ChunkedSync
+	// Limits.Bandwidth is the whole migration's budget: the disk stream
+	// takes from it, the memory stream gets what the disk leaves.
 	Limits hypervisor.Options
 
 	OldIP, NewIP, Gateway netip.Addr
@@ -62,6 +69,8 @@ type Report struct {
 	Runtime      hypervisor.Result
 	DiskBytes    uint64 // mirrored by the bulk copy (QEMU's count: holes included)
 	DiskWire     int64  // bytes the disk mirror sent to the destination (with a Relay)
+	DiskRounds   int    // chunked engine: rounds completed, the final one included
+	DiskCuts     int    // chunked engine: connections that broke and were resumed
 	DigestMatch  bool
 	Digest       string
 	DigestRead   int64         // bytes hashed before the pause (holes are free)
@@ -88,6 +97,7 @@ type run struct {
 	undo       []func(context.Context) error // LIFO, run on failure
 	mirror     *storage.Mirror
 	dnsPre     *ddns.Result
+	diskLimit  *rate.Limiter // the disk stream's share of Limits.Bandwidth
 }
 
 func (r *run) step(ctx context.Context, name string, fn func(context.Context) error) error {
@@ -131,6 +141,15 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		rep = r.rep
 	}()
 
+	if bw := p.Limits.Bandwidth.BytesPerSecond(); bw > 0 {
+		r.diskLimit = rate.NewLimiter(rate.Limit(bw), 256<<10)
+		if p.Relay != nil && p.Relay.Limiter == nil {
+			p.Relay.Limiter = r.diskLimit
+		}
+		if p.Chunked != nil && p.Chunked.Limiter == nil {
+			p.Chunked.Limiter = r.diskLimit
+		}
+	}
 	dnsDone := make(chan error, 1)
 	if err := r.step(ctx, "datapath", r.datapath); err != nil {
 		return r.rep, err
@@ -165,14 +184,8 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	if r.srcH != nil {
 		_ = p.Driver.Source().Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": verifyBitmap}, nil)
 	}
-	if err := r.step(ctx, "disk-release", r.mirror.Complete); err != nil {
-		p.Log.Warn("mirror teardown", "err", err)
-	}
-	if p.Relay != nil {
-		r.rep.DiskWire = p.Relay.BytesToDest()
-	}
-	if p.Relay != nil {
-		p.Relay.Close()
+	if err := r.step(ctx, "disk-release", r.diskRelease); err != nil {
+		p.Log.Warn("disk teardown", "err", err)
 	}
 	if p.DNS != nil {
 		if err := r.step(ctx, "dns-flip", r.dnsFlip); err != nil {
@@ -257,6 +270,9 @@ func (r *run) diskBulk(ctx context.Context) error {
 	if err := p.Driver.ConnectSource(ctx); err != nil {
 		return err
 	}
+	if p.Chunked != nil {
+		return r.chunkedRounds(ctx)
+	}
 	// No speed cap on the mirror: QEMU 7.2 charges holes against it, so a
 	// sparse disk would crawl; the WAN is the limit.
 	r.mirror = &storage.Mirror{Src: p.Driver.Source(), Dst: p.Driver.Destination(), Node: "disk0",
@@ -282,6 +298,66 @@ func (r *run) diskBulk(ctx context.Context) error {
 				"mbit_s", int(pr.Rate/1e6), "eta", pr.ETA.Round(time.Second))
 		}
 	})
+}
+
+// chunkedRounds runs the chunked engine's live rounds: the bulk copy,
+// then deltas until one is small.
+func (r *run) chunkedRounds(ctx context.Context) error {
+	p := r.p
+	if err := p.Chunked.Start(ctx); err != nil {
+		return err
+	}
+	r.onFailure(func(context.Context) error { return p.Chunked.Close() })
+	var logged time.Time
+	err := p.Chunked.Converge(ctx, func(pr storage.SyncProgress) {
+		if time.Since(logged) > 5*time.Second {
+			logged = time.Now()
+			p.Log.Info("disk rounds", "round", pr.Round, "scanned", pr.Scanned, "chunks", pr.Chunks,
+				"sent_mib", pr.Sent>>20, "mbit_s", int(pr.Rate*8/1e6), "eta", pr.ETA.Round(time.Second))
+		}
+	})
+	r.rep.DiskWire, r.rep.DiskRounds, r.rep.DiskCuts = p.Chunked.Sent(), p.Chunked.Rounds(), p.Chunked.Cuts()
+	return err
+}
+
+// diskFinal is the disk's part of the pause: with the mirror, wait for
+// the in-flight writes and compare digests; with the chunked engine, the
+// final round (its digest comparison is the proof).
+func (r *run) diskFinal(ctx context.Context) error {
+	p := r.p
+	if p.Chunked != nil {
+		st, err := p.Chunked.Final(ctx)
+		r.rep.DiskWire, r.rep.DiskRounds, r.rep.DiskCuts = p.Chunked.Sent(), p.Chunked.Rounds(), p.Chunked.Cuts()
+		r.rep.VerifyChunks = st.Sent + st.Zero + st.Copied
+		if err != nil {
+			return err
+		}
+		r.rep.Digest, r.rep.DigestMatch = fmt.Sprintf("%x", st.Root[:8]), true
+		return nil
+	}
+	// The mirror is synchronous (write-blocking) and the source drained
+	// its disk when it paused: the destination already holds every
+	// acknowledged write, so the final delta is what is in flight, and
+	// the digests prove it. The job itself is ended after the switch,
+	// as libvirt does, keeping block-graph changes out of the pause.
+	if err := r.mirror.WaitSynced(ctx); err != nil {
+		return err
+	}
+	return r.verifyDisk(ctx)
+}
+
+// diskRelease ends the disk's transfer once the VM runs at the destination.
+func (r *run) diskRelease(ctx context.Context) error {
+	p := r.p
+	if p.Chunked != nil {
+		return p.Chunked.Close()
+	}
+	err := r.mirror.Complete(ctx)
+	if p.Relay != nil {
+		r.rep.DiskWire = p.Relay.BytesToDest()
+		p.Relay.Close()
+	}
+	return err
 }
 
 const verifyBitmap = "vmhop-verify"
@@ -410,6 +486,11 @@ func (r *run) memory(ctx context.Context) error {
 		}
 		return nil
 	})
+	if sent := r.diskSent(); sent != nil && r.diskLimit != nil {
+		sctx, stop := context.WithCancel(ctx)
+		defer stop()
+		go r.shareBandwidth(sctx, sent)
+	}
 	res, err := p.Driver.Migrate(ctx, p.Limits, p.Progress, func(ctx context.Context) error {
 		// Packets for the VM go to the destination from now: every one that
 		// reached the stopped source would be lost with it.
@@ -417,15 +498,7 @@ func (r *run) memory(ctx context.Context) error {
 			return err
 		}
 		redirectOn = true
-		// The mirror is synchronous (write-blocking) and the source drained
-		// its disk when it paused: the destination already holds every
-		// acknowledged write, so the final delta is what is in flight, and
-		// the digests prove it. The job itself is ended after the switch,
-		// as libvirt does, keeping block-graph changes out of the pause.
-		if err := r.mirror.WaitSynced(ctx); err != nil {
-			return err
-		}
-		if err := r.verifyDisk(ctx); err != nil {
+		if err := r.diskFinal(ctx); err != nil {
 			return err
 		}
 		if p.OnSwitch != nil {
@@ -436,6 +509,53 @@ func (r *run) memory(ctx context.Context) error {
 	r.rep.Runtime = res
 	r.rep.Pause = res.Downtime
 	return err
+}
+
+// diskSent counts the disk stream's bytes to the destination (nil: no
+// count, as without a relay).
+func (r *run) diskSent() func() int64 {
+	switch {
+	case r.p.Chunked != nil:
+		return r.p.Chunked.Sent
+	case r.p.Relay != nil:
+		return r.p.Relay.BytesToDest
+	}
+	return nil
+}
+
+// shareBandwidth keeps the memory stream's cap at what the disk stream
+// (mirrored writes) leaves of the budget, measured every half second.
+func (r *run) shareBandwidth(ctx context.Context, sent func() int64) {
+	total := r.p.Limits.Bandwidth.BytesPerSecond()
+	cur, last, lastT := total, sent(), time.Now()
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		n, now := sent(), time.Now()
+		want := MemoryShare(total, float64(n-last)/now.Sub(lastT).Seconds())
+		last, lastT = n, now
+		if want*10 < cur*9 || want*10 > cur*11 {
+			if err := r.p.Driver.SetBandwidth(ctx, want); err != nil {
+				r.p.Log.Warn("memory bandwidth", "err", err)
+				continue
+			}
+			r.p.Log.Info("memory bandwidth", "mbit_s", want*8/1e6, "disk_mbit_s", (total-want)*8/1e6)
+			cur = want
+		}
+	}
+}
+
+// MemoryShare is the memory stream's cap when the disk stream runs at
+// diskRate (bytes/s) within a budget of total: what the disk leaves, but
+// never under a quarter, so the memory copy always converges.
+func MemoryShare(total uint64, diskRate float64) uint64 {
+	left := float64(total) - max(diskRate, 0)
+	return max(uint64(max(left, 0)), total/4)
 }
 
 func (r *run) dnsFlip(ctx context.Context) error {

@@ -1,11 +1,14 @@
 package migrator_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -15,6 +18,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/guest"
@@ -137,6 +141,7 @@ func TestMigration(t *testing.T) {
 	for _, ph := range rep.Phases {
 		t.Logf("phase %-14s %s", ph.Name, ph.Duration.Round(time.Millisecond))
 	}
+	t.Logf("redirect on %s after the source stopped (QEMU's event time to the hook)", rep.Runtime.HookLag)
 	t.Logf("total %s, pause %s (hook %s), disk %d MiB mirrored, digest %s (read %d MiB), redirected %v",
 		rep.Total.Round(time.Millisecond), rep.Pause, rep.Runtime.Hook.Round(time.Millisecond), rep.DiskBytes>>20,
 		rep.Digest, rep.DigestRead>>20, rep.Redirected)
@@ -196,6 +201,8 @@ func TestMigration(t *testing.T) {
 			}
 		}
 	}
+
+	pausedVMHoldsSegments(t, l, p)
 
 	// Drain: the probe stopped, so old flows are idle; the redirect goes.
 	p.DrainIdle = time.Second
@@ -360,4 +367,157 @@ func TestWANCutDuringBulk(t *testing.T) {
 	if bulk < 10*time.Second {
 		t.Fatalf("disk-bulk took %s: the cut at %s did not fall inside it", bulk, at)
 	}
+}
+
+// TestChunkedMigrationAcrossWANCut moves the guest with the chunked engine
+// (the path for disks without hypervisor dirty tracking) while its disk
+// writer runs, and cuts site A's WAN link for 8 s during the bulk round:
+// longer than the engine's stall limit, so the connection breaks and a new
+// one resumes from the destination's manifest. Every acknowledged record
+// must be at site B, the digests equal, the bytes on the wire within 1.05 x
+// (allocated + rewritten), the link's budget respected.
+func TestChunkedMigrationAcrossWANCut(t *testing.T) {
+	labtest.RequireTools(t, "tcpdump")
+	l := labtest.New(t, lab.Config{})
+	ctx := context.Background()
+	vm, err := l.StartVM(ctx, lab.VMConfig{DiskSize: units.GiB, Prefill: 256 * units.MiB})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitGuest(ctx, vm.IP, 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	m := spec(t)
+	m.Storage.Mode = "chunked"
+	p, err := labrun.Plan(ctx, l, vm, m, slog.New(slog.NewTextHandler(testWriter{t}, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { labrun.Cleanup(p) })
+	if p.Chunked == nil || p.Relay != nil {
+		t.Fatal("storage.mode chunked did not select the chunked engine")
+	}
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	allocated, err := storage.Allocated(vm.Machine.Disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	cut := make(chan time.Duration, 1)
+	go func() {
+		time.Sleep(8 * time.Second) // inside the ~22 s bulk round
+		at := time.Since(start)
+		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "down")
+		time.Sleep(8 * time.Second)
+		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "up")
+		cut <- at
+	}()
+	rep, err := migrator.Run(ctx, p)
+	if err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	at := <-cut
+	var rounds time.Duration
+	for _, ph := range rep.Phases {
+		t.Logf("phase %-14s %s", ph.Name, ph.Duration.Round(time.Millisecond))
+		if ph.Name == "disk-bulk" {
+			rounds = ph.Duration
+		}
+	}
+	after, err := l.GuestStatus(ctx, lab.Client, lab.NewIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rewritten := int64(after.DiskAcked-before.DiskAcked+1) * guest.RecordSize
+	t.Logf("cut at %s for 8s; %d rounds, %d cuts, live rounds took %s; sent %d MiB for %d MiB allocated + %d KiB rewritten (%.3f x); pause %s, %d chunks in it; digest %s",
+		at.Round(time.Millisecond), rep.DiskRounds, rep.DiskCuts, rounds.Round(time.Millisecond), rep.DiskWire>>20, allocated>>20, rewritten>>10,
+		float64(rep.DiskWire)/float64(allocated+rewritten), rep.Pause, rep.VerifyChunks, rep.Digest)
+	if !rep.DigestMatch || rep.DiskRounds < 2 {
+		t.Fatalf("digest match %v after %d rounds", rep.DigestMatch, rep.DiskRounds)
+	}
+	if rep.DiskCuts < 1 || rounds < 16*time.Second {
+		t.Fatalf("the cut at %s (%d connection cuts) did not fall inside the %s of live rounds", at, rep.DiskCuts, rounds)
+	}
+	if float64(rep.DiskWire) > 1.05*float64(allocated+rewritten) {
+		t.Fatalf("sent %d bytes for %d allocated + %d rewritten: the copy restarted", rep.DiskWire, allocated, rewritten)
+	}
+	// 100 Mbit/s budget: the bytes cannot have gone faster than it allows.
+	if min := time.Duration(float64(rep.DiskWire) / float64(m.Limits.Bandwidth.BytesPerSecond()) * float64(time.Second)); rounds < min {
+		t.Fatalf("%d bytes in %s: faster than the %s budget", rep.DiskWire, rounds, m.Limits.Bandwidth)
+	}
+	if after.BootID != before.BootID || after.DiskErrors != 0 {
+		t.Fatalf("guest after: %+v, before: %+v", after, before)
+	}
+	if r := verify(t, l, lab.Client, lab.NewIP, after.DiskAcked); !r.OK() || r.Checked == 0 {
+		t.Fatalf("disk records at site B: %+v", r)
+	}
+}
+
+// pausedVMHoldsSegments: with the VM at site B and the redirect on, the VM
+// is stopped (as it is before it resumes at the switch) while the client
+// sends on a TCP connection to the old address; after 150 ms it runs
+// again. The segments must have waited in the tap: the echo comes back
+// before the client's retransmission timeout, and none fires (a lost
+// segment is only recovered by the RTO: the tail-loss probe sent before
+// it is lost too while the VM is stopped).
+func pausedVMHoldsSegments(t *testing.T, l *lab.Lab, p *migrator.Plan) {
+	t.Helper()
+	ctx := context.Background()
+	c, err := l.Dialer(lab.Client)(ctx, "tcp", netip.AddrPortFrom(lab.OldIP, 7).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := bytes.Repeat([]byte("held in the tap "), 64) // 1 KiB
+	echo := func(n int) time.Duration {
+		t0 := time.Now()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		got := make([]byte, n*len(msg))
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, bytes.Repeat(msg, n)) {
+			t.Fatalf("echo: %v (%q...)", err, got[:min(32, len(got))])
+		}
+		return time.Since(t0)
+	}
+	c.Write(msg)
+	echo(1)
+	before, rtoBefore := tcpInfo(t, c), tcpTimeouts(t, l)
+	dst := p.Driver.Destination()
+	if err := dst.Execute(ctx, "stop", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	const segments = 3
+	t0 := time.Now()
+	for range segments {
+		c.Write(msg)
+	}
+	time.Sleep(150 * time.Millisecond)
+	if err := dst.Execute(ctx, "cont", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	echo(segments)
+	took := time.Since(t0)
+	after, rtos := tcpInfo(t, c), tcpTimeouts(t, l)-rtoBefore
+	rto := time.Duration(after.Rto) * time.Microsecond
+	t.Logf("VM stopped 150 ms at site B: %d segments echoed %s after sending; client RTO %s; retransmission timeouts %d, segments resent %d (tail-loss probes)",
+		segments, took.Round(time.Millisecond), rto, rtos, after.Total_retrans-before.Total_retrans)
+	if rtos != 0 || took >= rto {
+		t.Fatalf("%d retransmission timeouts, echo after %s (RTO %s): the paused VM's tap lost segments", rtos, took, rto)
+	}
+}
+
+func tcpInfo(t *testing.T, c net.Conn) *unix.TCPInfo {
+	t.Helper()
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	raw.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info
 }

@@ -87,6 +87,10 @@ func (o Outcome) Print(w io.Writer) {
 		r.Runtime.Transferred>>20, r.Runtime.Iterations, r.Runtime.Total.Round(time.Millisecond), r.Pause, r.Runtime.Hook.Round(time.Millisecond))
 	fmt.Fprintf(w, "disk: %d MiB sent to the destination; digest %s, source = destination: %v (%d MiB hashed before the pause, %d MiB in it, %d chunks)\n",
 		r.DiskWire>>20, r.Digest, r.DigestMatch, r.DigestRead>>20, r.VerifyRead>>20, r.VerifyChunks)
+	if r.DiskRounds > 0 {
+		fmt.Fprintf(w, "disk (chunked engine): %d rounds, %d connection cuts resumed, %d chunks sent inside the pause\n",
+			r.DiskRounds, r.DiskCuts, r.VerifyChunks)
+	}
 	fmt.Fprintf(w, "dns: %v -> %v\n", r.DNSBefore, r.DNSAfter)
 	fmt.Fprintf(w, "client probe: %d requests, %d answered, %d reconnects\n", o.Sent, o.Got, o.Reconnects)
 	fmt.Fprintf(w, "client-visible disruption (packet capture, %d packets): %s in %d gaps, longest %s\n",

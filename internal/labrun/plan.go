@@ -24,10 +24,12 @@ import (
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
-// Ports the destination listens on for the memory stream and the disk mirror.
+// Ports the destination listens on for the memory stream and the disk
+// (mirror; its relay on NBDPort+1; the chunked engine).
 const (
 	MigrationPort = 4444
 	NBDPort       = 10809
+	ChunkedPort   = 10811
 )
 
 // Plan builds the plan that moves vm from site A to site B of l under spec
@@ -96,6 +98,18 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL, MaxTTLWait: 10 * time.Second,
 		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
 		Log: log,
+	}
+	if spec.Storage.Mode == "chunked" {
+		p.Relay = nil
+		p.Chunked = &storage.ChunkedSync{
+			Source:     storage.ChunkedSource{Path: vm.Machine.Disk, Chunk: int(spec.Storage.ChunkSize), Compress: true},
+			Dest:       storage.ChunkedDest{Path: dm.Disk},
+			DialSource: l.Dialer(lab.SiteA),
+			ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
+			DestWAN:    netip.AddrPortFrom(lab.HostB, ChunkedPort).String(),
+			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
+			Log: log,
+		}
 	}
 	keyFile := spec.DNS.TSIGKeyFile
 	if _, err := os.Stat(keyFile); err != nil {

@@ -58,6 +58,8 @@ type Result struct {
 	Total       time.Duration // start to completion
 	Downtime    time.Duration // as the hypervisor reports it (includes the switchover hook)
 	Hook        time.Duration // time spent in the switchover hook
+	HookAt      time.Time     // when the switchover hook started
+	HookLag     time.Duration // from the source's stop (QEMU's event time) to the hook's start; 0: not known
 	Transferred uint64        // bytes sent
 	Iterations  uint64        // passes over memory
 }

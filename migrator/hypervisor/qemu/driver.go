@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -174,6 +175,15 @@ func (d *Driver) ConnectSource(ctx context.Context) error {
 	return nil
 }
 
+// SetBandwidth changes the memory stream's cap while it runs (the
+// migrator gives it what the disk stream leaves of the shared budget).
+func (d *Driver) SetBandwidth(ctx context.Context, bytesPerSecond uint64) error {
+	if d.src == nil {
+		return errors.New("set bandwidth: source not connected")
+	}
+	return d.src.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": bytesPerSecond}, nil)
+}
+
 // TLSObject names the TLS credentials object both QEMUs hold once
 // ConnectSource and PrepareDestination ran ("" without TLS).
 func (d *Driver) TLSObject() string {
@@ -225,8 +235,6 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 	if err := d.ConnectSource(ctx); err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
 	}
-	// Commands that must reach QEMU even when ctx is cancelled.
-	bg := context.Background()
 	downtime := opts.Downtime
 	params := map[string]any{
 		"max-bandwidth":  opts.Bandwidth.BytesPerSecond(),
@@ -262,6 +270,7 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 	defer tick.Stop()
 	budget := uint64(opts.MaxIterations)
 	hooked := false
+	var stoppedAt time.Time // QEMU's time of the stop, from its event
 	for {
 		select {
 		case <-ctx.Done():
@@ -272,6 +281,19 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 			return res, fmt.Errorf("migrate: source QMP connection lost (did the source QEMU exit?)")
 		case ev := <-events:
 			if ev.Name != "MIGRATION" {
+				continue
+			}
+			// The stop itself: hook at once, without a query round trip
+			// (every packet reaching the stopped source is lost with it).
+			var st struct{ Status string }
+			if json.Unmarshal(ev.Data, &st) == nil && st.Status == "pre-switchover" {
+				stoppedAt = ev.Time
+				if !hooked {
+					hooked = true
+					if err := d.switchover(ctx, &res, switchover); err != nil {
+						return res, err
+					}
+				}
 				continue
 			}
 		case <-tick.C:
@@ -297,16 +319,14 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 				continue
 			}
 			hooked = true
-			t0 := time.Now()
-			if err := switchover(ctx); err != nil {
-				return res, d.abort(fmt.Errorf("%w: %v", hypervisor.ErrSwitchover, err))
-			}
-			res.Hook = time.Since(t0)
-			if err := d.src.Execute(bg, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
-				return res, d.abort(fmt.Errorf("migrate: %w", err))
+			if err := d.switchover(ctx, &res, switchover); err != nil {
+				return res, err
 			}
 		case "completed":
 			res.Total = elapsed
+			if !stoppedAt.IsZero() && !res.HookAt.IsZero() {
+				res.HookLag = res.HookAt.Sub(stoppedAt)
+			}
 			if q.Downtime == 0 { // the event can beat the final statistics
 				time.Sleep(20 * time.Millisecond)
 				_ = d.src.Execute(ctx, "query-migrate", nil, &q)
@@ -341,6 +361,20 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 			}
 		}
 	}
+}
+
+// switchover runs the hook in the source's pause, then lets QEMU finish.
+func (d *Driver) switchover(ctx context.Context, res *hypervisor.Result, hook hypervisor.Switchover) error {
+	t0 := time.Now()
+	res.HookAt = t0
+	if err := hook(ctx); err != nil {
+		return d.abort(fmt.Errorf("%w: %v", hypervisor.ErrSwitchover, err))
+	}
+	res.Hook = time.Since(t0)
+	if err := d.src.Execute(context.Background(), "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
+		return d.abort(fmt.Errorf("migrate: %w", err))
+	}
+	return nil
 }
 
 // abort cancels the migration on the source, waits until QEMU has left the
