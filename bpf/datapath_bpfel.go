@@ -51,6 +51,7 @@ type DatapathVm struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	DatapathMapEgressPorts    = "egress_ports"
 	DatapathMapFlows          = "flows"
 	DatapathMapNat            = "nat"
 	DatapathMapPeers          = "peers"
@@ -112,12 +113,13 @@ type DatapathProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathMapSpecs struct {
-	Flows     *ebpf.MapSpec `ebpf:"flows"`
-	Nat       *ebpf.MapSpec `ebpf:"nat"`
-	Peers     *ebpf.MapSpec `ebpf:"peers"`
-	Redirects *ebpf.MapSpec `ebpf:"redirects"`
-	Stats     *ebpf.MapSpec `ebpf:"stats"`
-	Vms       *ebpf.MapSpec `ebpf:"vms"`
+	EgressPorts *ebpf.MapSpec `ebpf:"egress_ports"`
+	Flows       *ebpf.MapSpec `ebpf:"flows"`
+	Nat         *ebpf.MapSpec `ebpf:"nat"`
+	Peers       *ebpf.MapSpec `ebpf:"peers"`
+	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
+	Vms         *ebpf.MapSpec `ebpf:"vms"`
 }
 
 // DatapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -147,16 +149,18 @@ func (o *DatapathObjects) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathMaps struct {
-	Flows     *ebpf.Map `ebpf:"flows"`
-	Nat       *ebpf.Map `ebpf:"nat"`
-	Peers     *ebpf.Map `ebpf:"peers"`
-	Redirects *ebpf.Map `ebpf:"redirects"`
-	Stats     *ebpf.Map `ebpf:"stats"`
-	Vms       *ebpf.Map `ebpf:"vms"`
+	EgressPorts *ebpf.Map `ebpf:"egress_ports"`
+	Flows       *ebpf.Map `ebpf:"flows"`
+	Nat         *ebpf.Map `ebpf:"nat"`
+	Peers       *ebpf.Map `ebpf:"peers"`
+	Redirects   *ebpf.Map `ebpf:"redirects"`
+	Stats       *ebpf.Map `ebpf:"stats"`
+	Vms         *ebpf.Map `ebpf:"vms"`
 }
 
 func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
+		m.EgressPorts,
 		m.Flows,
 		m.Nat,
 		m.Peers,

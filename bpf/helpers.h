@@ -44,8 +44,9 @@ static __always_inline int drop(__u32 ip, enum counter why)
 }
 
 /* fib_redirect sends the packet (IPv4 from src to dst, Ethernet header in
- * place) out of the interface the FIB picks, with the next hop's MAC; if the
- * neighbour is not resolved yet, the kernel resolves it (redirect_neigh).
+ * place) out of the interface the FIB picks (or, for a bridge, its uplink
+ * port: egress_ports), with the next hop's MAC; if the neighbour is not
+ * resolved yet, the kernel resolves it (redirect_neigh).
  * Returns a TC action. */
 static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst)
 {
@@ -61,7 +62,8 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (bpf_skb_store_bytes(skb, 0, p.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p.smac, 6, 0))
 			return drop(key, C_DROP_ERROR);
-		return bpf_redirect(p.ifindex, 0);
+		__u32 *port = bpf_map_lookup_elem(&egress_ports, &p.ifindex);
+		return bpf_redirect(port ? *port : p.ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return bpf_redirect_neigh(p.ifindex, NULL, 0, 0);

@@ -58,3 +58,17 @@ struct {
 	__type(value, struct counters);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
+
+/* A bridge the FIB routes out of -> the uplink port under it. Sending out of
+ * the port itself keeps tunnelled packets GSO: a bridge device has no
+ * encapsulation offloads, so GSO packets with an outer header sent to it are
+ * segmented (and checksummed) in software, which cost the redirect five
+ * sixths of its throughput in the lab. Set when the uplink program is
+ * attached to a bridge port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} egress_ports SEC(".maps");

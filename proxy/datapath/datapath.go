@@ -137,6 +137,11 @@ func (d *Datapath) Attach(h Hook, ifname string) error {
 	if err != nil {
 		return fmt.Errorf("datapath: attach %s: lookup interface %q: %w", h, ifname, err)
 	}
+	if h == Uplink {
+		if err := d.setEgressPort(ifi); err != nil {
+			return err
+		}
+	}
 	if !d.opts.Legacy {
 		err := d.attachTCX(h, ifi, prog)
 		if !errors.Is(err, ebpf.ErrNotSupported) {
@@ -145,6 +150,27 @@ func (d *Datapath) Attach(h Hook, ifname string) error {
 		d.opts.Legacy = true // kernel before 6.6: no TCX
 	}
 	return d.attachTC(h, ifi, prog)
+}
+
+// setEgressPort: if the uplink is a port of a bridge, packets the FIB
+// routes out of the bridge leave by the port itself (see egress_ports in
+// bpf/maps.h: a bridge segments tunnelled GSO packets in software).
+func (d *Datapath) setEgressPort(ifi *net.Interface) error {
+	l, err := netlink.LinkByIndex(ifi.Index)
+	if err != nil {
+		return fmt.Errorf("datapath: attach uplink to %s: %w", ifi.Name, err)
+	}
+	master := uint32(l.Attrs().MasterIndex)
+	if master == 0 {
+		return nil
+	}
+	if m, err := netlink.LinkByIndex(int(master)); err != nil || m.Type() != "bridge" {
+		return nil
+	}
+	if err := d.objs.EgressPorts.Put(master, uint32(ifi.Index)); err != nil {
+		return fmt.Errorf("datapath: egress port %s: %w", ifi.Name, err)
+	}
+	return nil
 }
 
 func (d *Datapath) linkPin(h Hook, ifi *net.Interface) string {
