@@ -283,6 +283,10 @@ func (r *run) diskBulk(ctx context.Context) error {
 		}
 		r.onFailure(func(context.Context) error { return p.Relay.Close() })
 		r.mirror.SourceSocket, r.mirror.TLS = p.Relay.SourceSock, ""
+		// A WAN cut longer than the relay's stall limit breaks the NBD
+		// connection; QEMU reconnects and the job carries on.
+		r.mirror.ReconnectDelay = mirrorReconnectDelay
+		r.mirror.BeforeConnect = p.Relay.Negotiate
 	}
 	if err := r.mirror.Start(ctx); err != nil {
 		r.mirror.Abort(context.Background())
@@ -354,13 +358,17 @@ func (r *run) diskRelease(ctx context.Context) error {
 	}
 	err := r.mirror.Complete(ctx)
 	if p.Relay != nil {
-		r.rep.DiskWire = p.Relay.BytesToDest()
+		r.rep.DiskWire, r.rep.DiskCuts = p.Relay.BytesToDest(), p.Relay.Reconnects()
 		p.Relay.Close()
 	}
 	return err
 }
 
 const verifyBitmap = "vmhop-verify"
+
+// mirrorReconnectDelay is how long the mirror's requests wait for the
+// WAN to come back before the job (and the migration) fails.
+const mirrorReconnectDelay = 60 * time.Second
 
 // diskPrehash hashes both images once the bulk copy is done, so that the
 // pause only re-hashes what was written since. Two independent records of

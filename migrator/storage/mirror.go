@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -32,6 +33,14 @@ type Mirror struct {
 	TLS string
 	// Speed caps the bulk copy; 0 is unlimited.
 	Speed units.Bitrate
+	// ReconnectDelay, if set, lets the source's NBD client reconnect after
+	// its connection broke, holding requests that long (with a Relay,
+	// which gives up on a stalled WAN connection).
+	ReconnectDelay time.Duration
+	// BeforeConnect, if set, runs once the destination exports the disk
+	// (named export) and before the source connects to it (a Relay's
+	// Negotiate).
+	BeforeConnect func(ctx context.Context, export string) error
 
 	started, exported, targetAdded bool
 }
@@ -65,6 +74,11 @@ func (m *Mirror) Start(ctx context.Context) error {
 		"node-name": m.Node, "name": m.Node, "writable": true}, nil); err != nil {
 		return fmt.Errorf("mirror: %w", err)
 	}
+	if m.BeforeConnect != nil {
+		if err := m.BeforeConnect(ctx, m.Node); err != nil {
+			return fmt.Errorf("mirror: %w", err)
+		}
+	}
 	server := map[string]any{"type": "inet", "host": m.Listen.Addr().String(), "port": strconv.Itoa(int(m.Listen.Port()))}
 	if m.SourceSocket != "" {
 		server = map[string]any{"type": "unix", "path": m.SourceSocket}
@@ -72,6 +86,9 @@ func (m *Mirror) Start(ctx context.Context) error {
 	target := map[string]any{"driver": "nbd", "node-name": mirrorNode, "export": m.Node, "server": server}
 	if m.TLS != "" {
 		target["tls-creds"] = m.TLS
+	}
+	if m.ReconnectDelay > 0 {
+		target["reconnect-delay"] = int(m.ReconnectDelay.Seconds())
 	}
 	if err := m.Src.Execute(ctx, "blockdev-add", target, nil); err != nil {
 		return fmt.Errorf("mirror: %w", err)
@@ -226,10 +243,11 @@ func (m *Mirror) teardown(ctx context.Context) error {
 	if m.exported {
 		// The source has let go; "hard" closes the NBD connection the
 		// server may still be tearing down instead of failing "in use".
-		if err := m.Dst.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && first == nil {
+		// A destination whose QEMU is gone has nothing left to take down.
+		if err := m.Dst.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && first == nil && !errors.Is(err, qemu.ErrClosed) {
 			first = err
 		}
-		if err := m.Dst.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil {
+		if err := m.Dst.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil && !errors.Is(err, qemu.ErrClosed) {
 			first = err
 		}
 		m.exported = false

@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 )
 
@@ -20,11 +22,19 @@ import (
 // Why: QEMU 7.2 connects an NBD block node synchronously, holding its main
 // lock; the guest's network stops until the TCP, TLS and NBD handshakes
 // are done — about 13 WAN round trips, half a second on the lab's WAN. With
-// the relay, QEMU's connection is local at both ends and only the NBD
-// negotiation crosses the WAN.
+// the relay, QEMU's connection is local at both ends, and the relay does
+// the NBD negotiation with the destination beforehand (Negotiate) and
+// answers QEMU's from it (see nbd.go): nothing QEMU waits for at connect
+// crosses the WAN.
 //
 // Both ends hold the same per-migration key and certificate (the way both
 // QEMUs would hold a pre-shared key) and accept only that certificate.
+//
+// A WAN connection with data unacknowledged for Stall (TCP_USER_TIMEOUT)
+// is given up; the source QEMU, whose NBD node has a reconnect delay, then
+// connects again, the relay dials a new WAN connection for it, QEMU
+// resends the requests that were in flight, and the mirror job carries on
+// from its own dirty bitmap: what arrived is not sent again.
 type Relay struct {
 	// Dial opens the WAN connection at the source host and the local NBD
 	// connection at the destination host (tests pass namespace-aware ones).
@@ -39,21 +49,40 @@ type Relay struct {
 	// Limiter, if set, paces the bytes to the destination (shared with the
 	// memory stream's budget by the migrator).
 	Limiter *rate.Limiter
+	// Stall bounds how long sent data may stay unacknowledged on a WAN
+	// connection before it is given up (default 5s).
+	Stall time.Duration
 
-	peer    *peerTLS
-	wanLn   net.Listener
-	srcLn   net.Listener
-	preconn net.Conn
-	wg      sync.WaitGroup
-	mu      sync.Mutex
-	conns   []net.Conn
-	tracker nbdTracker
-	toDest  atomic.Int64 // bytes from the source QEMU to the destination
+	reconnects atomic.Int32
+	peer       *peerTLS
+	wanLn      net.Listener
+	srcLn      net.Listener
+	upMu       sync.Mutex // guards preconn, export, prepared (held across WAN I/O)
+	preconn    net.Conn   // TLS to the destination end, opened by Start
+	export     string     // the NBD export's name (Negotiate)
+	prepared   *nbdExport // preconn's negotiation, done by Negotiate; nil: not yet
+	known      *nbdExport // the export as last negotiated
+	wg         sync.WaitGroup
+	mu         sync.Mutex
+	conns      []net.Conn
+	tracker    nbdTracker
+	toDest     atomic.Int64 // bytes from the source QEMU to the destination
 }
 
 // BytesToDest is how many bytes the source sent to the destination
 // through the relay (NBD payload and headers, before TLS).
 func (r *Relay) BytesToDest() int64 { return r.toDest.Load() }
+
+// Reconnects is how many times the source QEMU's connection was carried
+// on a new WAN connection after the previous one broke.
+func (r *Relay) Reconnects() int { return int(r.reconnects.Load()) }
+
+func (r *Relay) stall() time.Duration {
+	if r.Stall > 0 {
+		return r.Stall
+	}
+	return 5 * time.Second
+}
 
 // ResetTracking starts recording which clusters the source writes to the
 // destination from now on.
@@ -82,16 +111,10 @@ func (r *Relay) Start(ctx context.Context) error {
 		return fmt.Errorf("relay: listen %s: %w", r.SourceSock, err)
 	}
 	r.srcLn = src
-	raw, err := r.DialSource(ctx, "tcp", r.DestWAN)
+	tc, err := r.dialWAN(ctx)
 	if err != nil {
 		r.Close()
-		return fmt.Errorf("relay: dial %s: %w", r.DestWAN, err)
-	}
-	tc := tls.Client(raw, r.peer.client())
-	if err := tc.HandshakeContext(ctx); err != nil {
-		raw.Close()
-		r.Close()
-		return fmt.Errorf("relay: tls handshake: %w", err)
+		return err
 	}
 	r.preconn = tc
 	r.track(tc)
@@ -106,19 +129,166 @@ func (r *Relay) track(c net.Conn) {
 	r.mu.Unlock()
 }
 
-// serveSource pairs the first QEMU connection with the prepared TLS one.
-func (r *Relay) serveSource() {
-	defer r.wg.Done()
-	c, err := r.srcLn.Accept()
+// dialWAN opens a TLS connection to the destination end.
+func (r *Relay) dialWAN(ctx context.Context) (net.Conn, error) {
+	raw, err := r.DialSource(ctx, "tcp", r.DestWAN)
 	if err != nil {
+		return nil, fmt.Errorf("relay: dial %s: %w", r.DestWAN, err)
+	}
+	giveUpUnacked(raw, r.stall())
+	tc := tls.Client(raw, r.peer.client())
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("relay: tls handshake: %w", err)
+	}
+	return tc, nil
+}
+
+// giveUpUnacked makes a TCP connection fail once sent data (or a
+// keepalive probe) stays unacknowledged for d, instead of the kernel's
+// many minutes: a cut WAN is noticed, and QEMU reconnects.
+func giveUpUnacked(c net.Conn, d time.Duration) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
 		return
 	}
-	r.track(c)
-	var toDest io.ReadWriter = r.preconn
-	if r.Limiter != nil {
-		toDest = &paced{ctx: context.Background(), c: r.preconn, l: r.Limiter}
+	tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: d / 2, Interval: time.Second, Count: 3})
+	if raw, err := tc.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) {
+			unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
+		})
 	}
-	pipeTracked(c, r.preconn, toDest, io.MultiWriter(&r.tracker, counter{&r.toDest}))
+}
+
+// Negotiate does the NBD negotiation for export with the destination's
+// server over the prepared WAN connection, before the source QEMU
+// connects; call it once the export exists.
+func (r *Relay) Negotiate(ctx context.Context, export string) error {
+	r.upMu.Lock()
+	defer r.upMu.Unlock()
+	r.export = export
+	exp, err := r.negotiate(ctx, r.preconn)
+	if err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+	r.prepared = exp
+	return nil
+}
+
+// negotiate asks the destination end to connect its NBD server (one byte),
+// then negotiates the export over conn.
+func (r *Relay) negotiate(ctx context.Context, conn net.Conn) (*nbdExport, error) {
+	if d, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(d)
+	} else {
+		conn.SetDeadline(time.Now().Add(r.stall()))
+	}
+	defer conn.SetDeadline(time.Time{})
+	if _, err := conn.Write([]byte{'N'}); err != nil {
+		return nil, err
+	}
+	exp, err := nbdClientHandshake(conn, r.export)
+	if err != nil && strings.Contains(err.Error(), destGone) {
+		return nil, errDestGone
+	}
+	if err == nil {
+		r.known = exp
+	}
+	return exp, err
+}
+
+// destGone is what the destination end sends instead of the NBD server's
+// greeting when that server no longer accepts connections.
+const destGone = "VHRELAY-NO-NBD--"
+
+var errDestGone = errors.New("the destination's NBD server is gone")
+
+// upstream returns a negotiated WAN connection for a new QEMU connection:
+// the prepared one first; later ones (QEMU reconnecting after a cut) are
+// dialled and negotiated now.
+func (r *Relay) upstream() (net.Conn, *nbdExport, error) {
+	r.upMu.Lock()
+	defer r.upMu.Unlock()
+	if r.preconn != nil {
+		conn, exp := r.preconn, r.prepared
+		r.preconn, r.prepared = nil, nil
+		if exp != nil {
+			return conn, exp, nil
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.stall())
+		defer cancel()
+		exp, err := r.negotiate(ctx, conn)
+		if errors.Is(err, errDestGone) {
+			exp = r.known
+		}
+		return conn, exp, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*r.stall())
+	defer cancel()
+	conn, err := r.dialWAN(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	r.track(conn)
+	exp, err := r.negotiate(ctx, conn)
+	if err == nil {
+		r.reconnects.Add(1)
+	}
+	if errors.Is(err, errDestGone) {
+		exp = r.known
+	}
+	return conn, exp, err
+}
+
+// serveSource answers each source QEMU connection's NBD negotiation
+// locally and splices its transmission phase onto a negotiated WAN
+// connection.
+func (r *Relay) serveSource() {
+	defer r.wg.Done()
+	for {
+		c, err := r.srcLn.Accept()
+		if err != nil {
+			return
+		}
+		r.track(c)
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			wan, exp, err := r.upstream()
+			if errors.Is(err, errDestGone) && exp != nil {
+				// Answer QEMU's requests with errors: its mirror job fails
+				// at once, and the source's I/O does not hang on a
+				// reconnect that cannot succeed.
+				wan.Close()
+				c.SetDeadline(time.Now().Add(r.stall()))
+				if nbdServeHandshake(c, exp) == nil {
+					c.SetDeadline(time.Time{})
+					nbdRefuseRequests(c)
+				}
+				c.Close()
+				return
+			}
+			if err != nil {
+				c.Close() // QEMU tries again while its reconnect delay lasts
+				if wan != nil {
+					wan.Close()
+				}
+				return
+			}
+			c.SetDeadline(time.Now().Add(r.stall()))
+			if err := nbdServeHandshake(c, exp); err != nil {
+				c.Close()
+				wan.Close()
+				return
+			}
+			c.SetDeadline(time.Time{})
+			var up io.Writer = wan
+			if r.Limiter != nil {
+				up = &paced{ctx: context.Background(), c: wan, l: r.Limiter}
+			}
+			pipeTracked(c, wan, up, io.MultiWriter(r.tracker.transmission(), counter{&r.toDest}))
+		}()
+	}
 }
 
 type counter struct{ n *atomic.Int64 }
@@ -148,7 +318,14 @@ func (r *Relay) serveDest() {
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
+			giveUpUnacked(c.(*tls.Conn).NetConn(), r.stall())
 			if err := c.(*tls.Conn).Handshake(); err != nil {
+				c.Close()
+				return
+			}
+			// The source says when the export exists: one byte.
+			b := make([]byte, 1)
+			if _, err := io.ReadFull(c, b); err != nil || b[0] != 'N' {
 				c.Close()
 				return
 			}
@@ -156,6 +333,9 @@ func (r *Relay) serveDest() {
 			nbd, err := r.DialDest(ctx, "tcp", r.DestNBD)
 			cancel()
 			if err != nil {
+				// The destination QEMU is gone: say so, so the source's
+				// NBD requests fail now instead of waiting to reconnect.
+				c.Write([]byte(destGone))
 				c.Close()
 				return
 			}

@@ -10,22 +10,31 @@ import (
 // bitmap granularity it is checked against).
 const TrackGranularity = 64 << 10
 
-// nbdTracker reads the client-to-server half of an NBD connection and
-// records which clusters the client writes (WRITE, WRITE_ZEROES, TRIM)
-// once the transmission phase has begun.
+// nbdTracker records which clusters an NBD client writes (WRITE,
+// WRITE_ZEROES, TRIM) over one or more connections (a reconnect starts a
+// new stream; requests in flight on a cut one are resent on the next).
 //
-// Handshake (fixed newstyle, client side): 4 bytes of client flags, then
-// options, each "IHAVEOPT" + option(4) + length(4) + data; NBD_OPT_GO (7)
-// or NBD_OPT_EXPORT_NAME (1) ends it. Then requests: magic 0x25609513,
-// flags(2), type(2), handle(8), offset(8), length(4), and WRITE's payload.
+// Requests (transmission phase): magic 0x25609513, flags(2), type(2),
+// handle(8), offset(8), length(4), and WRITE's payload.
 type nbdTracker struct {
 	mu      sync.Mutex
-	buf     []byte
-	state   int    // 0 flags, 1 options, 2 requests, 3 write payload, 4 lost sync
-	skip    uint64 // payload bytes still to pass
 	dirty   map[uint64]struct{}
 	enabled bool
+	lost    bool // a stream could not be followed
 }
+
+// nbdStream reads the client-to-server half of one NBD connection into
+// its tracker.
+type nbdStream struct {
+	t     *nbdTracker
+	buf   []byte
+	state int    // 2 requests, 3 write payload, 4 lost sync
+	skip  uint64 // payload bytes still to pass
+}
+
+// transmission follows a connection from its transmission phase on (the
+// relay does the negotiation itself).
+func (t *nbdTracker) transmission() *nbdStream { return &nbdStream{t: t, state: 2} }
 
 const (
 	nbdOptExportName = 1
@@ -37,63 +46,42 @@ const (
 )
 
 // Write consumes stream bytes; it never fails (tracking must not break the copy).
-func (t *nbdTracker) Write(p []byte) (int, error) {
+func (s *nbdStream) Write(p []byte) (int, error) {
+	t := s.t
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.buf = append(t.buf, p...)
+	s.buf = append(s.buf, p...)
 	for {
-		switch t.state {
-		case 0:
-			if len(t.buf) < 4 {
-				return len(p), nil
-			}
-			t.buf, t.state = t.buf[4:], 1
-		case 1:
-			if len(t.buf) < 16 {
-				return len(p), nil
-			}
-			opt := binary.BigEndian.Uint32(t.buf[8:])
-			n := int(binary.BigEndian.Uint32(t.buf[12:]))
-			if string(t.buf[:8]) != "IHAVEOPT" {
-				t.state = 4
-				continue
-			}
-			if len(t.buf) < 16+n {
-				return len(p), nil
-			}
-			t.buf = t.buf[16+n:]
-			if opt == nbdOptGo || opt == nbdOptExportName {
-				t.state = 2
-			}
+		switch s.state {
 		case 2:
-			if len(t.buf) < 28 {
+			if len(s.buf) < 28 {
 				return len(p), nil
 			}
-			if binary.BigEndian.Uint32(t.buf) != nbdRequestMagic {
-				t.state = 4
+			if binary.BigEndian.Uint32(s.buf) != nbdRequestMagic {
+				s.state = 4
 				continue
 			}
-			typ := binary.BigEndian.Uint16(t.buf[6:])
-			off := binary.BigEndian.Uint64(t.buf[16:])
-			n := uint64(binary.BigEndian.Uint32(t.buf[24:]))
-			t.buf = t.buf[28:]
+			typ := binary.BigEndian.Uint16(s.buf[6:])
+			off := binary.BigEndian.Uint64(s.buf[16:])
+			n := uint64(binary.BigEndian.Uint32(s.buf[24:]))
+			s.buf = s.buf[28:]
 			if (typ == nbdCmdWrite || typ == nbdCmdTrim || typ == nbdCmdWriteZero) && t.enabled && n > 0 {
 				for c := off / TrackGranularity; c <= (off+n-1)/TrackGranularity; c++ {
 					t.dirty[c] = struct{}{}
 				}
 			}
 			if typ == nbdCmdWrite {
-				t.skip, t.state = n, 3
+				s.skip, s.state = n, 3
 			}
 		case 3:
-			k := min(t.skip, uint64(len(t.buf)))
-			t.buf, t.skip = t.buf[k:], t.skip-k
-			if t.skip > 0 {
+			k := min(s.skip, uint64(len(s.buf)))
+			s.buf, s.skip = s.buf[k:], s.skip-k
+			if s.skip > 0 {
 				return len(p), nil
 			}
-			t.state = 2
-		case 4: // unparsable: stop tracking; Lost makes verification read everything
-			t.buf = nil
+			s.state = 2
+		case 4: // unparsable: stop tracking; verification then reads everything
+			s.buf, t.lost = nil, true
 			return len(p), nil
 		}
 	}
@@ -116,5 +104,5 @@ func (t *nbdTracker) snapshot() ([]uint64, bool) {
 		out = append(out, c)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
-	return out, t.state != 4 && t.enabled
+	return out, !t.lost && t.enabled
 }
