@@ -57,7 +57,11 @@ func (m Machine) Args() ([]string, error) {
 		// Zeros written to the disk (a mirror copying holes) become holes
 		// again, so images stay sparse and digests skip them.
 		"-blockdev", fmt.Sprintf("driver=%s,file=file0,node-name=disk0,discard=unmap,detect-zeroes=unmap", format),
-		"-device", "virtio-blk-pci,drive=disk0,id=vblk0",
+		// The disk runs in its own I/O thread: its block jobs (the mirror
+		// and its NBD connection) then stay off the main loop, which also
+		// moves the guest's network packets.
+		"-object", "iothread,id=iot0",
+		"-device", "virtio-blk-pci,drive=disk0,id=vblk0,iothread=iot0",
 	}
 	if m.Kernel != "" {
 		a = append(a, "-kernel", m.Kernel, "-initrd", m.Initrd, "-append", m.Append)
