@@ -57,9 +57,10 @@ type Plan struct {
 	Log *slog.Logger
 	// Progress, if set, gets memory-migration progress.
 	Progress chan<- hypervisor.Progress
-	// OnSwitch, if set, runs last in the switchover hook: the source is
-	// paused, the redirect on, the destination not yet running (tests send
-	// packets here that must wait in the destination's tap).
+	// OnSwitch, if set, runs in the switchover hook before the disk's final
+	// step: the source is paused, the redirect on, the destination not yet
+	// running (tests send packets here that must wait in the destination's
+	// tap, or damage the destination disk to see the migration refuse it).
 	OnSwitch func(context.Context) error
 }
 
@@ -391,7 +392,9 @@ func (r *run) diskPrehash(ctx context.Context) error {
 	})
 	p.Relay.ResetTracking()
 	var err error
-	if r.srcH, r.dstH, err = hashBoth(p.SourceDisk, p.DestDisk); err != nil {
+	// One image after the other: the guest runs, and on a small host a
+	// second hashing core would be taken from it.
+	if r.srcH, r.dstH, err = hashBoth(p.SourceDisk, p.DestDisk, false); err != nil {
 		r.srcH, r.dstH = nil, nil
 		return err
 	}
@@ -422,7 +425,7 @@ func (r *run) verifyDisk(ctx context.Context) error {
 	}
 	if src == nil { // no pre-hash, or the records disagree: hash everything
 		var err error
-		if src, dst, err = hashBoth(p.SourceDisk, p.DestDisk); err != nil {
+		if src, dst, err = hashBoth(p.SourceDisk, p.DestDisk, true); err != nil {
 			return err
 		}
 		r.rep.VerifyRead = src.Read + dst.Read
@@ -448,8 +451,16 @@ func (r *run) verifyDisk(ctx context.Context) error {
 	return nil
 }
 
-// hashBoth hashes the two images at once (one per core).
-func hashBoth(src, dst string) (*storage.Hashes, *storage.Hashes, error) {
+// hashBoth hashes the two images, at once (one per core) if parallel.
+func hashBoth(src, dst string, parallel bool) (*storage.Hashes, *storage.Hashes, error) {
+	if !parallel {
+		sh, err := storage.HashImage(src)
+		if err != nil {
+			return nil, nil, err
+		}
+		dh, err := storage.HashImage(dst)
+		return sh, dh, err
+	}
 	var dh *storage.Hashes
 	var derr error
 	done := make(chan struct{})
@@ -506,13 +517,12 @@ func (r *run) memory(ctx context.Context) error {
 			return err
 		}
 		redirectOn = true
-		if err := r.diskFinal(ctx); err != nil {
-			return err
-		}
 		if p.OnSwitch != nil {
-			return p.OnSwitch(ctx)
+			if err := p.OnSwitch(ctx); err != nil {
+				return err
+			}
 		}
-		return nil
+		return r.diskFinal(ctx)
 	})
 	r.rep.Runtime = res
 	r.rep.Pause = res.Downtime

@@ -526,3 +526,45 @@ func tcpInfo(t *testing.T, c net.Conn) *unix.TCPInfo {
 	}
 	return info
 }
+
+// TestDigestMismatchLeavesSourceRunning: the destination image is damaged
+// inside the pause, before the final comparison (without a relay the pause
+// hashes both images whole). The migration must refuse to resume the
+// destination: the VM runs on at the source, its disk intact, DNS as it
+// was, no redirect left.
+func TestDigestMismatchLeavesSourceRunning(t *testing.T) {
+	l, vm, p := setup(t)
+	ctx := context.Background()
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Relay = nil // QEMU's own NBD over TLS; the pause compares whole images
+	p.NBDListen = netip.AddrPortFrom(lab.HostB, labrun.NBDPort)
+	p.OnSwitch = func(context.Context) error {
+		f, err := os.OpenFile(p.DestDisk, os.O_WRONLY, 0)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		_, err = f.WriteAt([]byte("damaged at the destination"), 100<<20)
+		return err
+	}
+	rep, err := migrator.Run(ctx, p)
+	if err == nil || !strings.Contains(err.Error(), "digest mismatch") {
+		t.Fatalf("err = %v, want a digest mismatch", err)
+	}
+	t.Logf("refused: %v (digest match %v)", err, rep.DigestMatch)
+	// Reaching the guest at the old address also shows the redirect, on
+	// inside the pause, is off again: else the request would go to site B.
+	s, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil || s.BootID != before.BootID || s.DiskErrors != 0 {
+		t.Fatalf("source guest after the refusal: %+v, %v", s, err)
+	}
+	if r := verify(t, l, lab.Client, vm.IP, s.DiskAcked); !r.OK() {
+		t.Fatalf("source disk after the refusal: %+v", r)
+	}
+	if got := svcA(t, l); got != lab.OldIP.String() {
+		t.Fatalf("DNS changed by a refused migration: %s", got)
+	}
+}

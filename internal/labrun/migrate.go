@@ -23,6 +23,23 @@ type Outcome struct {
 	Packets    Disruption // as captured on the client's interface
 	Captured   int
 	Drained    time.Duration
+	Start      time.Time // when the migration started
+}
+
+// phaseAt names the phase running at t (dns-prepare runs beside the
+// others and is not counted).
+func (o Outcome) phaseAt(t time.Time) string {
+	at := o.Start
+	for _, ph := range o.Report.Phases {
+		if ph.Name == "dns-prepare" {
+			continue
+		}
+		if t.Before(at.Add(ph.Duration)) {
+			return ph.Name
+		}
+		at = at.Add(ph.Duration)
+	}
+	return "after the migration"
 }
 
 // Migrate moves the lab's guest from site A to B under spec while a client
@@ -57,6 +74,7 @@ func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.
 	go func() { probe.Run(pctx); close(done) }()
 	time.Sleep(time.Second)
 
+	out.Start = time.Now()
 	out.Report, err = migrator.Run(ctx, p)
 	time.Sleep(2 * time.Second) // the client keeps talking to the moved VM
 	stop()
@@ -97,9 +115,10 @@ func (o Outcome) Print(w io.Writer) {
 		o.Captured, o.Packets.Total.Round(time.Millisecond), o.Packets.Gaps, o.Packets.Longest.Round(time.Millisecond))
 	var gaps []string
 	for _, g := range o.Packets.Worst {
-		gaps = append(gaps, g.Length.Round(time.Millisecond).String())
+		gaps = append(gaps, fmt.Sprintf("%s (%s, at %s)", g.Length.Round(time.Millisecond),
+			o.phaseAt(g.Start), g.Start.Sub(o.Start).Round(100*time.Millisecond)))
 	}
-	fmt.Fprintf(w, "  longest gaps: %s (gaps over %s count, minus the %s probe interval)\n",
+	fmt.Fprintf(w, "  longest gaps: %s\n  (gaps over %s count, minus the %s probe interval)\n",
 		strings.Join(gaps, ", "), o.Packets.Threshold, o.Packets.Interval)
 	fmt.Fprintf(w, "  outages (gaps over %s only): %s in %d\n", o.Packets.OutageThreshold, o.Packets.Outage.Round(time.Millisecond), o.Packets.Outages)
 	fmt.Fprintf(w, "redirect drained after %s\n", o.Drained.Round(time.Millisecond))
