@@ -26,13 +26,30 @@ type Outcome struct {
 	Start      time.Time // when the migration started
 }
 
-// phaseAt names the phase running at t (dns-prepare runs beside the
-// others and is not counted).
+// phaseAt names the phase running at t. Phases run one after the other,
+// except dns-prepare, which starts after datapath beside the disk phases;
+// memory waits for both.
 func (o Outcome) phaseAt(t time.Time) string {
-	at := o.Start
+	at, dnsEnd := o.Start, o.Start
+	for _, ph := range o.Report.Phases {
+		if ph.Name == "datapath" {
+			dnsEnd = at.Add(ph.Duration)
+		}
+	}
 	for _, ph := range o.Report.Phases {
 		if ph.Name == "dns-prepare" {
+			dnsEnd = dnsEnd.Add(ph.Duration)
+		}
+	}
+	for _, ph := range o.Report.Phases {
+		switch ph.Name {
+		case "dns-prepare":
 			continue
+		case "memory":
+			if t.Before(dnsEnd) && !t.Before(at) {
+				return "dns-prepare"
+			}
+			at = later(at, dnsEnd)
 		}
 		if t.Before(at.Add(ph.Duration)) {
 			return ph.Name
@@ -40,6 +57,13 @@ func (o Outcome) phaseAt(t time.Time) string {
 		at = at.Add(ph.Duration)
 	}
 	return "after the migration"
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // Migrate moves the lab's guest from site A to B under spec while a client

@@ -1,0 +1,40 @@
+package labrun
+
+import (
+	"testing"
+	"time"
+
+	"github.com/vmhop/vmhop/migrator"
+)
+
+// TestPhaseAt: gaps are named by the phase running then; dns-prepare runs
+// beside the disk phases and memory waits for it.
+func TestPhaseAt(t *testing.T) {
+	s := time.Unix(1000, 0)
+	o := Outcome{Start: s, Report: migrator.Report{Phases: []migrator.Phase{
+		{Name: "datapath", Duration: 100 * time.Millisecond},
+		{Name: "destination", Duration: 400 * time.Millisecond},
+		{Name: "disk-bulk", Duration: time.Second},
+		{Name: "disk-prehash", Duration: 100 * time.Millisecond},
+		{Name: "dns-prepare", Duration: 10 * time.Second},
+		{Name: "memory", Duration: 9 * time.Second},
+		{Name: "dns-flip", Duration: 200 * time.Millisecond},
+	}}}
+	for _, c := range []struct {
+		at   time.Duration
+		want string
+	}{
+		{50 * time.Millisecond, "datapath"},
+		{300 * time.Millisecond, "destination"},
+		{time.Second, "disk-bulk"},
+		{1550 * time.Millisecond, "disk-prehash"},
+		{5 * time.Second, "dns-prepare"},
+		{10200 * time.Millisecond, "memory"},
+		{19200 * time.Millisecond, "dns-flip"},
+		{25 * time.Second, "after the migration"},
+	} {
+		if got := o.phaseAt(s.Add(c.at)); got != c.want {
+			t.Errorf("at %s: %s, want %s", c.at, got, c.want)
+		}
+	}
+}
