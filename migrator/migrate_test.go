@@ -302,6 +302,32 @@ func TestDiskBytesOnTheWire(t *testing.T) {
 	}
 }
 
+// cutWAN takes site A's WAN link down after a while, for a while, and
+// says when (from now) it went down.
+func cutWAN(l *lab.Lab, after, length time.Duration) <-chan time.Duration {
+	ctx, start := context.Background(), time.Now()
+	cut := make(chan time.Duration, 1)
+	go func() {
+		time.Sleep(after)
+		at := time.Since(start)
+		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "down")
+		time.Sleep(length)
+		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "up")
+		cut <- at
+	}()
+	return cut
+}
+
+// phase is how long the named phase took.
+func phase(rep migrator.Report, name string) time.Duration {
+	for _, ph := range rep.Phases {
+		if ph.Name == name {
+			return ph.Duration
+		}
+	}
+	return 0
+}
+
 // tcpTimeouts reads TcpExt TCPTimeouts (retransmission timeouts) in the
 // client's namespace.
 func tcpTimeouts(t *testing.T, l *lab.Lab) int64 {
@@ -337,27 +363,13 @@ func TestWANCutDuringBulk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
-	cut := make(chan time.Duration, 1)
-	go func() {
-		time.Sleep(6 * time.Second) // well inside the ~23 s bulk copy
-		at := time.Since(start)
-		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "down")
-		time.Sleep(10 * time.Second)
-		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "up")
-		cut <- at
-	}()
+	cut := cutWAN(l, 6*time.Second, 10*time.Second) // well inside the ~25 s bulk copy
 	rep, err := migrator.Run(ctx, p)
 	if err != nil {
 		t.Fatalf("migrate across a WAN cut: %v", err)
 	}
 	at := <-cut
-	var bulk time.Duration
-	for _, ph := range rep.Phases {
-		if ph.Name == "disk-bulk" {
-			bulk = ph.Duration
-		}
-	}
+	bulk := phase(rep, "disk-bulk")
 	t.Logf("cut at %s for 10s; disk-bulk took %s; %d reconnects; sent %d MiB for %d MiB allocated; digest match %v",
 		at.Round(time.Millisecond), bulk.Round(time.Millisecond), rep.DiskCuts, rep.DiskWire>>20, allocated>>20, rep.DigestMatch)
 	if !rep.DigestMatch {
@@ -410,28 +422,16 @@ func TestChunkedMigrationAcrossWANCut(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
-	cut := make(chan time.Duration, 1)
-	go func() {
-		time.Sleep(8 * time.Second) // inside the ~22 s bulk round
-		at := time.Since(start)
-		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "down")
-		time.Sleep(8 * time.Second)
-		netns.Run(ctx, l.NS(lab.WAN), "ip", "link", "set", "a0", "up")
-		cut <- at
-	}()
+	cut := cutWAN(l, 8*time.Second, 8*time.Second) // inside the ~25 s bulk round
 	rep, err := migrator.Run(ctx, p)
 	if err != nil {
 		t.Fatalf("migrate: %v", err)
 	}
 	at := <-cut
-	var rounds time.Duration
 	for _, ph := range rep.Phases {
 		t.Logf("phase %-14s %s", ph.Name, ph.Duration.Round(time.Millisecond))
-		if ph.Name == "disk-bulk" {
-			rounds = ph.Duration
-		}
 	}
+	rounds := phase(rep, "disk-bulk")
 	after, err := l.GuestStatus(ctx, lab.Client, lab.NewIP)
 	if err != nil {
 		t.Fatal(err)
