@@ -44,10 +44,10 @@ type Config struct {
 	// SourceURI, if set, is where the source sends the stream instead of
 	// tcp:DestListen (a storage.Tunnel's socket, which encrypts it).
 	SourceURI string
-	Launcher  Launcher      // starts the destination QEMU
-	TLS       *PSK          // QEMU's own TLS; nil: plaintext (behind a tunnel, or in lab tests)
-	Multifd   int           // parallel channels; 0 or 1 is one channel
-	Poll      time.Duration // progress interval; default 250ms
+	Launcher  Launcher // starts the destination QEMU
+	TLS       *PSK     // QEMU's own TLS; nil: plaintext (behind a tunnel, or in lab tests)
+	Multifd    int            // parallel channels; 0 or 1 is one channel
+	Poll       time.Duration  // progress interval; default 250ms
 }
 
 // Driver migrates a QEMU VM; it implements hypervisor.Driver.
