@@ -36,9 +36,6 @@ type Plan struct {
 	// Relay, if set, carries the NBD connection (NBDListen is then local to
 	// the destination); nil connects the QEMUs directly with their TLS.
 	Relay *storage.Relay
-	// Tunnel, if set, carries the memory stream (the driver's SourceURI
-	// points at it); started once the destination listens.
-	Tunnel *storage.Tunnel
 	// Chunked, if set, moves the disk with the chunked engine instead of
 	// QEMU's mirror (NBDListen and Relay are then unused): live rounds
 	// before the memory copy, the last one inside the pause.
@@ -185,9 +182,6 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		return r.rep, err
 	}
 	committed = true // the VM runs at the destination: from here on, go forward
-	if p.Tunnel != nil {
-		p.Tunnel.Close()
-	}
 	if r.srcH != nil {
 		_ = p.Driver.Source().Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": verifyBitmap}, nil)
 	}
@@ -258,12 +252,6 @@ func (r *run) destination(ctx context.Context) error {
 		return err
 	}
 	r.onFailure(p.Driver.AbortDestination)
-	if p.Tunnel != nil {
-		if err := p.Tunnel.Start(ctx); err != nil {
-			return err
-		}
-		r.onFailure(func(context.Context) error { return p.Tunnel.Close() })
-	}
 	b := p.Dest.dp
 	tap, err := p.Dest.AttachVM(p.DestTap)
 	if err != nil {

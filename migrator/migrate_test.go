@@ -539,7 +539,7 @@ func TestDigestMismatchLeavesSourceRunning(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.Relay = nil // QEMU's own NBD connection; the pause compares whole images
+	p.Relay = nil // QEMU's own NBD over TLS; the pause compares whole images
 	p.NBDListen = netip.AddrPortFrom(lab.HostB, labrun.NBDPort)
 	p.OnSwitch = func(context.Context) error {
 		f, err := os.OpenFile(p.DestDisk, os.O_WRONLY, 0)

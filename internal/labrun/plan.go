@@ -5,6 +5,7 @@ package labrun
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -53,23 +54,14 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	if err := l.AddTap(ctx, lab.SiteB, dm.Tap, false); err != nil {
 		return nil, err
 	}
-	// The memory stream goes through a tunnel (TLS between the hosts, set
-	// up in advance); QEMU itself sends plaintext to a local socket and the
-	// destination QEMU listens on its loopback. See storage.Tunnel.
-	loopback := netip.MustParseAddr("127.0.0.1")
-	tunnel := &storage.Tunnel{
-		DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
-		ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
-		DestWAN:    netip.AddrPortFrom(lab.HostB, MigrationPort).String(),
-		DestAddr:   netip.AddrPortFrom(loopback, MigrationPort).String(),
-		SourceSock: l.Path("migration-tunnel.sock"),
-	}
+	key := make([]byte, 32)
+	rand.Read(key)
 	drv := qemu.New(qemu.Config{
 		SourceQMP:  vm.Machine.QMPSocket,
 		Dest:       dm,
-		DestListen: netip.AddrPortFrom(loopback, MigrationPort),
-		SourceURI:  tunnel.URI(),
+		DestListen: netip.AddrPortFrom(lab.HostB, MigrationPort),
 		Launcher:   l.Launcher(lab.SiteB),
+		TLS:        &qemu.PSK{Username: "vmhop", Key: key, SourceDir: l.Path("tls-a"), DestDir: l.Path("tls-b")},
 	})
 	gwMAC, err := l.RouterMAC(lab.SiteA)
 	if err != nil {
@@ -84,7 +76,6 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		Source:     &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA)},
 		Dest:       &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB)},
 		Driver:     drv,
-		Tunnel:     tunnel,
 		SourceDisk: vm.Machine.Disk,
 		DestDisk:   dm.Disk,
 		DestTap:    dm.Tap,

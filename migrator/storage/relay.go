@@ -114,7 +114,7 @@ func (r *Relay) Start(ctx context.Context) error {
 	tc, err := r.dialWAN(ctx)
 	if err != nil {
 		r.Close()
-		return fmt.Errorf("relay: %w", err)
+		return err
 	}
 	r.preconn = tc
 	r.track(tc)
@@ -131,22 +131,15 @@ func (r *Relay) track(c net.Conn) {
 
 // dialWAN opens a TLS connection to the destination end.
 func (r *Relay) dialWAN(ctx context.Context) (net.Conn, error) {
-	return dialPeer(ctx, r.DialSource, r.DestWAN, r.peer, r.stall())
-}
-
-// dialPeer opens a TLS connection with the migration's identity to addr,
-// one that gives up on unacknowledged data after stall.
-func dialPeer(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error),
-	addr string, peer *peerTLS, stall time.Duration) (net.Conn, error) {
-	raw, err := dial(ctx, "tcp", addr)
+	raw, err := r.DialSource(ctx, "tcp", r.DestWAN)
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
+		return nil, fmt.Errorf("relay: dial %s: %w", r.DestWAN, err)
 	}
-	giveUpUnacked(raw, stall)
-	tc := tls.Client(raw, peer.client())
+	giveUpUnacked(raw, r.stall())
+	tc := tls.Client(raw, r.peer.client())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
-		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
+		return nil, fmt.Errorf("relay: tls handshake: %w", err)
 	}
 	return tc, nil
 }

@@ -40,12 +40,9 @@ type PSK struct {
 type Config struct {
 	SourceQMP  string         // the running source QEMU's QMP socket
 	Dest       Machine        // destination definition: the source's, with destination paths
-	DestListen netip.AddrPort // where the destination listens for the stream (host B's WAN address, or its loopback behind a tunnel)
-	// SourceURI, if set, is where the source sends the stream instead of
-	// tcp:DestListen (a storage.Tunnel's socket, which encrypts it).
-	SourceURI string
-	Launcher  Launcher // starts the destination QEMU
-	TLS       *PSK     // QEMU's own TLS; nil: plaintext (behind a tunnel, or in lab tests)
+	DestListen netip.AddrPort // where the destination listens for the stream (host B's WAN address)
+	Launcher   Launcher       // starts the destination QEMU
+	TLS        *PSK           // nil sends the stream in plaintext (lab tests only)
 	Multifd    int            // parallel channels; 0 or 1 is one channel
 	Poll       time.Duration  // progress interval; default 250ms
 }
@@ -266,11 +263,7 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 	events, unsubscribe := d.src.Events()
 	defer unsubscribe()
 	start := time.Now()
-	uri := "tcp:" + d.cfg.DestListen.String()
-	if d.cfg.SourceURI != "" {
-		uri = d.cfg.SourceURI
-	}
-	if err := d.src.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
+	if err := d.src.Execute(ctx, "migrate", map[string]any{"uri": "tcp:" + d.cfg.DestListen.String()}, nil); err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
 	}
 	tick := time.NewTicker(d.cfg.Poll)
