@@ -463,7 +463,7 @@ func TestChunkedMigrationAcrossWANCut(t *testing.T) {
 
 // pausedVMHoldsSegments: with the VM at site B and the redirect on, the VM
 // is stopped (as it is before it resumes at the switch) while the client
-// sends on a TCP connection to the old address; after 150 ms it runs
+// sends on a TCP connection to the old address; after 100 ms it runs
 // again. The segments must have waited in the tap: the echo comes back
 // before the client's retransmission timeout, and none fires (a lost
 // segment is only recovered by the RTO: the tail-loss probe sent before
@@ -498,7 +498,10 @@ func pausedVMHoldsSegments(t *testing.T, l *lab.Lab, p *migrator.Plan) {
 	for range segments {
 		c.Write(msg)
 	}
-	time.Sleep(150 * time.Millisecond)
+	// Longer than the client's tail-loss probe (2 RTTs), well under its
+	// RTO (over 200 ms): a lost segment could only come back by the RTO.
+	const stopped = 100 * time.Millisecond
+	time.Sleep(stopped)
 	if err := dst.Execute(ctx, "cont", nil, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -506,8 +509,8 @@ func pausedVMHoldsSegments(t *testing.T, l *lab.Lab, p *migrator.Plan) {
 	took := time.Since(t0)
 	after, rtos := tcpInfo(t, c), tcpTimeouts(t, l)-rtoBefore
 	rto := time.Duration(after.Rto) * time.Microsecond
-	t.Logf("VM stopped 150 ms at site B: %d segments echoed %s after sending; client RTO %s; retransmission timeouts %d, segments resent %d (tail-loss probes)",
-		segments, took.Round(time.Millisecond), rto, rtos, after.Total_retrans-before.Total_retrans)
+	t.Logf("VM stopped %s at site B: %d segments echoed %s after sending; client RTO %s; retransmission timeouts %d, segments resent %d (tail-loss probes)",
+		stopped, segments, took.Round(time.Millisecond), rto, rtos, after.Total_retrans-before.Total_retrans)
 	if rtos != 0 || took >= rto {
 		t.Fatalf("%d retransmission timeouts, echo after %s (RTO %s): the paused VM's tap lost segments", rtos, took, rto)
 	}
