@@ -53,6 +53,12 @@ func setup(t *testing.T) (*lab.Lab, *lab.VM, *migrator.Plan) {
 
 func setupWith(t *testing.T, vmc lab.VMConfig) (*lab.Lab, *lab.VM, *migrator.Plan) {
 	t.Helper()
+	return setupSpec(t, vmc, spec(t))
+}
+
+// setupSpec boots the lab guest (vmc) and plans its migration under m.
+func setupSpec(t *testing.T, vmc lab.VMConfig, m *config.Migration) (*lab.Lab, *lab.VM, *migrator.Plan) {
+	t.Helper()
 	labtest.RequireTools(t, "tcpdump")
 	l := labtest.New(t, lab.Config{})
 	ctx := context.Background()
@@ -64,7 +70,7 @@ func setupWith(t *testing.T, vmc lab.VMConfig) (*lab.Lab, *lab.VM, *migrator.Pla
 		t.Fatal(err)
 	}
 	log := slog.New(slog.NewTextHandler(testWriter{t}, nil))
-	p, err := labrun.Plan(ctx, l, vm, spec(t), log)
+	p, err := labrun.Plan(ctx, l, vm, m, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -394,23 +400,10 @@ func TestWANCutDuringBulk(t *testing.T) {
 // must be at site B, the digests equal, the bytes on the wire within 1.05 x
 // (allocated + rewritten), the link's budget respected.
 func TestChunkedMigrationAcrossWANCut(t *testing.T) {
-	labtest.RequireTools(t, "tcpdump")
-	l := labtest.New(t, lab.Config{})
-	ctx := context.Background()
-	vm, err := l.StartVM(ctx, lab.VMConfig{DiskSize: units.GiB, Prefill: 256 * units.MiB})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.WaitGuest(ctx, vm.IP, 90*time.Second); err != nil {
-		t.Fatal(err)
-	}
 	m := spec(t)
 	m.Storage.Mode = "chunked"
-	p, err := labrun.Plan(ctx, l, vm, m, slog.New(slog.NewTextHandler(testWriter{t}, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { labrun.Cleanup(p) })
+	l, vm, p := setupSpec(t, lab.VMConfig{DiskSize: units.GiB, Prefill: 256 * units.MiB}, m)
+	ctx := context.Background()
 	if p.Chunked == nil || p.Relay != nil {
 		t.Fatal("storage.mode chunked did not select the chunked engine")
 	}
