@@ -69,7 +69,6 @@ type RoundStats struct {
 	Chunks                         int   // chunks in the image
 	Sent, Zero, Copied, Compressed int   // chunks sent: with data (Compressed of them as LZ4), as zeros, as copies
 	Bytes                          int64 // bytes written to the connection
-	Payload                        int64 // image bytes the round brought up to date
 	Root                           []byte
 }
 
@@ -173,7 +172,6 @@ func (s *ChunkedSource) Round(ctx context.Context, conn io.ReadWriter) (RoundSta
 		if _, err := w.Write(rec); err != nil {
 			return st, err
 		}
-		st.Payload += int64(k)
 		if where[have[i]] == i {
 			delete(where, have[i])
 		}

@@ -244,9 +244,49 @@ func (r *Relay) upstream() (net.Conn, *nbdExport, error) {
 // locally and splices its transmission phase onto a negotiated WAN
 // connection.
 func (r *Relay) serveSource() {
+	r.serveEach(r.srcLn, func(c net.Conn) {
+		wan, exp, err := r.upstream()
+		if errors.Is(err, errDestGone) && exp != nil {
+			// Answer QEMU's requests with errors: its mirror job fails
+			// at once, and the source's I/O does not hang on a
+			// reconnect that cannot succeed.
+			wan.Close()
+			c.SetDeadline(time.Now().Add(r.stall()))
+			if nbdServeHandshake(c, exp) == nil {
+				c.SetDeadline(time.Time{})
+				nbdRefuseRequests(c)
+			}
+			c.Close()
+			return
+		}
+		if err != nil {
+			c.Close() // QEMU tries again while its reconnect delay lasts
+			if wan != nil {
+				wan.Close()
+			}
+			return
+		}
+		c.SetDeadline(time.Now().Add(r.stall()))
+		if err := nbdServeHandshake(c, exp); err != nil {
+			c.Close()
+			wan.Close()
+			return
+		}
+		c.SetDeadline(time.Time{})
+		var up io.Writer = wan
+		if r.Limiter != nil {
+			up = &paced{ctx: context.Background(), c: wan, l: r.Limiter}
+		}
+		pipeTracked(c, wan, up, io.MultiWriter(r.tracker.transmission(), counter{&r.toDest}))
+	})
+}
+
+// serveEach accepts on ln until it closes and handles each connection in
+// its own goroutine; Close closes them (track) and waits for the handlers.
+func (r *Relay) serveEach(ln net.Listener, handle func(net.Conn)) {
 	defer r.wg.Done()
 	for {
-		c, err := r.srcLn.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
@@ -254,39 +294,7 @@ func (r *Relay) serveSource() {
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
-			wan, exp, err := r.upstream()
-			if errors.Is(err, errDestGone) && exp != nil {
-				// Answer QEMU's requests with errors: its mirror job fails
-				// at once, and the source's I/O does not hang on a
-				// reconnect that cannot succeed.
-				wan.Close()
-				c.SetDeadline(time.Now().Add(r.stall()))
-				if nbdServeHandshake(c, exp) == nil {
-					c.SetDeadline(time.Time{})
-					nbdRefuseRequests(c)
-				}
-				c.Close()
-				return
-			}
-			if err != nil {
-				c.Close() // QEMU tries again while its reconnect delay lasts
-				if wan != nil {
-					wan.Close()
-				}
-				return
-			}
-			c.SetDeadline(time.Now().Add(r.stall()))
-			if err := nbdServeHandshake(c, exp); err != nil {
-				c.Close()
-				wan.Close()
-				return
-			}
-			c.SetDeadline(time.Time{})
-			var up io.Writer = wan
-			if r.Limiter != nil {
-				up = &paced{ctx: context.Background(), c: wan, l: r.Limiter}
-			}
-			pipeTracked(c, wan, up, io.MultiWriter(r.tracker.transmission(), counter{&r.toDest}))
+			handle(c)
 		}()
 	}
 }
@@ -307,58 +315,38 @@ func pipeTracked(client, server net.Conn, up io.Writer, t io.Writer) {
 	<-done
 }
 
+// serveDest connects each WAN connection to the destination QEMU's NBD
+// server once the source says the export exists.
 func (r *Relay) serveDest() {
-	defer r.wg.Done()
-	for {
-		c, err := r.wanLn.Accept()
-		if err != nil {
+	r.serveEach(r.wanLn, func(c net.Conn) {
+		giveUpUnacked(c.(*tls.Conn).NetConn(), r.stall())
+		if err := c.(*tls.Conn).Handshake(); err != nil {
+			c.Close()
 			return
 		}
-		r.track(c)
-		r.wg.Add(1)
-		go func() {
-			defer r.wg.Done()
-			giveUpUnacked(c.(*tls.Conn).NetConn(), r.stall())
-			if err := c.(*tls.Conn).Handshake(); err != nil {
-				c.Close()
-				return
-			}
-			// The source says when the export exists: one byte.
-			b := make([]byte, 1)
-			if _, err := io.ReadFull(c, b); err != nil || b[0] != 'N' {
-				c.Close()
-				return
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			nbd, err := r.DialDest(ctx, "tcp", r.DestNBD)
-			cancel()
-			if err != nil {
-				// The destination QEMU is gone: say so, so the source's
-				// NBD requests fail now instead of waiting to reconnect.
-				c.Write([]byte(destGone))
-				c.Close()
-				return
-			}
-			r.track(nbd)
-			pipe(c, nbd)
-		}()
-	}
+		// The source says when the export exists: one byte.
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(c, b); err != nil || b[0] != 'N' {
+			c.Close()
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		nbd, err := r.DialDest(ctx, "tcp", r.DestNBD)
+		cancel()
+		if err != nil {
+			// The destination QEMU is gone: say so, so the source's
+			// NBD requests fail now instead of waiting to reconnect.
+			c.Write([]byte(destGone))
+			c.Close()
+			return
+		}
+		r.track(nbd)
+		pipe(c, nbd)
+	})
 }
 
 // pipe copies both ways until either side ends, then closes both.
-func pipe(a, b net.Conn) {
-	done := make(chan struct{}, 2)
-	cp := func(dst, src net.Conn) {
-		io.Copy(dst, src)
-		done <- struct{}{}
-	}
-	go cp(a, b)
-	go cp(b, a)
-	<-done
-	a.Close()
-	b.Close()
-	<-done
-}
+func pipe(a, b net.Conn) { pipeTracked(a, b, b, io.Discard) }
 
 // Close ends every connection and listener.
 func (r *Relay) Close() error {
