@@ -98,6 +98,7 @@ func newLabCmd() *cobra.Command {
 
 	var vmName string
 	var mem int
+	var exactRAM bool
 	var disk string
 	vmStart := &cobra.Command{
 		Use:   "start",
@@ -114,7 +115,7 @@ func newLabCmd() *cobra.Command {
 			ctx, stop := signalContext()
 			defer stop()
 			start := time.Now()
-			vm, err := l.StartVM(ctx, lab.VMConfig{Name: vmName, MemMiB: mem, DiskSize: size})
+			vm, err := l.StartVM(ctx, lab.VMConfig{Name: vmName, MemMiB: mem, DiskSize: size, ExactRAM: exactRAM})
 			if err != nil {
 				return err
 			}
@@ -128,7 +129,8 @@ func newLabCmd() *cobra.Command {
 		},
 	}
 	vmStart.Flags().StringVar(&vmName, "vm", "vm", "VM name")
-	vmStart.Flags().IntVar(&mem, "mem", 128, "guest RAM in MiB (at least 96)")
+	vmStart.Flags().IntVar(&mem, "mem", 128, "guest RAM in MiB (at least 96); the lab adds 8 KiB (the QEMU 7.2 TCG workaround)")
+	vmStart.Flags().BoolVar(&exactRAM, "exact-ram", false, "no 8 KiB pad: reproduces QEMU 7.2's lost guest writes under TCG")
 	vmStart.Flags().StringVar(&disk, "disk-size", "256MiB", "size of the guest's sparse raw disk")
 	vm := &cobra.Command{Use: "vm", Short: "Lab guests"}
 	vm.AddCommand(vmStart)

@@ -28,6 +28,14 @@ type AgentConfig struct {
 	HTTPAddr  string  // status page
 	EchoAddr  string  // TCP and UDP echo
 	TickEvery time.Duration
+	// The RAM verifier (MemCheck): a working set of MemMiB (0 disables it)
+	// whose first MemHot pages are checked and rewritten every 10 ms, the
+	// others rewritten at MemWrites pages/s; every page is checked every
+	// MemCycle.
+	MemMiB    int
+	MemHot    int
+	MemWrites int
+	MemCycle  time.Duration
 }
 
 // DefaultAgentConfig: 20 records/s into the first 16 MiB of /dev/vda.
@@ -35,10 +43,15 @@ func DefaultAgentConfig() AgentConfig {
 	return AgentConfig{
 		Disk: "/dev/vda", Rate: 20, Log: Log{Offset: 0, Slots: 16 << 20 / RecordSize},
 		HTTPAddr: ":80", EchoAddr: ":7", TickEvery: 100 * time.Millisecond,
+		// 32 MiB checked every 2 s; 64 hot pages (256 KiB) at 100 Hz and
+		// 512 cold pages/s: 2 MiB/s of new dirty pages, so pre-copy
+		// converges at the lab's 90 Mbit/s.
+		MemMiB: 32, MemHot: 64, MemWrites: 512, MemCycle: 2 * time.Second,
 	}
 }
 
-// ParseCmdline applies vmhop.disk, vmhop.rate and vmhop.logmb from a kernel command line.
+// ParseCmdline applies vmhop.disk, vmhop.rate, vmhop.logmb, vmhop.memmb,
+// vmhop.memhot and vmhop.memwps from a kernel command line.
 func (c *AgentConfig) ParseCmdline(cmdline string) error {
 	for _, f := range strings.Fields(cmdline) {
 		k, v, ok := strings.Cut(f, "=")
@@ -60,6 +73,19 @@ func (c *AgentConfig) ParseCmdline(cmdline string) error {
 				return fmt.Errorf("vmhop.logmb=%q: not a size in MiB", v)
 			}
 			c.Log.Slots = n << 20 / RecordSize
+		case "vmhop.memmb", "vmhop.memhot", "vmhop.memwps":
+			n, err := strconv.ParseUint(v, 10, 16)
+			if err != nil {
+				return fmt.Errorf("%s=%q: not a count", k, v)
+			}
+			switch k {
+			case "vmhop.memmb":
+				c.MemMiB = int(n)
+			case "vmhop.memhot":
+				c.MemHot = int(n)
+			default:
+				c.MemWrites = int(n)
+			}
 		}
 	}
 	return nil
@@ -75,6 +101,9 @@ type Status struct {
 	DiskErrors uint64  `json:"disk_errors"`
 	DirtyMiB   int     `json:"dirty_mib"`
 	DirtyRate  float64 `json:"dirty_mibps"`
+	// Mem is the RAM verifier's count: Lost > 0 means a migration lost a
+	// guest memory write (nil when the verifier is off).
+	Mem *MemStats `json:"mem,omitempty"`
 }
 
 // Agent is the guest's workload.
@@ -88,6 +117,9 @@ type Agent struct {
 	dirtyStop         context.CancelFunc
 	dirtyMiB          int
 	dirtyRate         float64
+	memMu             sync.Mutex
+	mem               *MemCheck
+	memReported       uint64 // losses already written to the console
 }
 
 // NewAgent reads the boot id and returns an agent ready to Run.
@@ -112,6 +144,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { errc <- a.serveHTTP(ctx) }()
 	if a.cfg.Disk != "" && a.cfg.Rate > 0 {
 		go func() { errc <- a.writeRecords(ctx) }()
+	}
+	if a.cfg.MemMiB > 0 {
+		if err := a.startMemCheck(ctx); err != nil {
+			return err
+		}
 	}
 	select {
 	case <-ctx.Done():
@@ -168,12 +205,60 @@ func (a *Agent) serveEchoUDP(ctx context.Context) error {
 func (a *Agent) status() Status {
 	a.dirtyMu.Lock()
 	defer a.dirtyMu.Unlock()
-	return Status{
+	s := Status{
 		BootID: a.boot.String(), Uptime: time.Since(a.start).Seconds(),
 		Counter: a.counter.Load(), Requests: a.requests.Load(),
 		DiskAcked: a.acked.Load(), DiskErrors: a.diskErrors.Load(),
 		DirtyMiB: a.dirtyMiB, DirtyRate: a.dirtyRate,
 	}
+	a.memMu.Lock()
+	if a.mem != nil {
+		ms := a.mem.Stats()
+		s.Mem = &ms
+	}
+	a.memMu.Unlock()
+	return s
+}
+
+// startMemCheck maps the verifier's working set outside the Go heap (so the
+// runtime never moves or frees it) and runs it every 10 ms.
+func (a *Agent) startMemCheck(ctx context.Context) error {
+	mem, err := unix.Mmap(-1, 0, a.cfg.MemMiB<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		return fmt.Errorf("memcheck: map %d MiB: %w", a.cfg.MemMiB, err)
+	}
+	m, err := NewMemCheck(mem, a.cfg.MemHot)
+	if err != nil {
+		return err
+	}
+	a.mem = m
+	const every = 10 * time.Millisecond
+	pages := len(mem) / PageSize
+	checks := max(1, pages*int(every/time.Millisecond)/int(a.cfg.MemCycle/time.Millisecond))
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		// Cold writes per tick carry a remainder so the rate is exact.
+		acc := 0
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			acc += a.cfg.MemWrites
+			a.memMu.Lock()
+			m.Step(acc/100, checks)
+			before := m.nlost + m.corrupt
+			a.memMu.Unlock()
+			acc %= 100
+			if before > 0 && before != a.memReported {
+				a.memReported = before
+				fmt.Fprintf(os.Stderr, "vmhop-guest: memcheck: %d lost or corrupt pages: %+v\n", before, m.Stats().First)
+			}
+		}
+	}()
+	return nil
 }
 
 func (a *Agent) serveHTTP(ctx context.Context) error {
@@ -213,6 +298,26 @@ func (a *Agent) serveHTTP(ctx context.Context) error {
 			return
 		}
 		a.setDirty(mib, rate)
+		json.NewEncoder(w).Encode(a.status())
+	})
+	// /memcheck/inject?page=N makes a lost update on purpose (MemCheck.InjectLoss).
+	mux.HandleFunc("POST /memcheck/inject", func(w http.ResponseWriter, r *http.Request) {
+		page, err := strconv.Atoi(r.URL.Query().Get("page"))
+		if err != nil {
+			http.Error(w, "page: want a page number", http.StatusBadRequest)
+			return
+		}
+		a.memMu.Lock()
+		if a.mem == nil {
+			err = errors.New("memcheck: off (vmhop.memmb=0)")
+		} else {
+			err = a.mem.InjectLoss(page)
+		}
+		a.memMu.Unlock()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
 		json.NewEncoder(w).Encode(a.status())
 	})
 	srv := &http.Server{Addr: a.cfg.HTTPAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}

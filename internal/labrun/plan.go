@@ -35,10 +35,11 @@ const (
 // Plan builds the plan that moves vm from site A to site B of l under spec
 // (limits, DNS, drain). The destination's tap and empty disk are created.
 func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, log *slog.Logger) (*migrator.Plan, error) {
-	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, MemMiB: vm.Machine.MemMiB, IP: vm.IP})
+	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
 	if err != nil {
 		return nil, err
 	}
+	dm.MemKiB = vm.Machine.MemKiB
 	// Same definition as the source's: only paths and the host differ.
 	dm.Append = vm.Machine.Append
 	st, err := os.Stat(vm.Machine.Disk)

@@ -10,7 +10,7 @@ import (
 // Incoming set; Args renders both.
 type Machine struct {
 	Name       string // -name, for ps and logs
-	MemMiB     int    // guest RAM; the lab guest needs at least 96
+	MemKiB     int    // guest RAM in KiB (-m ...k); QEMU rounds it up to 8 KiB; the lab guest needs at least 96 MiB
 	CPUs       int
 	Accel      string // "tcg" (default) or "kvm"
 	Kernel     string // direct kernel boot (the lab guest); empty to boot from disk
@@ -30,8 +30,8 @@ type Machine struct {
 
 // Args returns the qemu-system-x86_64 arguments for m.
 func (m Machine) Args() ([]string, error) {
-	if m.MemMiB < 16 || m.QMPSocket == "" || m.Disk == "" {
-		return nil, fmt.Errorf("qemu machine %q: want MemMiB >= 16, a QMP socket and a disk", m.Name)
+	if m.MemKiB < 16<<10 || m.QMPSocket == "" || m.Disk == "" {
+		return nil, fmt.Errorf("qemu machine %q: want at least 16 MiB of RAM, a QMP socket and a disk", m.Name)
 	}
 	accel := m.Accel
 	if accel == "" {
@@ -48,7 +48,7 @@ func (m Machine) Args() ([]string, error) {
 	a := []string{
 		"-name", m.Name,
 		"-machine", "pc,accel=" + accel,
-		"-m", strconv.Itoa(m.MemMiB),
+		"-m", strconv.Itoa(m.MemKiB) + "k",
 		"-smp", strconv.Itoa(cpus),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-qmp", "unix:" + m.QMPSocket + ",server=on,wait=off",

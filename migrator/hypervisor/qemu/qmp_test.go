@@ -104,12 +104,12 @@ func TestDialWaitsForSocket(t *testing.T) {
 }
 
 func TestMachineArgs(t *testing.T) {
-	m := Machine{Name: "vm-siteB", MemMiB: 128, Disk: "/d.raw", QMPSocket: "/q", Tap: "tap-vm", MAC: "52:54:00:01:02:03", Incoming: "defer"}
+	m := Machine{Name: "vm-siteB", MemKiB: 128<<10 + 8, Disk: "/d.raw", QMPSocket: "/q", Tap: "tap-vm", MAC: "52:54:00:01:02:03", Incoming: "defer"}
 	a, err := m.Args()
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]string{"-m": "128", "-incoming": "defer", "-machine": "pc,accel=tcg", "-qmp": "unix:/q,server=on,wait=off"}
+	want := map[string]string{"-m": "131080k", "-incoming": "defer", "-machine": "pc,accel=tcg", "-qmp": "unix:/q,server=on,wait=off"}
 	for i := 0; i+1 < len(a); i++ {
 		if w, ok := want[a[i]]; ok {
 			if a[i+1] != w {
