@@ -54,6 +54,14 @@ type Plan struct {
 
 	DrainIdle, DrainTimeout time.Duration
 
+	// Health, if enabled, must pass after the destination resumes; until
+	// it does, the source VM is kept (paused), DNS is not flipped. A check
+	// that fails makes Run return an error wrapping ErrUnhealthy.
+	Health *HealthCheck
+	// SourceQMP names the source's QMP socket in the fallback advice of an
+	// ErrUnhealthy error.
+	SourceQMP string
+
 	Log *slog.Logger
 	// Progress, if set, gets memory-migration progress.
 	Progress chan<- hypervisor.Progress
@@ -82,6 +90,14 @@ type Report struct {
 	Redirected   datapath.Counters // old host's counters for the old address at the end
 	DNSBefore    []ddns.Record
 	DNSAfter     []ddns.Record
+	// Health is the post-resume check's outcome: "none", "passed after
+	// 1.2s (tcp 10.2.0.10:7)", or the failure.
+	Health string
+	// Warnings are the preflight's: the migration ran despite them.
+	Warnings []string `json:",omitempty"`
+	// SourceKept: the source VM was kept paused because the destination
+	// failed its health check (see Fallback).
+	SourceKept bool
 }
 
 // Phase is a named step and how long it took.
@@ -188,9 +204,16 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	if err := r.step(ctx, "disk-release", r.diskRelease); err != nil {
 		p.Log.Warn("disk teardown", "err", err)
 	}
+	r.rep.Health = "none"
+	if p.Health.Enabled() {
+		if err := r.step(ctx, "health", r.health); err != nil {
+			r.rep.SourceKept = true
+			return r.rep, err
+		}
+	}
 	if p.DNS != nil {
 		if err := r.step(ctx, "dns-flip", r.dnsFlip); err != nil {
-			return r.rep, err
+			return r.rep, fmt.Errorf("%w: %w", ErrFollowUp, err)
 		}
 	}
 	if err := r.step(ctx, "source-cleanup", r.sourceCleanup); err != nil {
@@ -252,6 +275,14 @@ func (r *run) destination(ctx context.Context) error {
 		return err
 	}
 	r.onFailure(p.Driver.AbortDestination)
+	warn, err := p.Driver.Preflight(ctx)
+	if err != nil {
+		return err
+	}
+	for _, w := range warn {
+		p.Log.Warn("preflight", "warning", w)
+	}
+	r.rep.Warnings = append(r.rep.Warnings, warn...)
 	b := p.Dest.dp
 	tap, err := p.Dest.AttachVM(p.DestTap)
 	if err != nil {
@@ -581,6 +612,40 @@ func (r *run) dnsFlip(ctx context.Context) error {
 	res, err := p.DNS.Flip(ctx, p.Zone, p.DNSName, []netip.Addr{p.OldIP}, []netip.Addr{p.NewIP}, p.TTL)
 	r.rep.DNSAfter = res.After.Records
 	return err
+}
+
+// health waits until the VM serves at the destination. On failure the
+// source stays paused (not quit), DNS unchanged, the redirect on: the
+// operator chooses between waiting for the destination and Fallback.
+func (r *run) health(ctx context.Context) error {
+	p := r.p
+	took, err := p.Health.Wait(ctx)
+	if err != nil {
+		r.rep.Health = err.Error()
+		return fmt.Errorf("%w\n  the VM runs (or ran) on %s; the source VM is kept paused on %s (QMP %s) with its disk as of the switch;\n"+
+			"  DNS still names %s and the redirect to %s is on. To fall back: stop the VM on %s, remove the redirect on %s,\n"+
+			"  then resume the source (QMP \"cont\"); or fix the VM on %s and flip DNS (vmhop dns flip)", err,
+			p.Dest.Name, p.Source.Name, p.SourceQMP, p.OldIP, p.Dest.Name, p.Dest.Name, p.Source.Name, p.Dest.Name)
+	}
+	r.rep.Health = fmt.Sprintf("passed after %s (%s)", took.Round(time.Millisecond), p.Health)
+	return nil
+}
+
+// Fallback returns a VM whose destination failed its health check to the
+// source: the destination is stopped, the redirect and the destination's
+// datapath entries removed, and the kept source resumed (its disk is as of
+// the switch: every write before it is there, none after).
+func Fallback(ctx context.Context, p *Plan) error {
+	var errs []error
+	errs = append(errs, p.Driver.AbortDestination(ctx))
+	if p.Source.dp != nil {
+		errs = append(errs, p.Source.dp.RemoveRedirect(p.OldIP))
+	}
+	if p.Dest.dp != nil {
+		errs = append(errs, p.Dest.dp.RemoveVM(p.OldIP, p.NewIP))
+	}
+	errs = append(errs, p.Driver.ResumeSource(ctx))
+	return errors.Join(errs...)
 }
 
 func (r *run) sourceCleanup(ctx context.Context) error {

@@ -3,7 +3,6 @@ package migrator_test
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -84,13 +83,8 @@ func (w testWriter) Write(b []byte) (int, error) { w.t.Log(string(b)); return le
 
 func verify(t *testing.T, l *lab.Lab, from string, ip netip.Addr, acked uint64) guest.Report {
 	t.Helper()
-	resp, err := l.HTTPClient(from).Get("http://" + ip.String() + "/verify?acked=" + strconv.FormatUint(acked, 10))
+	rep, err := l.GuestVerify(context.Background(), from, ip, acked)
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var rep guest.Report
-	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
 		t.Fatal(err)
 	}
 	return rep

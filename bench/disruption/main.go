@@ -109,7 +109,8 @@ func run() error {
 	}
 	fmt.Fprintf(&rep, "== vmhop live migration\n")
 	out.Print(&rep)
-	live, liveOut := out.Packets.Total, out.Packets.Outage
+	_, worst := out.Worst()
+	live, liveOut := worst.Disruption.Total, worst.Disruption.Outage
 	l.Down()
 
 	// 2. Freeze-and-copy.

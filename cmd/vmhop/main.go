@@ -11,10 +11,29 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/migrator"
 )
 
 // errSilent marks an error whose details were already printed (config check).
 var errSilent = errors.New("")
+
+// exitError carries the exit code of a command's failure (see
+// migrator.ExitCode for `vmhop migrate`'s); other errors exit 1.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string { return e.err.Error() }
+func (e exitError) Unwrap() error { return e.err }
+
+// withExit gives err the exit code code (nil stays nil).
+func withExit(code int, err error) error {
+	if err == nil {
+		return nil
+	}
+	return exitError{code, err}
+}
 
 func main() {
 	lab.RunChild() // the lab's WAN emulator re-executes this binary
@@ -25,10 +44,16 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.AddCommand(newMigrateCmd(), newConfigCmd(), newDNSCmd(), newLabCmd())
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return withExit(migrator.ExitUsage, err) })
 	if err := root.Execute(); err != nil {
 		if !errors.Is(err, errSilent) {
 			fmt.Fprintln(os.Stderr, "vmhop:", err)
 		}
-		os.Exit(1)
+		code := 1
+		var ee exitError
+		if errors.As(err, &ee) {
+			code = ee.code
+		}
+		os.Exit(code)
 	}
 }

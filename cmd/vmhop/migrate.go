@@ -11,6 +11,7 @@ import (
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/labrun"
+	"github.com/vmhop/vmhop/migrator"
 )
 
 func newMigrateCmd() *cobra.Command {
@@ -24,17 +25,21 @@ func newMigrateCmd() *cobra.Command {
 			"and the VM is the lab's guest at site A; a client probes the guest all along and the report\n" +
 			"gives the disruption it saw, from a packet capture on its interface.\n\n" +
 			"Between real hosts the migrator drives each host through vmhopd's peer API, which is not\n" +
-			"built yet: without --lab this command only checks the spec.",
+			"built yet: without --lab this command only checks the spec.\n\n" +
+			"Exit codes: 0 moved; 1 failed before the commit point, the VM runs on the source, its disk\n" +
+			"intact, DNS unchanged; 2 bad flags or spec, nothing attempted; 3 moved, but a follow-up\n" +
+			"(DNS flip, drain) failed; 4 moved, but the VM does not answer at the destination (health\n" +
+			"check): the source VM is kept paused.",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if file == "" {
-				return errors.New("-f: required: the migration spec")
+				return withExit(migrator.ExitUsage, errors.New("-f: required: the migration spec"))
 			}
 			spec, err := config.LoadMigration(file)
 			if err != nil {
-				return err
+				return withExit(migrator.ExitUsage, err)
 			}
 			if labName == "" {
-				return fmt.Errorf("--lab: required for now: migrating between real hosts needs vmhopd's peer API, not built yet (%s is valid)", file)
+				return withExit(migrator.ExitUsage, fmt.Errorf("--lab: required for now: migrating between real hosts needs vmhopd's peer API, not built yet (%s is valid)", file))
 			}
 			l, err := lab.Open(labName)
 			if err != nil {
@@ -55,7 +60,7 @@ func newMigrateCmd() *cobra.Command {
 			} else {
 				out.Print(cmd.OutOrStdout())
 			}
-			return err
+			return withExit(migrator.ExitCode(err), err)
 		},
 	}
 	c.Flags().StringVarP(&file, "file", "f", "", "migration spec (see configs/migration.yaml)")

@@ -50,6 +50,24 @@ type Migration struct {
 	DNS         DNS     `key:"dns"`
 	Limits      Limits  `key:"limits"`
 	Storage     Storage `key:"storage"`
+	Health      Health  `key:"health_check"`
+}
+
+// Health is how vmhop decides, after the destination resumes, that the VM
+// serves there. Until a check passes the source VM is kept, paused; a VM
+// that does not pass by Deadline fails the migration ("moved, but the VM
+// does not answer at the destination"). Checks go from the source host to
+// network.new_ip, the path new clients take. With neither check set, none
+// runs (the report says so).
+type Health struct {
+	// TCPPort: a TCP connection to new_ip on this port must be accepted (0: no TCP check).
+	TCPPort uint16 `key:"tcp_port"`
+	// HTTPPath: a GET of http://new_ip:HTTPPort/HTTPPath must answer 2xx or 3xx ("": no HTTP check).
+	HTTPPath string `key:"http_path"`
+	// HTTPPort is the HTTP check's port.
+	HTTPPort uint16 `key:"http_port"`
+	// Deadline is how long after resume the VM has to pass every check.
+	Deadline time.Duration `key:"deadline"`
 }
 
 // VM identifies the guest on the source host.
@@ -158,5 +176,6 @@ func DefaultMigration() Migration {
 			AutoConverge:  true,
 		},
 		Storage: Storage{Mode: "qemu", ChunkSize: units.MiB, FinalDelta: 16 * units.MiB, MaxRounds: 10},
+		Health:  Health{HTTPPort: 80, Deadline: 30 * time.Second},
 	}
 }

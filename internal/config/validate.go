@@ -75,6 +75,17 @@ func (m *Migration) validate(p string, errs *Errors) {
 		errs.add(p+".destination.address", "%q is the source's address too", m.Destination.Address)
 	}
 
+	hc := p + ".health_check"
+	if m.Health.HTTPPath != "" && !strings.HasPrefix(m.Health.HTTPPath, "/") {
+		errs.add(hc+".http_path", "%q is not a URL path (starts with /)", m.Health.HTTPPath)
+	}
+	if m.Health.HTTPPort == 0 {
+		errs.add(hc+".http_port", "0 is not a port")
+	}
+	if m.Health.Deadline <= 0 {
+		errs.add(hc+".deadline", "%s: want a positive duration", m.Health.Deadline)
+	}
+
 	n := p + ".network"
 	checkAddr(n+".old_ip", m.Network.OldIP, errs)
 	checkAddr(n+".new_ip", m.Network.NewIP, errs)

@@ -299,6 +299,23 @@ func (l *Lab) GuestStatus(ctx context.Context, host string, ip netip.Addr) (gues
 	return s, json.NewDecoder(resp.Body).Decode(&s)
 }
 
+// GuestVerify asks the guest at ip to read its disk record log back
+// (bypassing its page cache) and report whether every record up to acked is
+// there (guest.Log.Verify).
+func (l *Lab) GuestVerify(ctx context.Context, host string, ip netip.Addr, acked uint64) (guest.Report, error) {
+	var r guest.Report
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+ip.String()+"/verify?acked="+strconv.FormatUint(acked, 10), nil)
+	resp, err := l.HTTPClient(host).Do(req)
+	if err != nil {
+		return r, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return r, fmt.Errorf("guest verify: %s", resp.Status)
+	}
+	return r, json.NewDecoder(resp.Body).Decode(&r)
+}
+
 // WaitGuest waits until the guest answers echo from the client.
 func (l *Lab) WaitGuest(ctx context.Context, ip netip.Addr, timeout time.Duration) error {
 	return waitFor(ctx, timeout, func() error {

@@ -42,6 +42,18 @@ func StartCapture(l *lab.Lab, file string, port int) (*Capture, error) {
 // Stop ends the capture and returns the arrival times of packets carrying
 // payload from the server side (source port port) to the client.
 func (c *Capture) Stop(port int) ([]time.Time, int, error) {
+	byPort, total, err := c.StopByPort(port)
+	var all []time.Time
+	for _, a := range byPort {
+		all = append(all, a...)
+	}
+	return all, total, err
+}
+
+// StopByPort ends the capture and returns, per client port, the arrival
+// times of packets carrying payload from the server side (source port
+// port) to the client, and the number of packets captured.
+func (c *Capture) StopByPort(port int) (map[uint16][]time.Time, int, error) {
 	c.stop()
 	f, err := os.Open(c.File)
 	if err != nil {
@@ -52,7 +64,7 @@ func (c *Capture) Stop(port int) ([]time.Time, int, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	var arrivals []time.Time
+	arrivals := map[uint16][]time.Time{}
 	total := 0
 	for {
 		data, ci, err := r.ReadPacketData()
@@ -63,7 +75,7 @@ func (c *Capture) Stop(port int) ([]time.Time, int, error) {
 		p := gopacket.NewPacket(data, layers.LayerTypeEthernet, gopacket.NoCopy)
 		tcp, _ := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
 		if tcp != nil && int(tcp.SrcPort) == port && len(tcp.Payload) > 0 {
-			arrivals = append(arrivals, ci.Timestamp)
+			arrivals[uint16(tcp.DstPort)] = append(arrivals[uint16(tcp.DstPort)], ci.Timestamp)
 		}
 	}
 	return arrivals, total, nil

@@ -2,6 +2,7 @@ package labrun
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,21 +11,39 @@ import (
 	"time"
 
 	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/internal/guest"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/migrator"
 )
 
-// Outcome is a lab migration with what the client saw.
+// Outcome is a lab migration with what the client saw and what the guest
+// says of itself afterwards.
 type Outcome struct {
-	Report     migrator.Report
-	Sent, Got  int
-	Reconnects int
-	Probe      Disruption // as the probe's socket saw it
-	Packets    Disruption // as captured on the client's interface
-	Captured   int
-	Drained    time.Duration
-	Start      time.Time // when the migration started
+	Report   migrator.Report
+	Client   ClientView // the load's view; echo gaps from the packet capture
+	Captured int        // packets in the capture
+	Guest    GuestCheck
+	Drained  time.Duration
+	Start    time.Time // when the migration started
+	// Err is the migration's error, if any, with its exit code.
+	Err  string `json:",omitempty"`
+	Exit int
 }
+
+// GuestCheck is the guest's own account after the move: it is the same
+// boot, it kept running, and its RAM and disk verifiers found nothing lost.
+type GuestCheck struct {
+	Answered   bool   // the guest answered its status page at the new address
+	SameBoot   bool   // boot id unchanged: no reboot, no new guest
+	MemCycles  uint64 // full checks of the RAM working set since the move
+	MemLost    uint64 // pages that went back in time (lost guest writes)
+	MemCorrupt uint64
+	Disk       guest.Report // every acknowledged disk record, read back at the destination
+	Problem    string       `json:",omitempty"` // what is wrong, if anything
+}
+
+// OK says whether the guest survived the move intact.
+func (g GuestCheck) OK() bool { return g.Problem == "" }
 
 // phaseAt names the phase running at t. Phases run one after the other,
 // except dns-prepare, which starts after datapath beside the disk phases;
@@ -67,8 +86,10 @@ func later(a, b time.Time) time.Time {
 }
 
 // Migrate moves the lab's guest from site A to B under spec while a client
-// probes it (one TCP connection, a request every 10 ms) and tcpdump
-// captures the client's interface; then drains the redirect.
+// load runs against it (see Load) and tcpdump captures the client's
+// interface; then it asks the guest whether it survived intact
+// (CheckGuest) and drains the redirect. The error is the migration's, or
+// the guest check's (the guest did not survive: an aborted exit).
 func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger) (Outcome, error) {
 	var out Outcome
 	var vm *lab.VM
@@ -83,39 +104,137 @@ func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.
 	if err := l.WaitGuest(ctx, vm.IP, 10*time.Second); err != nil {
 		return out, fmt.Errorf("guest at site A does not answer: %w", err)
 	}
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		return out, fmt.Errorf("guest status at site A: %w", err)
+	}
 	p, err := Plan(ctx, l, vm, spec, log)
 	if err != nil {
 		return out, err
 	}
-	const port = 7
-	capture, err := StartCapture(l, l.Path("client.pcap"), port)
+	capture, err := StartCapture(l, l.Path("client.pcap"), EchoPort)
 	if err != nil {
 		return out, err
 	}
-	probe := &Probe{L: l, Target: netip.AddrPortFrom(vm.IP, port), Interval: 10 * time.Millisecond}
-	pctx, stop := context.WithCancel(ctx)
+	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server)}
+	lctx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
-	go func() { probe.Run(pctx); close(done) }()
+	go func() { load.Run(lctx); close(done) }()
 	time.Sleep(time.Second)
 
 	out.Start = time.Now()
 	out.Report, err = migrator.Run(ctx, p)
-	time.Sleep(2 * time.Second) // the client keeps talking to the moved VM
+	time.Sleep(3 * time.Second) // the clients keep talking to the moved VM
 	stop()
 	<-done
-	out.Sent, out.Got, out.Reconnects, out.Probe = probe.Result()
-	arrivals, total, cerr := capture.Stop(port)
+	byPort, total, cerr := capture.StopByPort(EchoPort)
 	out.Captured = total
-	out.Packets = Gaps(arrivals, probe.Interval)
+	out.Client = load.View(byPort)
+	if err == nil && cerr != nil {
+		err = cerr
+	}
+	if err == nil || errors.Is(err, migrator.ErrUnhealthy) {
+		where := lab.NewIP
+		out.Guest = CheckGuest(ctx, l, where, before)
+		if err == nil && !out.Guest.OK() {
+			err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
+		}
+	}
+	if err == nil {
+		l.MoveVM(vm.Machine.Name, p.Driver.DestMachine(), lab.SiteB)
+		out.Drained, err = migrator.Drain(ctx, p)
+		if err != nil {
+			err = fmt.Errorf("%w: drain: %w", migrator.ErrFollowUp, err)
+		}
+	}
 	if err != nil {
-		return out, err
+		out.Err = err.Error()
 	}
-	if cerr != nil {
-		return out, cerr
-	}
-	l.MoveVM(vm.Machine.Name, p.Driver.DestMachine(), lab.SiteB)
-	out.Drained, err = migrator.Drain(ctx, p)
+	out.Exit = migrator.ExitCode(err)
 	return out, err
+}
+
+// CheckGuest asks the guest at ip (from the client) for its account after
+// a move: same boot as before, two full checks of its RAM working set with
+// nothing lost, every disk record acknowledged so far read back intact. It
+// waits up to 30 s for the RAM checks (TCG guests are slow after resume).
+func CheckGuest(ctx context.Context, l *lab.Lab, ip netip.Addr, before guest.Status) GuestCheck {
+	var g GuestCheck
+	var first, s guest.Status
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var err error
+		s, err = l.GuestStatus(ctx, lab.Client, ip)
+		if err == nil {
+			if !g.Answered {
+				first = s
+			}
+			g.Answered = true
+			if s.Mem == nil || first.Mem == nil || s.Mem.Cycles >= first.Mem.Cycles+2 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			if !g.Answered {
+				g.Problem = fmt.Sprintf("no answer from the guest at %s for 30s: %v", ip, err)
+				return g
+			}
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	g.SameBoot = s.BootID == before.BootID
+	if s.Mem != nil && first.Mem != nil {
+		g.MemCycles, g.MemLost, g.MemCorrupt = s.Mem.Cycles-first.Mem.Cycles, s.Mem.Lost, s.Mem.Corrupt
+	}
+	var problems []string
+	if !g.SameBoot {
+		problems = append(problems, fmt.Sprintf("boot id %s, was %s: the guest rebooted", s.BootID, before.BootID))
+	}
+	if s.Mem == nil {
+		problems = append(problems, "RAM verifier off in the guest")
+	} else if g.MemLost > 0 || g.MemCorrupt > 0 {
+		problems = append(problems, fmt.Sprintf("RAM verifier: %d lost and %d corrupt pages, first %+v", g.MemLost, g.MemCorrupt, s.Mem.First))
+	} else if g.MemCycles < 2 {
+		problems = append(problems, fmt.Sprintf("RAM verifier checked the working set %d times in 30s, want 2", g.MemCycles))
+	}
+	if s.DiskAcked > 0 {
+		r, err := l.GuestVerify(ctx, lab.Client, ip, s.DiskAcked)
+		g.Disk = r
+		if err != nil {
+			problems = append(problems, "disk verify: "+err.Error())
+		} else if !r.OK() {
+			problems = append(problems, "disk: "+r.String())
+		}
+	}
+	g.Problem = strings.Join(problems, "; ")
+	return g
+}
+
+// Worst is the echo connection that saw the most disruption.
+func (o Outcome) Worst() (int, EchoView) {
+	w := -1
+	for i, e := range o.Client.Echo {
+		if w < 0 || e.Disruption.Total > o.Client.Echo[w].Disruption.Total {
+			w = i
+		}
+	}
+	if w < 0 {
+		return -1, EchoView{}
+	}
+	return w, o.Client.Echo[w]
+}
+
+func (o Outcome) gapList(d Disruption) string {
+	var gaps []string
+	for _, g := range d.Worst {
+		gaps = append(gaps, fmt.Sprintf("%s (%s, at %s)", g.Length.Round(time.Millisecond),
+			o.phaseAt(g.Start), g.Start.Sub(o.Start).Round(100*time.Millisecond)))
+	}
+	if len(gaps) == 0 {
+		return "none"
+	}
+	return strings.Join(gaps, ", ")
 }
 
 // Print writes the outcome for people.
@@ -134,16 +253,53 @@ func (o Outcome) Print(w io.Writer) {
 			r.DiskRounds, r.DiskCuts, r.VerifyChunks)
 	}
 	fmt.Fprintf(w, "dns: %v -> %v\n", r.DNSBefore, r.DNSAfter)
-	fmt.Fprintf(w, "client probe: %d requests, %d answered, %d reconnects\n", o.Sent, o.Got, o.Reconnects)
-	fmt.Fprintf(w, "client-visible disruption (packet capture, %d packets): %s in %d gaps, longest %s\n",
-		o.Captured, o.Packets.Total.Round(time.Millisecond), o.Packets.Gaps, o.Packets.Longest.Round(time.Millisecond))
-	var gaps []string
-	for _, g := range o.Packets.Worst {
-		gaps = append(gaps, fmt.Sprintf("%s (%s, at %s)", g.Length.Round(time.Millisecond),
-			o.phaseAt(g.Start), g.Start.Sub(o.Start).Round(100*time.Millisecond)))
+	fmt.Fprintf(w, "health check: %s\n", r.Health)
+	for _, warn := range r.Warnings {
+		fmt.Fprintf(w, "WARNING: %s\n", warn)
 	}
-	fmt.Fprintf(w, "  longest gaps: %s\n  (gaps over %s count, minus the %s probe interval)\n",
-		strings.Join(gaps, ", "), o.Packets.Threshold, o.Packets.Interval)
-	fmt.Fprintf(w, "  outages (gaps over %s only): %s in %d\n", o.Packets.OutageThreshold, o.Packets.Outage.Round(time.Millisecond), o.Packets.Outages)
-	fmt.Fprintf(w, "redirect drained after %s\n", o.Drained.Round(time.Millisecond))
+	g := o.Guest
+	switch {
+	case !g.Answered:
+		fmt.Fprintf(w, "guest: %s\n", g.Problem)
+	default:
+		fmt.Fprintf(w, "guest: same boot %v; RAM verifier: %d lost, %d corrupt pages in %d full checks after the move; disk: %s\n",
+			g.SameBoot, g.MemLost, g.MemCorrupt, g.MemCycles, g.Disk)
+		if g.Problem != "" {
+			fmt.Fprintf(w, "guest PROBLEM: %s\n", g.Problem)
+		}
+	}
+	c := o.Client
+	fmt.Fprintf(w, "client load over %s (packet capture: %d packets):\n", c.End.Sub(c.Start).Round(100*time.Millisecond), o.Captured)
+	for i, e := range c.Echo {
+		d := e.Disruption
+		fmt.Fprintf(w, "  echo %d: %d sent, %d answered, %d unanswered, %d reconnects; gaps %s in %d, longest %s\n",
+			i+1, e.Sent, e.Got, e.Unanswered, e.Reconnects, d.Total.Round(time.Millisecond), d.Gaps, d.Longest.Round(time.Millisecond))
+	}
+	h := c.HTTP
+	newAt := "never"
+	if h.NewAddrAt > 0 {
+		newAt = "at " + (h.NewAddrAt - o.Start.Sub(c.Start)).Round(100*time.Millisecond).String()
+	}
+	fmt.Fprintf(w, "  new HTTP connections by name: %d, %d failed (window %s, longest run %s); first on the new address %s; by address %v\n",
+		h.Attempts, h.Failed, h.FailWindow.Round(time.Millisecond), h.Longest.Round(time.Millisecond), newAt, h.ByAddr)
+	for _, e := range h.Errors {
+		fmt.Fprintf(w, "    failed: %s\n", e)
+	}
+	pd := c.Ping.Disruption
+	fmt.Fprintf(w, "  icmp echo: %d sent, %d answered, %d lost; gaps %s in %d, longest %s\n",
+		c.Ping.Sent, c.Ping.Answered, c.Ping.Lost, pd.Total.Round(time.Millisecond), pd.Gaps, pd.Longest.Round(time.Millisecond))
+	if i, e := o.Worst(); i >= 0 {
+		d := e.Disruption
+		fmt.Fprintf(w, "client-visible disruption (worst echo connection, %d): %s in %d gaps, longest %s\n",
+			i+1, d.Total.Round(time.Millisecond), d.Gaps, d.Longest.Round(time.Millisecond))
+		fmt.Fprintf(w, "  longest gaps: %s\n  (gaps over %s count, minus the %s probe interval; a trailing gap runs to the end of the load)\n",
+			o.gapList(d), d.Threshold, d.Interval)
+		fmt.Fprintf(w, "  outages (gaps over %s only): %s in %d\n", d.OutageThreshold, d.Outage.Round(time.Millisecond), d.Outages)
+	}
+	if o.Drained > 0 {
+		fmt.Fprintf(w, "redirect drained after %s\n", o.Drained.Round(time.Millisecond))
+	}
+	if o.Err != "" {
+		fmt.Fprintf(w, "FAILED (exit %d): %s\n", o.Exit, o.Err)
+	}
 }

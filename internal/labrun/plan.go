@@ -98,7 +98,12 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		VMMAC: vmMAC, GatewayMAC: gwMAC,
 		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL, MaxTTLWait: 10 * time.Second,
 		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
-		Log: log,
+		// The health check goes where vmhopd on host A would send it from.
+		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
+			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline,
+			Dial: l.Dialer(lab.SiteA)},
+		SourceQMP: vm.Machine.QMPSocket,
+		Log:       log,
 	}
 	if spec.Storage.Mode == "chunked" {
 		p.Relay = nil

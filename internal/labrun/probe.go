@@ -33,6 +33,7 @@ type Probe struct {
 	replies     []time.Time
 	reconnects  int
 	firstFailAt time.Time
+	ports       []uint16 // the client ports of its connections, in order
 }
 
 // Run probes until ctx ends.
@@ -48,6 +49,11 @@ func (p *Probe) Run(ctx context.Context) {
 				}
 			}
 			continue
+		}
+		if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+			p.mu.Lock()
+			p.ports = append(p.ports, uint16(a.Port))
+			p.mu.Unlock()
 		}
 		p.session(ctx, c)
 		c.Close()
@@ -146,18 +152,35 @@ type Disruption struct {
 	OutageThreshold time.Duration
 }
 
-// Gaps computes the disruption of arrivals expected every interval.
+// Gaps computes the disruption of arrivals expected every interval, between
+// the first and the last arrival.
 func Gaps(arrivals []time.Time, interval time.Duration) Disruption {
+	return GapsIn(arrivals, interval, time.Time{}, time.Time{})
+}
+
+// GapsIn computes the disruption of arrivals expected every interval from
+// start to end: the stretch before the first arrival and after the last
+// (a service that stopped answering) count as gaps too; no arrival at all
+// is one gap over the whole window. A zero start or end leaves that side
+// open.
+func GapsIn(arrivals []time.Time, interval time.Duration, start, end time.Time) Disruption {
 	d := Disruption{Samples: len(arrivals), Interval: interval, Threshold: 3 * interval, OutageThreshold: 100 * time.Millisecond}
 	sort.Slice(arrivals, func(i, j int) bool { return arrivals[i].Before(arrivals[j]) })
+	pts := arrivals
+	if !start.IsZero() && (len(pts) == 0 || start.Before(pts[0])) {
+		pts = append([]time.Time{start}, pts...)
+	}
+	if !end.IsZero() && (len(pts) == 0 || end.After(pts[len(pts)-1])) {
+		pts = append(pts, end)
+	}
 	var all []Gap
-	for i := 1; i < len(arrivals); i++ {
-		g := arrivals[i].Sub(arrivals[i-1])
+	for i := 1; i < len(pts); i++ {
+		g := pts[i].Sub(pts[i-1])
 		d.Longest = max(d.Longest, g)
 		if g > d.Threshold {
 			d.Gaps++
 			d.Total += g - interval
-			all = append(all, Gap{Start: arrivals[i-1], Length: g})
+			all = append(all, Gap{Start: pts[i-1], Length: g})
 		}
 		if g > d.OutageThreshold {
 			d.Outages++
@@ -180,6 +203,14 @@ func (p *Probe) Result() (sent, got, reconnects int, d Disruption) {
 type Gap struct {
 	Start  time.Time
 	Length time.Duration
+}
+
+// state returns the probe's counts, a copy of its reply times and its
+// connections' client ports.
+func (p *Probe) state() (sent, got, reconnects int, replies []time.Time, ports []uint16) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sent, p.got, p.reconnects, append([]time.Time(nil), p.replies...), append([]uint16(nil), p.ports...)
 }
 
 // LastReply is when the last answer arrived (zero if none yet).

@@ -1,0 +1,83 @@
+package labrun
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func every(start time.Time, n int, step time.Duration) []time.Time {
+	var ts []time.Time
+	for i := range n {
+		ts = append(ts, start.Add(time.Duration(i)*step))
+	}
+	return ts
+}
+
+// A guest that dies stops answering: the stretch from its last answer to
+// the end of the load is an outage, counted like any other gap.
+func TestGapsInCountsTrailingOutage(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	arrivals := every(t0, 100, 10*time.Millisecond) // answers for 1 s
+	end := t0.Add(5 * time.Second)                  // the load ran 5 s
+	d := GapsIn(arrivals, 10*time.Millisecond, t0, end)
+	trailing := end.Sub(arrivals[99])
+	if d.Gaps != 1 || d.Longest != trailing || d.Total != trailing-10*time.Millisecond {
+		t.Fatalf("disruption = %+v, want one trailing gap of %s", d, trailing)
+	}
+	if d.Outages != 1 || d.Worst[0].Start != arrivals[99] {
+		t.Fatalf("outage not counted from the last answer: %+v", d)
+	}
+	// Without the window, the same arrivals look clean: what the old
+	// report did.
+	if d := Gaps(arrivals, 10*time.Millisecond); d.Gaps != 0 {
+		t.Fatalf("Gaps without window = %+v", d)
+	}
+	// Nothing answered at all: the whole window is one gap.
+	if d := GapsIn(nil, 10*time.Millisecond, t0, end); d.Gaps != 1 || d.Longest != 5*time.Second {
+		t.Fatalf("no arrivals: %+v", d)
+	}
+}
+
+func TestViewCountsUnansweredAndFailures(t *testing.T) {
+	t0 := time.Unix(2000, 0)
+	old, nu := netip.MustParseAddr("10.1.0.10"), netip.MustParseAddr("10.2.0.10")
+	p := &Probe{Interval: 10 * time.Millisecond, sent: 300, got: 100, replies: every(t0, 100, 10*time.Millisecond), ports: []uint16{40000}}
+	ld := &Load{Addr: old, Echo: []*Probe{p}, PingEvery: 10 * time.Millisecond, start: t0, end: t0.Add(3 * time.Second),
+		pingSent: map[uint16]time.Time{7: t0, 8: t0}, pingGot: every(t0, 5, 10*time.Millisecond)}
+	ms := time.Millisecond
+	ld.http = []HTTPAttempt{
+		{At: t0, Addr: old, Took: 20 * ms},
+		{At: t0.Add(50 * ms), Addr: old, Took: 3000 * ms, Err: "timeout"},
+		{At: t0.Add(100 * ms), Addr: old, Took: 1000 * ms, Err: "connection reset"},
+		{At: t0.Add(150 * ms), Err: "resolve: timeout", Took: 2000 * ms},
+		{At: t0.Add(400 * ms), Addr: nu, Took: 30 * ms},
+		{At: t0.Add(450 * ms), Addr: nu, Took: 30 * ms},
+	}
+	v := ld.View(nil)
+	e := v.Echo[0]
+	if e.Sent != 300 || e.Got != 100 || e.Unanswered != 200 {
+		t.Fatalf("echo = %+v, want 200 unanswered", e)
+	}
+	if e.Disruption.Gaps != 1 || e.Disruption.Longest != 3*time.Second-990*ms {
+		t.Fatalf("echo disruption = %+v, want the trailing gap", e.Disruption)
+	}
+	// Captured arrivals, when given, replace the socket's.
+	v2 := ld.View(map[uint16][]time.Time{40000: every(t0, 300, 10*time.Millisecond)})
+	if g := v2.Echo[0].Disruption.Gaps; g != 0 {
+		t.Fatalf("captured arrivals ignored: %d gaps", g)
+	}
+	h := v.HTTP
+	if h.Attempts != 6 || h.OK != 3 || h.Failed != 3 {
+		t.Fatalf("http = %+v", h)
+	}
+	if h.Longest != 350*ms || h.FailWindow != 3050*ms-50*ms {
+		t.Fatalf("http longest %s, window %s", h.Longest, h.FailWindow)
+	}
+	if h.NewAddrAt != 400*ms || h.ByAddr["10.2.0.10"] != 2 || h.ByAddr["10.1.0.10"] != 3 {
+		t.Fatalf("http addresses = %+v", h)
+	}
+	if v.Ping.Sent != 7 || v.Ping.Answered != 5 || v.Ping.Lost != 2 {
+		t.Fatalf("ping = %+v", v.Ping)
+	}
+}
