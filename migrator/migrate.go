@@ -70,6 +70,9 @@ type Plan struct {
 	// running (tests send packets here that must wait in the destination's
 	// tap, or damage the destination disk to see the migration refuse it).
 	OnSwitch func(context.Context) error
+	// OnResumed, if set, runs once the VM runs at the destination, before
+	// the health check (tests stop the guest here).
+	OnResumed func(context.Context) error
 }
 
 // Report is what a migration did, phase by phase.
@@ -203,6 +206,11 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	}
 	if err := r.step(ctx, "disk-release", r.diskRelease); err != nil {
 		p.Log.Warn("disk teardown", "err", err)
+	}
+	if p.OnResumed != nil {
+		if err := p.OnResumed(ctx); err != nil {
+			return r.rep, fmt.Errorf("%w: %w", ErrFollowUp, err)
+		}
 	}
 	r.rep.Health = "none"
 	if p.Health.Enabled() {

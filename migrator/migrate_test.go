@@ -148,6 +148,9 @@ func TestMigration(t *testing.T) {
 	if !rep.DigestMatch {
 		t.Fatal("digests did not match")
 	}
+	if !strings.HasPrefix(rep.Health, "passed") {
+		t.Errorf("health check: %q, want passed", rep.Health)
+	}
 	time.Sleep(2 * time.Second)
 	stopProbe()
 	<-done
@@ -181,6 +184,9 @@ func TestMigration(t *testing.T) {
 	}
 	if after.BootID != before.BootID || after.Counter <= before.Counter || after.DiskErrors != 0 {
 		t.Fatalf("guest after: %+v, before: %+v", after, before)
+	}
+	if g := labrun.CheckGuest(ctx, l, lab.NewIP, before); !g.OK() {
+		t.Fatalf("guest at site B: %s", g.Problem)
 	}
 	if _, err := l.GuestStatus(ctx, lab.Client, lab.OldIP); err != nil {
 		t.Fatalf("guest via old ip after the move: %v", err)
@@ -268,6 +274,69 @@ func TestFailedMigrationLeavesSourceRunning(t *testing.T) {
 		if c, err := dp.Stats(lab.OldIP); err == nil && c["encap_packets"] != 0 {
 			t.Errorf("packets were redirected during a failed migration: %v", c)
 		}
+	}
+}
+
+// TestHealthCheckFailureKeepsSource: the destination guest is stopped as
+// soon as it resumes. The migration fails with its own exit code and
+// words, the source VM is kept paused (not quit), DNS is not flipped; and
+// Fallback brings the VM back to the source, alive and intact.
+func TestHealthCheckFailureKeepsSource(t *testing.T) {
+	l, vm, p := setup(t)
+	ctx := context.Background()
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Health.Deadline = 5 * time.Second
+	stopped := false
+	p.OnResumed = func(ctx context.Context) error {
+		stopped = true
+		return p.Driver.Destination().Execute(ctx, "stop", nil, nil)
+	}
+	rep, err := migrator.Run(ctx, p)
+	if !stopped {
+		t.Fatalf("the destination never ran: %v", err)
+	}
+	t.Logf("migration error: %v", err)
+	if code := migrator.ExitCode(err); code != 4 {
+		t.Fatalf("exit code %d, want 4 (moved, VM not answering)", code)
+	}
+	for _, words := range []string{"moved, but the VM does not answer at the destination", "tcp 10.2.0.10:7", "kept paused", "To fall back"} {
+		if !strings.Contains(err.Error(), words) {
+			t.Errorf("error does not say %q: %v", words, err)
+		}
+	}
+	if !rep.SourceKept || !strings.Contains(rep.Health, "does not answer") {
+		t.Errorf("report: source kept %v, health %q", rep.SourceKept, rep.Health)
+	}
+	var st struct {
+		Status  string `json:"status"`
+		Running bool   `json:"running"`
+	}
+	if err := p.Driver.Source().Execute(ctx, "query-status", nil, &st); err != nil || st.Running {
+		t.Fatalf("source QEMU: %+v, %v; want it kept, paused", st, err)
+	}
+	t.Logf("source QEMU kept in state %q", st.Status)
+	if got := svcA(t, l); got != lab.OldIP.String() {
+		t.Fatalf("DNS flipped to %s for a VM that does not answer", got)
+	}
+	for _, ph := range rep.Phases {
+		if ph.Name == "dns-flip" || ph.Name == "source-cleanup" {
+			t.Errorf("phase %s ran after a failed health check", ph.Name)
+		}
+	}
+
+	if err := migrator.Fallback(ctx, p); err != nil {
+		t.Fatalf("fallback: %v", err)
+	}
+	if err := l.WaitGuest(ctx, vm.IP, 20*time.Second); err != nil {
+		t.Fatalf("guest at site A after fallback: %v", err)
+	}
+	g := labrun.CheckGuest(ctx, l, vm.IP, before)
+	t.Logf("guest after fallback: %+v", g)
+	if !g.OK() {
+		t.Fatalf("guest after fallback: %s", g.Problem)
 	}
 }
 
