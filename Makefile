@@ -12,7 +12,7 @@ TEST_LOG ?= test.log
 
 GUEST_SRC := $(wildcard internal/guest/*.go internal/guest/image/*) cmd/vmhop-guest/main.go
 
-.PHONY: all build test unit lint generate guest demo demo-down fuzz bench bench-datapath clean
+.PHONY: all build test unit lint generate guest demo demo-down fuzz bench bench-datapath soak clean
 
 all: build
 
@@ -70,6 +70,15 @@ bench: guest
 bench-datapath:
 	mkdir -p bench/results
 	$(GO) run ./bench/datapath -out bench/results/datapath.txt
+
+# Soak (root, ~20 min): 20 lab migrations back to back under the main job's
+# load, the guest's RAM and disk verifiers on; fails unless every one is
+# correct (exit 0, same boot, nothing lost). SOAK_FLAGS adds -runs, -downtime,
+# -auto-converge, -exact-ram.
+SOAK_FLAGS ?=
+soak: guest
+	mkdir -p bench/results
+	$(GO) run ./bench/soak -out bench/results/soak $(SOAK_FLAGS)
 
 fuzz:
 	$(GO) test ./internal/config/ -run '^$$' -fuzz FuzzParse -fuzztime 30s -fuzzminimizetime 5s

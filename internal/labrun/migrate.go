@@ -45,37 +45,85 @@ type GuestCheck struct {
 // OK says whether the guest survived the move intact.
 func (g GuestCheck) OK() bool { return g.Problem == "" }
 
-// phaseAt names the phase running at t. Phases run one after the other,
-// except dns-prepare, which starts after datapath beside the disk phases;
-// memory waits for both.
-func (o Outcome) phaseAt(t time.Time) string {
+// span is a phase's place in time.
+type span struct {
+	name     string
+	from, to time.Time
+}
+
+// spans places the phases in time. Phases run one after the other, except
+// dns-prepare, which starts after datapath beside the disk phases; memory
+// waits for both.
+func (o Outcome) spans() []span {
 	at, dnsEnd := o.Start, o.Start
 	for _, ph := range o.Report.Phases {
 		if ph.Name == "datapath" {
 			dnsEnd = at.Add(ph.Duration)
 		}
 	}
+	var out []span
 	for _, ph := range o.Report.Phases {
 		if ph.Name == "dns-prepare" {
+			out = append(out, span{ph.Name, dnsEnd, dnsEnd.Add(ph.Duration)})
 			dnsEnd = dnsEnd.Add(ph.Duration)
 		}
 	}
 	for _, ph := range o.Report.Phases {
-		switch ph.Name {
-		case "dns-prepare":
+		if ph.Name == "dns-prepare" {
 			continue
-		case "memory":
-			if t.Before(dnsEnd) && !t.Before(at) {
-				return "dns-prepare"
-			}
+		}
+		if ph.Name == "memory" {
 			at = later(at, dnsEnd)
 		}
-		if t.Before(at.Add(ph.Duration)) {
-			return ph.Name
-		}
+		out = append(out, span{ph.Name, at, at.Add(ph.Duration)})
 		at = at.Add(ph.Duration)
 	}
+	return out
+}
+
+// phaseAt names the phase running at t (dns-prepare where it runs beside
+// the disk phases only once they are done).
+func (o Outcome) phaseAt(t time.Time) string {
+	var dns string
+	for _, s := range o.spans() {
+		if t.Before(s.from) || !t.Before(s.to) {
+			continue
+		}
+		if s.name == "dns-prepare" {
+			dns = s.name
+			continue
+		}
+		return s.name
+	}
+	if dns != "" {
+		return dns
+	}
 	return "after the migration"
+}
+
+// SwitchGap is the longest gap any echo connection saw across the
+// switchover: the pause (which ends with the memory phase) and the
+// destination's warm-up after it. 0 if no gap over the threshold covers it.
+func (o Outcome) SwitchGap() time.Duration {
+	var resumed time.Time
+	for _, s := range o.spans() {
+		if s.name == "memory" {
+			resumed = s.to
+		}
+	}
+	if resumed.IsZero() {
+		return 0
+	}
+	from := resumed.Add(-o.Report.Pause - 50*time.Millisecond)
+	var longest time.Duration
+	for _, e := range o.Client.Echo {
+		for _, g := range e.Disruption.Worst {
+			if g.Start.Before(resumed) && g.Start.Add(g.Length).After(from) {
+				longest = max(longest, g.Length)
+			}
+		}
+	}
+	return longest
 }
 
 func later(a, b time.Time) time.Time {
