@@ -38,3 +38,23 @@ func TestPhaseAt(t *testing.T) {
 		}
 	}
 }
+
+// TestSwitchGap: the switch gap is the longest echo gap that covers the
+// pause (the end of the memory phase); other gaps do not count.
+func TestSwitchGap(t *testing.T) {
+	s := time.Unix(1000, 0)
+	ms := time.Millisecond
+	o := Outcome{Start: s, Report: migrator.Report{Pause: 150 * ms, Phases: []migrator.Phase{
+		{Name: "datapath", Duration: time.Second},
+		{Name: "memory", Duration: 9 * time.Second}, // the VM resumes at 10 s
+		{Name: "dns-flip", Duration: time.Second},
+	}}}
+	o.Client.Echo = []EchoView{
+		{Disruption: Disruption{Worst: []Gap{{Start: s.Add(3 * time.Second), Length: 900 * ms}, {Start: s.Add(9900 * ms), Length: 400 * ms}}}},
+		{Disruption: Disruption{Worst: []Gap{{Start: s.Add(9850 * ms), Length: 500 * ms}}}},
+		{Disruption: Disruption{Worst: []Gap{{Start: s.Add(10100 * ms), Length: 2 * time.Second}}}}, // after the resume
+	}
+	if got := o.SwitchGap(); got != 500*ms {
+		t.Fatalf("SwitchGap = %s, want 500ms", got)
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"syscall"
 
 	vns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Dir is where named namespaces are bind-mounted, as iproute2 does.
@@ -29,8 +30,38 @@ func Exists(name string) bool {
 	return err == nil
 }
 
-// Create makes a new named namespace. The calling thread's namespace is unchanged.
+// prepareDir makes Dir a shared bind mount of itself, as iproute2's
+// `ip netns add` does the first time it runs (netns_add in ip/ipnetns.c).
+// Namespace files mounted on the plain directory would be hidden under the
+// bind mount that a later `ip netns add` makes, and could no longer be
+// unmounted by path; made first, every namespace file lands inside it.
+// Idempotent.
+func prepareDir() error {
+	if err := os.MkdirAll(Dir, 0o755); err != nil {
+		return err
+	}
+	for bound := false; ; bound = true {
+		err := unix.Mount("", Dir, "none", unix.MS_SHARED|unix.MS_REC, "")
+		if err == nil {
+			return nil
+		}
+		if err != unix.EINVAL || bound {
+			return fmt.Errorf("make %s a shared mount: %w", Dir, err)
+		}
+		// Not a mount point yet: bind it onto itself, then share it.
+		if err := unix.Mount(Dir, Dir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("bind mount %s: %w", Dir, err)
+		}
+	}
+}
+
+// Create makes a new named namespace (its file a bind mount inside Dir,
+// made a shared mount first, as iproute2 does). The calling thread's
+// namespace is unchanged.
 func Create(name string) error {
+	if err := prepareDir(); err != nil {
+		return fmt.Errorf("create netns %q: %w", name, err)
+	}
 	runtime.LockOSThread()
 	orig, err := vns.Get()
 	if err != nil {
