@@ -159,9 +159,10 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer endStreams()
 	baseCtx := func(net.Listener) context.Context { return base }
 	errLog := slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)
-	servers := []*http.Server{{Handler: d.localHandler(), BaseContext: baseCtx, ErrorLog: errLog, ReadHeaderTimeout: 10 * time.Second}}
+	ls := &http.Server{Handler: d.localHandler(), BaseContext: baseCtx, ErrorLog: errLog, ReadHeaderTimeout: 10 * time.Second}
+	servers := []*http.Server{ls}
 	serveErr := make(chan error, 2)
-	go func() { serveErr <- servers[0].Serve(d.localLn) }()
+	go func() { serveErr <- ls.Serve(d.localLn) }()
 	if d.peerLn != nil {
 		mux := http.NewServeMux()
 		mux.Handle(peerPath+"{method}", d.peerAPI)
