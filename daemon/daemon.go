@@ -139,6 +139,17 @@ func (d *Daemon) Listen() error {
 	return nil
 }
 
+// Close releases what Listen bound, for a daemon that will not Serve.
+func (d *Daemon) Close() error {
+	var errs []error
+	for _, ln := range []net.Listener{d.localLn, d.peerLn} {
+		if ln != nil {
+			errs = append(errs, ln.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // PeerAddr is the peer API's bound address (nil before Listen or without tls).
 func (d *Daemon) PeerAddr() net.Addr {
 	if d.peerLn == nil {

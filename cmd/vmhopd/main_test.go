@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
 )
@@ -37,7 +38,9 @@ func TestDaemonLifecycle(t *testing.T) {
 	pins := "/sys/fs/bpf/vmhop/" + ns
 	t.Cleanup(func() { os.RemoveAll(pins) })
 	cfg := filepath.Join(t.TempDir(), "vmhopd.yaml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf("vmhopd:\n  uplink: u0\n  address: 10.9.0.2\n  bpffs: %s\n  datapath: ebpf\n  state_dir: %s\n", pins, t.TempDir())), 0o644)
+	sock := filepath.Join(t.TempDir(), "vmhopd.sock")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("vmhopd:\n  uplink: u0\n  address: 10.9.0.2\n  bpffs: %s\n  datapath: ebpf\n  state_dir: %s\n  socket: %s\n",
+		pins, t.TempDir(), sock)), 0o644)
 
 	// nsenter enters the network namespace only: `ip netns exec` would also
 	// remount /sys, hiding the host's bpffs (and the daemon's pins with it).
@@ -60,9 +63,15 @@ func TestDaemonLifecycle(t *testing.T) {
 		d.Wait()
 		t.Fatalf("vmhopd did not pin its uplink link; log:\n%s", logs.String())
 	}
+	if st, err := daemon.NewLocalClient(sock).Status(ctx); err != nil || st.Listen != "" {
+		t.Errorf("local API: %+v, %v (want no peer API without tls)", st, err)
+	}
 	d.Process.Signal(syscall.SIGTERM)
 	if err := d.Wait(); err != nil {
 		t.Fatalf("vmhopd exit: %v; log:\n%s", err, logs.String())
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("local API socket left after SIGTERM: %v", err)
 	}
 	if !strings.Contains(logs.String(), "continuity=ebpf") {
 		t.Errorf("log does not say which mechanism: %s", logs.String())
@@ -76,5 +85,20 @@ func TestDaemonLifecycle(t *testing.T) {
 	if _, err := os.Stat(pins); !os.IsNotExist(err) {
 		ents, _ := os.ReadDir(pins)
 		t.Fatalf("pins left after -cleanup: %v", ents)
+	}
+}
+
+// TestCheckNamesTheTLSKey: -check reads the tls files, and its error
+// names the key at fault (no root needed).
+func TestCheckNamesTheTLSKey(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "vmhopd.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("vmhopd:\n  name: site-a\n  uplink: u0\n  address: 10.9.0.2\n  state_dir: %s\n"+
+		"  tls: {cert: %s/a.pem, key: %s/a-key.pem, ca: %s/ca.pem}\n", dir, dir, dir, dir)), 0o644)
+	flags.config, flags.check = cfg, true
+	defer func() { flags.config, flags.check = "", false }()
+	err := run()
+	if err == nil || !strings.Contains(err.Error(), "vmhopd.tls.cert, vmhopd.tls.key: load") {
+		t.Fatalf("run -check: %v", err)
 	}
 }

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/vmhop/vmhop/daemon"
+	"github.com/vmhop/vmhop/internal/config"
+)
+
+// fakeDaemon serves vmhopd's local API on a socket in a temp dir, with
+// migrations run by migrate; it returns the socket.
+func fakeDaemon(t *testing.T, migrate daemon.MigratorFunc) string {
+	t.Helper()
+	cfg := config.DefaultDaemon()
+	cfg.StateDir = t.TempDir()
+	cfg.Socket = filepath.Join(t.TempDir(), "vmhopd.sock")
+	d, err := daemon.New(cfg, daemon.Options{Migrator: migrate, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	if err := d.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- d.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return cfg.Socket
+}
+
+// phases emits three phases then fails with fail (nil: succeeds with a digest).
+func phases(fail error) daemon.MigratorFunc {
+	return func(ctx context.Context, job *daemon.Job) (any, error) {
+		for _, ph := range []string{"datapath", "disk-bulk", "memory"} {
+			job.Emit(daemon.Event{Phase: ph, Message: "phase"})
+		}
+		return map[string]string{"digest": "fe7f2b64c12977af"}, fail
+	}
+}
+
+func TestMigrateFollowsDaemon(t *testing.T) {
+	sock := fakeDaemon(t, phases(nil))
+	out, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock)
+	if err != nil {
+		t.Fatalf("migrate: %v\n%s", err, out)
+	}
+	re := regexp.MustCompile(`(?s)^migration web1-[0-9a-f]{8} started by vmhopd\n` +
+		`\S+ datapath +phase\n\S+ disk-bulk +phase\n\S+ memory +phase\n\S+ - +migration succeeded\n` +
+		`report:\n\{\n  "digest": "fe7f2b64c12977af"\n\}\n$`)
+	if !re.MatchString(out) {
+		t.Fatalf("output:\n%s", out)
+	}
+}
+
+func TestMigrateExitsWithTheMigrationsResult(t *testing.T) {
+	sock := fakeDaemon(t, phases(errors.New("memory: guest crashed")))
+	out, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock, "--json")
+	if err == nil || !regexp.MustCompile(`^migration web1-[0-9a-f]{8} failed after \S+: memory: guest crashed$`).MatchString(err.Error()) {
+		t.Fatalf("migrate: %v", err)
+	}
+	var evs []daemon.Event
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		var ev daemon.Event
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			t.Fatalf("--json line %q: %v", sc.Text(), err)
+		}
+		evs = append(evs, ev)
+	}
+	if len(evs) != 4 || evs[2].Phase != "memory" || evs[3].Result == nil || evs[3].Result.OK || evs[3].Result.Error != "memory: guest crashed" {
+		t.Fatalf("events: %+v", evs)
+	}
+}
+
+func TestMigrateWithoutDaemonSaysSo(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	_, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock)
+	if err == nil || !strings.Contains(err.Error(), "vmhopd at "+sock) || !strings.Contains(err.Error(), "is vmhopd running?") {
+		t.Fatalf("err = %v", err)
+	}
+	// A spec with errors is refused before vmhopd is asked, naming the key.
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	spec, _ := os.ReadFile("../../configs/migration.yaml")
+	os.WriteFile(bad, []byte(strings.Replace(string(spec), "old_ip: 10.1.0.10", "old_ip: nowhere", 1)), 0o644)
+	_, _, err = execute(t, newMigrateCmd(), "-f", bad, "--socket", sock)
+	if err == nil || !strings.Contains(err.Error(), `migration.network.old_ip: "nowhere"`) {
+		t.Fatalf("bad spec: %v", err)
+	}
+}
+
+func TestStatusCmd(t *testing.T) {
+	sock := fakeDaemon(t, phases(nil))
+	if _, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := execute(t, newStatusCmd(), "--socket", sock)
+	if err != nil || !regexp.MustCompile(`peer API \(none: no tls\), peers \[\]\n.*\nweb1-[0-9a-f]{8} +qemu:/run/vmhop/web1.qmp +succeeded `).MatchString(out) {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+}
+
+// TestCerts makes a CA and two hosts' certificates with the CLI and checks
+// that they do mutual TLS for the names given.
+func TestCerts(t *testing.T) {
+	dir := t.TempDir()
+	if _, _, err := execute(t, newCertsCmd(), "ca", "--dir", dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := execute(t, newCertsCmd(), "ca", "--dir", dir); err == nil || !strings.Contains(err.Error(), "file exists") {
+		t.Fatalf("second ca over the first: %v", err)
+	}
+	for _, h := range []string{"site-a", "site-b"} {
+		if _, _, err := execute(t, newCertsCmd(), "host", h, "--dir", dir, "--ip", "10.1.0.2"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if fi, _ := os.Stat(filepath.Join(dir, "ca-key.pem")); fi.Mode().Perm() != 0o600 {
+		t.Errorf("ca-key.pem mode %v", fi.Mode())
+	}
+	if fi, _ := os.Stat(filepath.Join(dir, "site-a-key.pem")); fi.Mode().Perm() != 0o600 {
+		t.Errorf("site-a-key.pem mode %v", fi.Mode())
+	}
+	caPEM, _ := os.ReadFile(filepath.Join(dir, "ca.pem"))
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	pair, err := tls.LoadX509KeyPair(filepath.Join(dir, "site-b.pem"), filepath.Join(dir, "site-b-key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pair.Leaf.Verify(x509.VerifyOptions{Roots: roots, DNSName: "site-b", KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Fatal(err)
+	}
+	// The files make a daemon config that loads (its cert names it, from its CA).
+	cfg := config.DefaultDaemon()
+	cfg.Name, cfg.StateDir = "site-a", t.TempDir()
+	cfg.TLS = config.TLS{Cert: filepath.Join(dir, "site-a.pem"), Key: filepath.Join(dir, "site-a-key.pem"), CA: filepath.Join(dir, "ca.pem")}
+	if _, err := daemon.New(cfg, daemon.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := execute(t, newCertsCmd(), "host", "x", "--dir", t.TempDir()); err == nil || !strings.Contains(err.Error(), "vmhop certs ca") {
+		t.Fatalf("host without a CA: %v", err)
+	}
+}
