@@ -95,13 +95,6 @@ func (d *Daemon) hello() Hello {
 	return Hello{Name: d.cfg.Name, Version: Version, Protocol: ProtocolVersion}
 }
 
-func (d *Daemon) dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	if d.opts.PeerDial != nil {
-		return d.opts.PeerDial(ctx, network, addr)
-	}
-	return (&net.Dialer{Timeout: 10 * time.Second}).DialContext(ctx, network, addr)
-}
-
 // PeerAPI is the peer API's method table: register the methods other
 // hosts call (Handle, HandleStream) before Serve.
 func (d *Daemon) PeerAPI() *PeerAPI { return d.peerAPI }

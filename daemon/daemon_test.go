@@ -330,16 +330,18 @@ func TestLocalStatusAndPeers(t *testing.T) {
 	dead, _ := net.Listen("tcp", "127.0.0.1:0")
 	deadAddr := dead.Addr().String()
 	dead.Close()
-	aCfg.Peers = append(aCfg.Peers, config.Peer{Name: "site-c", Address: deadAddr})
+	aCfg.Peers = append(aCfg.Peers, config.Peer{Name: "site-c", Address: deadAddr},
+		config.Peer{Name: "site-x", Address: aCfg.Peers[0].Address}) // site-b answers there
+
 	a := start(t, aCfg, Options{}, nil)
 	lc := NewLocalClient(aCfg.Socket)
 	ctx := context.Background()
 	st, err := lc.Status(ctx)
-	if err != nil || st.Name != "site-a" || st.Listen != a.PeerAddr().String() || fmt.Sprint(st.Peers) != "[site-b site-c]" {
+	if err != nil || st.Name != "site-a" || st.Listen != a.PeerAddr().String() || fmt.Sprint(st.Peers) != "[site-b site-c site-x]" {
 		t.Fatalf("status = %+v, %v", st, err)
 	}
 	ps, err := lc.Peers(ctx)
-	if err != nil || len(ps) != 2 {
+	if err != nil || len(ps) != 3 {
 		t.Fatalf("peers = %+v, %v", ps, err)
 	}
 	if p := ps[0]; p.Name != "site-b" || !p.Reachable || !p.Authenticated || p.Protocol != ProtocolVersion || p.Error != "" {
@@ -347,6 +349,9 @@ func TestLocalStatusAndPeers(t *testing.T) {
 	}
 	if p := ps[1]; p.Name != "site-c" || p.Reachable || p.Authenticated || !strings.Contains(p.Error, "connection refused") {
 		t.Errorf("site-c: %+v", p)
+	}
+	if p := ps[2]; p.Name != "site-x" || !p.Reachable || p.Authenticated || !strings.Contains(p.Error, "certificate is valid for site-b, not site-x") {
+		t.Errorf("site-x: %+v", p)
 	}
 	var resp *http.Response
 	resp, err = lc.hc.Get("http://vmhopd/localapi/v0/nosuch")
