@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vmhop/vmhop/daemon"
+	"github.com/vmhop/vmhop/daemon/pki"
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
 )
@@ -21,10 +22,7 @@ import (
 // -cleanup removes it.
 func TestDaemonLifecycle(t *testing.T) {
 	ns := labtest.Netns(t)
-	bin := filepath.Join(t.TempDir(), "vmhopd")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := buildVmhopd(t)
 	ctx := context.Background()
 	for _, args := range [][]string{
 		{"link", "add", "u0", "type", "veth", "peer", "name", "u1"},
@@ -100,5 +98,102 @@ func TestCheckNamesTheTLSKey(t *testing.T) {
 	err := run()
 	if err == nil || !strings.Contains(err.Error(), "vmhopd.tls.cert, vmhopd.tls.key: load") {
 		t.Fatalf("run -check: %v", err)
+	}
+}
+
+func buildVmhopd(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "vmhopd")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// TestTwoDaemonsAuthenticate runs two real vmhopd processes, each in its
+// own network namespace with its own config, key and certificate (from
+// one CA, made with daemon/pki as `vmhop certs` makes them), joined by a
+// veth: each finds the other reachable and authenticated (mutual TLS and
+// hello over the link), and both stop cleanly on SIGTERM.
+func TestTwoDaemonsAuthenticate(t *testing.T) {
+	nsA, nsB := labtest.Netns(t), labtest.Netns(t)
+	bin := buildVmhopd(t)
+	ctx := context.Background()
+	for _, c := range []struct {
+		ns   string
+		args []string
+	}{
+		{nsA, []string{"link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", nsB}},
+		{nsA, []string{"addr", "add", "10.77.0.1/24", "dev", "va"}},
+		{nsA, []string{"link", "set", "va", "up"}},
+		{nsB, []string{"addr", "add", "10.77.0.2/24", "dev", "vb"}},
+		{nsB, []string{"link", "set", "vb", "up"}},
+	} {
+		if _, err := netns.Run(ctx, c.ns, "ip", c.args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ca, err := pki.NewCA("vmhop test CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "ca.pem"), ca.CertPEM(), 0o644)
+	type host struct{ name, ns, dev, addr, peer, peerAddr, sock string }
+	hosts := []*host{
+		{name: "site-a.vmhop", ns: nsA, dev: "va", addr: "10.77.0.1", peer: "site-b.vmhop", peerAddr: "10.77.0.2"},
+		{name: "site-b.vmhop", ns: nsB, dev: "vb", addr: "10.77.0.2", peer: "site-a.vmhop", peerAddr: "10.77.0.1"},
+	}
+	var procs []*exec.Cmd
+	var logs []*strings.Builder
+	for _, h := range hosts {
+		certPEM, keyPEM, err := ca.Issue(h.name, nil, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hd := t.TempDir()
+		os.WriteFile(filepath.Join(hd, "host.pem"), certPEM, 0o644)
+		os.WriteFile(filepath.Join(hd, "host-key.pem"), keyPEM, 0o600)
+		h.sock = filepath.Join(hd, "vmhopd.sock")
+		cfg := filepath.Join(hd, "vmhopd.yaml")
+		os.WriteFile(cfg, []byte(fmt.Sprintf(`vmhopd:
+  name: %s
+  listen: %s:7710
+  socket: %s
+  peers: [{name: %s, address: "%s:7710"}]
+  state_dir: %s/state
+  uplink: %s
+  address: %s
+  datapath: userspace
+  tls: {cert: %s/host.pem, key: %s/host-key.pem, ca: %s/ca.pem}
+`, h.name, h.addr, h.sock, h.peer, h.peerAddr, hd, h.dev, h.addr, hd, hd, dir)), 0o644)
+		d := exec.CommandContext(ctx, "nsenter", "--net="+netns.Path(h.ns), bin, "-config", cfg)
+		var log strings.Builder
+		d.Stderr = &log
+		if err := d.Start(); err != nil {
+			t.Fatal(err)
+		}
+		procs, logs = append(procs, d), append(logs, &log)
+		t.Cleanup(func() { d.Process.Kill(); d.Wait() })
+	}
+	for i, h := range hosts {
+		var ps []daemon.PeerStatus
+		var err error
+		for try := 0; try < 100; try++ {
+			if ps, err = daemon.NewLocalClient(h.sock).Peers(ctx); err == nil && len(ps) == 1 && ps[0].Authenticated {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if err != nil || len(ps) != 1 || ps[0].Name != h.peer || !ps[0].Reachable || !ps[0].Authenticated || ps[0].Protocol != daemon.ProtocolVersion {
+			t.Fatalf("%s: peers = %+v, %v; log:\n%s", h.name, ps, err, logs[i])
+		}
+		t.Logf("%s -> %s: hello in %.1f ms", h.name, h.peer, ps[0].HelloMillis)
+	}
+	for i, d := range procs {
+		d.Process.Signal(syscall.SIGTERM)
+		if err := d.Wait(); err != nil {
+			t.Errorf("%s exit: %v; log:\n%s", hosts[i].name, err, logs[i])
+		}
 	}
 }
