@@ -10,9 +10,11 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vmhop/vmhop/daemon"
@@ -22,11 +24,16 @@ import (
 // fakeDaemon serves vmhopd's local API on a socket in a temp dir, with
 // migrations run by migrate; it returns the socket.
 func fakeDaemon(t *testing.T, migrate daemon.MigratorFunc) string {
+	return fakeDaemonAt(t, filepath.Join(t.TempDir(), "vmhopd.sock"), "", migrate)
+}
+
+// fakeDaemonAt is fakeDaemon with the socket at sock, owned by group.
+func fakeDaemonAt(t *testing.T, sock, group string, migrate daemon.MigratorFunc) string {
 	t.Helper()
 	cfg := config.DefaultDaemon()
 	cfg.StateDir = t.TempDir()
-	cfg.Socket = filepath.Join(t.TempDir(), "vmhopd.sock")
-	d, err := daemon.New(cfg, daemon.Options{Migrator: migrate, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	cfg.Socket = sock
+	d, err := daemon.New(cfg, daemon.Options{Migrator: migrate, SocketGroup: group, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,5 +158,58 @@ func TestCerts(t *testing.T) {
 	}
 	if _, _, err := execute(t, newCertsCmd(), "host", "x", "--dir", t.TempDir()); err == nil || !strings.Contains(err.Error(), "vmhop certs ca") {
 		t.Fatalf("host without a CA: %v", err)
+	}
+}
+
+// TestMigrateAsUnprivilegedUser runs the real vmhop binary as user nobody:
+// in the socket's group it migrates without root and exits with the
+// migration's result; outside it the socket refuses it.
+func TestMigrateAsUnprivilegedUser(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to run vmhop as user nobody: run as root (sudo make test)")
+	}
+	dir, err := os.MkdirTemp("", "vmhop-cli-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755) // nobody reaches the binary, the spec and the sockets
+	bin := filepath.Join(dir, "vmhop")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	spec, _ := os.ReadFile("../../configs/migration.yaml")
+	specFile := filepath.Join(dir, "migration.yaml")
+	os.WriteFile(specFile, spec, 0o644)
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534} // nobody:nogroup, no other groups
+	run := func(sock string) (stdout, stderr string, code int) {
+		cmd := exec.Command(bin, "migrate", "-f", specFile, "--socket", sock)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: nobody}
+		var o, e strings.Builder
+		cmd.Stdout, cmd.Stderr = &o, &e
+		err := cmd.Run()
+		var exit *exec.ExitError
+		if err != nil && !errors.As(err, &exit) {
+			t.Fatal(err)
+		}
+		return o.String(), e.String(), cmd.ProcessState.ExitCode()
+	}
+
+	ok := fakeDaemonAt(t, filepath.Join(dir, "ok.sock"), "nogroup", phases(nil))
+	out, errOut, code := run(ok)
+	if code != 0 || !strings.Contains(out, "migration succeeded") || !strings.Contains(out, `"digest": "fe7f2b64c12977af"`) {
+		t.Fatalf("as nobody in the socket's group: exit %d\n%s%s", code, out, errOut)
+	}
+	t.Logf("vmhop migrate as nobody:\n%s", out)
+	failing := fakeDaemonAt(t, filepath.Join(dir, "fail.sock"), "nogroup", phases(errors.New("memory: guest crashed")))
+	out, errOut, code = run(failing)
+	if code != 1 || !strings.Contains(out, "migration failed: memory: guest crashed") ||
+		!regexp.MustCompile(`^vmhop: migration web1-[0-9a-f]{8} failed after \S+: memory: guest crashed\n$`).MatchString(errOut) {
+		t.Fatalf("failed migration: exit %d\n%s%s", code, out, errOut)
+	}
+	closed := fakeDaemonAt(t, filepath.Join(dir, "root.sock"), "root", phases(nil))
+	_, errOut, code = run(closed)
+	if code != 1 || !strings.Contains(errOut, "permission denied") {
+		t.Fatalf("as nobody outside the socket's group: exit %d: %s", code, errOut)
 	}
 }
