@@ -163,15 +163,17 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer endStreams()
 	baseCtx := func(net.Listener) context.Context { return base }
 	errLog := slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)
-	ls := &http.Server{Handler: d.localHandler(), BaseContext: baseCtx, ErrorLog: errLog, ReadHeaderTimeout: 10 * time.Second}
+	ls := &http.Server{Handler: d.localHandler(), BaseContext: baseCtx, ConnContext: withCaller, ErrorLog: errLog,
+		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 	servers := []*http.Server{ls}
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- ls.Serve(d.localLn) }()
 	if d.peerLn != nil {
 		mux := http.NewServeMux()
 		mux.Handle(peerPath+"{method}", d.peerAPI)
+		// ReadHeaderTimeout also bounds the TLS handshake.
 		ps := &http.Server{Handler: mux, BaseContext: baseCtx, ErrorLog: errLog, ReadHeaderTimeout: 10 * time.Second,
-			TLSConfig: d.tls.server()}
+			IdleTimeout: 2 * time.Minute, TLSConfig: d.tls.server()}
 		servers = append(servers, ps)
 		go func() { serveErr <- ps.ServeTLS(d.peerLn, "", "") }()
 	}

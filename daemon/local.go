@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vmhop/vmhop/internal/config"
 )
 
@@ -137,9 +139,10 @@ func (d *Daemon) serveMigrate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, Errorf(CodeUnavailable, "this vmhopd cannot run migrations yet: no migrator is wired in"))
 		return
 	}
-	m, err := d.migs.start(f.Migration, func(ctx context.Context, m *migration) (any, error) {
-		d.log.Info("migration started", "id", m.id, "vm", m.vm)
-		rep, err := d.opts.Migrator.Migrate(ctx, &Job{ID: m.id, Spec: f.Migration, Daemon: d, m: m})
+	caller := callerOf(r.Context())
+	m, err := d.migs.start(f.Migration, caller, func(ctx context.Context, m *migration) (any, error) {
+		d.log.Info("migration started", "id", m.id, "vm", m.vm, "uid", caller.UID, "pid", caller.PID)
+		rep, err := d.opts.Migrator.Migrate(ctx, &Job{ID: m.id, Spec: f.Migration, Caller: m.caller, Daemon: d, m: m})
 		d.log.Info("migration ended", "id", m.id, "err", err)
 		return rep, err
 	})
@@ -158,6 +161,39 @@ func (d *Daemon) serveProgress(w http.ResponseWriter, r *http.Request) {
 	}
 	s := startStream(w)
 	s.end(m.follow(r.Context(), func(ev Event) error { return s.send(ev) }))
+}
+
+// Caller is who is at the other end of a local API connection, as the
+// kernel says (SO_PEERCRED, socket(7)): kept with each migration it starts.
+type Caller struct {
+	UID int `json:"uid"`
+	GID int `json:"gid"`
+	PID int `json:"pid"`
+}
+
+type callerKey struct{}
+
+// withCaller is the local server's ConnContext: it reads the peer's
+// credentials once per connection. UID -1 means unknown.
+func withCaller(ctx context.Context, c net.Conn) context.Context {
+	cl := Caller{UID: -1, GID: -1}
+	if uc, ok := c.(*net.UnixConn); ok {
+		if raw, err := uc.SyscallConn(); err == nil {
+			raw.Control(func(fd uintptr) {
+				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+					cl = Caller{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid)}
+				}
+			})
+		}
+	}
+	return context.WithValue(ctx, callerKey{}, cl)
+}
+
+func callerOf(ctx context.Context) Caller {
+	if c, ok := ctx.Value(callerKey{}).(Caller); ok {
+		return c
+	}
+	return Caller{UID: -1, GID: -1}
 }
 
 // LocalClient talks to vmhopd's local API over its unix socket: what the

@@ -188,7 +188,8 @@ func TestLocalMigrate(t *testing.T) {
 		t.Fatalf("second migration of the VM: %v, want already_exists", err)
 	}
 	st, _ := lc.Status(ctx)
-	if len(st.Migrations) != 1 || st.Migrations[0].ID != id || st.Migrations[0].State != "running" {
+	if len(st.Migrations) != 1 || st.Migrations[0].ID != id || st.Migrations[0].State != "running" ||
+		st.Migrations[0].Caller.UID != os.Getuid() || st.Migrations[0].Caller.PID != os.Getpid() {
 		t.Fatalf("status while running: %+v", st.Migrations)
 	}
 	close(fm.release)

@@ -31,6 +31,7 @@ func (f MigratorFunc) Migrate(ctx context.Context, job *Job) (any, error) { retu
 type Job struct {
 	ID     string            // unique on this host: the spec's name and 8 hex digits
 	Spec   *config.Migration // the validated spec
+	Caller Caller            // who asked for it, on the local socket
 	Daemon *Daemon           // this host's daemon: its peers (Peer) and secrets (HandOverSecret)
 	m      *migration
 }
@@ -64,7 +65,8 @@ type MigrationStatus struct {
 	ID      string    `json:"id"`
 	Name    string    `json:"name"`
 	VM      string    `json:"vm"`
-	State   string    `json:"state"` // "running", "succeeded" or "failed"
+	Caller  Caller    `json:"caller"` // who started it
+	State   string    `json:"state"`  // "running", "succeeded" or "failed"
 	Started time.Time `json:"started"`
 	Error   string    `json:"error,omitempty"`
 }
@@ -72,6 +74,7 @@ type MigrationStatus struct {
 // migration is a running or finished migration and its event log.
 type migration struct {
 	id, name, vm string
+	caller       Caller
 	started      time.Time
 	cancel       context.CancelFunc
 
@@ -125,7 +128,7 @@ func (m *migration) follow(ctx context.Context, send func(Event) error) error {
 func (m *migration) status() MigrationStatus {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s := MigrationStatus{ID: m.id, Name: m.name, VM: m.vm, State: "running", Started: m.started}
+	s := MigrationStatus{ID: m.id, Name: m.name, VM: m.vm, Caller: m.caller, State: "running", Started: m.started}
 	if r := m.result; r != nil {
 		s.State, s.Error = "succeeded", r.Error
 		if !r.OK {
@@ -157,7 +160,7 @@ func vmKey(s *config.Migration) string {
 // start registers a migration of spec and runs it with run in its own
 // goroutine. It refuses (CodeAlreadyExists) while a migration of the same
 // VM, or of the same name, runs.
-func (ms *migrations) start(spec *config.Migration, run func(ctx context.Context, m *migration) (any, error)) (*migration, error) {
+func (ms *migrations) start(spec *config.Migration, caller Caller, run func(ctx context.Context, m *migration) (any, error)) (*migration, error) {
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
 	if ms.closing {
@@ -178,7 +181,7 @@ func (ms *migrations) start(spec *config.Migration, run func(ctx context.Context
 	var rnd [4]byte
 	rand.Read(rnd[:])
 	ctx, cancel := context.WithCancel(context.Background()) // not the request's: the CLI may go away
-	m := &migration{id: spec.Name + "-" + hex.EncodeToString(rnd[:]), name: spec.Name, vm: vm,
+	m := &migration{id: spec.Name + "-" + hex.EncodeToString(rnd[:]), name: spec.Name, vm: vm, caller: caller,
 		started: time.Now(), cancel: cancel, changed: make(chan struct{})}
 	ms.all = append(ms.all, m)
 	ms.prune()

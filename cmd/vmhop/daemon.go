@@ -35,9 +35,9 @@ func newStatusCmd() *cobra.Command {
 			}
 			fmt.Fprintf(out, "vmhopd %s (%s, peer protocol %d), peer API %s, peers %v\n", s.Name, s.Version, s.Protocol, listen, s.Peers)
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "MIGRATION\tVM\tSTATE\tSTARTED\tERROR")
+			fmt.Fprintln(tw, "MIGRATION\tVM\tSTATE\tSTARTED\tBY UID\tERROR")
 			for _, m := range s.Migrations {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.ID, m.VM, m.State, m.Started.Format("2006-01-02 15:04:05"), m.Error)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", m.ID, m.VM, m.State, m.Started.Format("2006-01-02 15:04:05"), m.Caller.UID, m.Error)
 			}
 			return tw.Flush()
 		},

@@ -201,6 +201,9 @@ func TestMigrateAsUnprivilegedUser(t *testing.T) {
 		t.Fatalf("as nobody in the socket's group: exit %d\n%s%s", code, out, errOut)
 	}
 	t.Logf("vmhop migrate as nobody:\n%s", out)
+	if st, err := daemon.NewLocalClient(ok).Status(context.Background()); err != nil || len(st.Migrations) != 1 || st.Migrations[0].Caller.UID != 65534 {
+		t.Fatalf("status: %+v, %v; want the migration started by uid 65534", st, err)
+	}
 	failing := fakeDaemonAt(t, filepath.Join(dir, "fail.sock"), "nogroup", phases(errors.New("memory: guest crashed")))
 	out, errOut, code = run(failing)
 	if code != 1 || !strings.Contains(out, "migration failed: memory: guest crashed") ||
