@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 )
 
 // Code classifies an API error, in gRPC's words (google.rpc.Code), so a
@@ -37,13 +38,48 @@ var codeStatus = map[Code]int{
 }
 
 // Error is an API error as it crosses the wire, as JSON
-// {"error": {"code": "already_exists", "message": "..."}}.
+// {"error": {"code": "already_exists", "reason": "...", "message": "..."}}.
 type Error struct {
-	Code    Code   `json:"code"`
+	Code Code `json:"code"`
+	// Reason names a sentinel error registered with RegisterError (as
+	// google.rpc.ErrorInfo's reason does): the receiving side's Error
+	// unwraps to that sentinel, so errors.Is works across the wire.
+	Reason  string `json:"reason,omitempty"`
 	Message string `json:"message"`
 }
 
 func (e *Error) Error() string { return string(e.Code) + ": " + e.Message }
+
+// Unwrap is the sentinel error registered for e.Reason, if any.
+func (e *Error) Unwrap() error {
+	sentinelsMu.RLock()
+	defer sentinelsMu.RUnlock()
+	return sentinels[e.Reason].err
+}
+
+type sentinel struct {
+	code Code
+	err  error
+}
+
+var (
+	sentinelsMu sync.RWMutex
+	sentinels   = map[string]sentinel{} // by reason
+)
+
+// RegisterError makes err (a sentinel such as migrator.ErrImageExists)
+// cross the APIs as itself: a handler's error that errors.Is err is sent
+// with code and reason, and the caller's error then errors.Is err too.
+// Register at init, the same on both sides; reason is a stable name such
+// as "image_exists".
+func RegisterError(reason string, code Code, err error) {
+	sentinelsMu.Lock()
+	defer sentinelsMu.Unlock()
+	if _, dup := sentinels[reason]; dup {
+		panic("daemon: error reason " + reason + " registered twice")
+	}
+	sentinels[reason] = sentinel{code: code, err: err}
+}
 
 // Errorf makes an *Error with code and a formatted message.
 func Errorf(code Code, format string, args ...any) *Error {
@@ -63,6 +99,13 @@ func asAPIError(err error) *Error {
 	var e *Error
 	if errors.As(err, &e) {
 		return e
+	}
+	sentinelsMu.RLock()
+	defer sentinelsMu.RUnlock()
+	for reason, s := range sentinels {
+		if errors.Is(err, s.err) {
+			return &Error{Code: s.code, Reason: reason, Message: err.Error()}
+		}
 	}
 	return &Error{Code: CodeInternal, Message: err.Error()}
 }

@@ -125,6 +125,29 @@ func registerEcho(calls *atomic.Int64) func(*PeerAPI) {
 	}
 }
 
+// errImageExists stands for a sentinel of the migration core's.
+var errImageExists = errors.New("destination image exists")
+
+func init() { RegisterError("test_image_exists", CodeAlreadyExists, errImageExists) }
+
+// TestSentinelCrossesTheWire: a handler's error wrapping a registered
+// sentinel arrives as that sentinel (errors.Is), with its code and message.
+func TestSentinelCrossesTheWire(t *testing.T) {
+	ca := newTestCA(t)
+	b := start(t, ca.config(t, "site-b", "site-a=127.0.0.1:1"), Options{}, func(a *PeerAPI) {
+		Handle(a, "create-image", func(ctx context.Context, from string, path string) (Empty, error) {
+			return Empty{}, fmt.Errorf("create image %q: %w", path, errImageExists)
+		})
+	})
+	a, _ := New(ca.config(t, "site-a", "site-b="+b.PeerAddr().String()), Options{})
+	c, _ := a.Peer("site-b")
+	_, err := Call[string, Empty](context.Background(), c, "create-image", "/var/lib/vmhop/web1.raw")
+	if !errors.Is(err, errImageExists) || CodeOf(err) != CodeAlreadyExists ||
+		err.Error() != `peer "site-b": create-image: already_exists: create image "/var/lib/vmhop/web1.raw": destination image exists` {
+		t.Fatalf("err = %v (is sentinel: %v, code %q)", err, errors.Is(err, errImageExists), CodeOf(err))
+	}
+}
+
 // pair starts daemon site-b, which lists site-a as its peer, and returns
 // site-a's config pointing at it, site-b, and site-b's handler calls.
 func pair(t *testing.T, ca *testCA) (aCfg config.Daemon, b *Daemon, calls *atomic.Int64) {
