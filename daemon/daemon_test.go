@@ -272,6 +272,12 @@ func TestHelloChecksNameAndProtocol(t *testing.T) {
 	if CodeOf(err) != CodeFailedPrecondition || !strings.Contains(err.Error(), "protocol 2 (vmhopd v9)") {
 		t.Errorf("hello with another protocol: %v, want failed_precondition naming both", err)
 	}
+	// Every call carries the protocol version: one without it is refused.
+	req, _ := c.request(ctx, "hello", Hello{Name: "site-a", Protocol: ProtocolVersion})
+	req.Header.Set(protocolHeader, "0")
+	if err := do(c.hc, req, nil); CodeOf(err) != CodeFailedPrecondition || !strings.Contains(err.Error(), `speaks protocol "0"`) {
+		t.Errorf("call with protocol 0: %v, want failed_precondition", err)
+	}
 }
 
 func TestNewNamesTheKeyAtFault(t *testing.T) {

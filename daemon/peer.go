@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -16,6 +17,10 @@ import (
 // theirs are equal (checked by hello); bump it when a method's request or
 // response changes incompatibly.
 const ProtocolVersion = 1
+
+// protocolHeader carries the caller's ProtocolVersion on every peer call,
+// so a mismatch is refused even by a caller that never said hello.
+const protocolHeader = "Vmhop-Protocol"
 
 // Version is vmhopd's build version, reported by hello and status (set
 // with -ldflags "-X github.com/vmhop/vmhop/daemon.Version=...").
@@ -105,6 +110,11 @@ func (a *PeerAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, Errorf(CodeInvalidArgument, "method %s: peer API calls are POST", r.Method))
 		return
 	}
+	if v := r.Header.Get(protocolHeader); v != strconv.Itoa(ProtocolVersion) {
+		writeError(w, Errorf(CodeFailedPrecondition, "peer %q speaks protocol %q, this host %d (vmhopd %s): run the same vmhop version on both",
+			peer.Name, v, ProtocolVersion, Version))
+		return
+	}
 	method := r.PathValue("method")
 	a.mu.RLock()
 	h := a.methods[method]
@@ -139,7 +149,11 @@ func newPeerClient(h *hostTLS, p config.Peer, dial func(ctx context.Context, net
 }
 
 func (c *PeerClient) request(ctx context.Context, method string, req any) (*http.Request, error) {
-	return newJSONRequest(ctx, http.MethodPost, "https://"+c.Address+peerPath+method, req)
+	r, err := newJSONRequest(ctx, http.MethodPost, "https://"+c.Address+peerPath+method, req)
+	if err == nil {
+		r.Header.Set(protocolHeader, strconv.Itoa(ProtocolVersion))
+	}
+	return r, err
 }
 
 // Call calls method on peer c with req and returns its response. Errors
