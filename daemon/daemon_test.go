@@ -199,7 +199,7 @@ func TestPeerCallAndStream(t *testing.T) {
 func TestPeerRefusedAtHandshake(t *testing.T) {
 	ca := newTestCA(t)
 	_, b, calls := pair(t, ca)
-	other := newTestCA(t)
+	other := newTestCA(t) // same name as ca's, so the client sends its certificate (RFC 8446 4.2.4)
 	load := func(cert, key string) []tls.Certificate {
 		pair, err := tls.LoadX509KeyPair(cert, key)
 		if err != nil {

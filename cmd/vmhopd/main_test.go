@@ -13,6 +13,7 @@ import (
 
 	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/daemon/pki"
+	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
@@ -142,7 +143,7 @@ func TestTwoDaemonsAuthenticate(t *testing.T) {
 	greetEachOther(t, bin, []*daemonHost{
 		{name: "site-a.vmhop", ns: nsA, dev: "va", addr: "10.77.0.1"},
 		{name: "site-b.vmhop", ns: nsB, dev: "vb", addr: "10.77.0.2"},
-	})
+	}, nil)
 }
 
 // TestDaemonsOverLabWAN is TestTwoDaemonsAuthenticate between the lab's
@@ -155,7 +156,45 @@ func TestDaemonsOverLabWAN(t *testing.T) {
 		{name: "site-a.vmhop", ns: l.NS(lab.SiteA), dev: lab.LANIf(lab.SiteA), addr: "10.1.0.2"},
 		{name: "site-b.vmhop", ns: l.NS(lab.SiteB), dev: lab.LANIf(lab.SiteB), addr: "10.2.0.2"},
 	}
-	greetEachOther(t, bin, hosts)
+	greetEachOther(t, bin, hosts, func(ca *pki.CA, caFile string) {
+		// From the lab's client host, two impostors try to hand a secret
+		// to site B: one naming a listed peer with a certificate from
+		// another CA, one with a certificate from the CA naming no peer.
+		// Both trust the real CA, so it is site B that refuses them.
+		// The other CA copies the real one's name: a Go client sends only
+		// a certificate whose issuer the server's certificate_authorities
+		// list names (RFC 8446 4.2.4), else none ("certificate required").
+		other, _ := pki.NewCA("vmhop test CA", time.Hour)
+		for _, tt := range []struct {
+			name  string
+			ca    *pki.CA
+			alert string
+		}{
+			{"site-a.vmhop", other, "unknown certificate authority"},
+			{"site-c.vmhop", ca, "bad certificate"},
+		} {
+			cfg := config.DefaultDaemon()
+			dir := t.TempDir()
+			cfg.Name, cfg.StateDir = tt.name, dir
+			certPEM, keyPEM, _ := tt.ca.Issue(tt.name, nil, time.Hour)
+			os.WriteFile(filepath.Join(dir, "c.pem"), certPEM, 0o644)
+			os.WriteFile(filepath.Join(dir, "k.pem"), keyPEM, 0o600)
+			os.WriteFile(filepath.Join(dir, "ca.pem"), append(other.CertPEM(), ca.CertPEM()...), 0o644)
+			cfg.TLS = config.TLS{Cert: filepath.Join(dir, "c.pem"), Key: filepath.Join(dir, "k.pem"), CA: filepath.Join(dir, "ca.pem")}
+			cfg.Peers = []config.Peer{{Name: "site-b.vmhop", Address: "10.2.0.2:7710"}}
+			d, err := daemon.New(cfg, daemon.Options{PeerDial: netns.DialFunc(l.NS(lab.Client))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = d.HandOverSecret(context.Background(), "site-b.vmhop", "web1-00000001", "psk", 32)
+			if err == nil || !strings.Contains(err.Error(), "remote error: tls: "+tt.alert) {
+				t.Errorf("impostor %s: %v, want the TLS alert %q", tt.name, err, tt.alert)
+			}
+		}
+		if ents, err := os.ReadDir(hosts[1].state); err != nil || len(ents) != 0 {
+			t.Errorf("site B's state_dir after the impostors: %v, %v; want it empty", ents, err)
+		}
+	})
 	for _, h := range hosts {
 		// A new connection: TCP (1 RTT), TLS 1.3 (1 RTT), the call (1 RTT).
 		if h.hello < 80*time.Millisecond {
@@ -167,15 +206,16 @@ func TestDaemonsOverLabWAN(t *testing.T) {
 // daemonHost is one vmhopd of greetEachOther.
 type daemonHost struct {
 	name, ns, dev, addr string
-	sock                string
+	sock, state         string
 	hello               time.Duration // its peer's hello, as the peers verb measured it
 }
 
 // greetEachOther starts vmhopd on each host (in its namespace, its own
 // config and certificate, every other host its peer), checks that each
 // finds every other reachable and authenticated, and stops them with
-// SIGTERM, checking their exit.
-func greetEachOther(t *testing.T, bin string, hosts []*daemonHost) {
+// SIGTERM, checking their exit. while, if set, runs before they stop,
+// with the CA.
+func greetEachOther(t *testing.T, bin string, hosts []*daemonHost, while func(ca *pki.CA, caFile string)) {
 	ctx := context.Background()
 	ca, err := pki.NewCA("vmhop test CA", time.Hour)
 	if err != nil {
@@ -193,7 +233,8 @@ func greetEachOther(t *testing.T, bin string, hosts []*daemonHost) {
 		hd := t.TempDir()
 		os.WriteFile(filepath.Join(hd, "host.pem"), certPEM, 0o644)
 		os.WriteFile(filepath.Join(hd, "host-key.pem"), keyPEM, 0o600)
-		h.sock = filepath.Join(hd, "vmhopd.sock")
+		h.sock, h.state = filepath.Join(hd, "vmhopd.sock"), filepath.Join(hd, "state")
+		os.Mkdir(h.state, 0o700)
 		var peers []string
 		for _, p := range hosts {
 			if p != h {
@@ -206,12 +247,12 @@ func greetEachOther(t *testing.T, bin string, hosts []*daemonHost) {
   listen: %s:7710
   socket: %s
   peers: [%s]
-  state_dir: %s/state
+  state_dir: %s
   uplink: %s
   address: %s
   datapath: userspace
   tls: {cert: %s/host.pem, key: %s/host-key.pem, ca: %s/ca.pem}
-`, h.name, h.addr, h.sock, strings.Join(peers, ", "), hd, h.dev, h.addr, hd, hd, dir)), 0o644)
+`, h.name, h.addr, h.sock, strings.Join(peers, ", "), h.state, h.dev, h.addr, hd, hd, dir)), 0o644)
 		d := exec.CommandContext(ctx, "nsenter", "--net="+netns.Path(h.ns), bin, "-config", cfg)
 		var log strings.Builder
 		d.Stderr = &log
@@ -248,6 +289,9 @@ func greetEachOther(t *testing.T, bin string, hosts []*daemonHost) {
 			h.hello = time.Duration(p.HelloMillis * float64(time.Millisecond))
 			t.Logf("%s -> %s: hello in %.1f ms (new connection)", h.name, p.Name, p.HelloMillis)
 		}
+	}
+	if while != nil {
+		while(ca, filepath.Join(dir, "ca.pem"))
 	}
 	for i, d := range procs {
 		d.Process.Signal(syscall.SIGTERM)
