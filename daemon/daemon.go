@@ -5,6 +5,24 @@
 // them (secrets.go), and the migrations this host runs as the source
 // (migrations.go), through a Migrator the migration core supplies.
 //
+// An interface whose methods take a context and a JSON struct (the
+// migration core's destination host) is carried method by method: the
+// destination registers each method, the source implements the interface
+// with calls, and sentinel errors registered with RegisterError come back
+// as themselves:
+//
+//	// destination host, before Serve
+//	daemon.Handle(d.PeerAPI(), "dest.create-image",
+//		func(ctx context.Context, from string, req migrator.ImageCreate) (daemon.Empty, error) {
+//			return daemon.Empty{}, local.CreateImage(ctx, req)
+//		})
+//
+//	// source host: remoteDest{peer} is a migrator.Destination
+//	func (r remoteDest) CreateImage(ctx context.Context, req migrator.ImageCreate) error {
+//		_, err := daemon.Call[migrator.ImageCreate, daemon.Empty](ctx, r.peer, "dest.create-image", req)
+//		return err
+//	}
+//
 // Data flows cmd -> daemon -> migrator: this package never imports the lab.
 package daemon
 
