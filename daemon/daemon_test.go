@@ -193,6 +193,35 @@ func TestPeerCallAndStream(t *testing.T) {
 	}
 }
 
+// TestPeerCallCancelled: cancelling a call cancels the handler's context
+// on the peer (an abort reaches the work it stops).
+func TestPeerCallCancelled(t *testing.T) {
+	ca := newTestCA(t)
+	handlerErr := make(chan error, 1)
+	b := start(t, ca.config(t, "site-b", "site-a=127.0.0.1:1"), Options{}, func(a *PeerAPI) {
+		Handle(a, "wait", func(ctx context.Context, from string, _ Empty) (Empty, error) {
+			<-ctx.Done()
+			handlerErr <- ctx.Err()
+			return Empty{}, ctx.Err()
+		})
+	})
+	a, _ := New(ca.config(t, "site-a", "site-b="+b.PeerAddr().String()), Options{})
+	c, _ := a.Peer("site-b")
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := Call[Empty, Empty](ctx, c, "wait", Empty{}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("call: %v, want the deadline", err)
+	}
+	select {
+	case err := <-handlerErr:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("handler's context: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the handler's context was not cancelled")
+	}
+}
+
 // TestPeerRefusedAtHandshake: a client with a certificate from another
 // CA, with none, or with one from the right CA naming no configured peer
 // is cut off in the TLS handshake; the method's handler never runs.

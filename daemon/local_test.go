@@ -192,7 +192,31 @@ func TestLocalMigrate(t *testing.T) {
 		st.Migrations[0].Caller.UID != os.Getuid() || st.Migrations[0].Caller.PID != os.Getpid() {
 		t.Fatalf("status while running: %+v", st.Migrations)
 	}
+	// Events arrive while the migration runs (each line flushed): the
+	// three phases come before the migration is let go on.
+	live := make(chan Event, 8)
+	followed := make(chan error, 1)
+	go func() {
+		_, err := lc.Follow(ctx, id, func(ev Event) error { live <- ev; return nil })
+		followed <- err
+	}()
+	for i := 0; i < 3; i++ {
+		select {
+		case ev := <-live:
+			if ev.Result != nil {
+				t.Fatalf("result before the migration was let go: %+v", ev)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("event %d did not arrive while the migration ran", i)
+		}
+	}
 	close(fm.release)
+	if ev := <-live; ev.Result == nil || !ev.Result.OK {
+		t.Fatalf("last event: %+v", ev)
+	}
+	if err := <-followed; err != nil {
+		t.Fatal(err)
+	}
 	phases, res, err := follow(t, lc, id)
 	if err != nil || fmt.Sprint(phases) != "[datapath disk-bulk memory]" {
 		t.Fatalf("follow: %v, %v", phases, err)
