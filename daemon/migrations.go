@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/migrator"
 )
 
 // Migrator runs one migration on the source host, for the local API's
@@ -55,6 +56,7 @@ type Result struct {
 	ID       string          `json:"id"`
 	Name     string          `json:"name"` // the spec's name
 	OK       bool            `json:"ok"`
+	ExitCode int             `json:"exit_code"` // migrator.ExitCode of the error: what `vmhop migrate` exits with
 	Error    string          `json:"error,omitempty"`
 	Duration time.Duration   `json:"duration_ns"`
 	Report   json.RawMessage `json:"report,omitempty"` // the Migrator's report
@@ -190,7 +192,7 @@ func (ms *migrations) start(spec *config.Migration, caller Caller, run func(ctx 
 		defer ms.wg.Done()
 		defer cancel()
 		report, err := run(ctx, m)
-		res := &Result{ID: m.id, Name: m.name, OK: err == nil, Duration: time.Since(m.started)}
+		res := &Result{ID: m.id, Name: m.name, OK: err == nil, ExitCode: migrator.ExitCode(err), Duration: time.Since(m.started)}
 		if err != nil {
 			res.Error = err.Error()
 		}

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/migrator"
 )
 
 // fakeDaemon serves vmhopd's local API on a socket in a temp dir, with
@@ -74,8 +76,10 @@ func TestMigrateFollowsDaemon(t *testing.T) {
 func TestMigrateExitsWithTheMigrationsResult(t *testing.T) {
 	sock := fakeDaemon(t, phases(errors.New("memory: guest crashed")))
 	out, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock, "--json")
-	if err == nil || !regexp.MustCompile(`^migration web1-[0-9a-f]{8} failed after \S+: memory: guest crashed$`).MatchString(err.Error()) {
-		t.Fatalf("migrate: %v", err)
+	var ee exitError
+	if err == nil || !regexp.MustCompile(`^migration web1-[0-9a-f]{8} failed after \S+: memory: guest crashed$`).MatchString(err.Error()) ||
+		!errors.As(err, &ee) || ee.code != migrator.ExitAborted {
+		t.Fatalf("migrate: %v, want exit %d", err, migrator.ExitAborted)
 	}
 	var evs []daemon.Event
 	sc := bufio.NewScanner(strings.NewReader(out))
@@ -91,6 +95,32 @@ func TestMigrateExitsWithTheMigrationsResult(t *testing.T) {
 	}
 }
 
+// TestMigrateExitCodes: the exit code vmhopd computed from the
+// migration's error is the command's.
+func TestMigrateExitCodes(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		code int
+	}{
+		{nil, migrator.ExitMoved},
+		{fmt.Errorf("dns-flip: %w: servfail", migrator.ErrFollowUp), migrator.ExitFollowUp},
+		{fmt.Errorf("health: %w", migrator.ErrUnhealthy), migrator.ExitUnhealthy},
+	} {
+		sock := fakeDaemon(t, phases(tt.err))
+		_, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock)
+		code := 0
+		var ee exitError
+		if errors.As(err, &ee) {
+			code = ee.code
+		} else if err != nil {
+			code = 1
+		}
+		if code != tt.code {
+			t.Errorf("migration error %v: exit %d (%v), want %d", tt.err, code, err, tt.code)
+		}
+	}
+}
+
 func TestMigrateWithoutDaemonSaysSo(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "none.sock")
 	_, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock)
@@ -102,8 +132,9 @@ func TestMigrateWithoutDaemonSaysSo(t *testing.T) {
 	spec, _ := os.ReadFile("../../configs/migration.yaml")
 	os.WriteFile(bad, []byte(strings.Replace(string(spec), "old_ip: 10.1.0.10", "old_ip: nowhere", 1)), 0o644)
 	_, _, err = execute(t, newMigrateCmd(), "-f", bad, "--socket", sock)
-	if err == nil || !strings.Contains(err.Error(), `migration.network.old_ip: "nowhere"`) {
-		t.Fatalf("bad spec: %v", err)
+	var ee exitError
+	if err == nil || !strings.Contains(err.Error(), `migration.network.old_ip: "nowhere"`) || !errors.As(err, &ee) || ee.code != migrator.ExitUsage {
+		t.Fatalf("bad spec: %v, want exit %d", err, migrator.ExitUsage)
 	}
 }
 

@@ -82,7 +82,8 @@ func newMigrateCmd() *cobra.Command {
 var defaultSocket = config.DefaultDaemon().Socket
 
 // migrateViaDaemon hands the spec file to vmhopd and follows the migration
-// to its end: nil if it succeeded, an error saying why if not.
+// to its end: nil if it succeeded, an error saying why if not, carrying
+// the migration's exit code (migrator.ExitCode, computed by vmhopd).
 func migrateViaDaemon(cmd *cobra.Command, file, socket string, asJSON bool) error {
 	spec, err := os.ReadFile(file)
 	if err != nil {
@@ -95,6 +96,9 @@ func migrateViaDaemon(cmd *cobra.Command, file, socket string, asJSON bool) erro
 	defer stop()
 	lc := daemon.NewLocalClient(socket)
 	id, err := lc.Migrate(ctx, spec)
+	if daemon.CodeOf(err) == daemon.CodeInvalidArgument {
+		return withExit(migrator.ExitUsage, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -117,7 +121,11 @@ func migrateViaDaemon(cmd *cobra.Command, file, socket string, asJSON bool) erro
 		return err
 	}
 	if !res.OK {
-		return fmt.Errorf("migration %s failed after %s: %s", id, res.Duration.Round(time.Millisecond), res.Error)
+		code := res.ExitCode
+		if code == migrator.ExitMoved {
+			code = migrator.ExitAborted
+		}
+		return withExit(code, fmt.Errorf("migration %s failed after %s: %s", id, res.Duration.Round(time.Millisecond), res.Error))
 	}
 	return nil
 }
