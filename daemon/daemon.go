@@ -131,13 +131,25 @@ func (d *Daemon) Peer(name string) (*PeerClient, error) {
 }
 
 // Listen binds the local API's socket (key "socket") and, with tls, the
-// peer API's address (key "listen").
+// peer API's address (key "listen"). Once the socket is bound (no other
+// vmhopd runs), it removes the per-migration secrets a previous vmhopd
+// left in state_dir/migrations.
 func (d *Daemon) Listen() error {
 	ln, err := listenSocket(d.cfg.Socket, d.opts.SocketGroup)
 	if err != nil {
 		return fmt.Errorf("vmhopd.socket: listen on %q: %w", d.cfg.Socket, err)
 	}
 	d.localLn = ln
+	// The socket is ours: no other vmhopd runs, so any secrets left were
+	// left by one that died.
+	ids, err := d.secrets.sweep()
+	if len(ids) > 0 {
+		d.log.Warn("removed secrets a previous vmhopd left", "migrations", ids)
+	}
+	if err != nil {
+		d.localLn.Close()
+		return fmt.Errorf("vmhopd.state_dir: %w", err)
+	}
 	if d.tls == nil {
 		return nil
 	}

@@ -382,6 +382,26 @@ func TestSecretHandover(t *testing.T) {
 	}
 }
 
+// TestStartSweepsLeftSecrets: secrets a dead vmhopd left are removed when
+// the next one starts; a daemon that only checks its config (-check) keeps them.
+func TestStartSweepsLeftSecrets(t *testing.T) {
+	ca := newTestCA(t)
+	cfg := ca.config(t, "site-b", "site-a=127.0.0.1:1")
+	left := filepath.Join(cfg.StateDir, "migrations", "web1-0badc0de")
+	os.MkdirAll(left, 0o700)
+	os.WriteFile(filepath.Join(left, "qemu-psk"), []byte("secret"), 0o600)
+	if _, err := New(cfg, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(left); err != nil {
+		t.Fatalf("New (as -check) removed secrets: %v", err)
+	}
+	start(t, cfg, Options{}, nil)
+	if _, err := os.Stat(left); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("secrets left by a dead vmhopd survive its successor: %v", err)
+	}
+}
+
 func TestLocalStatusAndPeers(t *testing.T) {
 	ca := newTestCA(t)
 	aCfg, _, _ := pair(t, ca)

@@ -139,6 +139,27 @@ func (s *Secrets) Remove(id, owner string) error {
 	return nil
 }
 
+// sweep removes every migration's secrets: at startup they can only be
+// left by a vmhopd that died (migrations do not outlive their daemon). It
+// returns the migration IDs it removed.
+func (s *Secrets) sweep() ([]string, error) {
+	ents, err := os.ReadDir(s.dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sweep secrets: %w", err)
+	}
+	var ids []string
+	for _, e := range ents {
+		if err := os.RemoveAll(filepath.Join(s.dir, e.Name())); err != nil {
+			return ids, fmt.Errorf("sweep secrets: %w", err)
+		}
+		ids = append(ids, e.Name())
+	}
+	return ids, nil
+}
+
 // SecretPut is the request of peer method "secret.put": store Value as
 // secret Name of migration Migration on the receiving host.
 type SecretPut struct {
