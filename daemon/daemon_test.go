@@ -437,3 +437,69 @@ func TestLocalStatusAndPeers(t *testing.T) {
 		t.Errorf("unknown verb: %v %v", resp, err)
 	}
 }
+
+// TestStreamTLS: a data stream between two peers authenticates both hosts;
+// a third host's certificate from the same CA is refused by the server.
+func TestStreamTLS(t *testing.T) {
+	ca := newTestCA(t)
+	a, err := New(ca.config(t, "site-a", "site-b=127.0.0.1:1"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := New(ca.config(t, "site-b", "site-a=127.0.0.1:1", "site-c=127.0.0.1:1"), Options{})
+	c, _ := New(ca.config(t, "site-c", "site-b=127.0.0.1:1"), Options{})
+	srv, _, err := b.StreamTLS("site-a") // site B serves the stream for site A only
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan string, 2)
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b := make([]byte, 5)
+			if _, err := io.ReadFull(conn, b); err != nil {
+				got <- "refused: " + err.Error()
+			} else {
+				got <- string(b)
+			}
+			conn.Close()
+		}
+	}()
+	dial := func(d *Daemon) error {
+		_, cl, err := d.StreamTLS("site-b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := tls.Dial("tcp", ln.Addr().String(), cl)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		conn.Write([]byte("chunk"))
+		_, err = conn.Read(make([]byte, 1))
+		return err
+	}
+	if err := dial(a); err != io.EOF {
+		t.Fatalf("site-a: %v, want the server's close after reading", err)
+	}
+	if s := <-got; s != "chunk" {
+		t.Fatalf("server read %q", s)
+	}
+	if err := dial(c); err == nil || err.Error() != "remote error: tls: bad certificate" {
+		t.Fatalf("site-c: %v, want refused", err)
+	}
+	if s := <-got; !strings.HasPrefix(s, "refused: ") {
+		t.Fatalf("server read %q from site-c", s)
+	}
+	if _, _, err := a.StreamTLS("site-x"); CodeOf(err) != CodeNotFound {
+		t.Fatalf("stream with an unlisted peer: %v", err)
+	}
+}

@@ -97,3 +97,28 @@ func (h *hostTLS) client(name string) *tls.Config {
 		ServerName:   name,
 	}
 }
+
+// StreamTLS returns the TLS configs of a data stream between this host and
+// configured peer (the disk stream, a migration relay): each end proves
+// its own host identity with its certificate. The server side requires a
+// client certificate from the CA naming peer; the client side requires a
+// server certificate from the CA naming peer. Both are TLS 1.3.
+func (d *Daemon) StreamTLS(peer string) (server, client *tls.Config, err error) {
+	if _, err := d.Peer(peer); err != nil {
+		return nil, nil, err
+	}
+	h := d.tls
+	server = &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{h.cert},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    h.roots,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 || !slices.Contains(cs.PeerCertificates[0].DNSNames, peer) {
+				return fmt.Errorf("stream: client certificate does not name peer %q", peer)
+			}
+			return nil
+		},
+	}
+	return server, h.client(peer), nil
+}
