@@ -59,8 +59,9 @@ func (a *PeerAPI) register(method string, h http.HandlerFunc) {
 
 // Handle registers method: fn gets the calling peer's name (from its
 // verified certificate) and the decoded request; its response is sent as
-// JSON, or its error as an Error (an *Error in its chain keeps its code;
-// any other error is "internal").
+// JSON, or its error as an Error (an *Error in its chain keeps its code,
+// a sentinel registered with RegisterError gets its code and reason, any
+// other error is "internal"). ctx ends when the caller goes away.
 func Handle[Req, Resp any](a *PeerAPI, method string, fn func(ctx context.Context, from string, req Req) (Resp, error)) {
 	a.register(method, func(w http.ResponseWriter, r *http.Request) {
 		var req Req
