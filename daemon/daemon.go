@@ -183,8 +183,9 @@ func (d *Daemon) PeerAddr() net.Addr {
 
 // Serve serves both APIs on what Listen bound until ctx ends; then it
 // refuses new migrations, cancels the running ones and waits for them
-// (Options.StopTimeout), ends the progress streams and shuts both servers
-// down. It returns ctx's error after a clean stop.
+// (Options.StopTimeout), ends the progress streams, shuts both servers
+// down and closes its idle connections to peers. It returns ctx's error
+// after a clean stop.
 func (d *Daemon) Serve(ctx context.Context) error {
 	if d.localLn == nil {
 		return errors.New("serve: Listen first")
@@ -223,6 +224,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer cancel()
 	for _, s := range servers {
 		s.Shutdown(sctx)
+	}
+	for _, c := range d.peers {
+		c.hc.CloseIdleConnections()
 	}
 	return err
 }
