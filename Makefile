@@ -16,9 +16,13 @@ GUEST_SRC := $(wildcard internal/guest/*.go internal/guest/image/*) cmd/vmhop-gu
 
 all: build
 
+# vmhopd reports it in hello and status; peers compare protocol versions, not this.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/vmhop/vmhop/daemon.Version=$(VERSION)
+
 build:
-	$(GO) build -o bin/vmhop ./cmd/vmhop
-	$(GO) build -o bin/vmhopd ./cmd/vmhopd
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/vmhop ./cmd/vmhop
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/vmhopd ./cmd/vmhopd
 
 # Every test, lab tests included (they need root: as non-root they skip,
 # saying so). Prints a closing "N passed, N failed, N skipped" line.

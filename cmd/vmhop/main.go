@@ -1,6 +1,8 @@
-// Command vmhop is the operator's CLI: it checks config files, drives
-// migrations, flips DNS, and builds the two-site lab vmhop is tested in.
-// Lab commands need root (network namespaces, veths, QEMU taps).
+// Command vmhop is the operator's CLI: it hands migrations to this host's
+// vmhopd and follows them (local API, no root needed), makes the TLS
+// certificates daemons authenticate each other with, checks config files,
+// flips DNS, and builds the two-site lab vmhop is tested in. Lab commands
+// need root (network namespaces, veths, QEMU taps).
 package main
 
 import (
@@ -43,7 +45,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newMigrateCmd(), newConfigCmd(), newDNSCmd(), newLabCmd())
+	root.AddCommand(newMigrateCmd(), newStatusCmd(), newPeersCmd(), newCertsCmd(), newConfigCmd(), newDNSCmd(), newLabCmd())
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return withExit(migrator.ExitUsage, err) })
 	if err := root.Execute(); err != nil {
 		if !errors.Is(err, errSilent) {

@@ -1,12 +1,15 @@
 // Command vmhopd is the vmhop host daemon, one per host (configs/vmhopd.service).
-// It serves the peer API that migrations are driven through and owns the
-// host's network-continuity datapath (eBPF/TC on Linux >= 6.6 with TCX, or
-// the userspace proxy fallback). Needs root (CAP_NET_ADMIN, CAP_BPF).
+// It serves the peer API other hosts' daemons call (mutual TLS, key
+// "listen"; only the configured peers get in), the local API the vmhop CLI
+// calls (unix socket, key "socket"), and owns the host's network-continuity
+// datapath (eBPF/TC on Linux >= 6.6 with TCX, or the userspace proxy
+// fallback). Needs root (CAP_NET_ADMIN, CAP_BPF).
 //
-// This build loads the continuity datapath (or picks the userspace
-// fallback) and runs until SIGINT/SIGTERM, leaving the pinned datapath in
-// place so forwarding outlives a restart; -cleanup removes it. The peer API
-// that carries migrations between hosts is not built yet.
+// It runs until SIGINT/SIGTERM, then stops its running migrations (they
+// undo what they did), closes both APIs and leaves the pinned datapath in
+// place so forwarding outlives a restart; -cleanup removes it. Migrations
+// between hosts are not wired into the daemon yet: the local API's migrate
+// verb answers "unavailable" until the migration core supplies a Migrator.
 package main
 
 import (
@@ -19,6 +22,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/proxy/datapath"
 	"github.com/vmhop/vmhop/proxy/sidecar"
@@ -51,17 +55,14 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("--config %s:\n%w", flags.config, err)
 	}
-	if flags.check {
-		fmt.Printf("%s: ok\n", flags.config)
-		return nil
-	}
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	opts := datapath.Options{LocalIP: cfg.Address, PinDir: cfg.BPFFS}
-	if flags.cleanup {
+	if flags.cleanup && !flags.check {
 		dp, err := datapath.Load(opts)
 		if err != nil {
 			return fmt.Errorf("cleanup: %w", err)
@@ -72,13 +73,26 @@ func run() error {
 		log.Info("removed the pinned datapath", "pins", cfg.BPFFS)
 		return nil
 	}
-	sc, err := sidecar.Start(cfg.Datapath, opts, cfg.Uplink, log)
+	// daemon.New reads and checks the tls files, so -check catches a
+	// certificate that does not name this host or is not from the CA.
+	d, err := daemon.New(*cfg, daemon.Options{Log: log})
 	if err != nil {
+		return fmt.Errorf("--config %s: %w", flags.config, err)
+	}
+	if flags.check {
+		fmt.Printf("%s: ok\n", flags.config)
+		return nil
+	}
+	if err := d.Listen(); err != nil {
 		return err
 	}
+	sc, err := sidecar.Start(cfg.Datapath, opts, cfg.Uplink, log)
+	if err != nil {
+		return errors.Join(err, d.Close())
+	}
 	defer sc.Close()
-	log.Info("vmhopd started", "uplink", cfg.Uplink, "address", cfg.Address, "continuity", sc.Mode, "listen", cfg.Listen)
-	<-ctx.Done()
-	log.Info("vmhopd stopping; the pinned datapath keeps forwarding (vmhopd -cleanup removes it)")
-	return ctx.Err()
+	log.Info("vmhopd started", "name", cfg.Name, "uplink", cfg.Uplink, "address", cfg.Address, "continuity", sc.Mode)
+	err = d.Serve(ctx)
+	log.Info("vmhopd stopped; the pinned datapath keeps forwarding (vmhopd -cleanup removes it)")
+	return err
 }

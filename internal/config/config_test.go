@@ -125,11 +125,44 @@ func TestParseDaemon(t *testing.T) {
 	for _, w := range []string{
 		`vmhopd.uplink: "an-interface-name-too-long" is not an interface name`,
 		`vmhopd.datapath: "xdp" is not one of auto, ebpf, userspace`,
-		`vmhopd.tls: set cert, key and ca together`,
+		`vmhopd.tls.key: required with the other tls keys`,
+		`vmhopd.tls.ca: required with the other tls keys`,
+		`vmhopd.name: required with tls`,
 	} {
 		if err == nil || !strings.Contains(err.Error(), w) {
 			t.Errorf("error %v does not contain %q", err, w)
 		}
+	}
+}
+
+func TestParseDaemonPeers(t *testing.T) {
+	const tls = "  tls: {cert: /c.pem, key: /k.pem, ca: /ca.pem}\n"
+	f, err := Parse([]byte("vmhopd:\n  name: site-a.vmhop\n  uplink: eth0\n  address: 10.1.0.2\n" + tls +
+		"  peers:\n    - {name: site-b.vmhop, address: \"10.2.0.2:7710\"}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Peer{{Name: "site-b.vmhop", Address: "10.2.0.2:7710"}}
+	if d := f.Daemon; d.Name != "site-a.vmhop" || len(d.Peers) != 1 || d.Peers[0] != want[0] || d.Socket != "/run/vmhop/vmhopd.sock" {
+		t.Errorf("daemon = %+v", d)
+	}
+	_, err = Parse([]byte("vmhopd:\n  name: a\n  uplink: eth0\n  address: 10.1.0.2\n  socket: run/s\n" + tls +
+		"  peers:\n    - {name: a, address: \"10.2.0.2:7710\"}\n    - {name: b_x, address: nowhere}\n" +
+		"    - {name: c, address: \"10.3.0.2:7710\"}\n    - {name: c, address: \"10.3.0.2:7710\"}\n"))
+	for _, w := range []string{
+		`vmhopd.socket: "run/s" is not an absolute path`,
+		`vmhopd.peers[0].name: "a" is this host's own name`,
+		`vmhopd.peers[1].name: "b_x" is not a host name`,
+		`vmhopd.peers[1].address: "nowhere" is not host:port`,
+		`vmhopd.peers[3].name: "c" is listed twice`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("error %v does not contain %q", err, w)
+		}
+	}
+	_, err = Parse([]byte("vmhopd:\n  uplink: eth0\n  address: 10.1.0.2\n  peers: [{name: b, address: \"10.2.0.2:7710\"}]\n"))
+	if err == nil || !strings.Contains(err.Error(), `vmhopd.peers: need tls`) {
+		t.Errorf("peers without tls: %v", err)
 	}
 }
 

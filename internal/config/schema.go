@@ -13,8 +13,17 @@ import (
 
 // Daemon configures vmhopd on one host. See configs/vmhopd.yaml.
 type Daemon struct {
-	// Listen is the host:port of the peer API other vmhopd instances and the CLI dial.
+	// Name is this host's name: a DNS name (SAN) in its certificate
+	// (tls.cert), the name other hosts list it by in their peers.
+	Name string `key:"name"`
+	// Listen is the host:port of the peer API (mutual TLS) other hosts' vmhopd dial.
 	Listen string `key:"listen"`
+	// Socket is the unix socket of the local API the vmhop CLI talks to
+	// (mode 0660, group vmhop when that group exists).
+	Socket string `key:"socket"`
+	// Peers are the other hosts' daemons this one accepts and calls; no
+	// other certificate gets in, even one signed by tls.ca.
+	Peers []Peer `key:"peers"`
 	// StateDir holds migration state and manifests that survive a restart.
 	StateDir string `key:"state_dir"`
 	// Uplink is the interface facing the WAN; the redirect datapath attaches here.
@@ -30,6 +39,14 @@ type Daemon struct {
 	TLS TLS `key:"tls"`
 	// LogLevel is one of debug, info, warn, error.
 	LogLevel string `key:"log_level"`
+}
+
+// Peer is another host's vmhopd.
+type Peer struct {
+	// Name is a DNS name (SAN) in the peer's certificate: its identity.
+	Name string `key:"name"`
+	// Address is the host:port of its peer API (its listen key).
+	Address string `key:"address"`
 }
 
 // TLS names PEM files for mutual TLS between vmhop daemons.
@@ -155,6 +172,7 @@ type Storage struct {
 func DefaultDaemon() Daemon {
 	return Daemon{
 		Listen:   "0.0.0.0:7710",
+		Socket:   "/run/vmhop/vmhopd.sock",
 		StateDir: "/var/lib/vmhop",
 		Datapath: "auto",
 		BPFFS:    "/sys/fs/bpf/vmhop",

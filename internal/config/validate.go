@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -14,10 +15,43 @@ import (
 	"github.com/vmhop/vmhop/internal/units"
 )
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+var (
+	nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+	// hostRE is a host name as certificates carry it (RFC 1123 labels).
+	hostRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$`)
+)
+
+// isHostLabelName reports whether s is a host name of RFC 1123 labels, at
+// most 253 bytes, without a trailing dot: what a certificate's DNS SAN holds.
+func isHostLabelName(s string) bool { return len(s) <= 253 && hostRE.MatchString(s) }
 
 func (d *Daemon) validate(p string, errs *Errors) {
+	tls := d.TLS.Cert != "" || d.TLS.Key != "" || d.TLS.CA != ""
+	switch {
+	case d.Name != "" && !isHostLabelName(d.Name):
+		errs.add(p+".name", "%q is not a host name (letters, digits, - and dots)", d.Name)
+	case d.Name == "" && tls:
+		errs.add(p+".name", "required with tls: this host's name, a DNS name in tls.cert")
+	}
 	checkHostPort(p+".listen", d.Listen, errs)
+	checkAbs(p+".socket", d.Socket, errs)
+	if len(d.Peers) > 0 && !tls {
+		errs.add(p+".peers", "need tls: the peer API is mutual TLS only")
+	}
+	seen := map[string]bool{d.Name: true}
+	for i, peer := range d.Peers {
+		k := fmt.Sprintf("%s.peers[%d]", p, i)
+		switch {
+		case !isHostLabelName(peer.Name):
+			errs.add(k+".name", "%q is not a host name (letters, digits, - and dots)", peer.Name)
+		case peer.Name == d.Name:
+			errs.add(k+".name", "%q is this host's own name", peer.Name)
+		case seen[peer.Name]:
+			errs.add(k+".name", "%q is listed twice", peer.Name)
+		}
+		seen[peer.Name] = true
+		checkHostPort(k+".address", peer.Address, errs)
+	}
 	checkAbs(p+".state_dir", d.StateDir, errs)
 	if d.Uplink == "" {
 		errs.add(p+".uplink", "required: the interface facing the WAN")
@@ -29,14 +63,14 @@ func (d *Daemon) validate(p string, errs *Errors) {
 	}
 	checkOneOf(p+".datapath", d.Datapath, errs, "auto", "ebpf", "userspace")
 	checkAbs(p+".bpffs", d.BPFFS, errs)
-	set := 0
-	for _, s := range []string{d.TLS.Cert, d.TLS.Key, d.TLS.CA} {
-		if s != "" {
-			set++
+	if tls {
+		for _, f := range []struct{ key, path string }{{"cert", d.TLS.Cert}, {"key", d.TLS.Key}, {"ca", d.TLS.CA}} {
+			if f.path == "" {
+				errs.add(p+".tls."+f.key, "required with the other tls keys: set cert, key and ca together, or none of them")
+			} else if !filepath.IsAbs(f.path) {
+				errs.add(p+".tls."+f.key, "%q is not an absolute path", f.path)
+			}
 		}
-	}
-	if set != 0 && set != 3 {
-		errs.add(p+".tls", "set cert, key and ca together, or none of them")
 	}
 	checkOneOf(p+".log_level", d.LogLevel, errs, "debug", "info", "warn", "error")
 }

@@ -1,0 +1,285 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmhop/vmhop/internal/config"
+)
+
+// The local API serves the vmhop CLI on this host over a unix socket
+// (config key "socket"; mode 0660, group vmhop), one handler per verb,
+// JSON in and out (the shape of tailscale's ipn/localapi):
+//
+//	GET  /localapi/v0/status                     -> Status
+//	GET  /localapi/v0/peers                      -> []PeerStatus (each peer dialled and greeted)
+//	POST /localapi/v0/migrate   (a spec's YAML)  -> MigrateResponse
+//	GET  /localapi/v0/migrations/{id}/progress   -> stream of Event, the last one with its Result
+//
+// Errors are {"error": {"code", "message"}} as on the peer API.
+const localPrefix = "/localapi/v0/"
+
+// Status is what the status verb reports.
+type Status struct {
+	Name       string            `json:"name"`             // this host's name (config key "name")
+	Version    string            `json:"version"`          // vmhopd's build
+	Protocol   int               `json:"protocol"`         // the peer API's ProtocolVersion
+	Listen     string            `json:"listen,omitempty"` // the peer API's address; empty without tls
+	Peers      []string          `json:"peers"`            // configured peers' names
+	Migrations []MigrationStatus `json:"migrations"`       // running and recent, oldest first
+}
+
+// PeerStatus is one configured peer as the peers verb finds it.
+type PeerStatus struct {
+	Name          string  `json:"name"`
+	Address       string  `json:"address"`
+	Reachable     bool    `json:"reachable"`     // a TCP connection to its address opened
+	Authenticated bool    `json:"authenticated"` // mutual TLS and hello succeeded
+	Version       string  `json:"version,omitempty"`
+	Protocol      int     `json:"protocol,omitempty"`
+	HelloMillis   float64 `json:"hello_ms,omitempty"` // time of the hello call, TLS handshake included
+	Error         string  `json:"error,omitempty"`
+}
+
+// MigrateResponse is the migrate verb's answer: follow the migration at
+// /localapi/v0/migrations/{id}/progress.
+type MigrateResponse struct {
+	ID string `json:"id"`
+}
+
+func (d *Daemon) localHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+localPrefix+"status", d.serveStatus)
+	mux.HandleFunc("GET "+localPrefix+"peers", d.servePeers)
+	mux.HandleFunc("POST "+localPrefix+"migrate", d.serveMigrate)
+	mux.HandleFunc("GET "+localPrefix+"migrations/{id}/progress", d.serveProgress)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, Errorf(CodeNotFound, "no local API verb %s %s", r.Method, r.URL.Path))
+	})
+	return mux
+}
+
+func (d *Daemon) serveStatus(w http.ResponseWriter, r *http.Request) {
+	s := Status{Name: d.cfg.Name, Version: Version, Protocol: ProtocolVersion, Peers: []string{}, Migrations: d.migs.list()}
+	if d.peerLn != nil {
+		s.Listen = d.peerLn.Addr().String()
+	}
+	for _, p := range d.cfg.Peers {
+		s.Peers = append(s.Peers, p.Name)
+	}
+	writeJSON(w, s)
+}
+
+// servePeers dials and greets every configured peer at once, each bounded by 5 s.
+func (d *Daemon) servePeers(w http.ResponseWriter, r *http.Request) {
+	out := make([]PeerStatus, len(d.cfg.Peers))
+	var wg sync.WaitGroup
+	for i, p := range d.cfg.Peers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+			defer cancel()
+			out[i] = d.checkPeer(ctx, p)
+		}()
+	}
+	wg.Wait()
+	writeJSON(w, out)
+}
+
+// checkPeer greets peer p: reachable means a TCP connection to its
+// address opened (a dial error says not), authenticated that mutual TLS
+// and hello succeeded.
+func (d *Daemon) checkPeer(ctx context.Context, p config.Peer) PeerStatus {
+	st := PeerStatus{Name: p.Name, Address: p.Address}
+	c, err := d.Peer(p.Name)
+	if err != nil {
+		st.Error = err.Error()
+		return st
+	}
+	t0 := time.Now()
+	h, err := c.Hello(ctx, d.hello())
+	if err != nil {
+		var op *net.OpError
+		st.Reachable = !errors.As(err, &op) || op.Op != "dial"
+		st.Error = err.Error()
+		return st
+	}
+	st.Reachable, st.Authenticated, st.Version, st.Protocol = true, true, h.Version, h.Protocol
+	st.HelloMillis = float64(time.Since(t0).Microseconds()) / 1000
+	return st
+}
+
+func (d *Daemon) serveMigrate(w http.ResponseWriter, r *http.Request) {
+	spec, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRequest))
+	if err != nil {
+		writeError(w, Errorf(CodeInvalidArgument, "read spec: %v", err))
+		return
+	}
+	f, err := config.Parse(spec)
+	if err != nil {
+		writeError(w, Errorf(CodeInvalidArgument, "migration spec:\n%v", err))
+		return
+	}
+	if f.Migration == nil {
+		writeError(w, Errorf(CodeInvalidArgument, "migration spec: is a %s config", f.Kind()))
+		return
+	}
+	if d.opts.Migrator == nil {
+		writeError(w, Errorf(CodeUnavailable, "this vmhopd cannot run migrations yet: no migrator is wired in"))
+		return
+	}
+	caller := callerOf(r.Context())
+	m, err := d.migs.start(f.Migration, caller, func(ctx context.Context, m *migration) (any, error) {
+		d.log.Info("migration started", "id", m.id, "vm", m.vm, "uid", caller.UID, "pid", caller.PID)
+		rep, err := d.opts.Migrator.Migrate(ctx, &Job{ID: m.id, Spec: f.Migration, Caller: m.caller, Daemon: d, m: m})
+		d.log.Info("migration ended", "id", m.id, "err", err)
+		return rep, err
+	})
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, MigrateResponse{ID: m.id})
+}
+
+func (d *Daemon) serveProgress(w http.ResponseWriter, r *http.Request) {
+	m, err := d.migs.get(r.PathValue("id"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	s := startStream(w)
+	s.end(m.follow(r.Context(), func(ev Event) error { return s.send(ev) }))
+}
+
+// Caller is who is at the other end of a local API connection, as the
+// kernel says (SO_PEERCRED, socket(7)): kept with each migration it starts.
+type Caller struct {
+	UID int `json:"uid"`
+	GID int `json:"gid"`
+	PID int `json:"pid"`
+}
+
+type callerKey struct{}
+
+// withCaller is the local server's ConnContext: it reads the peer's
+// credentials once per connection. UID -1 means unknown.
+func withCaller(ctx context.Context, c net.Conn) context.Context {
+	cl := Caller{UID: -1, GID: -1}
+	if uc, ok := c.(*net.UnixConn); ok {
+		if raw, err := uc.SyscallConn(); err == nil {
+			raw.Control(func(fd uintptr) {
+				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+					cl = Caller{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid)}
+				}
+			})
+		}
+	}
+	return context.WithValue(ctx, callerKey{}, cl)
+}
+
+func callerOf(ctx context.Context) Caller {
+	if c, ok := ctx.Value(callerKey{}).(Caller); ok {
+		return c
+	}
+	return Caller{UID: -1, GID: -1}
+}
+
+// LocalClient talks to vmhopd's local API over its unix socket: what the
+// vmhop CLI uses. It needs no privilege but access to the socket (root,
+// or a member of group vmhop).
+type LocalClient struct {
+	Socket string
+	hc     *http.Client
+}
+
+// NewLocalClient returns a client of the vmhopd listening on socket.
+func NewLocalClient(socket string) *LocalClient {
+	var dialer net.Dialer
+	return &LocalClient{Socket: socket, hc: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return dialer.DialContext(ctx, "unix", socket)
+		},
+	}}}
+}
+
+func (c *LocalClient) call(ctx context.Context, method, verb string, body io.Reader, contentType string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://vmhopd"+localPrefix+verb, body)
+	if err != nil {
+		return err
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	if err := do(c.hc, req, out); err != nil {
+		return c.wrap(verb, err)
+	}
+	return nil
+}
+
+// wrap says what to do when the socket is missing or closed to the caller.
+func (c *LocalClient) wrap(verb string, err error) error {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return fmt.Errorf("vmhopd at %s: %s: %w (is vmhopd running? is the user in group vmhop?)", c.Socket, verb, err)
+	}
+	return fmt.Errorf("vmhopd at %s: %s: %w", c.Socket, verb, err)
+}
+
+// Status calls the status verb.
+func (c *LocalClient) Status(ctx context.Context) (Status, error) {
+	var s Status
+	return s, c.call(ctx, http.MethodGet, "status", nil, "", &s)
+}
+
+// Peers calls the peers verb.
+func (c *LocalClient) Peers(ctx context.Context) ([]PeerStatus, error) {
+	var ps []PeerStatus
+	return ps, c.call(ctx, http.MethodGet, "peers", nil, "", &ps)
+}
+
+// Migrate hands a migration spec (the YAML file's bytes) to vmhopd, which
+// validates it and starts the migration; it returns the migration's ID.
+func (c *LocalClient) Migrate(ctx context.Context, spec []byte) (string, error) {
+	var r MigrateResponse
+	return r.ID, c.call(ctx, http.MethodPost, "migrate", bytes.NewReader(spec), "application/yaml", &r)
+}
+
+// Follow hands every progress event of migration id to recv, from its
+// first, and returns the migration's Result once it ends.
+func (c *LocalClient) Follow(ctx context.Context, id string, recv func(Event) error) (*Result, error) {
+	verb := "migrations/" + id + "/progress"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://vmhopd"+localPrefix+verb, nil)
+	if err != nil {
+		return nil, err
+	}
+	var res *Result
+	err = doStream(c.hc, req, func(raw json.RawMessage) error {
+		var ev Event
+		if err := json.Unmarshal(raw, &ev); err != nil {
+			return fmt.Errorf("decode event: %w", err)
+		}
+		if ev.Result != nil {
+			res = ev.Result
+		}
+		return recv(ev)
+	})
+	if err != nil {
+		return nil, c.wrap(verb, err)
+	}
+	if res == nil {
+		return nil, c.wrap(verb, errors.New("progress ended without a result"))
+	}
+	return res, nil
+}
