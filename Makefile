@@ -23,6 +23,7 @@ LDFLAGS := -X github.com/vmhop/vmhop/daemon.Version=$(VERSION)
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/vmhop ./cmd/vmhop
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/vmhopd ./cmd/vmhopd
+	$(GO) build -o bin/vmhop-lab ./cmd/vmhop-lab
 
 # Every test, lab tests included (they need root: as non-root they skip,
 # saying so). Prints a closing "N passed, N failed, N skipped" line.
@@ -55,13 +56,13 @@ $(GUEST_DIR)/initrd.img: $(GUEST_SRC) go.mod
 # The main job in the lab (root): build the lab, boot the guest at site A,
 # migrate it to site B while a client probes it, print the disruption report.
 demo: build guest
-	bin/vmhop lab up --name demo
-	bin/vmhop lab vm start --name demo
-	bin/vmhop migrate -f configs/lab-migration.yaml --lab demo
-	bin/vmhop lab status
+	bin/vmhop-lab up --name demo
+	bin/vmhop-lab vm start --name demo
+	bin/vmhop-lab migrate -f configs/lab-migration.yaml --name demo
+	bin/vmhop-lab status
 
 demo-down:
-	bin/vmhop lab down --name demo
+	bin/vmhop-lab down --name demo
 
 # Disruption benchmark (root, ~15 min): vmhop vs freeze-and-copy, side by
 # side in one run, measured by packet capture at the lab's client.

@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmhop/vmhop/internal/cli"
 	"github.com/vmhop/vmhop/internal/config"
 )
 
@@ -36,7 +37,7 @@ func newConfigCmd() *cobra.Command {
 				}
 			}
 			if bad {
-				return errSilent
+				return cli.ErrSilent
 			}
 			return nil
 		},

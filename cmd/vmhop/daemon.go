@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/vmhop/vmhop/internal/cli"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -19,7 +20,7 @@ func newStatusCmd() *cobra.Command {
 		Short: "Show this host's vmhopd: its name, version, peers and migrations",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx, stop := signalContext()
+			ctx, stop := cli.SignalContext()
 			defer stop()
 			s, err := daemon.NewLocalClient(socket).Status(ctx)
 			if err != nil {
@@ -55,7 +56,7 @@ func newPeersCmd() *cobra.Command {
 		Short: "Dial and greet each peer of this host's vmhopd: reachable, authenticated (mutual TLS + hello), version",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx, stop := signalContext()
+			ctx, stop := cli.SignalContext()
 			defer stop()
 			ps, err := daemon.NewLocalClient(socket).Peers(ctx)
 			if err != nil {

@@ -19,6 +19,7 @@ import (
 	"testing"
 
 	"github.com/vmhop/vmhop/daemon"
+	"github.com/vmhop/vmhop/internal/cli"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/migrator"
 )
@@ -76,9 +77,9 @@ func TestMigrateFollowsDaemon(t *testing.T) {
 func TestMigrateExitsWithTheMigrationsResult(t *testing.T) {
 	sock := fakeDaemon(t, phases(errors.New("memory: guest crashed")))
 	out, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock, "--json")
-	var ee exitError
+	var ee cli.ExitError
 	if err == nil || !regexp.MustCompile(`^migration web1-[0-9a-f]{8} failed after \S+: memory: guest crashed$`).MatchString(err.Error()) ||
-		!errors.As(err, &ee) || ee.code != migrator.ExitAborted {
+		!errors.As(err, &ee) || ee.Code != migrator.ExitAborted {
 		t.Fatalf("migrate: %v, want exit %d", err, migrator.ExitAborted)
 	}
 	var evs []daemon.Event
@@ -109,9 +110,9 @@ func TestMigrateExitCodes(t *testing.T) {
 		sock := fakeDaemon(t, phases(tt.err))
 		_, _, err := execute(t, newMigrateCmd(), "-f", "../../configs/migration.yaml", "--socket", sock)
 		code := 0
-		var ee exitError
+		var ee cli.ExitError
 		if errors.As(err, &ee) {
-			code = ee.code
+			code = ee.Code
 		} else if err != nil {
 			code = 1
 		}
@@ -132,8 +133,8 @@ func TestMigrateWithoutDaemonSaysSo(t *testing.T) {
 	spec, _ := os.ReadFile("../../configs/migration.yaml")
 	os.WriteFile(bad, []byte(strings.Replace(string(spec), "old_ip: 10.1.0.10", "old_ip: nowhere", 1)), 0o644)
 	_, _, err = execute(t, newMigrateCmd(), "-f", bad, "--socket", sock)
-	var ee exitError
-	if err == nil || !strings.Contains(err.Error(), `migration.network.old_ip: "nowhere"`) || !errors.As(err, &ee) || ee.code != migrator.ExitUsage {
+	var ee cli.ExitError
+	if err == nil || !strings.Contains(err.Error(), `migration.network.old_ip: "nowhere"`) || !errors.As(err, &ee) || ee.Code != migrator.ExitUsage {
 		t.Fatalf("bad spec: %v, want exit %d", err, migrator.ExitUsage)
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmhop/vmhop/internal/cli"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/proxy/ddns"
@@ -213,7 +214,7 @@ func (f *dnsFlags) run(cmd *cobra.Command, op func(context.Context, *ddns.Client
 	if err != nil {
 		return err
 	}
-	ctx, stop := signalContext()
+	ctx, stop := cli.SignalContext()
 	defer stop()
 	res, err := op(ctx, c)
 	if res != nil && (err == nil || f.json) {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -51,5 +52,19 @@ func TestDNSFlagsNameWhatIsMissing(t *testing.T) {
 	_, _, err = execute(t, newDNSCmd(), "restore", "--server", "x:53", "--zone", "example.", "--name", "a.example.", "--key-file", "/k")
 	if err == nil || !strings.Contains(err.Error(), "--ttl: required for restore") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestProductBinariesDoNotLinkTheLab: the lab is a test bench in its own
+// wing (cmd/vmhop-lab); the operator's CLI and the daemon never link it.
+func TestProductBinariesDoNotLinkTheLab(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "../../cmd/vmhop", "../../cmd/vmhopd").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v: %s", err, out)
+	}
+	for _, pkg := range strings.Fields(string(out)) {
+		if strings.HasPrefix(pkg, "github.com/vmhop/vmhop/internal/lab") {
+			t.Errorf("a product binary links %s", pkg)
+		}
 	}
 }

@@ -6,75 +6,43 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/vmhop/vmhop/daemon"
+	"github.com/vmhop/vmhop/internal/cli"
 	"github.com/vmhop/vmhop/internal/config"
-	"github.com/vmhop/vmhop/internal/lab"
-	"github.com/vmhop/vmhop/internal/labrun"
 	"github.com/vmhop/vmhop/migrator"
 )
 
 func newMigrateCmd() *cobra.Command {
-	var file, labName, socket string
-	var asJSON, verbose bool
+	var file, socket string
+	var asJSON bool
 	c := &cobra.Command{
-		Use:   "migrate -f MIGRATION.yaml [--lab NAME]",
-		Short: "Move a running VM to another site: memory, disk and network, with a disruption report",
+		Use:   "migrate -f MIGRATION.yaml",
+		Short: "Move a running VM to another site through this host's vmhopd: memory, disk and network",
 		Long: "Run the migration a spec describes. Limits, DNS and drain settings come from the spec.\n\n" +
 			"Without --lab the spec goes to this host's vmhopd (the source host's: --socket), which runs\n" +
 			"the migration with its peer; the command follows its progress and exits with the migration's\n" +
 			"exit code (below). It needs no root: only access to the socket (group vmhop). Interrupting\n" +
 			"it stops following, not the migration.\n\n" +
-			"--lab NAME runs it in a lab built by `vmhop lab up`: the hosts are the lab's namespaces\n" +
-			"and the VM is the lab's guest at site A; a client probes the guest all along and the report\n" +
-			"gives the disruption it saw, from a packet capture on its interface.\n\n" +
+			"In the lab, `vmhop-lab migrate` runs a migration with a client load and a disruption report.\n\n" +
 			"Exit codes: 0 moved; 1 failed before the commit point, the VM runs on the source, its disk\n" +
 			"intact, DNS unchanged; 2 bad flags or spec, nothing attempted; 3 moved, but a follow-up\n" +
 			"(DNS flip, drain) failed; 4 moved, but the VM does not answer at the destination (health\n" +
 			"check): the source VM is kept paused.",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if file == "" {
-				return withExit(migrator.ExitUsage, errors.New("-f: required: the migration spec"))
+				return cli.WithExit(migrator.ExitUsage, errors.New("-f: required: the migration spec"))
 			}
-			if labName == "" {
-				return migrateViaDaemon(cmd, file, socket, asJSON)
-			}
-			spec, err := config.LoadMigration(file)
-			if err != nil {
-				return withExit(migrator.ExitUsage, err)
-			}
-			l, err := lab.Open(labName)
-			if err != nil {
-				return err
-			}
-			level := slog.LevelWarn
-			if verbose {
-				level = slog.LevelInfo
-			}
-			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
-			ctx, stop := signalContext()
-			defer stop()
-			out, err := labrun.Migrate(ctx, l, spec, log)
-			if asJSON {
-				e := json.NewEncoder(cmd.OutOrStdout())
-				e.SetIndent("", "  ")
-				e.Encode(out)
-			} else {
-				out.Print(cmd.OutOrStdout())
-			}
-			return withExit(migrator.ExitCode(err), err)
+			return migrateViaDaemon(cmd, file, socket, asJSON)
 		},
 	}
 	c.Flags().StringVarP(&file, "file", "f", "", "migration spec (see configs/migration.yaml)")
-	c.Flags().StringVar(&labName, "lab", "", "run in this lab (hosts are its namespaces)")
-	c.Flags().StringVar(&socket, "socket", defaultSocket, "vmhopd's local API socket (without --lab)")
-	c.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON (without --lab: every progress event, one JSON object a line)")
-	c.Flags().BoolVarP(&verbose, "verbose", "v", false, "log each phase (--lab)")
+	c.Flags().StringVar(&socket, "socket", defaultSocket, "vmhopd's local API socket")
+	c.Flags().BoolVar(&asJSON, "json", false, "print every progress event as one JSON object a line")
 	return c
 }
 
@@ -87,17 +55,17 @@ var defaultSocket = config.DefaultDaemon().Socket
 func migrateViaDaemon(cmd *cobra.Command, file, socket string, asJSON bool) error {
 	spec, err := os.ReadFile(file)
 	if err != nil {
-		return withExit(migrator.ExitUsage, fmt.Errorf("-f: %w", err))
+		return cli.WithExit(migrator.ExitUsage, fmt.Errorf("-f: %w", err))
 	}
 	if _, err := config.LoadMigration(file); err != nil {
-		return withExit(migrator.ExitUsage, err) // checked here too, so errors name the file's keys before vmhopd is asked
+		return cli.WithExit(migrator.ExitUsage, err) // checked here too, so errors name the file's keys before vmhopd is asked
 	}
-	ctx, stop := signalContext()
+	ctx, stop := cli.SignalContext()
 	defer stop()
 	lc := daemon.NewLocalClient(socket)
 	id, err := lc.Migrate(ctx, spec)
 	if daemon.CodeOf(err) == daemon.CodeInvalidArgument {
-		return withExit(migrator.ExitUsage, err)
+		return cli.WithExit(migrator.ExitUsage, err)
 	}
 	if err != nil {
 		return err
@@ -125,7 +93,7 @@ func migrateViaDaemon(cmd *cobra.Command, file, socket string, asJSON bool) erro
 		if code == migrator.ExitMoved {
 			code = migrator.ExitAborted
 		}
-		return withExit(code, fmt.Errorf("migration %s failed after %s: %s", id, res.Duration.Round(time.Millisecond), res.Error))
+		return cli.WithExit(code, fmt.Errorf("migration %s failed after %s: %s", id, res.Duration.Round(time.Millisecond), res.Error))
 	}
 	return nil
 }

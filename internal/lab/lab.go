@@ -180,7 +180,7 @@ func Open(name string) (*Lab, error) {
 	dir := filepath.Join(RootDir, name)
 	b, err := os.ReadFile(filepath.Join(dir, "state.json"))
 	if err != nil {
-		return nil, fmt.Errorf("open lab %q: %w (is it up? `vmhop lab up --name %s`)", name, err, name)
+		return nil, fmt.Errorf("open lab %q: %w (is it up? `vmhop-lab up --name %s`)", name, err, name)
 	}
 	l := &Lab{Name: name, Dir: dir}
 	if err := json.Unmarshal(b, &l.State); err != nil {

@@ -15,7 +15,7 @@ import (
 	"github.com/vmhop/vmhop/internal/netns"
 )
 
-// A lab daemon that must outlive `vmhop lab up` (the WAN emulator) runs as a
+// A lab daemon that must outlive `vmhop-lab up` (the WAN emulator) runs as a
 // re-execution of the current binary with roleEnv set. RunChild must be the
 // first call in main() and in TestMain of packages that build labs.
 const (

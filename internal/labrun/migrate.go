@@ -147,7 +147,7 @@ func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.
 		}
 	}
 	if vm == nil {
-		return out, fmt.Errorf("lab %s has no VM at site A (start one: vmhop lab vm start --name %s)", l.Name, l.Name)
+		return out, fmt.Errorf("lab %s has no VM at site A (start one: vmhop-lab vm start --name %s)", l.Name, l.Name)
 	}
 	if err := l.WaitGuest(ctx, vm.IP, 10*time.Second); err != nil {
 		return out, fmt.Errorf("guest at site A does not answer: %w", err)

@@ -59,7 +59,7 @@ func New(t testing.TB, cfg lab.Config) *lab.Lab {
 	}
 	t.Cleanup(func() {
 		if os.Getenv("VMHOP_KEEP_LAB") != "" && t.Failed() {
-			t.Logf("VMHOP_KEEP_LAB: lab %s kept for debugging; remove it with `vmhop lab down --name %s`", l.Name, l.Name)
+			t.Logf("VMHOP_KEEP_LAB: lab %s kept for debugging; remove it with `vmhop-lab down --name %s`", l.Name, l.Name)
 			return
 		}
 		DownAndAssertGone(t, l)

@@ -1,25 +1,19 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"io"
-	"os"
-	"os/signal"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmhop/vmhop/internal/cli"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/internal/units"
 )
-
-func signalContext() (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-}
 
 func newLabCmd() *cobra.Command {
 	c := &cobra.Command{
@@ -44,7 +38,7 @@ func newLabCmd() *cobra.Command {
 				return fmt.Errorf("--loss: %v is not in [0,1)", loss)
 			}
 			site := lab.Profile{Delay: siteDelay, Rate: rate, Loss: loss}
-			ctx, stop := signalContext()
+			ctx, stop := cli.SignalContext()
 			defer stop()
 			l, err := lab.Up(ctx, lab.Config{Name: name, Links: map[string]lab.Profile{
 				lab.SiteA: site, lab.SiteB: site, lab.Client: {Delay: clientDelay, Loss: loss},
@@ -112,7 +106,7 @@ func newLabCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := signalContext()
+			ctx, stop := cli.SignalContext()
 			defer stop()
 			start := time.Now()
 			vm, err := l.StartVM(ctx, lab.VMConfig{Name: vmName, MemMiB: mem, DiskSize: size, ExactRAM: exactRAM})
