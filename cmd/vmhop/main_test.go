@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/spf13/cobra"
+
+	"github.com/vmhop/vmhop/internal/config"
 )
 
 func execute(t *testing.T, c *cobra.Command, args ...string) (stdout, stderr string, err error) {
@@ -66,5 +68,32 @@ func TestProductBinariesDoNotLinkTheLab(t *testing.T) {
 		if strings.HasPrefix(pkg, "github.com/vmhop/vmhop/internal/lab") {
 			t.Errorf("a product binary links %s", pkg)
 		}
+	}
+}
+
+// TestConfigCheckVerbose: -v prints every effective value with its unit,
+// defaults included.
+func TestConfigCheckVerbose(t *testing.T) {
+	out, _, err := execute(t, newConfigCmd(), "check", "-v", "../../configs/migration.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"  migration.limits.bandwidth = 100mbit (100000000 bit/s = 12.5 MB/s)\n",
+		"  migration.storage.chunk_size = 1MiB (1048576 bytes)\n",
+		"  migration.dns.ttl = 5 seconds\n",
+		"  migration.limits.downtime = 300ms\n",
+		"  migration.network.new_ip = 10.2.0.10\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	f, err := config.Load("../../configs/migration.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, want := strings.Count(out, "\n  migration."), len(f.Effective()); n != want || want < 30 {
+		t.Errorf("%d values printed, want the schema's %d:\n%s", n, want, out)
 	}
 }
