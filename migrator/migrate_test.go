@@ -266,8 +266,8 @@ func TestFailedMigrationLeavesSourceRunning(t *testing.T) {
 		t.Fatalf("DNS changed by a failed migration: %s", got)
 	}
 	r, _ := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA)
-	if ttl := r.Answer[0].Header().Ttl; ttl != 300 {
-		t.Errorf("TTL after failed migration %d, want the original 300", ttl)
+	if ttl := r.Answer[0].Header().Ttl; ttl != lab.SvcTTL {
+		t.Errorf("TTL after failed migration %d, want the original %d", ttl, lab.SvcTTL)
 	}
 	// No redirect is left on host A: its counters show nothing redirected.
 	if dp, err := p.Source.Datapath(); err == nil {
