@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -95,5 +96,18 @@ func TestConfigCheckVerbose(t *testing.T) {
 	}
 	if n, want := strings.Count(out, "\n  migration."), len(f.Effective()); n != want || want < 30 {
 		t.Errorf("%d values printed, want the schema's %d:\n%s", n, want, out)
+	}
+}
+
+// TestDNSAddrsDeduplicated: "--new a,a" is one address, so the flip writes
+// and verifies one record.
+func TestDNSAddrsDeduplicated(t *testing.T) {
+	f := dnsFlags{old: []string{"10.1.0.10"}, new: []string{"10.2.0.10", " 10.2.0.10", "::ffff:10.2.0.10", "10.2.0.11"}}
+	old, nw, err := f.addrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(old) != "[10.1.0.10]" || fmt.Sprint(nw) != "[10.2.0.10 10.2.0.11]" {
+		t.Fatalf("old %v new %v, want [10.1.0.10] and [10.2.0.10 10.2.0.11]", old, nw)
 	}
 }
