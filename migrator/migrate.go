@@ -49,8 +49,7 @@ type Plan struct {
 
 	DNS           *ddns.Client // nil: no DNS flip
 	Zone, DNSName string
-	TTL           uint32        // low TTL for prepare and flip
-	MaxTTLWait    time.Duration // cap on waiting out the old TTL after prepare
+	TTL           uint32 // low TTL for prepare and flip, in seconds
 
 	DrainIdle, DrainTimeout time.Duration
 
@@ -61,6 +60,10 @@ type Plan struct {
 	// SourceQMP names the source's QMP socket in the fallback advice of an
 	// ErrUnhealthy error.
 	SourceQMP string
+
+	// dnsCachedUntil is set by the flip: until then resolvers may still
+	// hand out the old address, so Drain keeps the redirect at least that long.
+	dnsCachedUntil time.Time
 
 	Log *slog.Logger
 	// Progress, if set, gets memory-migration progress.
@@ -92,7 +95,9 @@ type Report struct {
 	Total        time.Duration
 	Redirected   datapath.Counters // old host's counters for the old address at the end
 	DNSBefore    []ddns.Record
-	DNSAfter     []ddns.Record
+	DNSAfter     []ddns.Record // after the flip, and the TTL's restore
+	DNSWait      time.Duration // waited after prepare: the old TTL, in full
+	DNSCachedFor time.Duration // after the flip, resolvers may hold the old address this long
 	// Health is the post-resume check's outcome: "none", "passed after
 	// 1.2s (tcp 10.2.0.10:7)", or the failure.
 	Health string
@@ -117,6 +122,7 @@ type run struct {
 	undo       []func(context.Context) error // LIFO, run on failure
 	mirror     *storage.Mirror
 	dnsPre     *ddns.Result
+	dnsPreAt   time.Time     // when prepare lowered the TTL
 	diskLimit  *rate.Limiter // the disk stream's share of Limits.Bandwidth
 }
 
@@ -223,6 +229,9 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		if err := r.step(ctx, "dns-flip", r.dnsFlip); err != nil {
 			return r.rep, fmt.Errorf("%w: %w", ErrFollowUp, err)
 		}
+		if err := r.step(ctx, "dns-restore", r.dnsRestore); err != nil {
+			p.Log.Warn("dns TTL restore: the new record keeps the low TTL", "err", err)
+		}
 	}
 	if err := r.step(ctx, "source-cleanup", r.sourceCleanup); err != nil {
 		p.Log.Warn("source cleanup", "err", err)
@@ -268,7 +277,13 @@ func (r *run) dnsPrepare(ctx context.Context) error {
 			return err
 		})
 	}
-	wait := min(time.Duration(res.Wait), p.MaxTTLWait)
+	// The whole old TTL, however long: a resolver that cached the record
+	// just before prepare holds it that long, and only the redirect (kept
+	// by Drain until then too) reaches the VM for its clients.
+	r.dnsPreAt = time.Now()
+	wait := time.Duration(res.Wait)
+	r.rep.DNSWait = wait
+	p.Log.Info("dns-prepare: waiting out the old TTL", "wait", wait)
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
@@ -619,6 +634,14 @@ func (r *run) dnsFlip(ctx context.Context) error {
 	p := r.p
 	res, err := p.DNS.Flip(ctx, p.Zone, p.DNSName, []netip.Addr{p.OldIP}, []netip.Addr{p.NewIP}, p.TTL)
 	r.rep.DNSAfter = res.After.Records
+	// Resolvers may hold the old address for the TTL it had at the flip,
+	// and no less than what is left of the TTL before prepare.
+	until := time.Now().Add(time.Duration(res.Before.MaxTTL()) * time.Second)
+	if r.dnsPre != nil {
+		until = later(until, r.dnsPreAt.Add(time.Duration(r.dnsPre.Before.MaxTTL())*time.Second))
+	}
+	p.dnsCachedUntil = until
+	r.rep.DNSCachedFor = time.Until(until).Round(time.Second)
 	return err
 }
 
@@ -656,6 +679,36 @@ func Fallback(ctx context.Context, p *Plan) error {
 	return errors.Join(errs...)
 }
 
+// dnsRestore raises the TTL back to what it was before prepare, once the
+// move succeeded (the new address is then as cacheable as the old one was).
+func (r *run) dnsRestore(ctx context.Context) error {
+	p := r.p
+	if r.dnsPre == nil || r.dnsPre.Before.MaxTTL() <= p.TTL {
+		return nil // prepare lowered nothing
+	}
+	res, err := p.DNS.Restore(ctx, p.Zone, p.DNSName, r.dnsPre.Before.MaxTTL())
+	if err == nil {
+		r.rep.DNSAfter = res.After.Records
+	}
+	return err
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// drained says whether Drain may remove the redirect, elapsed into the
+// drain, the old address's last redirected packet idle ago (seen: any at
+// all): quiet for DrainIdle or past DrainTimeout, and never before the DNS
+// caches can have dropped the old address.
+func (p *Plan) drained(elapsed, idle time.Duration, seen bool, now time.Time) bool {
+	quiet := (seen && idle >= p.DrainIdle) || (!seen && elapsed >= p.DrainIdle) || elapsed >= p.DrainTimeout
+	return quiet && !now.Before(p.dnsCachedUntil)
+}
+
 func (r *run) sourceCleanup(ctx context.Context) error {
 	if c, err := r.p.Source.dp.Stats(r.p.OldIP); err == nil {
 		r.rep.Redirected = c
@@ -664,17 +717,19 @@ func (r *run) sourceCleanup(ctx context.Context) error {
 }
 
 // Drain keeps the redirect until no packet for the old address was
-// redirected for DrainIdle (or DrainTimeout passed), then removes it and
-// stops sending the VM's traffic back through the tunnel.
+// redirected for DrainIdle (or DrainTimeout passed), and in any case until
+// resolvers can no longer hold the old address (the TTL it had at the DNS
+// flip, which DrainTimeout does not cut short); then removes it and stops
+// sending the VM's traffic back through the tunnel.
 func Drain(ctx context.Context, p *Plan) (time.Duration, error) {
 	t0 := time.Now()
 	a, b := p.Source.dp, p.Dest.dp
-	for time.Since(t0) < p.DrainTimeout {
+	for {
 		idle, seen, err := a.Idle(p.OldIP)
 		if err != nil {
 			return time.Since(t0), err
 		}
-		if (seen && idle >= p.DrainIdle) || (!seen && time.Since(t0) >= p.DrainIdle) {
+		if p.drained(time.Since(t0), idle, seen, time.Now()) {
 			break
 		}
 		select {

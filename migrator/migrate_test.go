@@ -197,6 +197,10 @@ func TestMigration(t *testing.T) {
 	if got := svcA(t, l); got != lab.NewIP.String() {
 		t.Fatalf("svc.example. = %s, want %s", got, lab.NewIP)
 	}
+	// After the move the TTL is back to what it was before prepare.
+	if r, err := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA); err != nil || r.Answer[0].Header().Ttl != lab.SvcTTL {
+		t.Errorf("svc.example. after the move: %v, %v; want TTL %d restored", r, err, lab.SvcTTL)
+	}
 	// The old host no longer runs the VM.
 	if pids, _ := os.ReadFile(vm.Machine.PidFile); len(pids) > 0 {
 		pid, _ := strconv.Atoi(string(pids[:len(pids)-1]))
@@ -266,8 +270,8 @@ func TestFailedMigrationLeavesSourceRunning(t *testing.T) {
 		t.Fatalf("DNS changed by a failed migration: %s", got)
 	}
 	r, _ := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA)
-	if ttl := r.Answer[0].Header().Ttl; ttl != 300 {
-		t.Errorf("TTL after failed migration %d, want the original 300", ttl)
+	if ttl := r.Answer[0].Header().Ttl; ttl != lab.SvcTTL {
+		t.Errorf("TTL after failed migration %d, want the original %d", ttl, lab.SvcTTL)
 	}
 	// No redirect is left on host A: its counters show nothing redirected.
 	if dp, err := p.Source.Datapath(); err == nil {

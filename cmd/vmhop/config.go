@@ -12,11 +12,14 @@ import (
 
 func newConfigCmd() *cobra.Command {
 	c := &cobra.Command{Use: "config", Short: "Work with vmhop config files"}
-	c.AddCommand(&cobra.Command{
-		Use:   "check FILE...",
+	var verbose bool
+	check := &cobra.Command{
+		Use:   "check [-v] FILE...",
 		Short: "Validate vmhopd or migration config files and print every error",
 		Long: "Validate each FILE (a vmhopd config or a migration spec, told apart by its top-level key)\n" +
-			"and print every problem as KEY: MESSAGE. Exits 1 if any file has an error.",
+			"and print every problem as KEY: MESSAGE. Exits 1 if any file has an error.\n\n" +
+			"-v also prints every effective value (the file's, or the default) with its unit:\n" +
+			"rates in bits and bytes per second, sizes in bytes.",
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			bad := false
@@ -34,6 +37,11 @@ func newConfigCmd() *cobra.Command {
 					fmt.Fprintf(cmd.ErrOrStderr(), "%s: %v\n", path, err)
 				default:
 					fmt.Fprintf(cmd.OutOrStdout(), "%s: ok (%s config)\n", path, f.Kind())
+					if verbose {
+						for _, s := range f.Effective() {
+							fmt.Fprintf(cmd.OutOrStdout(), "  %s = %s\n", s.Key, s.Value)
+						}
+					}
 				}
 			}
 			if bad {
@@ -41,6 +49,8 @@ func newConfigCmd() *cobra.Command {
 			}
 			return nil
 		},
-	})
+	}
+	check.Flags().BoolVarP(&verbose, "verbose", "v", false, "print every effective value with its unit")
+	c.AddCommand(check)
 	return c
 }

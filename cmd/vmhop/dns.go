@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -147,7 +148,9 @@ func (f *dnsFlags) addrs() (old, nw []netip.Addr, err error) {
 			if err != nil {
 				return nil, fmt.Errorf("--%s: %q is not an IPv4 or IPv6 address", flag, s)
 			}
-			out = append(out, a)
+			if !slices.Contains(out, a.Unmap()) { // "--new a,a" is one address
+				out = append(out, a.Unmap())
+			}
 		}
 		return out, nil
 	}
@@ -236,6 +239,9 @@ func printDNS(w io.Writer, v any, asJSON bool) {
 	case ddns.Result:
 		if !r.Changed {
 			fmt.Fprintln(w, "unchanged: the records already were as asked")
+		}
+		if r.KeyProved {
+			fmt.Fprintln(w, "key proved: the primary accepted a signed prerequisite-only UPDATE (nothing changed)")
 		}
 		printState(w, "before: ", r.Before)
 		printState(w, "after:  ", r.After)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/spf13/cobra"
+
+	"github.com/vmhop/vmhop/internal/config"
 )
 
 func execute(t *testing.T, c *cobra.Command, args ...string) (stdout, stderr string, err error) {
@@ -66,5 +69,45 @@ func TestProductBinariesDoNotLinkTheLab(t *testing.T) {
 		if strings.HasPrefix(pkg, "github.com/vmhop/vmhop/internal/lab") {
 			t.Errorf("a product binary links %s", pkg)
 		}
+	}
+}
+
+// TestConfigCheckVerbose: -v prints every effective value with its unit,
+// defaults included.
+func TestConfigCheckVerbose(t *testing.T) {
+	out, _, err := execute(t, newConfigCmd(), "check", "-v", "../../configs/migration.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"  migration.limits.bandwidth = 100mbit (100000000 bit/s = 12.5 MB/s)\n",
+		"  migration.storage.chunk_size = 1MiB (1048576 bytes)\n",
+		"  migration.dns.ttl = 5 seconds\n",
+		"  migration.limits.downtime = 300ms\n",
+		"  migration.network.new_ip = 10.2.0.10\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	f, err := config.Load("../../configs/migration.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, want := strings.Count(out, "\n  migration."), len(f.Effective()); n != want || want < 30 {
+		t.Errorf("%d values printed, want the schema's %d:\n%s", n, want, out)
+	}
+}
+
+// TestDNSAddrsDeduplicated: "--new a,a" is one address, so the flip writes
+// and verifies one record.
+func TestDNSAddrsDeduplicated(t *testing.T) {
+	f := dnsFlags{old: []string{"10.1.0.10"}, new: []string{"10.2.0.10", " 10.2.0.10", "::ffff:10.2.0.10", "10.2.0.11"}}
+	old, nw, err := f.addrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(old) != "[10.1.0.10]" || fmt.Sprint(nw) != "[10.2.0.10 10.2.0.11]" {
+		t.Fatalf("old %v new %v, want [10.1.0.10] and [10.2.0.10 10.2.0.11]", old, nw)
 	}
 }

@@ -78,6 +78,28 @@ func TestParseErrorsNameKeyAndValue(t *testing.T) {
 			[]string{`migration.limits.max_iterations: "many" is not a whole number`}},
 		{"mapping expected", "network: {", "network: 5\n  x: {",
 			[]string{`migration.network: want a mapping, got 5`}},
+		// Keys differing only in case, and dotted keys, are what viper hides.
+		{"key twice in other case", "new_ip: 10.2.0.10,", "new_ip: 10.2.0.10, New_IP: 10.9.9.9,",
+			[]string{`migration.network.New_IP: line 6 differs only in case from "new_ip" of line 6`}},
+		{"section twice in other case", "name: web1", "name: web1\n  limits: {downtime: 1s}\n  LIMITS: {deadline: 1h}",
+			[]string{`migration.LIMITS: line 4 differs only in case from "limits" of line 3: one would silently replace the other`}},
+		{"exact repeat", "name: web1", "name: web1\n  name: web2",
+			[]string{`migration.name: line 3 repeats "name" of line 2`}},
+		{"dotted key", "name: web1", "name: web1\n  \"network.new_ip\": 10.9.9.9",
+			[]string{`migration."network.new_ip": line 3: unknown key: a dot does not nest keys here; write "new_ip" under "migration.network"`}},
+		// Bytes and bits: a capital B is bytes; a lone lowercase b is refused.
+		{"rate in bytes", "name: web1", "name: web1\n  limits: {bandwidth: 12.5MBps}", nil},
+		{"ambiguous rate", "name: web1", "name: web1\n  limits: {bandwidth: 100mbps}",
+			[]string{`migration.limits.bandwidth: "100mbps" is ambiguous`, `write "100mbit" for bits or "100MB/s" for bytes per second`}},
+		// Addresses that cannot all be right.
+		{"new ip is host B's", "new_ip: 10.2.0.10", "new_ip: 10.2.0.2",
+			[]string{`migration.network.new_ip: "10.2.0.2" is host B's own address (destination.address)`}},
+		{"old ip is host A's", "old_ip: 10.1.0.10", "old_ip: 10.1.0.2",
+			[]string{`migration.network.old_ip: "10.1.0.2" is host A's own address (source.address)`}},
+		{"gateway is old ip", "gateway: 10.1.0.1", "gateway: 10.1.0.10",
+			[]string{`migration.network.gateway: "10.1.0.10" equals old_ip`}},
+		{"gateway is new ip", "gateway: 10.1.0.1", "gateway: 10.2.0.10",
+			[]string{`migration.network.gateway: "10.2.0.10" equals new_ip`}},
 		{"several errors reported together", "old_ip: 10.1.0.10, new_ip: 10.2.0.10", "old_ip: x, new_ip: y",
 			[]string{`migration.network.old_ip: "x"`, `migration.network.new_ip: "y"`}},
 	}
@@ -92,6 +114,9 @@ func TestParseErrorsNameKeyAndValue(t *testing.T) {
 			}
 			f, err := Parse([]byte(text))
 			if tt.want == nil {
+				if tt.name == "rate in bytes" && err == nil && f.Migration.Limits.Bandwidth != 100*units.Mbit {
+					t.Fatalf("12.5MBps = %v, want 100mbit", f.Migration.Limits.Bandwidth)
+				}
 				if err != nil {
 					t.Fatalf("Parse: %v", err)
 				}
@@ -190,6 +215,8 @@ func FuzzParse(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte(base))
+	// Keys viper would merge: case twins, dotted keys, a merge key.
+	f.Add([]byte("migration:\n  name: a\n  NAME: b\n  \"vm.disk\": /x\n  x: &a {k: 1}\n  y: {<<: *a, K: 2}\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		file, err := Parse(data)
 		if err != nil {
@@ -207,4 +234,26 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("exactly one kind must be set: %+v", file)
 		}
 	})
+}
+
+func TestEffectiveListsEveryKeyWithUnits(t *testing.T) {
+	f, err := Parse([]byte(strings.Replace(base, "name: web1", "name: web1\n  limits: {bandwidth: 12.5MB/s}", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, s := range f.Effective() {
+		got[s.Key] = s.Value
+	}
+	for k, want := range map[string]string{
+		"migration.limits.bandwidth":    "100mbit (100000000 bit/s = 12.5 MB/s)", // set
+		"migration.storage.final_delta": "16MiB (16777216 bytes)",                // default
+		"migration.dns.ttl":             "5 seconds",
+		"migration.network.drain_idle":  "30s",
+		"migration.network.new_ip":      "10.2.0.10",
+	} {
+		if got[k] != want {
+			t.Errorf("%s = %q, want %q", k, got[k], want)
+		}
+	}
 }

@@ -56,17 +56,25 @@ func LoadDaemon(path string) (*Daemon, error) {
 	return f.Daemon, nil
 }
 
-// Parse decodes YAML text, applies defaults, and validates it.
+// Parse decodes YAML text, applies defaults, and validates it. Keys are
+// case-insensitive; two keys of one mapping that differ only in case, and
+// dotted keys, are errors (see checkKeys).
 func Parse(data []byte) (*File, error) {
+	var errs Errors
+	if err := checkKeys(data, &errs); err != nil {
+		return nil, fmt.Errorf("parse yaml: %w", err)
+	}
 	v := viper.New()
 	v.SetConfigType("yaml")
 	if err := v.ReadConfig(bytes.NewReader(data)); err != nil {
+		if len(errs) > 0 {
+			return nil, errs // exact repeats: viper stops at what checkKeys named
+		}
 		return nil, fmt.Errorf("parse yaml: %w", err)
 	}
 	all := v.AllSettings()
 	_, isDaemon := all["vmhopd"]
 	_, isMigration := all["migration"]
-	var errs Errors
 	for k := range all {
 		if k != "vmhopd" && k != "migration" {
 			errs.add(join("", k), "unknown top-level key (want \"vmhopd\" or \"migration\")")

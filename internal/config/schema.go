@@ -134,7 +134,7 @@ type DNS struct {
 	// Name is the record to flip, e.g. "svc.example.".
 	Name string `key:"name"`
 	// TTL is the low TTL set by prepare and used for the new record, in seconds.
-	TTL uint32 `key:"ttl"`
+	TTL uint32 `key:"ttl" unit:"seconds"`
 	// TSIGKeyFile is a BIND-format key file ("key "name" { algorithm ...; secret ...; };").
 	TSIGKeyFile string `key:"tsig_key_file"`
 	// Timeout bounds each DNS exchange.
@@ -150,7 +150,7 @@ type Limits struct {
 	// Deadline aborts the migration if it has not completed by then.
 	Deadline time.Duration `key:"deadline"`
 	// MaxIterations aborts (or escalates) when pre-copy has not converged after this many passes.
-	MaxIterations int `key:"max_iterations"`
+	MaxIterations int `key:"max_iterations" unit:"passes"`
 	// AutoConverge lets the hypervisor throttle the guest's CPU when it dirties memory too fast.
 	AutoConverge bool `key:"auto_converge"`
 }
@@ -165,7 +165,7 @@ type Storage struct {
 	// FinalDelta: once a delta round is at most this big, the rest is sent inside the pause.
 	FinalDelta units.ByteSize `key:"final_delta"`
 	// MaxRounds bounds the delta rounds before the pause.
-	MaxRounds int `key:"max_rounds"`
+	MaxRounds int `key:"max_rounds" unit:"rounds"`
 }
 
 // DefaultDaemon returns a Daemon with every optional field set.

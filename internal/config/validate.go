@@ -131,6 +131,7 @@ func (m *Migration) validate(p string, errs *Errors) {
 			errs.add(n+".new_ip", "%q is not the same IP family as old_ip %q", m.Network.NewIP, m.Network.OldIP)
 		}
 	}
+	m.checkAddresses(p, errs)
 	checkPositive(n+".drain_timeout", m.Network.DrainTimeout, errs)
 	if m.Network.DrainIdle <= 0 || m.Network.DrainIdle > m.Network.DrainTimeout {
 		errs.add(n+".drain_idle", "%s must be above 0 and at most drain_timeout (%s)", m.Network.DrainIdle, m.Network.DrainTimeout)
@@ -172,6 +173,40 @@ func (m *Migration) validate(p string, errs *Errors) {
 	}
 	if m.Storage.MaxRounds < 1 {
 		errs.add(s+".max_rounds", "%d is below 1", m.Storage.MaxRounds)
+	}
+}
+
+// checkAddresses refuses addresses that cannot all be right together: the
+// VM's addresses are neither host's own (with new_ip = host B's address,
+// host B's NAT would send its own SSH and vmhopd traffic into the VM), and
+// the VM's gateway is not the VM. migrator.Preflight checks the same against
+// every address the hosts actually hold.
+func (m *Migration) checkAddresses(p string, errs *Errors) {
+	n := m.Network
+	hosts := []struct {
+		key, who string
+		a        netip.Addr
+	}{{"source.address", "host A", m.Source.Address}, {"destination.address", "host B", m.Destination.Address}}
+	for _, vm := range []struct {
+		key string
+		a   netip.Addr
+	}{{"old_ip", n.OldIP}, {"new_ip", n.NewIP}} {
+		for _, h := range hosts {
+			if vm.a.IsValid() && vm.a == h.a {
+				errs.add(p+".network."+vm.key, "%q is %s's own address (%s): the VM cannot take it over; traffic for the host would go to the VM", vm.a, h.who, h.key)
+			}
+		}
+	}
+	if g := n.Gateway; g.IsValid() {
+		switch g {
+		case n.OldIP:
+			errs.add(p+".network.gateway", "%q equals old_ip: the VM cannot be its own gateway", g)
+		case n.NewIP:
+			errs.add(p+".network.gateway", "%q equals new_ip: the VM's gateway cannot be its new address", g)
+		}
+		if n.OldIP.IsValid() && g.Is4() != n.OldIP.Is4() {
+			errs.add(p+".network.gateway", "%q is not the same IP family as old_ip %q", g, n.OldIP)
+		}
 	}
 }
 

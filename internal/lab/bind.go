@@ -7,17 +7,19 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/miekg/dns"
 )
 
-// The zone the lab's BIND serves: svc points at the VM's old address.
-const zoneText = `$TTL 300
+// The zone the lab's BIND (and Knot) serves: svc points at the VM's old
+// address, with a TTL of SvcTTL.
+var zoneText = `$TTL 300
 @	IN SOA ns.example. hostmaster.example. ( 1 3600 600 86400 60 )
 @	IN NS ns.example.
 ns	IN A 10.0.3.2
-svc	IN A 10.1.0.10
+svc	` + strconv.Itoa(SvcTTL) + `	IN A 10.1.0.10
 `
 
 // startBIND runs named in the dns namespace, authoritative for Zone, taking

@@ -53,6 +53,11 @@ const (
 	Zone    = "example."
 	SvcName = "svc.example."
 	KeyName = "vmhop-lab."
+	// SvcTTL is svc's TTL in the lab's zone, in seconds. A migration waits
+	// it out after lowering it (dns-prepare), so it is short, like a
+	// service's TTL kept low by an operator who moves it; the rest of the
+	// zone has 300.
+	SvcTTL = 10
 )
 
 // Profile emulates one access link; see wanem.Profile.

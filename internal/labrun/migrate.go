@@ -19,12 +19,13 @@ import (
 // Outcome is a lab migration with what the client saw and what the guest
 // says of itself afterwards.
 type Outcome struct {
-	Report   migrator.Report
-	Client   ClientView // the load's view; echo gaps from the packet capture
-	Captured int        // packets in the capture
-	Guest    GuestCheck
-	Drained  time.Duration
-	Start    time.Time // when the migration started
+	Report    migrator.Report
+	Client    ClientView // the load's view; echo gaps from the packet capture
+	Captured  int        // packets in the capture
+	Guest     GuestCheck
+	Preflight migrator.Preflight // what migrator.Check found before the move
+	Drained   time.Duration
+	Start     time.Time // when the migration started
 	// Err is the migration's error, if any, with its exit code.
 	Err  string `json:",omitempty"`
 	Exit int
@@ -160,6 +161,15 @@ func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.
 	if err != nil {
 		return out, err
 	}
+	if out.Preflight, err = migrator.Check(ctx, p); err != nil {
+		return out, err
+	}
+	level := slog.LevelInfo
+	if out.Preflight.DNSWait > time.Minute {
+		level = slog.LevelWarn // a long wait should not surprise the operator
+	}
+	log.Log(ctx, level, "preflight: dns-prepare waits out the old TTL; the redirect stays at least as long as the low TTL after the flip",
+		"dns_wait", out.Preflight.DNSWait, "cached_after_flip", out.Preflight.DNSCachedFor)
 	capture, err := StartCapture(l, l.Path("client.pcap"), EchoPort)
 	if err != nil {
 		return out, err
@@ -300,7 +310,8 @@ func (o Outcome) Print(w io.Writer) {
 		fmt.Fprintf(w, "disk (chunked engine): %d rounds, %d connection cuts resumed, %d chunks sent inside the pause\n",
 			r.DiskRounds, r.DiskCuts, r.VerifyChunks)
 	}
-	fmt.Fprintf(w, "dns: %v -> %v\n", r.DNSBefore, r.DNSAfter)
+	fmt.Fprintf(w, "dns: %v -> %v; waited the old TTL (%s) after prepare; resolvers may hold the old address %s after the flip\n",
+		r.DNSBefore, r.DNSAfter, r.DNSWait, r.DNSCachedFor)
 	fmt.Fprintf(w, "health check: %s\n", r.Health)
 	for _, warn := range r.Warnings {
 		fmt.Fprintf(w, "WARNING: %s\n", warn)

@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"time"
 
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
@@ -96,7 +95,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		},
 		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
 		VMMAC: vmMAC, GatewayMAC: gwMAC,
-		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL, MaxTTLWait: 10 * time.Second,
+		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL,
 		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
 		// The health check goes where vmhopd on host A would send it from.
 		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,

@@ -111,10 +111,25 @@ func (c *Client) dial(ctx context.Context, network, addr string) (net.Conn, erro
 }
 
 // exchange sends m (built anew per attempt by build, so IDs and TSIG times
-// are fresh) to server over UDP, falling back to TCP when the answer is
-// truncated, and retries timeouts and SERVFAIL with backoff until ctx ends
-// or attempts run out.
+// are fresh) to server, and retries timeouts and SERVFAIL with backoff until
+// ctx ends or attempts run out.
+//
+// Transport: UDP, falling back to TCP when the answer is truncated; a signed
+// message (an UPDATE) that does not fit in 512 bytes goes over TCP at once,
+// as nsupdate does (RFC 1035 §4.2.1: UDP messages are at most 512 bytes
+// without EDNS, and UPDATEs are sent without it).
+//
+// A signed request's answer must be signed by the server with the same key
+// (RFC 8945 §5.3): an unsigned answer, or one whose MAC does not verify, is
+// an error wrapping ErrAnswerSignature, whatever its rcode. Only an answer
+// whose TSIG carries an error (BADSIG, BADKEY, BADTIME: the server could not
+// verify the request, so it cannot sign, §5.3.2) is returned unverified, for
+// its rcode to be reported.
 func (c *Client) exchange(ctx context.Context, server string, sign bool, build func() *dns.Msg) (*dns.Msg, error) {
+	network := "udp"
+	if sign && c.signedLen(build()) > dns.MinMsgSize {
+		network = "tcp"
+	}
 	backoff := 100 * time.Millisecond
 	var last error
 	for attempt := 0; attempt < 5; attempt++ {
@@ -126,8 +141,8 @@ func (c *Client) exchange(ctx context.Context, server string, sign bool, build f
 			}
 			backoff = min(2*backoff, 2*time.Second)
 		}
-		r, err := c.exchangeOnce(ctx, server, "udp", sign, build())
-		if err == nil && r.Truncated {
+		r, err := c.exchangeOnce(ctx, server, network, sign, build())
+		if err == nil && r.Truncated && network == "udp" {
 			r, err = c.exchangeOnce(ctx, server, "tcp", sign, build())
 		}
 		if r != nil && r.Rcode == dns.RcodeServerFailure {
@@ -135,8 +150,11 @@ func (c *Client) exchange(ctx context.Context, server string, sign bool, build f
 			continue
 		}
 		if r != nil {
-			// A signed request's error answer may carry an unverifiable TSIG
-			// (BADSIG, BADKEY): its rcode is the finding, not the signature.
+			if sign {
+				if err := c.checkAnswerTSIG(server, r, err); err != nil {
+					return nil, err
+				}
+			}
 			return r, nil
 		}
 		var ne net.Error
@@ -147,6 +165,38 @@ func (c *Client) exchange(ctx context.Context, server string, sign bool, build f
 		return nil, fmt.Errorf("%s: %w", server, err)
 	}
 	return nil, last
+}
+
+// ErrAnswerSignature is returned (wrapped) when the answer to a signed
+// request is unsigned or its TSIG does not verify with the client's key: it
+// may be forged, so what it says (success included) is not believed.
+var ErrAnswerSignature = errors.New("answer not authenticated by TSIG")
+
+// checkAnswerTSIG applies RFC 8945 §5.3 to the answer r of a signed request;
+// verr is the verification error miekg/dns returned when reading r.
+func (c *Client) checkAnswerTSIG(server string, r *dns.Msg, verr error) error {
+	t := r.IsTsig()
+	switch {
+	case t == nil:
+		return fmt.Errorf("%s: %w: the %s answer carries no TSIG; a server holding key %q signs its answers (RFC 8945 §5.3): forged, or not from that server",
+			server, ErrAnswerSignature, dns.RcodeToString[r.Rcode], c.Key.Name)
+	case t.Error != dns.RcodeSuccess:
+		return nil // the server could not verify us: the rcode and TSIG error say why
+	case verr != nil:
+		return fmt.Errorf("%s: %w: the %s answer's TSIG (key %q) does not verify with our secret for key %q (%v): signed with another secret, or altered on the way",
+			server, ErrAnswerSignature, dns.RcodeToString[r.Rcode], t.Hdr.Name, c.Key.Name, verr)
+	}
+	return nil
+}
+
+// signedLen is the wire size of m once signed with c.Key.
+func (c *Client) signedLen(m *dns.Msg) int {
+	m.SetTsig(c.Key.Name, c.Key.Algorithm, 300, time.Now().Unix())
+	buf, _, err := dns.TsigGenerate(m, c.Key.Secret, "", false)
+	if err != nil {
+		return m.Len() + 256 // a TSIG RR is under 256 bytes; the send reports the error
+	}
+	return len(buf)
 }
 
 func (c *Client) exchangeOnce(ctx context.Context, server, network string, sign bool, m *dns.Msg) (*dns.Msg, error) {

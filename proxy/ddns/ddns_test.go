@@ -120,7 +120,7 @@ func runCycle(t *testing.T, c *Client) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !sameRecords(start.Records, []Record{{oldIP, 300}}) {
+	if !sameRecords(start.Records, []Record{{oldIP, lab.SvcTTL}}) {
 		t.Fatalf("initial records %v", start.Records)
 	}
 
@@ -128,8 +128,21 @@ func runCycle(t *testing.T, c *Client) {
 	if err != nil {
 		t.Fatalf("prepare: %v", err)
 	}
-	if prep.Wait != Seconds(300*time.Second) || !sameRecords(prep.After.Records, []Record{{oldIP, 5}}) || !prep.Changed {
+	if prep.Wait != Seconds(lab.SvcTTL*time.Second) || !sameRecords(prep.After.Records, []Record{{oldIP, 5}}) || !prep.Changed {
 		t.Fatalf("prepare: %+v", prep)
+	}
+	// The TTL is now low: a second prepare changes nothing but still proves
+	// the key with a signed prerequisite-only UPDATE, so a wrong secret is
+	// found here, before a migration's commit point.
+	again, err := c.Prepare(ctx, zone, name, 5)
+	if err != nil || again.Changed || !again.KeyProved || again.Wait != Seconds(5*time.Second) ||
+		!serialAtLeast(again.Before.Serial, again.After.Serial) || again.After.Serial != prep.After.Serial {
+		t.Fatalf("prepare at a low TTL: %+v, %v", again, err)
+	}
+	wrong := *c
+	wrong.Key.Secret = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+	if _, err := wrong.Prepare(ctx, zone, name, 5); err == nil || !strings.Contains(err.Error(), "BADSIG") {
+		t.Fatalf("prepare at a low TTL with a wrong secret: err = %v, want BADSIG in words", err)
 	}
 
 	// A wrong secret and a wrong key name are refused in words; nothing changes.
@@ -160,7 +173,8 @@ func runCycle(t *testing.T, c *Client) {
 		t.Fatalf("flip from wrong old: err = %v", err)
 	}
 
-	flip, err := c.Flip(ctx, zone, name, []netip.Addr{oldIP}, []netip.Addr{newIP}, 5)
+	// The new address given twice (`--new a,a`) is written and verified once.
+	flip, err := c.Flip(ctx, zone, name, []netip.Addr{oldIP}, []netip.Addr{newIP, newIP}, 5)
 	if err != nil {
 		t.Fatalf("flip: %v", err)
 	}
@@ -173,6 +187,19 @@ func runCycle(t *testing.T, c *Client) {
 		t.Fatalf("second flip: %+v, %v", again, err)
 	}
 
+	// 90 addresses: an UPDATE of ~5 kB, sent over TCP; and back.
+	var many []netip.Addr
+	for i := 1; i <= 90; i++ {
+		many = append(many, netip.AddrFrom4([4]byte{10, 2, 1, byte(i)}))
+	}
+	if res, err := c.Flip(ctx, zone, name, []netip.Addr{newIP}, many, 5); err != nil || len(res.After.Records) != 90 {
+		t.Fatalf("flip to 90 addresses: %d records, %v", len(res.After.Records), err)
+	}
+	if _, err := c.Flip(ctx, zone, name, many, []netip.Addr{newIP}, 5); err != nil {
+		t.Fatalf("flip back from 90 addresses: %v", err)
+	}
+	assertRecords(t, c, []Record{{newIP, 5}})
+
 	rb, err := c.Rollback(ctx, zone, name, flip.Before.Records, []netip.Addr{newIP})
 	if err != nil {
 		t.Fatalf("rollback: %v", err)
@@ -181,7 +208,7 @@ func runCycle(t *testing.T, c *Client) {
 		t.Fatalf("rollback restored %v, want exactly %v", rb.After.Records, flip.Before.Records)
 	}
 
-	if _, err := c.Restore(ctx, zone, name, 300); err != nil {
+	if _, err := c.Restore(ctx, zone, name, lab.SvcTTL); err != nil {
 		t.Fatalf("restore: %v", err)
 	}
 	assertRecords(t, c, start.Records)

@@ -27,7 +27,8 @@ var algorithms = map[string]string{
 	"hmac-sha512":              dns.HmacSHA512,
 }
 
-// NewKey checks and normalizes a key given in config form.
+// NewKey checks and normalizes a key given in config form. Whitespace inside
+// the base64 secret is dropped.
 func NewKey(name, algorithm, secret string) (Key, error) {
 	alg, ok := algorithms[strings.TrimSuffix(strings.ToLower(algorithm), ".")]
 	if !ok {
@@ -36,6 +37,10 @@ func NewKey(name, algorithm, secret string) (Key, error) {
 	if _, ok := dns.IsDomainName(name); !ok || name == "" {
 		return Key{}, fmt.Errorf("tsig key name %q is not a domain name", name)
 	}
+	// BIND reads the secret's base64 skipping whitespace, as RFC 4648 §3.3
+	// lets a decoder do: generators split long secrets by spaces or by a
+	// newline and tabs, and `nsupdate -k` accepts them.
+	secret = strings.Join(strings.Fields(secret), "")
 	if b, err := base64.StdEncoding.DecodeString(secret); err != nil || len(b) == 0 {
 		return Key{}, fmt.Errorf("tsig key %q: secret is not base64", name)
 	}
@@ -59,7 +64,8 @@ func LoadKey(path string) (Key, error) {
 //
 //	key "name" { algorithm hmac-sha256; secret "base64"; };
 //
-// Comments (#, //, /* */) and any layout are accepted.
+// Comments (#, //, /* */), any layout, and whitespace inside the quoted
+// secret (`secret "abcd efgh";`) are accepted, as BIND accepts them.
 func ParseKey(text string) (Key, error) {
 	toks, err := tokenize(text)
 	if err != nil {

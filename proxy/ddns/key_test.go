@@ -1,6 +1,7 @@
 package ddns
 
 import (
+	"encoding/base64"
 	"strings"
 	"testing"
 
@@ -20,6 +21,11 @@ func TestParseKey(t *testing.T) {
 			Key{"k1.", dns.HmacSHA512, secret}, ""},
 		{"md5 long name", `key "k" { algorithm hmac-md5.sig-alg.reg.int; secret "` + secret + `"; };`,
 			Key{"k.", dns.HmacMD5, secret}, ""},
+		// Whitespace inside the quoted secret: BIND and nsupdate -k accept it.
+		{"secret split by a space", "key \"k\" { algorithm hmac-sha256; secret \"" + secret[:20] + " " + secret[20:] + "\"; };",
+			Key{"k.", dns.HmacSHA256, secret}, ""},
+		{"secret split by newline and tab", "key \"k\" {\n\talgorithm hmac-sha256;\n\tsecret \"" + secret[:16] + "\n\t\t" + secret[16:32] + "\n\t\t" + secret[32:] + "\";\n};\n",
+			Key{"k.", dns.HmacSHA256, secret}, ""},
 		{"bad algorithm", `key "k" { algorithm rot13; secret "` + secret + `"; };`, Key{}, `algorithm "rot13"`},
 		{"bad secret", `key "k" { algorithm hmac-sha256; secret "not base64!"; };`, Key{}, "not base64"},
 		{"no secret", `key "k" { algorithm hmac-sha256; };`, Key{}, "needs both"},
@@ -51,6 +57,9 @@ func FuzzParseKey(f *testing.F) {
 	f.Add("key \"vmhop-lab\" {\n\talgorithm hmac-sha256;\n\tsecret \"c2VjcmV0\";\n};\n")
 	f.Add("key k { algorithm hmac-sha1; secret abc=; }; # x")
 	f.Add("/* */ key")
+	// Secrets with whitespace inside the quotes, as generators write them.
+	f.Add("key \"k\" { algorithm hmac-sha256; secret \"c2Vj cmV0\"; };")
+	f.Add("key \"k\" {\n\talgorithm hmac-sha512;\n\tsecret \"c2Vj\n\t\tcmV0\r\n\t\tMTI=\";\n};\n")
 	f.Fuzz(func(t *testing.T, text string) {
 		k, err := ParseKey(text)
 		if err != nil {
@@ -58,6 +67,19 @@ func FuzzParseKey(f *testing.F) {
 		}
 		if k.Name == "" || k.Secret == "" || k.Algorithm == "" || !dns.IsFqdn(k.Name) {
 			t.Fatalf("accepted an incomplete key: %+v", k)
+		}
+		if strings.ContainsAny(k.Secret, " \t\r\n") {
+			t.Fatalf("secret kept its whitespace: %q", k.Secret)
+		}
+		if b, err := base64.StdEncoding.DecodeString(k.Secret); err != nil || len(b) == 0 {
+			t.Fatalf("accepted secret %q does not decode: %v", k.Secret, err)
+		}
+		// The same key with its secret split by whitespace, as generators
+		// write long secrets, is the same key.
+		mid := len(k.Secret) / 2
+		split := "key \"" + k.Name + "\" { algorithm " + k.Algorithm + "; secret \"" + k.Secret[:mid] + " \n\t" + k.Secret[mid:] + "\"; };"
+		if k2, err := ParseKey(split); err != nil || k2 != k {
+			t.Fatalf("secret split by whitespace: %+v, %v; want %+v", k2, err, k)
 		}
 	})
 }

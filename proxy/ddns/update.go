@@ -17,6 +17,9 @@ type Result struct {
 	After  State `json:"after"`
 	// Changed is false when the records already were as asked (operations are idempotent).
 	Changed bool `json:"changed"`
+	// KeyProved is set by a Prepare that had nothing to change: it sent a
+	// signed prerequisite-only UPDATE instead, and the server accepted it.
+	KeyProved bool `json:"key_proved,omitempty"`
 	// Wait is how long resolvers may still serve Before (its longest TTL):
 	// after Prepare, wait this long before relying on the low TTL.
 	Wait Seconds `json:"wait_s"`
@@ -59,20 +62,43 @@ func BuildReplace(zone, name string, from, to []Record) *dns.Msg {
 	zone, name = dns.Fqdn(zone), dns.Fqdn(name)
 	m := new(dns.Msg)
 	m.SetUpdate(zone)
+	toRRs := rrsFor(name, to)
+	for _, t := range prerequisites(m, name, from, to) {
+		m.RemoveRRset([]dns.RR{&dns.ANY{Hdr: dns.RR_Header{Name: name, Rrtype: t}}})
+	}
+	m.Insert(toRRs)
+	return m
+}
+
+// BuildPrerequisites returns a prerequisite-only UPDATE: "RRset exists
+// (value dependent)" for name's records recs (RFC 2136 §2.4.2) and an empty
+// update section. The server checks the prerequisites and the TSIG and
+// changes nothing (§3.2, §3.4); signed, it proves the key works.
+func BuildPrerequisites(zone, name string, recs []Record) *dns.Msg {
+	zone, name = dns.Fqdn(zone), dns.Fqdn(name)
+	m := new(dns.Msg)
+	m.SetUpdate(zone)
+	prerequisites(m, name, recs, nil)
+	return m
+}
+
+// prerequisites adds, for A and AAAA when from or to has that type, the
+// prerequisite pinning from's RRset of that type, and returns those types.
+func prerequisites(m *dns.Msg, name string, from, to []Record) []uint16 {
+	var types []uint16
 	fromRRs, toRRs := rrsFor(name, from), rrsFor(name, to)
 	for _, t := range []uint16{dns.TypeA, dns.TypeAAAA} {
-		var f, n []dns.RR
+		var f []dns.RR
+		touched := false
 		for _, rr := range fromRRs {
 			if rr.Header().Rrtype == t {
 				f = append(f, rr)
 			}
 		}
 		for _, rr := range toRRs {
-			if rr.Header().Rrtype == t {
-				n = append(n, rr)
-			}
+			touched = touched || rr.Header().Rrtype == t
 		}
-		if len(f) == 0 && len(n) == 0 {
+		if len(f) == 0 && !touched {
 			continue
 		}
 		if len(f) > 0 {
@@ -80,22 +106,30 @@ func BuildReplace(zone, name string, from, to []Record) *dns.Msg {
 		} else {
 			m.RRsetNotUsed([]dns.RR{&dns.ANY{Hdr: dns.RR_Header{Name: name, Rrtype: t}}})
 		}
-		m.RemoveRRset([]dns.RR{&dns.ANY{Hdr: dns.RR_Header{Name: name, Rrtype: t}}})
+		types = append(types, t)
 	}
-	m.Insert(toRRs)
-	return m
+	return types
 }
 
-// replace sends BuildReplace(from, to), signed, and reads the new serial.
+// replace sends BuildReplace(from, to), signed.
 func (c *Client) replace(ctx context.Context, zone, name string, from, to []Record) error {
-	r, err := c.exchange(ctx, c.Server, true, func() *dns.Msg { return BuildReplace(zone, name, from, to) })
+	return c.update(ctx, zone, name, from, func() *dns.Msg { return BuildReplace(zone, name, from, to) })
+}
+
+// prove sends BuildPrerequisites(recs), signed: nothing changes, and an
+// error says the key, the server or the records are not as expected.
+func (c *Client) prove(ctx context.Context, zone, name string, recs []Record) error {
+	return c.update(ctx, zone, name, recs, func() *dns.Msg { return BuildPrerequisites(zone, name, recs) })
+}
+
+// update sends the UPDATE build makes, signed, and puts a refusal in words;
+// from is what its prerequisites pin.
+func (c *Client) update(ctx context.Context, zone, name string, from []Record, build func() *dns.Msg) error {
+	r, err := c.exchange(ctx, c.Server, true, build)
 	if err != nil {
 		return fmt.Errorf("update %s: %w", name, err)
 	}
-	if err := c.rcodeError(r, zone, name, from); err != nil {
-		return err
-	}
-	return nil
+	return c.rcodeError(r, zone, name, from)
 }
 
 // rcodeError puts an UPDATE's failure in words (RFC 2136 §2.2, RFC 8945 §5.3).
@@ -139,6 +173,20 @@ func withTTL(rs []Record, ttl uint32) []Record {
 	out := make([]Record, len(rs))
 	for i, r := range rs {
 		out[i] = Record{r.Addr, ttl}
+	}
+	return out
+}
+
+// uniqueRecords drops records repeated with the same address (the first's
+// TTL stays), as a server keeps one record per address.
+func uniqueRecords(rs []Record) []Record {
+	seen := map[netip.Addr]bool{}
+	var out []Record
+	for _, r := range rs {
+		if !seen[r.Addr] {
+			seen[r.Addr] = true
+			out = append(out, r)
+		}
 	}
 	return out
 }
@@ -201,19 +249,39 @@ func (c *Client) apply(ctx context.Context, zone, name string, target func(cur S
 // Prepare lowers the TTL of name's address records to ttl ahead of a move.
 // Result.Wait is the old TTL: only after that long have resolvers dropped
 // copies cached with it.
+//
+// When no record's TTL is above ttl, nothing needs changing, but Prepare
+// still sends one signed UPDATE, prerequisites only (BuildPrerequisites),
+// so that a wrong key or a server refusing updates is found now, before a
+// migration's commit point, and not at its flip (Result.KeyProved).
 func (c *Client) Prepare(ctx context.Context, zone, name string, ttl uint32) (Result, error) {
-	return c.apply(ctx, zone, name, func(cur State) ([]Record, error) {
+	res, err := c.apply(ctx, zone, name, func(cur State) ([]Record, error) {
 		if len(cur.Records) == 0 {
 			return nil, fmt.Errorf("prepare %s: it has no A or AAAA records", name)
 		}
+		if cur.MaxTTL() <= ttl {
+			return cur.Records, nil // already low: nothing to change
+		}
 		return withTTL(cur.Records, ttl), nil
 	})
+	if err != nil || res.Changed {
+		return res, err
+	}
+	if err := c.prove(ctx, zone, name, res.Before.Records); err != nil {
+		return res, fmt.Errorf("prepare %s: the TTL is already %d s, but the signed check that nothing changed failed: %w", name, res.Before.MaxTTL(), err)
+	}
+	res.KeyProved = true
+	return res, nil
 }
 
 // Flip replaces name's addresses, which must be exactly old, with new at
 // ttl. If they already are new, nothing is sent. Result.Before is what
 // Rollback needs.
+//
+// Addresses given twice count once: the server keeps one record per address
+// (an RRset has no duplicates, RFC 2181 §5), so that is what is verified.
 func (c *Client) Flip(ctx context.Context, zone, name string, old, new []netip.Addr, ttl uint32) (Result, error) {
+	old, new = sortAddrs(old), sortAddrs(new)
 	to := make([]Record, len(new))
 	for i, a := range new {
 		to[i] = Record{a, ttl}
@@ -233,6 +301,7 @@ func (c *Client) Flip(ctx context.Context, zone, name string, old, new []netip.A
 // Rollback puts back exactly the records a Flip replaced (before), provided
 // the name still holds what the flip wrote (flipped); TTLs are restored too.
 func (c *Client) Rollback(ctx context.Context, zone, name string, before []Record, flipped []netip.Addr) (Result, error) {
+	before = uniqueRecords(before)
 	return c.apply(ctx, zone, name, func(cur State) ([]Record, error) {
 		if sameRecords(cur.Records, before) {
 			return before, nil

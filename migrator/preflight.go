@@ -1,0 +1,87 @@
+package migrator
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"time"
+)
+
+// Preflight is what Check found before a migration starts.
+type Preflight struct {
+	// DNSWait is how long dns-prepare will wait after lowering the TTL:
+	// the record's TTL now, in full (0 without DNS).
+	DNSWait time.Duration
+	// DNSCachedFor is how long after the flip resolvers may still hold the
+	// old address, so how long Drain keeps the redirect at least: the low
+	// TTL Plan.TTL, or the current TTL if it is lower already.
+	DNSCachedFor time.Duration
+}
+
+// Check refuses a plan whose addresses cannot all be right on the hosts as
+// they are, before anything is changed:
+//
+//   - old_ip, new_ip and the VM's gateway must not be addresses of host A or
+//     host B (with new_ip on host B, its NAT would send the host's own SSH
+//     into the VM); each host must hold its WAN address (Host.Address);
+//   - the DNS name must hold old_ip (or new_ip, a flip already done):
+//     otherwise the flip, after the commit point, would fail.
+//
+// It says how long the DNS steps will take (Preflight). Config validation
+// (internal/config) checks the same addresses against each other; this
+// checks them against every address the hosts' interfaces hold.
+func Check(ctx context.Context, p *Plan) (Preflight, error) {
+	var pf Preflight
+	for _, h := range []*Host{p.Source, p.Dest} {
+		held, err := h.addrs()
+		if err != nil {
+			return pf, fmt.Errorf("preflight: addresses of %s: %w", h.Name, err)
+		}
+		for _, vm := range []struct {
+			name string
+			a    netip.Addr
+		}{{"old_ip", p.OldIP}, {"new_ip", p.NewIP}, {"gateway", p.Gateway}} {
+			if slices.Contains(held, vm.a) {
+				return pf, fmt.Errorf("preflight: %s %s is an address of %s itself: traffic for the host would go to the VM", vm.name, vm.a, h.Name)
+			}
+		}
+		if !slices.Contains(held, h.Address) {
+			return pf, fmt.Errorf("preflight: %s does not hold its WAN address %s (it holds %v)", h.Name, h.Address, held)
+		}
+	}
+	if p.DNS == nil {
+		return pf, nil
+	}
+	s, err := p.DNS.Show(ctx, p.Zone, p.DNSName)
+	if err != nil {
+		return pf, fmt.Errorf("preflight: dns: %w", err)
+	}
+	if addrs := s.Addrs(); !slices.Equal(addrs, []netip.Addr{p.OldIP}) && !slices.Equal(addrs, []netip.Addr{p.NewIP}) {
+		return pf, fmt.Errorf("preflight: dns: %s holds %v, not old_ip %s: the flip after the move would fail", p.DNSName, addrs, p.OldIP)
+	}
+	pf.DNSWait = time.Duration(s.MaxTTL()) * time.Second
+	pf.DNSCachedFor = time.Duration(min(s.MaxTTL(), p.TTL)) * time.Second
+	return pf, nil
+}
+
+// addrs lists the addresses of every interface of the host's namespace.
+func (h *Host) addrs() ([]netip.Addr, error) {
+	var out []netip.Addr
+	err := h.do(func() error {
+		as, err := net.InterfaceAddrs()
+		if err != nil {
+			return err
+		}
+		for _, a := range as {
+			if n, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(n.IP); ok {
+					out = append(out, ip.Unmap())
+				}
+			}
+		}
+		return nil
+	})
+	return out, err
+}
