@@ -94,10 +94,13 @@ func (ld *Load) Run(ctx context.Context) {
 	if ld.PingEvery > 0 {
 		wg.Go(func() { ld.runPing(ctx) })
 	}
-	wg.Wait()
+	// The load ends when it stops asking: answers still in flight may
+	// arrive after, but waiting for them is not an outage.
+	<-ctx.Done()
 	ld.mu.Lock()
 	ld.end = time.Now()
 	ld.mu.Unlock()
+	wg.Wait()
 }
 
 func (ld *Load) resolver() *net.Resolver {
