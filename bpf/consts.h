@@ -26,6 +26,31 @@
 #define MAX_FLOWS 65536
 #define MAX_VMS 256
 
+/* How long a guest 4-tuple stays taken after its flow's last packet: a
+ * flow that saw a FIN or RST for the guest's TIME_WAIT (Linux: 60 s, with
+ * a margin); an open TCP flow, like conntrack's established timeout; UDP
+ * and ICMP, like conntrack's UDP stream timeout. */
+#ifndef TIME_WAIT_NS
+#define TIME_WAIT_NS (65ULL * 1000000000ULL)
+#endif
+#ifndef TCP_IDLE_NS
+#define TCP_IDLE_NS (5ULL * 24 * 3600 * 1000000000ULL)
+#endif
+#ifndef UDP_IDLE_NS
+#define UDP_IDLE_NS (180ULL * 1000000000ULL)
+#endif
+/* Ports a clashing client port is translated to, and how many are tried
+ * (netfilter's get_unique_tuple tries a range from a hashed offset). The
+ * range sits below the common ephemeral ranges (Linux 32768-60999, others
+ * 49152-65535), so a client's own later choice rarely meets one. */
+#define NAT_PORT_MIN 1024
+#define NAT_PORT_RANGE 31744
+#define NAT_PORT_TRIES 16
+
+/* flow_key.via in nat_ports: how the client reached the VM. */
+#define VIA_NEW_IP 0
+#define VIA_TUNNEL 1
+
 /* redirect.mode */
 #define REDIRECT_OFF 0
 #define REDIRECT_ON 1
@@ -47,5 +72,7 @@ enum counter {
 	C_DROP_UNKNOWN_VM,  /* dropped: decapsulated packet for no local VM */
 	C_DROP_ERROR,       /* dropped: a helper failed (adjust_room, store_bytes) */
 	C_DROP_TOO_BIG,     /* dropped: too big and no ICMP could be sent (GSO, options) */
+	C_NAT_PORT_XLATE,   /* new NAT flows whose client port was translated (guest 4-tuple taken) */
+	C_DROP_CLASH,       /* dropped: no free guest 4-tuple (NAT), or a tunnel flow on a NAT flow's tuple */
 	C_MAX,
 };

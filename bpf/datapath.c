@@ -18,6 +18,7 @@
  * Anything not understood (not IPv4, IP options, fragments, truncated) is
  * passed on untouched. */
 #include "encap.h"
+#include "nat.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -31,23 +32,33 @@ static __always_inline int deliver(struct __sk_buff *skb, struct vm *v, __u32 ke
 	return bpf_redirect(v->ifindex, 0);
 }
 
-static __always_inline void learn(struct pkt *p, __u32 vm_ip, int from_vm)
+/* track_tunnel_flow records, on the new host, a flow that reached VM
+ * vm_ip through the tunnel (p: the decapsulated packet), so no NAT flow
+ * takes its guest 4-tuple. If a NAT flow holds that tuple, the client's
+ * port is translated as for a NAT flow. The common case is one lookup.
+ * Returns 0, or -1 to drop the packet. */
+static __always_inline int track_tunnel_flow(struct __sk_buff *skb, struct pkt *p, __u32 vm_ip)
 {
 	struct flow_key k = {};
 	__u64 now = bpf_ktime_get_ns();
-	k.vm_ip = vm_ip;
-	k.proto = p->proto;
-	k.remote_ip = from_vm ? p->daddr : p->saddr;
-	k.vm_port = from_vm ? p->sport : p->dport;
-	k.remote_port = from_vm ? p->dport : p->sport;
-	/* Per packet on the NAT path: refresh a known flow in place (the lookup
-	 * also marks it used for the LRU); insert only new ones. */
-	__u64 *seen = bpf_map_lookup_elem(&flows, &k);
-	if (seen) {
-		*seen = now;
-		return;
+	guest_key(&k, p, vm_ip, 0);
+	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f && !f->nat && f->remote_port == p->sport) {
+		flow_touch(f, p, now);
+		return 0;
 	}
-	bpf_map_update_elem(&flows, &k, &now, BPF_NOEXIST);
+	if (!f) {
+		struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = closing_flags(p)};
+		bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
+		return 0;
+	}
+	/* The tuple is another flow's: this one gets a port of its own. */
+	k.via = VIA_TUNNEL;
+	__u16 *gp = bpf_map_lookup_elem(&nat_ports, &k);
+	__u16 port = gp ? *gp : new_flow(&k, p, now);
+	if (!port || rewrite_port(skb, p, 1, port))
+		return drop(vm_ip, C_DROP_CLASH);
+	return 0;
 }
 
 static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
@@ -61,8 +72,11 @@ static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
 	struct vm *v = bpf_map_lookup_elem(&vms, &p.daddr);
 	__u32 key = v ? p.daddr : p.saddr;
 	count_pkt(key, C_DECAP_PKTS, len, 0);
-	if (v)
+	if (v) {
+		if (p.has_ports && track_tunnel_flow(skb, &p, p.daddr))
+			return TC_ACT_SHOT;
 		return deliver(skb, v, key);
+	}
 	/* The old host relays the moved VM's replies to their clients. */
 	return fib_redirect(skb, key, p.saddr, p.daddr);
 }
@@ -161,8 +175,19 @@ int uplink_ingress(struct __sk_buff *skb)
 		struct vm *v = bpf_map_lookup_elem(&vms, &old_ip);
 		if (!v)
 			return TC_ACT_OK;
-		if (p.has_ports)
-			learn(&p, old_ip, 0);
+		if (p.has_ports) {
+			/* The guest must never see two client flows on one
+			 * 4-tuple: a new flow whose tuple is taken gets another
+			 * client port (new_flow). */
+			struct flow_key ck = {};
+			guest_key(&ck, &p, old_ip, 0);
+			__u16 *gp = bpf_map_lookup_elem(&nat_ports, &ck);
+			__u16 port = gp ? *gp : new_flow(&ck, &p, bpf_ktime_get_ns());
+			if (!port)
+				return drop(old_ip, C_DROP_CLASH);
+			if (rewrite_port(skb, &p, 1, port))
+				return drop(old_ip, C_DROP_ERROR);
+		}
 		if (rewrite_addr(skb, &p, 0, old_ip))
 			return drop(old_ip, C_DROP_ERROR);
 		count(old_ip, C_DNAT_PKTS, 1);
@@ -201,26 +226,42 @@ int vm_ingress(struct __sk_buff *skb)
 	if (!v)
 		return TC_ACT_OK;
 	__u32 key = p.saddr;
-	int nat_flow = 0;
+	struct flow *f = NULL;
+	struct flow_key k = {};
 	if (p.has_ports) {
-		struct flow_key k = {};
-		k.vm_ip = p.saddr;
-		k.remote_ip = p.daddr;
-		k.vm_port = p.sport;
-		k.remote_port = p.dport;
-		k.proto = p.proto;
-		nat_flow = bpf_map_lookup_elem(&flows, &k) != NULL;
+		guest_key(&k, &p, p.saddr, 1);
+		f = bpf_map_lookup_elem(&flows, &k);
 	}
 	int new_conn = p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_;
-	if (!nat_flow && !new_conn && v->peer) {
+	__u16 client_port = p.dport;
+	if (new_conn && v->new_ip) {
+		/* The VM's own new connection: a NAT flow, from new_ip. */
+		__u64 now = bpf_ktime_get_ns();
+		struct flow n = {.last_ns = now, .remote_port = p.dport, .nat = 1};
+		struct flow_key ck = k;
+		bpf_map_update_elem(&flows, &k, &n, BPF_ANY);
+		bpf_map_update_elem(&nat_ports, &ck, &p.dport, BPF_ANY);
+	} else if (f) {
+		flow_touch(f, &p, bpf_ktime_get_ns());
+		client_port = f->remote_port;
+		if (!f->nat && v->peer) {
+			if (rewrite_port(skb, &p, 0, client_port))
+				return drop(key, C_DROP_ERROR);
+			count(key, C_TUNNEL_BACK_PKTS, 1);
+			return encap_to(skb, &p, key, v->peer, v->gw_ip);
+		}
+	} else if (v->peer) {
+		/* Not known as a NAT flow: made before the move, back through the tunnel. */
+		if (p.has_ports) {
+			struct flow n = {.last_ns = bpf_ktime_get_ns(), .remote_port = p.dport, .closing = closing_flags(&p)};
+			bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
+		}
 		count(key, C_TUNNEL_BACK_PKTS, 1);
 		return encap_to(skb, &p, key, v->peer, v->gw_ip);
 	}
 	if (!v->new_ip)
 		return TC_ACT_OK;
-	if (new_conn)
-		learn(&p, p.saddr, 1);
-	if (rewrite_addr(skb, &p, 1, v->new_ip))
+	if (rewrite_port(skb, &p, 0, client_port) || rewrite_addr(skb, &p, 1, v->new_ip))
 		return drop(key, C_DROP_ERROR);
 	count(key, C_SNAT_PKTS, 1);
 	return fib_redirect(skb, key, v->new_ip, p.daddr);

@@ -15,8 +15,17 @@ import (
 
 type DatapathCounters struct {
 	_      structs.HostLayout
-	C      [15]uint64
+	C      [17]uint64
 	LastNs uint64
+}
+
+type DatapathFlow struct {
+	_          structs.HostLayout
+	LastNs     uint64
+	RemotePort uint16
+	Nat        uint8
+	Closing    uint8
+	Pad        uint32
 }
 
 type DatapathFlowKey struct {
@@ -26,7 +35,8 @@ type DatapathFlowKey struct {
 	VmPort     uint16
 	RemotePort uint16
 	Proto      uint8
-	Pad        [3]uint8
+	Via        uint8
+	Pad        [2]uint8
 }
 
 type DatapathRedirect struct {
@@ -54,6 +64,7 @@ const (
 	DatapathMapEgressPorts    = "egress_ports"
 	DatapathMapFlows          = "flows"
 	DatapathMapNat            = "nat"
+	DatapathMapNatPorts       = "nat_ports"
 	DatapathMapPeers          = "peers"
 	DatapathMapRedirects      = "redirects"
 	DatapathMapStats          = "stats"
@@ -116,6 +127,7 @@ type DatapathMapSpecs struct {
 	EgressPorts *ebpf.MapSpec `ebpf:"egress_ports"`
 	Flows       *ebpf.MapSpec `ebpf:"flows"`
 	Nat         *ebpf.MapSpec `ebpf:"nat"`
+	NatPorts    *ebpf.MapSpec `ebpf:"nat_ports"`
 	Peers       *ebpf.MapSpec `ebpf:"peers"`
 	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
@@ -152,6 +164,7 @@ type DatapathMaps struct {
 	EgressPorts *ebpf.Map `ebpf:"egress_ports"`
 	Flows       *ebpf.Map `ebpf:"flows"`
 	Nat         *ebpf.Map `ebpf:"nat"`
+	NatPorts    *ebpf.Map `ebpf:"nat_ports"`
 	Peers       *ebpf.Map `ebpf:"peers"`
 	Redirects   *ebpf.Map `ebpf:"redirects"`
 	Stats       *ebpf.Map `ebpf:"stats"`
@@ -163,6 +176,7 @@ func (m *DatapathMaps) Close() error {
 		m.EgressPorts,
 		m.Flows,
 		m.Nat,
+		m.NatPorts,
 		m.Peers,
 		m.Redirects,
 		m.Stats,

@@ -33,7 +33,7 @@ struct icmphdr {
 /* pkt is what the programs need to know of an IPv4 packet. */
 struct pkt {
 	__u32 saddr, daddr; /* network order */
-	__u16 sport, dport; /* network order; ICMP echo: id in both */
+	__u16 sport, dport; /* network order; ICMP echo: the id as the requester's port, 0 the other */
 	__u16 tot_len;      /* host order */
 	__u8 proto;
 	__u8 tos;
@@ -42,7 +42,9 @@ struct pkt {
 	__u8 has_ports;     /* sport/dport valid */
 };
 
+#define TCP_FLAG_FIN_ 0x01
 #define TCP_FLAG_SYN_ 0x02
+#define TCP_FLAG_RST_ 0x04
 #define TCP_FLAG_ACK_ 0x10
 #define L4_OFF (ETH_HLEN_ + IPV4_HLEN)
 
@@ -75,6 +77,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->df = (ip->frag_off & bpf_htons(0x4000)) != 0;
 	p->has_ports = 0;
 	p->tcp_flags = 0;
+	p->sport = 0;
+	p->dport = 0;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *th = (void *)(ip + 1);
 		if ((void *)(th + 1) > data_end)
@@ -94,8 +98,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 		struct icmphdr *ih = (void *)(ip + 1);
 		if ((void *)(ih + 1) > data_end)
 			return 0;
-		if (ih->type == ICMP_ECHO || ih->type == ICMP_ECHOREPLY) {
+		/* The id is the port of the side that sent the request. */
+		if (ih->type == ICMP_ECHO) {
 			p->sport = ih->un.echo.id;
+			p->dport = 0;
+			p->has_ports = 1;
+		} else if (ih->type == ICMP_ECHOREPLY) {
+			p->sport = 0;
 			p->dport = ih->un.echo.id;
 			p->has_ports = 1;
 		}

@@ -114,6 +114,8 @@ type pktSpec struct {
 	proto        layers.IPProtocol
 	sport, dport uint16
 	syn, ack     bool
+	fin          bool
+	echoReply    bool   // ICMP: an echo reply (id: dport) instead of a request (id: sport)
 	mss          uint16 // TCP SYN option
 	payload      int
 	df           bool
@@ -146,7 +148,7 @@ func frame(t *testing.T, s pktSpec) []byte {
 	var l4 gopacket.SerializableLayer
 	switch s.proto {
 	case layers.IPProtocolTCP:
-		tcp := &layers.TCP{SrcPort: layers.TCPPort(s.sport), DstPort: layers.TCPPort(s.dport), SYN: s.syn, ACK: s.ack, Seq: 1000, Window: 64240}
+		tcp := &layers.TCP{SrcPort: layers.TCPPort(s.sport), DstPort: layers.TCPPort(s.dport), SYN: s.syn, ACK: s.ack, FIN: s.fin, Seq: 1000, Window: 64240}
 		if s.mss != 0 {
 			tcp.Options = []layers.TCPOption{{OptionType: layers.TCPOptionKindNop}, {OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: binary.BigEndian.AppendUint16(nil, s.mss)}}
 		}
@@ -158,6 +160,9 @@ func frame(t *testing.T, s pktSpec) []byte {
 		l4 = udp
 	case layers.IPProtocolICMPv4:
 		l4 = &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(8, 0), Id: s.sport, Seq: 1}
+		if s.echoReply {
+			l4 = &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(0, 0), Id: s.dport, Seq: 1}
+		}
 	}
 	buf := gopacket.NewSerializeBuffer()
 	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, l4, payload); err != nil {
@@ -524,5 +529,168 @@ func TestLegacyAttach(t *testing.T) {
 	out, _ = netns.Run(context.Background(), h.ns, "tc", "filter", "show", "dev", "u0", "ingress")
 	if bytes.Contains([]byte(out), []byte("vmhop")) {
 		t.Fatalf("filter left after detach: %q", out)
+	}
+}
+
+// hostB is a test host B with the moved VM (old_ip, new_ip, peer host A).
+func hostBWithVM(t *testing.T) *testHost {
+	t.Helper()
+	b := newTestHost(t, hostB)
+	if err := b.dp.SetPeer(hostA, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.dp.SetVM(VM{OldIP: oldIP, NewIP: newIP, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC, Tap: b.ifi.Index, Peer: hostA}); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// l4ports returns the source and destination ports of the IPv4 packet ip
+// (ICMP: the echo id as both).
+func l4ports(ip []byte) (uint16, uint16) {
+	l4 := ip[int(ip[0]&0xf)*4:]
+	if ip[9] == 1 {
+		id := binary.BigEndian.Uint16(l4[4:])
+		return id, id
+	}
+	return binary.BigEndian.Uint16(l4[0:]), binary.BigEndian.Uint16(l4[2:])
+}
+
+// wantRewritten fails t unless out (an Ethernet frame) is in (one) with only
+// the given IPv4 addresses and ports changed, and valid checksums.
+func wantRewritten(t *testing.T, what string, out, in []byte, src, dst netip.Addr, sport, dport uint16) {
+	t.Helper()
+	ip := out[14:]
+	checkIPv4(t, what, ip)
+	if !bytes.Equal(ip[12:16], ip4(src)) || !bytes.Equal(ip[16:20], ip4(dst)) {
+		t.Errorf("%s: %s -> %s, want %s -> %s", what, net.IP(ip[12:16]), net.IP(ip[16:20]), src, dst)
+	}
+	if s, d := l4ports(ip); s != sport || d != dport {
+		t.Errorf("%s: ports %d -> %d, want %d -> %d", what, s, d, sport, dport)
+	}
+	// Everything else as it was: compare with the fields put back.
+	norm := func(b []byte) []byte {
+		c := append([]byte(nil), b[14:]...)
+		copy(c[10:12], []byte{0, 0})
+		copy(c[12:20], make([]byte, 8))
+		l4 := c[int(c[0]&0xf)*4:]
+		switch c[9] {
+		case 6:
+			copy(l4[0:4], make([]byte, 4))
+			copy(l4[16:18], []byte{0, 0})
+		case 17:
+			copy(l4[0:4], make([]byte, 4))
+			copy(l4[6:8], []byte{0, 0})
+		case 1:
+			copy(l4[2:6], make([]byte, 4))
+		}
+		return c
+	}
+	if !bytes.Equal(norm(out), norm(in)) {
+		t.Errorf("%s: more than addresses, ports and checksums changed:\n got % x\nwant % x", what, norm(out), norm(in))
+	}
+}
+
+// TestSharedTuplesAtNAT: host B never lets two client flows share one guest
+// 4-tuple. A flow through the tunnel (client:P -> old_ip:7) holds its tuple;
+// a new flow from P to new_ip:7 gets another client port, replies are
+// translated back, and each side's packets keep their own way out.
+func TestSharedTuplesAtNAT(t *testing.T) {
+	b := hostBWithVM(t)
+	up, vmProg := b.dp.Programs()
+	const P = 40007
+	type flowCase struct {
+		name  string
+		proto layers.IPProtocol
+		port  uint16 // the client's; ICMP: the echo id
+		fin   bool   // the tunnel flow closed (the VM's socket in TIME_WAIT)
+	}
+	for _, c := range []flowCase{
+		{"tcp live", layers.IPProtocolTCP, P, false},
+		{"tcp time-wait", layers.IPProtocolTCP, P + 1, true},
+		{"udp", layers.IPProtocolUDP, P, false},
+		{"icmp echo", layers.IPProtocolICMPv4, P, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			svc := uint16(7)
+			if c.proto == layers.IPProtocolICMPv4 {
+				svc = c.port // parse: an echo request's id is the requester's port
+			}
+			// 1. The flow through the tunnel, and the VM's answer.
+			in := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: c.proto, sport: c.port, dport: 7, ack: true, payload: 10})
+			if ret, out := b.run(t, up, ipip(t, hostA, hostB, in)); ret != actRedirect || !bytes.Equal(out[14:], in[14:]) {
+				t.Fatalf("tunnel flow: ret %d", ret)
+			}
+			back := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: c.proto, sport: 7, dport: c.port, ack: true, fin: c.fin, srcMAC: vmMAC, echoReply: true})
+			if ret, out := b.run(t, vmProg, back); ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], back[14:]) {
+				t.Fatalf("tunnel flow's answer not tunnelled unchanged: ret %d", ret)
+			}
+			// 2. The same client port to new_ip: translated.
+			syn := frame(t, pktSpec{src: clientIP, dst: newIP, proto: c.proto, sport: c.port, dport: 7, syn: true, payload: 5})
+			ret, out := b.run(t, up, syn)
+			if ret != actRedirect {
+				t.Fatalf("NAT flow: ret %d", ret)
+			}
+			gp, _ := l4ports(out[14:])
+			if gp == c.port || gp < 1024 || gp >= 1024+31744 {
+				t.Fatalf("NAT flow reached the VM from port %d, want a translated port in 1024-32767 (not %d)", gp, c.port)
+			}
+			_ = svc
+			dport := uint16(7)
+			if c.proto == layers.IPProtocolICMPv4 {
+				dport = gp
+			}
+			wantRewritten(t, "dnat", out, syn, clientIP, oldIP, gp, dport)
+			// Again: the same translation (nat_ports), no new one.
+			if _, out2 := b.run(t, up, syn); !bytes.Equal(out2, out) {
+				t.Errorf("second packet of the NAT flow translated differently")
+			}
+			// 3. The VM's reply on the translated tuple leaves from new_ip to P.
+			reply := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: c.proto, sport: 7, dport: gp, syn: true, ack: true, srcMAC: vmMAC, echoReply: true})
+			ret, out = b.run(t, vmProg, reply)
+			if ret != actRedirect {
+				t.Fatalf("NAT reply: ret %d", ret)
+			}
+			sport := uint16(7)
+			if c.proto == layers.IPProtocolICMPv4 {
+				sport = c.port
+			}
+			wantRewritten(t, "snat", out, reply, newIP, clientIP, sport, c.port)
+			// 4. The tunnel flow still goes its way, untranslated.
+			if ret, out := b.run(t, vmProg, back); ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], back[14:]) {
+				t.Fatalf("tunnel flow after the NAT flow: ret %d", ret)
+			}
+		})
+	}
+	// The other order: a NAT flow from port Q first, then the same client
+	// port to old_ip through the tunnel gets the translated port.
+	t.Run("tunnel flow after NAT flow", func(t *testing.T) {
+		const Q = 40100
+		syn := frame(t, pktSpec{src: clientIP, dst: newIP, proto: layers.IPProtocolTCP, sport: Q, dport: 8, syn: true})
+		ret, out := b.run(t, up, syn)
+		if ret != actRedirect {
+			t.Fatalf("ret %d", ret)
+		}
+		wantRewritten(t, "dnat", out, syn, clientIP, oldIP, Q, 8) // its own port: free
+		in := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolTCP, sport: Q, dport: 8, syn: true})
+		ret, out = b.run(t, up, ipip(t, hostA, hostB, in))
+		if ret != actRedirect {
+			t.Fatalf("tunnel: ret %d", ret)
+		}
+		gp, _ := l4ports(out[14:])
+		if gp == Q {
+			t.Fatalf("tunnel flow reached the VM on the NAT flow's tuple (port %d)", gp)
+		}
+		wantRewritten(t, "tunnel", out, in, clientIP, oldIP, gp, 8)
+		back := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolTCP, sport: 8, dport: gp, syn: true, ack: true, srcMAC: vmMAC})
+		ret, out = b.run(t, vmProg, back)
+		if ret != actRedirect || out[14+9] != 4 {
+			t.Fatalf("reply: ret %d, not tunnelled", ret)
+		}
+		wantRewritten(t, "tunnel back (inner)", append(make([]byte, 14), out[34:]...), back, oldIP, clientIP, 8, Q)
+	})
+	c, _ := b.dp.Stats(oldIP)
+	if c["nat_port_translated"] != 5 {
+		t.Errorf("nat_port_translated %d, want 5", c["nat_port_translated"])
 	}
 }
