@@ -15,8 +15,8 @@
  *     connections leave with source new_ip; everything else goes back
  *     through the tunnel while the VM has a peer, so connections made
  *     before the move keep their address end to end.
- * Anything not understood (not IPv4, IP options, fragments, truncated) is
- * passed on untouched. */
+ * Anything not understood (not IPv4, IP options, truncated) is passed on
+ * untouched. Fragments follow their datagram (nat.h: frag_ports). */
 #include "encap.h"
 #include "nat.h"
 
@@ -226,6 +226,8 @@ int vm_ingress(struct __sk_buff *skb)
 	if (!v)
 		return TC_ACT_OK;
 	__u32 key = p.saddr;
+	if (p.frag != FRAG_NONE)
+		frag_ports(&p);
 	struct flow *f = NULL;
 	struct flow_key k = {};
 	if (p.has_ports) {

@@ -39,6 +39,21 @@ type DatapathFlowKey struct {
 	Pad        [2]uint8
 }
 
+type DatapathFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type DatapathFragPorts struct {
+	_     structs.HostLayout
+	Sport uint16
+	Dport uint16
+}
+
 type DatapathRedirect struct {
 	_    structs.HostLayout
 	Peer uint32
@@ -63,6 +78,7 @@ type DatapathVm struct {
 const (
 	DatapathMapEgressPorts    = "egress_ports"
 	DatapathMapFlows          = "flows"
+	DatapathMapFrags          = "frags"
 	DatapathMapNat            = "nat"
 	DatapathMapNatPorts       = "nat_ports"
 	DatapathMapPeers          = "peers"
@@ -126,6 +142,7 @@ type DatapathProgramSpecs struct {
 type DatapathMapSpecs struct {
 	EgressPorts *ebpf.MapSpec `ebpf:"egress_ports"`
 	Flows       *ebpf.MapSpec `ebpf:"flows"`
+	Frags       *ebpf.MapSpec `ebpf:"frags"`
 	Nat         *ebpf.MapSpec `ebpf:"nat"`
 	NatPorts    *ebpf.MapSpec `ebpf:"nat_ports"`
 	Peers       *ebpf.MapSpec `ebpf:"peers"`
@@ -163,6 +180,7 @@ func (o *DatapathObjects) Close() error {
 type DatapathMaps struct {
 	EgressPorts *ebpf.Map `ebpf:"egress_ports"`
 	Flows       *ebpf.Map `ebpf:"flows"`
+	Frags       *ebpf.Map `ebpf:"frags"`
 	Nat         *ebpf.Map `ebpf:"nat"`
 	NatPorts    *ebpf.Map `ebpf:"nat_ports"`
 	Peers       *ebpf.Map `ebpf:"peers"`
@@ -175,6 +193,7 @@ func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
 		m.EgressPorts,
 		m.Flows,
+		m.Frags,
 		m.Nat,
 		m.NatPorts,
 		m.Peers,

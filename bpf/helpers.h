@@ -79,13 +79,17 @@ static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dst, cons
 }
 
 /* rewrite_addr replaces the source (is_src) or destination IPv4 address and
- * fixes the IP and TCP/UDP checksums (UDP's zero checksum stays zero).
+ * fixes the IP and TCP/UDP checksums (UDP's zero checksum stays zero; a
+ * fragment after the first has no L4 header: the first one's checksum
+ * covers the whole datagram).
  * Precondition: parse_ipv4 accepted the packet. Returns 0 on success. */
 static __always_inline int rewrite_addr(struct __sk_buff *skb, struct pkt *p, int is_src, __u32 to)
 {
 	__u32 from = is_src ? p->saddr : p->daddr;
 	__u32 off = ETH_HLEN_ + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
-	if (p->proto == IPPROTO_TCP) {
+	if (p->frag == FRAG_LATER) {
+		/* no L4 header */
+	} else if (p->proto == IPPROTO_TCP) {
 		if (bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct tcphdr, check), from, to, BPF_F_PSEUDO_HDR | sizeof(to)))
 			return -1;
 	} else if (p->proto == IPPROTO_UDP) {

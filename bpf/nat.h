@@ -40,13 +40,13 @@ static __always_inline void guest_key(struct flow_key *k, const struct pkt *p, _
 
 /* rewrite_port replaces p's source (is_src) or destination port (ICMP echo:
  * the id) with to, fixing the L4 checksum (UDP's zero checksum stays zero).
- * Precondition: parse_ipv4 accepted p with has_ports, and its L4 header is
- * in this packet (not a later fragment). Returns 0 on success. */
+ * A fragment after the first has no ports to rewrite: nothing is done.
+ * Precondition: parse_ipv4 accepted p with has_ports. Returns 0 on success. */
 static __always_inline int rewrite_port(struct __sk_buff *skb, struct pkt *p, int is_src, __u16 to)
 {
 	__u16 from = is_src ? p->sport : p->dport;
 	__u32 off = L4_OFF + (is_src ? 0 : 2), csum_off, flags = sizeof(to);
-	if (from == to)
+	if (from == to || p->frag == FRAG_LATER)
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		csum_off = L4_OFF + offsetof(struct tcphdr, check);
@@ -106,4 +106,24 @@ static __always_inline __u16 new_flow(struct flow_key *ck, const struct pkt *p, 
 			return 0;
 	}
 	return 0;
+}
+
+/* frag_ports gives a VM's fragment its datagram's ports, as Cilium's
+ * fragment map does: the first fragment records them under (addresses,
+ * IP id, protocol); later ones, which have no L4 header, read them back
+ * (has_ports stays 0 if the first was not seen). */
+static __always_inline void frag_ports(struct pkt *p)
+{
+	struct frag_key k = {.saddr = p->saddr, .daddr = p->daddr, .id = p->ip_id, .proto = p->proto};
+	if (p->frag == FRAG_FIRST && p->has_ports) {
+		struct frag_ports v = {.sport = p->sport, .dport = p->dport};
+		bpf_map_update_elem(&frags, &k, &v, BPF_ANY);
+	} else if (p->frag == FRAG_LATER) {
+		struct frag_ports *v = bpf_map_lookup_elem(&frags, &k);
+		if (v) {
+			p->sport = v->sport;
+			p->dport = v->dport;
+			p->has_ports = 1;
+		}
+	}
 }

@@ -40,7 +40,13 @@ struct pkt {
 	__u8 tcp_flags;     /* TCP: the flags byte */
 	__u8 df;            /* don't-fragment set */
 	__u8 has_ports;     /* sport/dport valid */
+	__u8 frag;          /* FRAG_NONE, FRAG_FIRST (offset 0, MF) or FRAG_LATER (no L4 header) */
+	__u16 ip_id;        /* network order */
 };
+
+#define FRAG_NONE 0
+#define FRAG_FIRST 1
+#define FRAG_LATER 2
 
 #define TCP_FLAG_FIN_ 0x01
 #define TCP_FLAG_SYN_ 0x02
@@ -50,8 +56,9 @@ struct pkt {
 
 /* parse_ipv4 reads the IPv4 packet after the Ethernet header.
  * Returns 1 for a packet the datapath may rewrite: IPv4, no IP options, not
- * a fragment, not truncated. Returns 0 for anything else, which callers pass
- * on untouched. */
+ * truncated; a fragment after the first has no ports (has_ports 0, frag
+ * FRAG_LATER). Returns 0 for anything else, which callers pass on
+ * untouched. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -63,8 +70,6 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	if ((void *)(ip + 1) > data_end)
 		return 0;
 	if (ip->version != 4 || ip->ihl != 5)
-		return 0;
-	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset: a fragment */
 		return 0;
 	__u16 tot = bpf_ntohs(ip->tot_len);
 	if (tot < IPV4_HLEN || (skb->gso_size == 0 && skb->len < ETH_HLEN_ + (__u32)tot))
@@ -79,6 +84,11 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->tcp_flags = 0;
 	p->sport = 0;
 	p->dport = 0;
+	p->ip_id = ip->id;
+	__u16 fo = bpf_ntohs(ip->frag_off);
+	p->frag = (fo & 0x1fff) ? FRAG_LATER : (fo & 0x2000) ? FRAG_FIRST : FRAG_NONE;
+	if (p->frag == FRAG_LATER)
+		return 1;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *th = (void *)(ip + 1);
 		if ((void *)(th + 1) > data_end)

@@ -48,3 +48,14 @@ struct counters {
 	__u64 c[C_MAX];
 	__u64 last_ns; /* when this CPU last redirected a packet for the address (drain detection) */
 };
+
+/* frags: the ports of a VM's fragmented datagram, for its later fragments. */
+struct frag_key {
+	__u32 saddr, daddr;
+	__u16 id;  /* IP id, network order */
+	__u8 proto;
+	__u8 pad;
+};
+struct frag_ports {
+	__u16 sport, dport;
+};

@@ -340,7 +340,6 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 		b    []byte
 	}{
 		{"ip options", frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolTCP, sport: 1, dport: 80, options: true})},
-		{"fragment", frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolUDP, sport: 1, dport: 53, frag: true, payload: 100})},
 		{"tot_len beyond frame", toVM[:len(toVM)-10]},
 		{"truncated tcp", toVM[:14+20+10]},
 		{"arp", append([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 9, 0x08, 0x06}, make([]byte, 28)...)},
@@ -693,4 +692,118 @@ func TestSharedTuplesAtNAT(t *testing.T) {
 	if c["nat_port_translated"] != 5 {
 		t.Errorf("nat_port_translated %d, want 5", c["nat_port_translated"])
 	}
+}
+
+// fragments splits the IPv4 packet in frame into two fragments, the first
+// with the first n bytes (a multiple of 8) after the IP header; each gets
+// a valid header checksum.
+func fragments(t *testing.T, frame []byte, n int) (first, later []byte) {
+	t.Helper()
+	hdr := func(payload []byte, off int, mf bool) []byte {
+		b := append(append([]byte(nil), frame[:34]...), payload...)
+		ip := b[14:]
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(payload)))
+		fo := uint16(off / 8)
+		if mf {
+			fo |= 0x2000
+		}
+		binary.BigEndian.PutUint16(ip[6:], fo)
+		ip[10], ip[11] = 0, 0
+		binary.BigEndian.PutUint16(ip[10:], csum16(ip[:20], 0))
+		return b
+	}
+	return hdr(frame[34:34+n], 0, true), hdr(frame[34+n:], n, false)
+}
+
+// reassemble joins two fragments' IPv4 packets (Ethernet header off) into
+// the datagram, header from the first.
+func reassemble(first, later []byte) []byte {
+	b := append(append([]byte(nil), first...), later[20:]...)
+	binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+	b[6], b[7] = 0, 0
+	b[10], b[11] = 0, 0
+	binary.BigEndian.PutUint16(b[10:], csum16(b[:20], 0))
+	return b
+}
+
+// checkIPHeader fails t unless the IPv4 header at b has a valid checksum.
+func checkIPHeader(t *testing.T, what string, b []byte) {
+	t.Helper()
+	if csum16(b[:int(b[0]&0xf)*4], 0) != 0 {
+		t.Errorf("%s: bad IP header checksum", what)
+	}
+}
+
+// TestFragments: fragments to old_ip are tunnelled (no L4 needed); to
+// new_ip the first fragment carries the L4 fix (checksum, port), later
+// ones only the address; a VM's fragmented answer follows its flow, the
+// later fragments by the first one's ports (frags).
+func TestFragments(t *testing.T) {
+	a := newTestHost(t, hostA)
+	upA, _ := a.dp.Programs()
+	a.dp.SetPeer(hostB, true)
+	a.dp.SetRedirect(oldIP, hostB, vmMAC, true)
+	dgram := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolUDP, sport: 5000, dport: 53, payload: 300})
+	f1, f2 := fragments(t, dgram, 160)
+	t.Run("tunnelled to the peer", func(t *testing.T) {
+		for i, f := range [][]byte{f1, f2} {
+			ret, out := a.run(t, upA, f)
+			if ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], f[14:]) {
+				t.Fatalf("fragment %d: ret %d, not tunnelled unchanged", i+1, ret)
+			}
+			checkIPHeader(t, "outer", out[14:])
+		}
+	})
+
+	b := hostBWithVM(t)
+	upB, vmB := b.dp.Programs()
+	t.Run("delivered from the tunnel", func(t *testing.T) {
+		for i, f := range [][]byte{f1, f2} {
+			ret, out := b.run(t, upB, ipip(t, hostA, hostB, f))
+			if ret != actRedirect || !bytes.Equal(out[14:], f[14:]) {
+				t.Fatalf("fragment %d: ret %d", i+1, ret)
+			}
+		}
+	})
+	t.Run("NAT to new_ip", func(t *testing.T) {
+		for _, proto := range []layers.IPProtocol{layers.IPProtocolUDP, layers.IPProtocolTCP} {
+			d := frame(t, pktSpec{src: clientIP, dst: newIP, proto: proto, sport: 5001, dport: 53, ack: true, payload: 300})
+			g1, g2 := fragments(t, d, 160)
+			r1, o1 := b.run(t, upB, g1)
+			r2, o2 := b.run(t, upB, g2)
+			if r1 != actRedirect || r2 != actRedirect {
+				t.Fatalf("%s: ret %d %d", proto, r1, r2)
+			}
+			checkIPHeader(t, "first fragment", o1[14:])
+			checkIPHeader(t, "later fragment", o2[14:])
+			if !bytes.Equal(o2[34:], g2[34:]) {
+				t.Errorf("%s: later fragment's payload changed", proto)
+			}
+			whole := reassemble(o1[14:], o2[14:])
+			wantRewritten(t, proto.String()+" reassembled", append(make([]byte, 14), whole...), d, clientIP, oldIP, 5001, 53)
+		}
+	})
+	t.Run("VM's fragmented answer follows its flow", func(t *testing.T) {
+		// NAT flow (client -> new_ip), then the VM's fragmented answer.
+		b.run(t, upB, frame(t, pktSpec{src: clientIP, dst: newIP, proto: layers.IPProtocolUDP, sport: 5002, dport: 53}))
+		ans := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolUDP, sport: 53, dport: 5002, payload: 1200, srcMAC: vmMAC})
+		h1, h2 := fragments(t, ans, 600)
+		r1, o1 := b.run(t, vmB, h1)
+		r2, o2 := b.run(t, vmB, h2)
+		if r1 != actRedirect || r2 != actRedirect {
+			t.Fatalf("ret %d %d", r1, r2)
+		}
+		whole := reassemble(o1[14:], o2[14:])
+		wantRewritten(t, "NAT answer reassembled", append(make([]byte, 14), whole...), ans, newIP, clientIP, 53, 5002)
+		// A flow through the tunnel: both fragments go back through it.
+		b.run(t, upB, ipip(t, hostA, hostB, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolUDP, sport: 5003, dport: 53})))
+		ans = frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolUDP, sport: 53, dport: 5003, payload: 1200, srcMAC: vmMAC})
+		h1, h2 = fragments(t, ans, 600)
+		for i, h := range [][]byte{h1, h2} {
+			ret, out := b.run(t, vmB, h)
+			if ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], h[14:]) {
+				t.Fatalf("tunnel answer fragment %d: ret %d, not tunnelled unchanged", i+1, ret)
+			}
+		}
+	})
 }
