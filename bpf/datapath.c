@@ -175,7 +175,20 @@ int uplink_ingress(struct __sk_buff *skb)
 		struct vm *v = bpf_map_lookup_elem(&vms, &old_ip);
 		if (!v)
 			return TC_ACT_OK;
-		if (p.has_ports) {
+		if (is_icmp_error(skb, &p)) {
+			/* About a packet the VM sent from new_ip: it must learn
+			 * of it as of its own packet, from old_ip to the port
+			 * it used. */
+			struct icmp_quote q;
+			__u16 qs, qd;
+			if (!load_quote(skb, &q, &qs, &qd) && q.ip.saddr == p.daddr) {
+				struct flow_key ck = {.vm_ip = old_ip, .remote_ip = q.ip.daddr, .vm_port = qs, .remote_port = qd,
+						      .proto = q.ip.protocol};
+				__u16 *gp = bpf_map_lookup_elem(&nat_ports, &ck);
+				if (xlate_quote(skb, &q, 1, old_ip, gp ? *gp : qd))
+					return drop(old_ip, C_DROP_ERROR);
+			}
+		} else if (p.has_ports) {
 			/* The guest must never see two client flows on one
 			 * 4-tuple: a new flow whose tuple is taken gets another
 			 * client port (new_flow). */
@@ -213,6 +226,36 @@ static __always_inline int arp_reply(struct __sk_buff *skb)
 	return arp_answer(skb, &a, v->gw_mac, spa);
 }
 
+/* vm_icmp_error sends a local VM's ICMP error the way the flow it is
+ * about goes: about a NAT flow, from new_ip, quoting the packet as the
+ * client sent it (new_ip, the client's own port); else back through the
+ * tunnel (quoting the client's own port if it was translated). */
+static __always_inline int vm_icmp_error(struct __sk_buff *skb, struct pkt *p, struct vm *v)
+{
+	__u32 key = p->saddr;
+	struct icmp_quote q;
+	__u16 qs, qd;
+	struct flow *f = NULL;
+	if (!load_quote(skb, &q, &qs, &qd) && q.ip.daddr == p->saddr) {
+		struct flow_key k = {.vm_ip = p->saddr, .remote_ip = q.ip.saddr, .vm_port = qd, .remote_port = qs,
+				     .proto = q.ip.protocol};
+		f = bpf_map_lookup_elem(&flows, &k);
+	}
+	if (v->new_ip && ((f && f->nat) || !v->peer)) {
+		__u32 new_ip = v->new_ip;
+		if ((f && xlate_quote(skb, &q, 0, new_ip, f->remote_port)) || rewrite_addr(skb, p, 1, new_ip))
+			return drop(key, C_DROP_ERROR);
+		count(key, C_SNAT_PKTS, 1);
+		return fib_redirect(skb, key, new_ip, p->daddr);
+	}
+	if (!v->peer)
+		return TC_ACT_OK;
+	if (f && f->remote_port != qs && xlate_quote(skb, &q, 0, q.ip.daddr, f->remote_port))
+		return drop(key, C_DROP_ERROR);
+	count(key, C_TUNNEL_BACK_PKTS, 1);
+	return encap_to(skb, p, key, v->peer, v->gw_ip);
+}
+
 SEC("tc")
 int vm_ingress(struct __sk_buff *skb)
 {
@@ -226,6 +269,8 @@ int vm_ingress(struct __sk_buff *skb)
 	if (!v)
 		return TC_ACT_OK;
 	__u32 key = p.saddr;
+	if (is_icmp_error(skb, &p))
+		return vm_icmp_error(skb, &p, v);
 	if (p.frag != FRAG_NONE)
 		frag_ports(&p);
 	struct flow *f = NULL;

@@ -127,3 +127,76 @@ static __always_inline void frag_ports(struct pkt *p)
 		}
 	}
 }
+
+/* An ICMP error's quoted packet (RFC 792: its IP header and first 8 bytes):
+ * the offending packet as its sender sent it. */
+struct icmp_quote {
+	struct iphdr ip;
+	__u8 l4[8];
+} __attribute__((packed));
+
+#define QUOTE_OFF (L4_OFF + 8)
+
+/* is_icmp_error reports whether p is an ICMP error that quotes a packet:
+ * destination unreachable, time exceeded, parameter problem. */
+static __always_inline int is_icmp_error(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u8 type;
+	if (p->proto != IPPROTO_ICMP || p->frag != FRAG_NONE || bpf_skb_load_bytes(skb, L4_OFF, &type, 1))
+		return 0;
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+/* load_quote reads the quoted packet of ICMP error p into q and its ports
+ * into *sport, *dport (TCP, UDP; ICMP echo as parse_ipv4 gives them).
+ * Returns 0 if the quote is a whole 20-byte IPv4 header and 8 bytes. */
+static __always_inline int load_quote(struct __sk_buff *skb, struct icmp_quote *q, __u16 *sport, __u16 *dport)
+{
+	if (bpf_skb_load_bytes(skb, QUOTE_OFF, q, sizeof(*q)) || q->ip.version != 4 || q->ip.ihl != 5)
+		return -1;
+	*sport = 0;
+	*dport = 0;
+	if (q->ip.protocol == IPPROTO_TCP || q->ip.protocol == IPPROTO_UDP) {
+		__builtin_memcpy(sport, &q->l4[0], 2);
+		__builtin_memcpy(dport, &q->l4[2], 2);
+	} else if (q->ip.protocol == IPPROTO_ICMP && (q->l4[0] == ICMP_ECHO || q->l4[0] == ICMP_ECHOREPLY)) {
+		__builtin_memcpy(q->l4[0] == ICMP_ECHO ? sport : dport, &q->l4[4], 2);
+	}
+	return 0;
+}
+
+/* xlate_quote rewrites the quoted packet q of ICMP error skb: its source
+ * address (addr_is_src) or destination address to addr, and the TCP/UDP
+ * port on the other side to port (network order; as is if equal). It fixes
+ * the quoted IP header's checksum, a quoted UDP checksum, and the ICMP
+ * checksum. The outer header is the caller's. Returns 0 on success. */
+static __always_inline int xlate_quote(struct __sk_buff *skb, struct icmp_quote *q, int addr_is_src, __u32 addr, __u16 port)
+{
+	struct icmp_quote n = *q;
+	__u32 from_addr = addr_is_src ? q->ip.saddr : q->ip.daddr;
+	if (addr_is_src)
+		n.ip.saddr = addr;
+	else
+		n.ip.daddr = addr;
+	int l4 = q->ip.protocol == IPPROTO_TCP || q->ip.protocol == IPPROTO_UDP;
+	if (l4)
+		__builtin_memcpy(&n.l4[addr_is_src ? 2 : 0], &port, 2);
+	n.ip.check = 0;
+	n.ip.check = ipv4_csum(&n.ip);
+	if (q->ip.protocol == IPPROTO_UDP && (q->l4[6] | q->l4[7])) {
+		/* pseudo-header address and the port word */
+		__s64 d = bpf_csum_diff(&from_addr, 4, &addr, 4, 0);
+		d = bpf_csum_diff((__be32 *)&q->l4[0], 4, (__be32 *)&n.l4[0], 4, (__wsum)d);
+		__u16 c;
+		__builtin_memcpy(&c, &q->l4[6], 2);
+		c = csum_fold((__u32)d + (__u16)~c);
+		if (c == 0)
+			c = 0xffff;
+		__builtin_memcpy(&n.l4[6], &c, 2);
+	}
+	__s64 diff = bpf_csum_diff((__be32 *)q, sizeof(*q), (__be32 *)&n, sizeof(n), 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct icmphdr, checksum), 0, diff, 0) ||
+	    bpf_skb_store_bytes(skb, QUOTE_OFF, &n, sizeof(n), 0))
+		return -1;
+	return 0;
+}

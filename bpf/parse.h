@@ -29,6 +29,8 @@ struct icmphdr {
 #define ICMP_DEST_UNREACH 3
 #define ICMP_FRAG_NEEDED 4
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 
 /* pkt is what the programs need to know of an IPv4 packet. */
 struct pkt {

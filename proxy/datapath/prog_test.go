@@ -807,3 +807,88 @@ func TestFragments(t *testing.T) {
 		}
 	})
 }
+
+// icmpError builds an ICMP error (type, code; frag-needed: next-hop mtu)
+// from src to dst quoting the first 28 bytes of the IPv4 packet quoted.
+func icmpError(t *testing.T, src, dst netip.Addr, typ, code uint8, mtu uint16, quoted []byte, srcMAC net.HardwareAddr) []byte {
+	t.Helper()
+	if srcMAC == nil {
+		srcMAC = nextHop
+	}
+	eth := &layers.Ethernet{SrcMAC: srcMAC, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4}
+	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: ip4(src), DstIP: ip4(dst)}
+	icmp := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(typ, code), Seq: mtu}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, icmp, gopacket.Payload(quoted[:28])); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// TestICMPErrorsOnTranslatedFlows: an ICMP error to new_ip about a NAT flow
+// reaches the VM quoting the packet exactly as the VM sent it (old_ip, its
+// port for the client); the VM's own ICMP error about a NAT flow leaves
+// from new_ip quoting the packet exactly as the client sent it. Outer IP,
+// ICMP, quoted IP and quoted UDP checksums stay right.
+func TestICMPErrorsOnTranslatedFlows(t *testing.T) {
+	b := hostBWithVM(t)
+	up, vmProg := b.dp.Programs()
+	router := netip.MustParseAddr("10.0.9.1")
+	for _, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP} {
+		t.Run(proto.String(), func(t *testing.T) {
+			const P = 41234
+			// A flow through the tunnel holds client:P -> old_ip:80, so the
+			// NAT flow from P gets another port P2.
+			b.run(t, up, ipip(t, hostA, hostB, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: proto, sport: P, dport: 80, ack: true})))
+			cl := frame(t, pktSpec{src: clientIP, dst: newIP, proto: proto, sport: P, dport: 80, syn: true, payload: 20, df: true})
+			_, out := b.run(t, up, cl)
+			p2, _ := l4ports(out[14:])
+			if p2 == P {
+				t.Fatalf("port not translated")
+			}
+			// The VM's answer (full size, DF), as it leaves host B.
+			ans := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: proto, sport: 80, dport: p2, ack: true, payload: 1400, df: true, srcMAC: vmMAC})
+			ret, sent := b.run(t, vmProg, ans)
+			if ret != actRedirect {
+				t.Fatalf("answer: ret %d", ret)
+			}
+			// A router says: fragmentation needed, mtu 1400.
+			fn := icmpError(t, router, newIP, 3, 4, 1400, sent[14:], nil)
+			ret, got := b.run(t, up, fn)
+			if ret != actRedirect || !bytes.Equal(got[0:6], vmMAC) {
+				t.Fatalf("frag-needed: ret %d, to %s", ret, net.HardwareAddr(got[0:6]))
+			}
+			checkIPv4(t, "frag-needed to the VM", got[14:])
+			if !bytes.Equal(got[14+16:14+20], ip4(oldIP)) {
+				t.Errorf("outer destination %s, want old_ip", net.IP(got[30:34]))
+			}
+			if icmp := got[34:42]; icmp[0] != 3 || icmp[1] != 4 || binary.BigEndian.Uint16(icmp[6:]) != 1400 {
+				t.Errorf("icmp header % x", icmp)
+			}
+			if q := got[42:70]; !bytes.Equal(q, ans[14:42]) {
+				t.Errorf("quoted packet\n got % x\nwant % x (the VM's own)", q, ans[14:42])
+			}
+
+			// The VM's own error about the NAT flow (port unreachable,
+			// quoting the client's packet as the VM got it).
+			vmErr := icmpError(t, oldIP, clientIP, 3, 3, 0, out[14:], vmMAC)
+			ret, got = b.run(t, vmProg, vmErr)
+			if ret != actRedirect || got[14+9] != 1 {
+				t.Fatalf("VM's error: ret %d proto %d (tunnelled?)", ret, got[14+9])
+			}
+			checkIPv4(t, "VM's error", got[14:])
+			if !bytes.Equal(got[14+12:14+16], ip4(newIP)) {
+				t.Errorf("VM's error leaves from %s, want new_ip", net.IP(got[26:30]))
+			}
+			if q := got[42:70]; !bytes.Equal(q, cl[14:42]) {
+				t.Errorf("VM's error quotes\n got % x\nwant % x (the client's own)", q, cl[14:42])
+			}
+			// An error about the tunnel flow goes back through the tunnel.
+			tunErr := icmpError(t, oldIP, clientIP, 3, 3, 0, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: proto, sport: P, dport: 80, ack: true})[14:], vmMAC)
+			ret, got = b.run(t, vmProg, tunErr)
+			if ret != actRedirect || got[14+9] != 4 || !bytes.Equal(got[34:], tunErr[14:]) {
+				t.Fatalf("error about the tunnel flow: ret %d, not tunnelled unchanged", ret)
+			}
+		})
+	}
+}
