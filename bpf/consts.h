@@ -16,11 +16,17 @@
 #ifndef TUNNEL_MTU
 #define TUNNEL_MTU 1500
 #endif
-/* Outer header of the IPIP tunnel. */
+/* Outer header of the IPIP tunnel, and how adjust_room marks it. */
 #define TUNNEL_OVERHEAD IPV4_HLEN
+#define TUNNEL_ENCAP_FLAGS BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
 /* Largest inner packet that fits the tunnel, and the MSS that fills it. */
 #define TUNNEL_INNER_MTU (TUNNEL_MTU - TUNNEL_OVERHEAD)
 #define TUNNEL_MSS (TUNNEL_INNER_MTU - IPV4_HLEN - 20)
+/* A too-big packet without DF is sent as two fragments: the first carries
+ * this much payload (a multiple of 8 that fits), the second the rest, at
+ * most FRAG_TAIL_MAX bytes (a 1500-byte packet leaves less than that). */
+#define FRAG1_BYTES (((TUNNEL_INNER_MTU - IPV4_HLEN) / 8) * 8)
+#define FRAG_TAIL_MAX 64
 
 #define MAX_TCP_OPTIONS 10
 #define MAX_FLOWS 65536
@@ -71,8 +77,9 @@ enum counter {
 	C_DROP_NO_ROUTE,    /* dropped: no route to the peer or the destination */
 	C_DROP_UNKNOWN_VM,  /* dropped: decapsulated packet for no local VM */
 	C_DROP_ERROR,       /* dropped: a helper failed (adjust_room, store_bytes) */
-	C_DROP_TOO_BIG,     /* dropped: too big and no ICMP could be sent (GSO, options) */
+	C_DROP_TOO_BIG,     /* dropped: too big, and no ICMP could be sent or fragments made */
 	C_NAT_PORT_XLATE,   /* new NAT flows whose client port was translated (guest 4-tuple taken) */
 	C_DROP_CLASH,       /* dropped: no free guest 4-tuple (NAT), or a tunnel flow on a NAT flow's tuple */
+	C_FRAGMENTED,       /* too big for the tunnel without DF: sent as two fragments */
 	C_MAX,
 };

@@ -15,7 +15,7 @@ import (
 
 type DatapathCounters struct {
 	_      structs.HostLayout
-	C      [17]uint64
+	C      [18]uint64
 	LastNs uint64
 }
 

@@ -58,26 +58,104 @@ static __always_inline int icmp_too_big(struct __sk_buff *skb, __u32 key, __u32 
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* put_outer writes the outer header of a tunnel packet to peer in the
+ * room encap made, sized for the packet as it is now. Returns 0 on
+ * success. */
+static __always_inline int put_outer(struct __sk_buff *skb, __u32 peer, __u8 tos)
+{
+	struct iphdr outer;
+	build_outer(&outer, local_ip, peer, tos, skb->len - ETH_HLEN_ - TUNNEL_OVERHEAD);
+	return bpf_skb_store_bytes(skb, ETH_HLEN_, &outer, sizeof(outer), 0);
+}
+
+/* encap makes room for the outer header and writes it. flags: the
+ * adjust_room encapsulation flags (GSO and checksum offload metadata; 0 for
+ * a plain packet that must stay trimmable, see encap_fragments). Without
+ * FIXED_GSO the kernel lowers gso_size by the added header. Returns 0 on
+ * success. */
+static __always_inline int encap(struct __sk_buff *skb, __u32 peer, __u8 tos, __u64 flags)
+{
+	if (bpf_skb_adjust_room(skb, TUNNEL_OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
+		return -1;
+	return put_outer(skb, peer, tos);
+}
+
+/* set_frag writes the inner IPv4 header's tot_len and fragment field
+ * (offset in bytes, MF) and its checksum. Returns 0 on success. */
+static __always_inline int set_frag(struct __sk_buff *skb, __u32 off, __u16 tot_len, __u16 frag_bytes, int mf)
+{
+	struct iphdr ip;
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+		return -1;
+	ip.tot_len = bpf_htons(tot_len);
+	ip.frag_off = bpf_htons((frag_bytes >> 3) | (mf ? 0x2000 : 0));
+	ip.check = 0;
+	ip.check = ipv4_csum(&ip);
+	return bpf_skb_store_bytes(skb, off, &ip, sizeof(ip), 0);
+}
+
+/* encap_fragments tunnels a packet without DF that is too big for the
+ * tunnel as two IP fragments of the inner packet (RFC 791; the receiver
+ * reassembles, as it would after any router): the first with the first
+ * FRAG1_BYTES of the payload, sent with bpf_clone_redirect, then the rest
+ * (at most FRAG_TAIL_MAX bytes: the packet came over a 1500-byte link).
+ * Bigger packets, or a next hop not resolved yet, are dropped and counted.
+ * The outer header goes on without the encapsulation flags (skb_change_tail
+ * refuses an skb marked encapsulated; a plain packet needs no offload
+ * metadata). The L4 checksum must be complete: true of packets that came
+ * in on a wire (a local sender's CHECKSUM_PARTIAL packet cannot be told
+ * apart here). Precondition: parse_ipv4 accepted the packet, no GSO. */
+static __always_inline int encap_fragments(struct __sk_buff *skb, struct pkt *p, __u32 key, __u32 peer)
+{
+	__u8 tail[FRAG_TAIL_MAX];
+	__u32 tail_len = p->tot_len - IPV4_HLEN - FRAG1_BYTES;
+	if (tail_len == 0 || tail_len > FRAG_TAIL_MAX)
+		return drop(key, C_DROP_TOO_BIG);
+	__u16 fo;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_ + offsetof(struct iphdr, frag_off), &fo, 2) ||
+	    bpf_skb_load_bytes(skb, L4_OFF + FRAG1_BYTES, tail, tail_len))
+		return drop(key, C_DROP_ERROR);
+	fo = bpf_ntohs(fo);
+	__u16 off = (fo & 0x1fff) << 3;
+	int mf = (fo & 0x2000) != 0;
+	/* The first fragment. */
+	if (bpf_skb_change_tail(skb, L4_OFF + FRAG1_BYTES, 0) ||
+	    set_frag(skb, ETH_HLEN_, IPV4_HLEN + FRAG1_BYTES, off, 1) || encap(skb, peer, p->tos, 0))
+		return drop(key, C_DROP_ERROR);
+	__u32 ifindex;
+	int rc = fib_out(skb, key, local_ip, peer, &ifindex);
+	if (rc == FIB_NO_NEIGH)
+		return drop(key, C_DROP_NO_ROUTE);
+	if (rc)
+		return TC_ACT_SHOT;
+	if (bpf_clone_redirect(skb, ifindex, 0))
+		return drop(key, C_DROP_ERROR);
+	/* The second one, from the same skb. */
+	__u32 inner = ETH_HLEN_ + TUNNEL_OVERHEAD;
+	if (bpf_skb_change_tail(skb, inner + IPV4_HLEN + tail_len, 0) ||
+	    bpf_skb_store_bytes(skb, inner + IPV4_HLEN, tail, tail_len, 0) ||
+	    set_frag(skb, inner, IPV4_HLEN + tail_len, off + FRAG1_BYTES, mf) || put_outer(skb, peer, p->tos))
+		return drop(key, C_DROP_ERROR);
+	count(key, C_FRAGMENTED, 1);
+	return bpf_redirect(ifindex, 0);
+}
+
 /* encap_to tunnels the packet to peer and forwards it. A non-GSO packet too
  * big for the tunnel gets an ICMP "fragmentation needed" (from icmp_src)
- * instead when DF is set, and is dropped otherwise; GSO packets are
- * encapsulated with gso_size lowered so each segment fits. A SYN's MSS is
- * clamped to fit. Precondition: parse_ipv4 accepted the packet. */
+ * instead when DF is set, and is sent as two fragments otherwise
+ * (encap_fragments); GSO packets are encapsulated with gso_size lowered so
+ * each segment fits. A SYN's MSS is clamped to fit. Precondition:
+ * parse_ipv4 accepted the packet. */
 static __always_inline int encap_to(struct __sk_buff *skb, struct pkt *p, __u32 key, __u32 peer, __u32 icmp_src)
 {
 	if (skb->gso_size == 0 && p->tot_len > TUNNEL_INNER_MTU) {
 		if (p->df)
 			return icmp_too_big(skb, key, icmp_src, TUNNEL_INNER_MTU);
-		return drop(key, C_DROP_TOO_BIG);
+		return encap_fragments(skb, p, key, peer);
 	}
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_))
 		clamp_mss(skb, key, TUNNEL_MSS);
-	/* Without FIXED_GSO the kernel lowers gso_size by the added header. */
-	if (bpf_skb_adjust_room(skb, IPV4_HLEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
-		return drop(key, C_DROP_ERROR);
-	struct iphdr outer;
-	build_outer(&outer, local_ip, peer, p->tos, skb->len - ETH_HLEN_ - IPV4_HLEN);
-	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &outer, sizeof(outer), 0))
+	if (encap(skb, peer, p->tos, TUNNEL_ENCAP_FLAGS))
 		return drop(key, C_DROP_ERROR);
 	return fib_redirect(skb, key, local_ip, peer);
 }

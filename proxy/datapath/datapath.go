@@ -360,7 +360,7 @@ var CounterNames = []string{
 	"encap_packets", "encap_bytes", "decap_packets", "decap_bytes", "delivered_packets",
 	"dnat_packets", "snat_packets", "tunnel_back_packets", "arp_replies", "icmp_too_big",
 	"mss_clamped", "drop_no_route", "drop_unknown_vm", "drop_error", "drop_too_big",
-	"nat_port_translated", "drop_tuple_clash",
+	"nat_port_translated", "drop_tuple_clash", "fragmented",
 }
 
 // Counters are one address's counters summed over CPUs, by CounterNames.

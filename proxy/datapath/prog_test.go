@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -12,9 +13,17 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
+)
+
+// The tunnel's outer header (bpf/consts.h: TUNNEL_OVERHEAD) and its
+// protocol number.
+const (
+	tunnelOverhead = 20
+	tunnelProto    = 4
 )
 
 // TC return codes (linux/pkt_cls.h).
@@ -890,5 +899,85 @@ func TestICMPErrorsOnTranslatedFlows(t *testing.T) {
 				t.Fatalf("error about the tunnel flow: ret %d, not tunnelled unchanged", ret)
 			}
 		})
+	}
+}
+
+// capture opens a packet socket on ifname in the host's namespace; read
+// returns the next frame it sees (or fails after a second).
+func (h *testHost) capture(t *testing.T, ifname string) func() []byte {
+	t.Helper()
+	var fd int
+	err := netns.Do(h.ns, func() error {
+		ifi, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return err
+		}
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_ALL)))
+		if err != nil {
+			return err
+		}
+		return unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi.Index})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 1})
+	return func() []byte {
+		b := make([]byte, 65536)
+		n, _, err := unix.Recvfrom(fd, b, 0)
+		if err != nil {
+			t.Fatalf("capture on %s: %v", ifname, err)
+		}
+		return b[:n]
+	}
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// TestTooBigWithoutDF: a packet to old_ip without DF that does not fit the
+// tunnel (1481-1500 bytes with IPIP) is sent as two fragments of the inner
+// packet, each in its own tunnel packet; they reassemble to the original.
+func TestTooBigWithoutDF(t *testing.T) {
+	a := newTestHost(t, hostA)
+	up, _ := a.dp.Programs()
+	a.dp.SetPeer(hostB, true)
+	a.dp.SetRedirect(oldIP, hostB, vmMAC, true)
+	read := a.capture(t, "u1")
+	for _, c := range []struct {
+		proto   layers.IPProtocol
+		payload int
+	}{{layers.IPProtocolUDP, 1472}, {layers.IPProtocolTCP, 1441}, {layers.IPProtocolUDP, 1500 - 20 - 8 - tunnelOverhead + 1}} {
+		in := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: c.proto, sport: 4000, dport: 53, ack: true, payload: c.payload})
+		t.Run(fmt.Sprintf("%s %d bytes", c.proto, len(in)-14), func(t *testing.T) {
+			ret, second := a.run(t, up, in)
+			if ret != actRedirect {
+				c, _ := a.dp.Stats(oldIP)
+				t.Fatalf("ret %d, counters %v", ret, c)
+			}
+			first := read()
+			for i, f := range [][]byte{first, second} {
+				if f[14+9] != tunnelProto || len(f)-14 > 1500 {
+					t.Fatalf("fragment %d: outer proto %d, %d bytes", i+1, f[14+9], len(f)-14)
+				}
+				checkIPHeader(t, "outer", f[14:])
+				checkIPHeader(t, "inner", f[14+tunnelOverhead:])
+				if int(binary.BigEndian.Uint16(f[16:])) != len(f)-14 {
+					t.Errorf("fragment %d: outer tot_len %d, frame %d", i+1, binary.BigEndian.Uint16(f[16:]), len(f)-14)
+				}
+			}
+			i1, i2 := first[14+tunnelOverhead:], second[14+tunnelOverhead:]
+			if binary.BigEndian.Uint16(i1[6:]) != 0x2000 || binary.BigEndian.Uint16(i2[6:])&0x2000 != 0 {
+				t.Errorf("fragment fields %#x %#x", binary.BigEndian.Uint16(i1[6:]), binary.BigEndian.Uint16(i2[6:]))
+			}
+			if got := reassemble(i1, i2); !bytes.Equal(got, in[14:]) {
+				t.Errorf("reassembled\n got % x\nwant % x", got[:40], in[14:54])
+			}
+			checkIPv4(t, "reassembled", reassemble(i1, i2))
+		})
+	}
+	c, _ := a.dp.Stats(oldIP)
+	if c["fragmented"] != 3 {
+		t.Errorf("fragmented %d, want 3", c["fragmented"])
 	}
 }
