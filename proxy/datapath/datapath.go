@@ -137,8 +137,15 @@ func (d *Datapath) Attach(h Hook, ifname string) error {
 	if err != nil {
 		return fmt.Errorf("datapath: attach %s: lookup interface %q: %w", h, ifname, err)
 	}
+	l, err := netlink.LinkByIndex(ifi.Index)
+	if err != nil {
+		return fmt.Errorf("datapath: attach %s to %q: %w", h, ifname, err)
+	}
+	if err := checkNoBigTCP(l); err != nil {
+		return fmt.Errorf("datapath: attach %s: %w", h, err)
+	}
 	if h == Uplink {
-		if err := d.setEgressPort(ifi); err != nil {
+		if err := d.setEgressPort(ifi, l); err != nil {
 			return err
 		}
 	}
@@ -152,14 +159,27 @@ func (d *Datapath) Attach(h Hook, ifname string) error {
 	return d.attachTC(h, ifi, prog)
 }
 
+// maxIPv4Packet is the largest IPv4 packet the programs parse: tot_len is
+// 16 bits. BIG TCP (GRO building larger packets, tot_len 0) would pass
+// them by untunnelled and untranslated.
+const maxIPv4Packet = 65536
+
+// checkNoBigTCP refuses a device whose GRO builds IPv4 packets over 64 KiB
+// (BIG TCP, Linux 6.3+: gro_ipv4_max_size): they arrive at the TC hook with
+// tot_len 0. The error names the device and the setting to change.
+func checkNoBigTCP(l netlink.Link) error {
+	a := l.Attrs()
+	if a.GROIPv4MaxSize > maxIPv4Packet {
+		return fmt.Errorf("device %q has BIG TCP on (gro_ipv4_max_size %d > %d): the datapath cannot tunnel or translate IPv4 packets over 64 KiB; set it to %d (ip link set dev %s gro_ipv4_max_size %d)",
+			a.Name, a.GROIPv4MaxSize, maxIPv4Packet, maxIPv4Packet, a.Name, maxIPv4Packet)
+	}
+	return nil
+}
+
 // setEgressPort: if the uplink is a port of a bridge, packets the FIB
 // routes out of the bridge leave by the port itself (see egress_ports in
 // bpf/maps.h: a bridge segments tunnelled GSO packets in software).
-func (d *Datapath) setEgressPort(ifi *net.Interface) error {
-	l, err := netlink.LinkByIndex(ifi.Index)
-	if err != nil {
-		return fmt.Errorf("datapath: attach uplink to %s: %w", ifi.Name, err)
-	}
+func (d *Datapath) setEgressPort(ifi *net.Interface, l netlink.Link) error {
 	master := uint32(l.Attrs().MasterIndex)
 	if master == 0 {
 		return nil

@@ -8,11 +8,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/vmhop/vmhop/internal/lab/labtest"
@@ -980,4 +982,35 @@ func TestTooBigWithoutDF(t *testing.T) {
 	if c["fragmented"] != 3 {
 		t.Errorf("fragmented %d, want 3", c["fragmented"])
 	}
+}
+
+// TestRefusesBigTCP: a device whose GRO builds IPv4 packets over 64 KiB
+// (BIG TCP) is refused at attach, naming the device and its setting.
+func TestRefusesBigTCP(t *testing.T) {
+	h := newTestHost(t, hostA)
+	err := netns.Do(h.ns, func() error {
+		l, err := netlink.LinkByName("u0")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetGROIPv4MaxSize(l, 131072)
+	})
+	if err != nil {
+		t.Skipf("cannot set gro_ipv4_max_size here (kernel before 6.3?): %v", err)
+	}
+	err = netns.Do(h.ns, func() error { return h.dp.Attach(Uplink, "u0") })
+	want := `datapath: attach uplink: device "u0" has BIG TCP on (gro_ipv4_max_size 131072 > 65536)`
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("attach: %v\nwant an error starting %q", err, want)
+	}
+	if err := netns.Do(h.ns, func() error {
+		l, _ := netlink.LinkByName("u0")
+		return netlink.LinkSetGROIPv4MaxSize(l, 65536)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := netns.Do(h.ns, func() error { return h.dp.Attach(Uplink, "u0") }); err != nil {
+		t.Fatalf("attach with gro_ipv4_max_size 65536: %v", err)
+	}
+	netns.Do(h.ns, func() error { return h.dp.Detach("u0") })
 }
