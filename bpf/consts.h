@@ -5,7 +5,6 @@
 #define IPV4_HLEN 20
 #define ETH_P_IP_ 0x0800
 #define ETH_P_ARP_ 0x0806
-#define IPPROTO_IPIP_ 4
 
 /* Kernel 6.3+ uapi; Debian 12's 6.1 headers lack it. */
 #ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
@@ -16,9 +15,17 @@
 #ifndef TUNNEL_MTU
 #define TUNNEL_MTU 1500
 #endif
-/* Outer header of the IPIP tunnel, and how adjust_room marks it. */
-#define TUNNEL_OVERHEAD IPV4_HLEN
-#define TUNNEL_ENCAP_FLAGS BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+/* The tunnel: UDP to TUNNEL_PORT (like Katran's GUE, variant 1), the
+ * migration's 8-byte token, then the inner IPv4 packet. The token is
+ * "L2" to adjust_room, so GSO segments carry it. */
+#ifndef TUNNEL_PORT
+#define TUNNEL_PORT 6080
+#endif
+#define UDP_HLEN 8
+#define TOKEN_LEN 8
+#define TUNNEL_OVERHEAD (IPV4_HLEN + UDP_HLEN + TOKEN_LEN)
+#define TUNNEL_ENCAP_FLAGS \
+	(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2(TOKEN_LEN))
 /* Largest inner packet that fits the tunnel, and the MSS that fills it. */
 #define TUNNEL_INNER_MTU (TUNNEL_MTU - TUNNEL_OVERHEAD)
 #define TUNNEL_MSS (TUNNEL_INNER_MTU - IPV4_HLEN - 20)
@@ -81,5 +88,6 @@ enum counter {
 	C_NAT_PORT_XLATE,   /* new NAT flows whose client port was translated (guest 4-tuple taken) */
 	C_DROP_CLASH,       /* dropped: no free guest 4-tuple (NAT), or a tunnel flow on a NAT flow's tuple */
 	C_FRAGMENTED,       /* too big for the tunnel without DF: sent as two fragments */
+	C_DROP_SPOOFED,     /* dropped: tunnel packet from a peer's address without a valid token (host-wide: stats[0]) */
 	C_MAX,
 };

@@ -5,7 +5,8 @@
  *
  * uplink_ingress, on each host's WAN-facing interface:
  *   - ARP for a redirected old address or a new address: answer it.
- *   - IPIP from a known peer to us: decapsulate; deliver to the local VM it
+ *   - tunnel packets (UDP to TUNNEL_PORT) from a peer with a migration's
+ *     token: decapsulate; deliver to the local VM it
  *     is for, or forward it (the old host relaying the VM's replies).
  *   - to an old address with its redirect on (old host): tunnel to the peer.
  *   - to a new address (new host): rewrite to the old address, deliver.
@@ -159,14 +160,19 @@ int uplink_ingress(struct __sk_buff *skb)
 	struct pkt p;
 	if (!parse_ipv4(skb, &p))
 		return TC_ACT_OK;
-	if (p.proto == IPPROTO_IPIP_ && p.daddr == local_ip && bpf_map_lookup_elem(&peers, &p.saddr))
-		return from_peer(skb, &p);
+	if (p.proto == IPPROTO_UDP && p.dport == bpf_htons(TUNNEL_PORT) && p.daddr == local_ip) {
+		int t = tunnel_check(skb, &p);
+		if (t == TUNNEL_OK)
+			return from_peer(skb, &p);
+		if (t == TUNNEL_SPOOFED)
+			return TC_ACT_SHOT;
+	}
 
 	struct redirect *r = bpf_map_lookup_elem(&redirects, &p.daddr);
 	if (r && r->mode == REDIRECT_ON) {
 		__u32 key = p.daddr;
 		count_pkt(key, C_ENCAP_PKTS, skb->len, 1);
-		return encap_to(skb, &p, key, r->peer, local_ip);
+		return encap_to(skb, &p, key, r->peer, r->token, local_ip);
 	}
 
 	__u32 *old = bpf_map_lookup_elem(&nat, &p.daddr);
@@ -253,7 +259,7 @@ static __always_inline int vm_icmp_error(struct __sk_buff *skb, struct pkt *p, s
 	if (f && f->remote_port != qs && xlate_quote(skb, &q, 0, q.ip.daddr, f->remote_port))
 		return drop(key, C_DROP_ERROR);
 	count(key, C_TUNNEL_BACK_PKTS, 1);
-	return encap_to(skb, p, key, v->peer, v->gw_ip);
+	return encap_to(skb, p, key, v->peer, v->token, v->gw_ip);
 }
 
 SEC("tc")
@@ -295,7 +301,7 @@ int vm_ingress(struct __sk_buff *skb)
 			if (rewrite_port(skb, &p, 0, client_port))
 				return drop(key, C_DROP_ERROR);
 			count(key, C_TUNNEL_BACK_PKTS, 1);
-			return encap_to(skb, &p, key, v->peer, v->gw_ip);
+			return encap_to(skb, &p, key, v->peer, v->token, v->gw_ip);
 		}
 	} else if (v->peer) {
 		/* Not known as a NAT flow: made before the move, back through the tunnel. */
@@ -304,7 +310,7 @@ int vm_ingress(struct __sk_buff *skb)
 			bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
 		}
 		count(key, C_TUNNEL_BACK_PKTS, 1);
-		return encap_to(skb, &p, key, v->peer, v->gw_ip);
+		return encap_to(skb, &p, key, v->peer, v->token, v->gw_ip);
 	}
 	if (!v->new_ip)
 		return TC_ACT_OK;

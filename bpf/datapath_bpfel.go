@@ -15,7 +15,7 @@ import (
 
 type DatapathCounters struct {
 	_      structs.HostLayout
-	C      [18]uint64
+	C      [19]uint64
 	LastNs uint64
 }
 
@@ -54,12 +54,20 @@ type DatapathFragPorts struct {
 	Dport uint16
 }
 
+type DatapathPeerKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Pad   uint32
+	Token uint64
+}
+
 type DatapathRedirect struct {
-	_    structs.HostLayout
-	Peer uint32
-	Mode uint32
-	Mac  [6]uint8
-	Pad  [2]uint8
+	_     structs.HostLayout
+	Peer  uint32
+	Mode  uint32
+	Mac   [6]uint8
+	Pad   [2]uint8
+	Token uint64
 }
 
 type DatapathVm struct {
@@ -70,6 +78,8 @@ type DatapathVm struct {
 	Ifindex uint32
 	VmMac   [6]uint8
 	GwMac   [6]uint8
+	Pad     [4]uint8
+	Token   uint64
 }
 
 // Names of all BPF objects in the ELF.

@@ -14,11 +14,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } redirects SEC(".maps");
 
-/* Tunnel endpoints packets are accepted from (value unused). */
+/* Tunnel packets accepted: (peer address, token) -> unused; (address, 0)
+ * marks a peer's address (struct peer_key). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
-	__type(key, __u32);
+	__uint(max_entries, 1024);
+	__type(key, struct peer_key);
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } peers SEC(".maps");

@@ -8,6 +8,16 @@ struct redirect {
 	__u32 mode;   /* REDIRECT_OFF or REDIRECT_ON: switching is this one field */
 	__u8 mac[6];  /* answered for the old address once on (the VM's MAC: neighbours' caches stay right) */
 	__u8 pad[2];
+	__u64 token;  /* the migration's tunnel token (peers) */
+};
+
+/* peers: tunnel packets accepted, by outer source and token. An entry with
+ * token 0 marks the address as a peer's: a packet from it whose token
+ * matches no entry is spoofed (dropped and counted). */
+struct peer_key {
+	__u32 addr;   /* network order */
+	__u32 pad;
+	__u64 token;  /* as on the wire */
 };
 
 /* vms: a VM this host delivers to, keyed by its (old) address. */
@@ -18,6 +28,8 @@ struct vm {
 	__u32 ifindex;   /* the VM's tap */
 	__u8 vm_mac[6];  /* the guest's MAC */
 	__u8 gw_mac[6];  /* MAC answered for gw_ip (the old gateway's, so the guest's cache stays right) */
+	__u8 pad[4];
+	__u64 token;     /* the migration's tunnel token, for packets back to peer */
 };
 
 /* A flow of a local VM as a 5-tuple (conntrack's words: the guest side is

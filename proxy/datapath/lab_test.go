@@ -133,9 +133,12 @@ func TestContinuityAcrossMove(t *testing.T) {
 
 	dpA := hostDatapath(t, l, lab.SiteA, lab.HostA)
 	dpB := hostDatapath(t, l, lab.SiteB, lab.HostB)
-	must(t, dpA.SetPeer(lab.HostB, true))
-	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, false))
-	must(t, dpB.SetPeer(lab.HostA, true))
+	token, err := datapath.NewToken()
+	must(t, err)
+	toA, toB := datapath.Tunnel{Peer: lab.HostA, Token: token}, datapath.Tunnel{Peer: lab.HostB, Token: token}
+	must(t, dpA.SetPeer(toB, true))
+	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
+	must(t, dpB.SetPeer(toA, true))
 
 	old := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(lab.OldIP, port) }
 	// Before the move: an echo connection and two bulk transfers under way.
@@ -176,9 +179,9 @@ func TestContinuityAcrossMove(t *testing.T) {
 	gwMAC, err := l.RouterMAC(lab.SiteA)
 	must(t, err)
 	must(t, dpB.SetVM(datapath.VM{OldIP: lab.OldIP, NewIP: lab.NewIP, Gateway: lab.GatewayA, GatewayMAC: gwMAC,
-		MAC: vm.MAC, Tap: tap, Peer: lab.HostA}))
+		MAC: vm.MAC, Tap: tap, Peer: lab.HostA, Token: token}))
 	must(t, netns.Do(l.NS(lab.SiteB), func() error { return dpB.Attach(datapath.VMTap, vm.Tap) }))
-	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, true))
+	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, true))
 	t.Logf("switched in %s", time.Since(switchAt).Round(time.Microsecond))
 
 	must(t, echo(ec, "after the move"))
@@ -316,7 +319,7 @@ func TestUserspaceFallback(t *testing.T) {
 // moveNSVM moves the stand-in VM from site A to site B the way the migrator
 // does (host B ready first, then the redirect on at host A) and makes the
 // router forget the old address's MAC, so host A answers for it.
-func moveNSVM(t *testing.T, l *lab.Lab, vm *lab.NSVM, dpA, dpB *datapath.Datapath) {
+func moveNSVM(t *testing.T, l *lab.Lab, vm *lab.NSVM, dpA, dpB *datapath.Datapath, token uint64) {
 	t.Helper()
 	ctx := context.Background()
 	must(t, l.UnplugNSVM(ctx, vm))
@@ -325,9 +328,9 @@ func moveNSVM(t *testing.T, l *lab.Lab, vm *lab.NSVM, dpA, dpB *datapath.Datapat
 	gwMAC, err := l.RouterMAC(lab.SiteA)
 	must(t, err)
 	must(t, dpB.SetVM(datapath.VM{OldIP: lab.OldIP, NewIP: lab.NewIP, Gateway: lab.GatewayA, GatewayMAC: gwMAC,
-		MAC: vm.MAC, Tap: tap, Peer: lab.HostA}))
+		MAC: vm.MAC, Tap: tap, Peer: lab.HostA, Token: token}))
 	must(t, netns.Do(l.NS(lab.SiteB), func() error { return dpB.Attach(datapath.VMTap, vm.Tap) }))
-	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, true))
+	must(t, dpA.SetRedirect(lab.OldIP, datapath.Tunnel{Peer: lab.HostB, Token: token}, vm.MAC, true))
 	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
 }
 
@@ -399,16 +402,19 @@ func TestSharedTuples(t *testing.T) {
 
 	dpA := hostDatapath(t, l, lab.SiteA, lab.HostA)
 	dpB := hostDatapath(t, l, lab.SiteB, lab.HostB)
-	must(t, dpA.SetPeer(lab.HostB, true))
-	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, false))
-	must(t, dpB.SetPeer(lab.HostA, true))
+	token, err := datapath.NewToken()
+	must(t, err)
+	toA, toB := datapath.Tunnel{Peer: lab.HostA, Token: token}, datapath.Tunnel{Peer: lab.HostB, Token: token}
+	must(t, dpA.SetPeer(toB, true))
+	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
+	must(t, dpB.SetPeer(toA, true))
 
 	const port = 47007
 	oldC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.OldIP, 9002))
 	must(t, err)
 	defer oldC.Close()
 	must(t, echo(oldC, "before the move"))
-	moveNSVM(t, l, vm, dpA, dpB)
+	moveNSVM(t, l, vm, dpA, dpB, token)
 	must(t, echo(oldC, "after the move"))
 
 	newC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.NewIP, 9002))

@@ -17,6 +17,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmhop/vmhop/bpf"
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
 )
@@ -24,8 +25,15 @@ import (
 // The tunnel's outer header (bpf/consts.h: TUNNEL_OVERHEAD) and its
 // protocol number.
 const (
-	tunnelOverhead = 20
-	tunnelProto    = 4
+	tunnelOverhead = 20 + 8 + 8 // IPv4, UDP, token
+	tunnelProto    = 17
+	tunnelPort     = 6080
+	testToken      = 0x1122334455667788
+)
+
+var (
+	toA = Tunnel{Peer: hostA, Token: testToken}
+	toB = Tunnel{Peer: hostB, Token: testToken}
 )
 
 // TC return codes (linux/pkt_cls.h).
@@ -229,10 +237,10 @@ func checkIPv4(t *testing.T, what string, b []byte) {
 func TestProgramsOnCraftedPackets(t *testing.T) {
 	a := newTestHost(t, hostA)
 	up, _ := a.dp.Programs()
-	if err := a.dp.SetPeer(hostB, true); err != nil {
+	if err := a.dp.SetPeer(toB, true); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.dp.SetRedirect(oldIP, hostB, vmMAC, false); err != nil {
+	if err := a.dp.SetRedirect(oldIP, toB, vmMAC, false); err != nil {
 		t.Fatal(err)
 	}
 	toVM := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolTCP, sport: 40000, dport: 80, ack: true, payload: 100, df: true})
@@ -243,7 +251,7 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 			t.Fatalf("ret %d, changed=%v", ret, !bytes.Equal(out, toVM))
 		}
 	})
-	if err := a.dp.SetRedirect(oldIP, hostB, vmMAC, true); err != nil {
+	if err := a.dp.SetRedirect(oldIP, toB, vmMAC, true); err != nil {
 		t.Fatal(err)
 	}
 	t.Run("encap", func(t *testing.T) {
@@ -251,21 +259,28 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 		if ret != actRedirect {
 			t.Fatalf("ret %d", ret)
 		}
-		if len(out) != len(toVM)+20 {
-			t.Fatalf("len %d, want %d", len(out), len(toVM)+20)
+		if len(out) != len(toVM)+tunnelOverhead {
+			t.Fatalf("len %d, want %d", len(out), len(toVM)+tunnelOverhead)
 		}
 		if !bytes.Equal(out[0:6], nextHop) || !bytes.Equal(out[6:12], a.ifi.HardwareAddr) {
 			t.Errorf("ethernet %s <- %s, want %s <- %s", net.HardwareAddr(out[0:6]), net.HardwareAddr(out[6:12]), nextHop, a.ifi.HardwareAddr)
 		}
-		outer := out[14:34]
-		want := []byte{0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 4, 0, 0, 10, 1, 0, 2, 10, 2, 0, 2}
-		binary.BigEndian.PutUint16(want[2:], uint16(len(toVM)-14+20))
+		// Outer IPv4 (DF, UDP, A -> B), UDP (source port from the flow
+		// hash in 49152-65535, to the tunnel port, no checksum), token.
+		outer := out[14 : 14+tunnelOverhead]
+		want := []byte{0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 2, 10, 2, 0, 2,
+			0, 0, tunnelPort >> 8, tunnelPort & 0xff, 0, 0, 0, 0}
+		want = binary.NativeEndian.AppendUint64(want, testToken)
+		binary.BigEndian.PutUint16(want[2:], uint16(len(toVM)-14+tunnelOverhead))
 		binary.BigEndian.PutUint16(want[10:], binary.BigEndian.Uint16(outer[10:]))
-		if !bytes.Equal(outer, want) {
-			t.Errorf("outer header\n got % x\nwant % x", outer, want)
+		binary.BigEndian.PutUint16(want[24:], uint16(len(toVM)-14+16))
+		sport := binary.BigEndian.Uint16(outer[20:])
+		binary.BigEndian.PutUint16(want[20:], sport)
+		if !bytes.Equal(outer, want) || sport < 49152 {
+			t.Errorf("outer header\n got % x\nwant % x (source port 49152-65535)", outer, want)
 		}
-		checkIPv4(t, "outer", out[14:])
-		if !bytes.Equal(out[34:], toVM[14:]) {
+		checkIPHeader(t, "outer", out[14:])
+		if !bytes.Equal(out[14+tunnelOverhead:], toVM[14:]) {
 			t.Errorf("inner packet changed")
 		}
 		c, _ := a.dp.Stats(oldIP)
@@ -291,11 +306,11 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 		if ret != actRedirect {
 			t.Fatalf("ret %d", ret)
 		}
-		inner := out[34:]
+		inner := out[14+tunnelOverhead:]
 		checkIPv4(t, "inner SYN", inner)
 		// options start after the 20-byte TCP header: NOP, then kind 2 len 4 MSS.
-		if got := binary.BigEndian.Uint16(inner[20+20+3:]); got != 1440 {
-			t.Errorf("MSS %d, want 1440", got)
+		if got := binary.BigEndian.Uint16(inner[20+20+3:]); got != 1500-tunnelOverhead-40 {
+			t.Errorf("MSS %d, want %d", got, 1500-tunnelOverhead-40)
 		}
 	})
 	t.Run("too big gets ICMP fragmentation needed", func(t *testing.T) {
@@ -316,8 +331,8 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 			t.Errorf("icmp ip header % x", ip[:20])
 		}
 		icmp := ip[20:]
-		if icmp[0] != 3 || icmp[1] != 4 || binary.BigEndian.Uint16(icmp[6:]) != 1480 {
-			t.Errorf("icmp % x, want type 3 code 4 mtu 1480", icmp[:8])
+		if icmp[0] != 3 || icmp[1] != 4 || binary.BigEndian.Uint16(icmp[6:]) != 1500-tunnelOverhead {
+			t.Errorf("icmp % x, want type 3 code 4 mtu %d", icmp[:8], 1500-tunnelOverhead)
 		}
 		if !bytes.Equal(icmp[8:36], big[14:42]) {
 			t.Errorf("icmp does not quote the original header")
@@ -329,7 +344,7 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 	})
 	t.Run("decap relays the VM's replies", func(t *testing.T) {
 		inner := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolTCP, sport: 80, dport: 40000, ack: true, payload: 50})
-		tun := ipip(t, hostB, hostA, inner)
+		tun := tunnel(t, hostB, hostA, inner)
 		ret, out := a.run(t, up, tun)
 		if ret != actRedirect || !bytes.Equal(out[14:], inner[14:]) {
 			t.Fatalf("ret %d, out % x", ret, out[:40])
@@ -340,10 +355,34 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 	})
 	t.Run("tunnel from unknown peer passes", func(t *testing.T) {
 		inner := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolUDP, sport: 53, dport: 5353})
-		tun := ipip(t, netip.MustParseAddr("10.9.9.9"), hostA, inner)
+		tun := tunnel(t, netip.MustParseAddr("10.9.9.9"), hostA, inner)
 		ret, out := a.run(t, up, tun)
 		if ret != actOK || !bytes.Equal(out, tun) {
 			t.Fatalf("ret %d", ret)
+		}
+	})
+	t.Run("spoofed: the peer's address without the token", func(t *testing.T) {
+		inner := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolTCP, sport: 1, dport: 80, ack: true})
+		before, _ := a.dp.HostStats()
+		for _, tok := range []uint64{0, testToken + 1, testToken ^ 1<<63} {
+			if ret, _ := a.run(t, up, tunnelWith(t, hostB, hostA, tok, inner)); ret != actShot {
+				t.Errorf("token %#x from the peer's address: ret %d, want dropped", tok, ret)
+			}
+		}
+		after, _ := a.dp.HostStats()
+		if d := after["drop_spoofed"] - before["drop_spoofed"]; d != 3 {
+			t.Errorf("drop_spoofed went up by %d, want 3", d)
+		}
+		// IPIP from the peer's address is not the tunnel: untouched.
+		ipip := tunnel(t, hostB, hostA, inner)
+		ipip = append(append([]byte(nil), ipip[:14+20]...), ipip[14+tunnelOverhead:]...)
+		ipip[14+9] = 4
+		binary.BigEndian.PutUint16(ipip[16:], uint16(len(ipip)-14))
+		ipip[24], ipip[25] = 0, 0
+		binary.BigEndian.PutUint16(ipip[24:], csum16(ipip[14:34], 0))
+		ret, out := a.run(t, up, ipip)
+		if ret != actOK || !bytes.Equal(out, ipip) {
+			t.Errorf("IPIP from the peer: ret %d", ret)
 		}
 	})
 	for _, c := range []struct {
@@ -368,12 +407,12 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 
 	b := newTestHost(t, hostB)
 	upB, vmB := b.dp.Programs()
-	b.dp.SetPeer(hostA, true)
-	if err := b.dp.SetVM(VM{OldIP: oldIP, NewIP: newIP, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC, Tap: b.ifi.Index, Peer: hostA}); err != nil {
+	b.dp.SetPeer(toA, true)
+	if err := b.dp.SetVM(VM{OldIP: oldIP, NewIP: newIP, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC, Tap: b.ifi.Index, Peer: hostA, Token: testToken}); err != nil {
 		t.Fatal(err)
 	}
 	t.Run("decap delivers to the VM", func(t *testing.T) {
-		tun := ipip(t, hostA, hostB, toVM)
+		tun := tunnel(t, hostA, hostB, toVM)
 		ret, out := b.run(t, upB, tun)
 		if ret != actRedirect || !bytes.Equal(out[14:], toVM[14:]) {
 			t.Fatalf("ret %d", ret)
@@ -425,10 +464,10 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 	t.Run("reply on a pre-switch flow goes back through the tunnel", func(t *testing.T) {
 		reply := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolTCP, sport: 80, dport: 40000, ack: true, payload: 10, srcMAC: vmMAC})
 		ret, out := b.run(t, vmB, reply)
-		if ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[14+12:14+16], ip4(hostB)) || !bytes.Equal(out[14+16:14+20], ip4(hostA)) {
+		if ret != actRedirect || out[14+9] != tunnelProto || !bytes.Equal(out[14+12:14+16], ip4(hostB)) || !bytes.Equal(out[14+16:14+20], ip4(hostA)) {
 			t.Fatalf("ret %d outer % x", ret, out[14:34])
 		}
-		if !bytes.Equal(out[34:], reply[14:]) {
+		if !bytes.Equal(out[14+tunnelOverhead:], reply[14:]) {
 			t.Errorf("inner changed")
 		}
 		// A reply to a client that reached the VM at new ip uses new ip.
@@ -441,15 +480,26 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 	})
 }
 
-func ipip(t *testing.T, src, dst netip.Addr, inner []byte) []byte {
+// tunnel wraps the IPv4 packet in frame the way the datapath does: outer
+// IPv4 (DF) and UDP to the tunnel port, then the token (testToken).
+func tunnel(t *testing.T, src, dst netip.Addr, inner []byte) []byte {
+	return tunnelWith(t, src, dst, testToken, inner)
+}
+
+func tunnelWith(t *testing.T, src, dst netip.Addr, token uint64, inner []byte) []byte {
 	t.Helper()
 	eth := &layers.Ethernet{SrcMAC: nextHop, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4}
-	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolIPv4, SrcIP: ip4(src), DstIP: ip4(dst), Flags: layers.IPv4DontFragment}
+	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: ip4(src), DstIP: ip4(dst), Flags: layers.IPv4DontFragment}
+	udp := &layers.UDP{SrcPort: 50000, DstPort: tunnelPort}
+	udp.SetNetworkLayerForChecksum(ip)
 	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, gopacket.Payload(inner[14:])); err != nil {
+	payload := binary.NativeEndian.AppendUint64(nil, token)
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, udp, gopacket.Payload(append(payload, inner[14:]...))); err != nil {
 		t.Fatal(err)
 	}
-	return buf.Bytes()
+	b := buf.Bytes()
+	b[14+20+6], b[14+20+7] = 0, 0 // no UDP checksum, as the datapath sends
+	return b
 }
 
 func arpRequest(from net.HardwareAddr, spa, tpa netip.Addr) []byte {
@@ -482,7 +532,7 @@ func TestRestartKeepsState(t *testing.T) {
 		}
 	}
 	must(netns.Do(h.ns, func() error { return first.Attach(Uplink, "u0") }))
-	must(first.SetRedirect(oldIP, hostB, vmMAC, true))
+	must(first.SetRedirect(oldIP, toB, vmMAC, true))
 	first.Close() // the daemon dies
 
 	links, _ := os.ReadDir(pin)
@@ -504,9 +554,12 @@ func TestRestartKeepsState(t *testing.T) {
 		Peer, Mode uint32
 		Mac        [6]byte
 		Pad        [2]byte
+		Token      uint64
 	}
-	must(second.objs.Redirects.Lookup(be32(oldIP), &r))
-	if r.Mode != 1 || r.Peer != be32(hostB) {
+	old, _ := be32(oldIP)
+	peer, _ := be32(hostB)
+	must(second.objs.Redirects.Lookup(old, &r))
+	if r.Mode != 1 || r.Peer != peer {
 		t.Fatalf("redirect after restart: %+v", r)
 	}
 	must(netns.Do(h.ns, func() error { return second.Attach(Uplink, "u0") }))
@@ -546,10 +599,10 @@ func TestLegacyAttach(t *testing.T) {
 func hostBWithVM(t *testing.T) *testHost {
 	t.Helper()
 	b := newTestHost(t, hostB)
-	if err := b.dp.SetPeer(hostA, true); err != nil {
+	if err := b.dp.SetPeer(toA, true); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.dp.SetVM(VM{OldIP: oldIP, NewIP: newIP, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC, Tap: b.ifi.Index, Peer: hostA}); err != nil {
+	if err := b.dp.SetVM(VM{OldIP: oldIP, NewIP: newIP, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC, Tap: b.ifi.Index, Peer: hostA, Token: testToken}); err != nil {
 		t.Fatal(err)
 	}
 	return b
@@ -628,11 +681,11 @@ func TestSharedTuplesAtNAT(t *testing.T) {
 			}
 			// 1. The flow through the tunnel, and the VM's answer.
 			in := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: c.proto, sport: c.port, dport: 7, ack: true, payload: 10})
-			if ret, out := b.run(t, up, ipip(t, hostA, hostB, in)); ret != actRedirect || !bytes.Equal(out[14:], in[14:]) {
+			if ret, out := b.run(t, up, tunnel(t, hostA, hostB, in)); ret != actRedirect || !bytes.Equal(out[14:], in[14:]) {
 				t.Fatalf("tunnel flow: ret %d", ret)
 			}
 			back := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: c.proto, sport: 7, dport: c.port, ack: true, fin: c.fin, srcMAC: vmMAC, echoReply: true})
-			if ret, out := b.run(t, vmProg, back); ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], back[14:]) {
+			if ret, out := b.run(t, vmProg, back); ret != actRedirect || out[14+9] != tunnelProto || !bytes.Equal(out[14+tunnelOverhead:], back[14:]) {
 				t.Fatalf("tunnel flow's answer not tunnelled unchanged: ret %d", ret)
 			}
 			// 2. The same client port to new_ip: translated.
@@ -667,7 +720,7 @@ func TestSharedTuplesAtNAT(t *testing.T) {
 			}
 			wantRewritten(t, "snat", out, reply, newIP, clientIP, sport, c.port)
 			// 4. The tunnel flow still goes its way, untranslated.
-			if ret, out := b.run(t, vmProg, back); ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], back[14:]) {
+			if ret, out := b.run(t, vmProg, back); ret != actRedirect || out[14+9] != tunnelProto || !bytes.Equal(out[14+tunnelOverhead:], back[14:]) {
 				t.Fatalf("tunnel flow after the NAT flow: ret %d", ret)
 			}
 		})
@@ -683,7 +736,7 @@ func TestSharedTuplesAtNAT(t *testing.T) {
 		}
 		wantRewritten(t, "dnat", out, syn, clientIP, oldIP, Q, 8) // its own port: free
 		in := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolTCP, sport: Q, dport: 8, syn: true})
-		ret, out = b.run(t, up, ipip(t, hostA, hostB, in))
+		ret, out = b.run(t, up, tunnel(t, hostA, hostB, in))
 		if ret != actRedirect {
 			t.Fatalf("tunnel: ret %d", ret)
 		}
@@ -694,10 +747,10 @@ func TestSharedTuplesAtNAT(t *testing.T) {
 		wantRewritten(t, "tunnel", out, in, clientIP, oldIP, gp, 8)
 		back := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolTCP, sport: 8, dport: gp, syn: true, ack: true, srcMAC: vmMAC})
 		ret, out = b.run(t, vmProg, back)
-		if ret != actRedirect || out[14+9] != 4 {
+		if ret != actRedirect || out[14+9] != tunnelProto {
 			t.Fatalf("reply: ret %d, not tunnelled", ret)
 		}
-		wantRewritten(t, "tunnel back (inner)", append(make([]byte, 14), out[34:]...), back, oldIP, clientIP, 8, Q)
+		wantRewritten(t, "tunnel back (inner)", append(make([]byte, 14), out[14+tunnelOverhead:]...), back, oldIP, clientIP, 8, Q)
 	})
 	c, _ := b.dp.Stats(oldIP)
 	if c["nat_port_translated"] != 5 {
@@ -752,14 +805,14 @@ func checkIPHeader(t *testing.T, what string, b []byte) {
 func TestFragments(t *testing.T) {
 	a := newTestHost(t, hostA)
 	upA, _ := a.dp.Programs()
-	a.dp.SetPeer(hostB, true)
-	a.dp.SetRedirect(oldIP, hostB, vmMAC, true)
+	a.dp.SetPeer(toB, true)
+	a.dp.SetRedirect(oldIP, toB, vmMAC, true)
 	dgram := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolUDP, sport: 5000, dport: 53, payload: 300})
 	f1, f2 := fragments(t, dgram, 160)
 	t.Run("tunnelled to the peer", func(t *testing.T) {
 		for i, f := range [][]byte{f1, f2} {
 			ret, out := a.run(t, upA, f)
-			if ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], f[14:]) {
+			if ret != actRedirect || out[14+9] != tunnelProto || !bytes.Equal(out[14+tunnelOverhead:], f[14:]) {
 				t.Fatalf("fragment %d: ret %d, not tunnelled unchanged", i+1, ret)
 			}
 			checkIPHeader(t, "outer", out[14:])
@@ -770,7 +823,7 @@ func TestFragments(t *testing.T) {
 	upB, vmB := b.dp.Programs()
 	t.Run("delivered from the tunnel", func(t *testing.T) {
 		for i, f := range [][]byte{f1, f2} {
-			ret, out := b.run(t, upB, ipip(t, hostA, hostB, f))
+			ret, out := b.run(t, upB, tunnel(t, hostA, hostB, f))
 			if ret != actRedirect || !bytes.Equal(out[14:], f[14:]) {
 				t.Fatalf("fragment %d: ret %d", i+1, ret)
 			}
@@ -807,12 +860,12 @@ func TestFragments(t *testing.T) {
 		whole := reassemble(o1[14:], o2[14:])
 		wantRewritten(t, "NAT answer reassembled", append(make([]byte, 14), whole...), ans, newIP, clientIP, 53, 5002)
 		// A flow through the tunnel: both fragments go back through it.
-		b.run(t, upB, ipip(t, hostA, hostB, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolUDP, sport: 5003, dport: 53})))
+		b.run(t, upB, tunnel(t, hostA, hostB, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolUDP, sport: 5003, dport: 53})))
 		ans = frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolUDP, sport: 53, dport: 5003, payload: 1200, srcMAC: vmMAC})
 		h1, h2 = fragments(t, ans, 600)
 		for i, h := range [][]byte{h1, h2} {
 			ret, out := b.run(t, vmB, h)
-			if ret != actRedirect || out[14+9] != 4 || !bytes.Equal(out[34:], h[14:]) {
+			if ret != actRedirect || out[14+9] != tunnelProto || !bytes.Equal(out[14+tunnelOverhead:], h[14:]) {
 				t.Fatalf("tunnel answer fragment %d: ret %d, not tunnelled unchanged", i+1, ret)
 			}
 		}
@@ -850,7 +903,7 @@ func TestICMPErrorsOnTranslatedFlows(t *testing.T) {
 			const P = 41234
 			// A flow through the tunnel holds client:P -> old_ip:80, so the
 			// NAT flow from P gets another port P2.
-			b.run(t, up, ipip(t, hostA, hostB, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: proto, sport: P, dport: 80, ack: true})))
+			b.run(t, up, tunnel(t, hostA, hostB, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: proto, sport: P, dport: 80, ack: true})))
 			cl := frame(t, pktSpec{src: clientIP, dst: newIP, proto: proto, sport: P, dport: 80, syn: true, payload: 20, df: true})
 			_, out := b.run(t, up, cl)
 			p2, _ := l4ports(out[14:])
@@ -897,7 +950,7 @@ func TestICMPErrorsOnTranslatedFlows(t *testing.T) {
 			// An error about the tunnel flow goes back through the tunnel.
 			tunErr := icmpError(t, oldIP, clientIP, 3, 3, 0, frame(t, pktSpec{src: clientIP, dst: oldIP, proto: proto, sport: P, dport: 80, ack: true})[14:], vmMAC)
 			ret, got = b.run(t, vmProg, tunErr)
-			if ret != actRedirect || got[14+9] != 4 || !bytes.Equal(got[34:], tunErr[14:]) {
+			if ret != actRedirect || got[14+9] != tunnelProto || !bytes.Equal(got[14+tunnelOverhead:], tunErr[14:]) {
 				t.Fatalf("error about the tunnel flow: ret %d, not tunnelled unchanged", ret)
 			}
 		})
@@ -943,8 +996,8 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 func TestTooBigWithoutDF(t *testing.T) {
 	a := newTestHost(t, hostA)
 	up, _ := a.dp.Programs()
-	a.dp.SetPeer(hostB, true)
-	a.dp.SetRedirect(oldIP, hostB, vmMAC, true)
+	a.dp.SetPeer(toB, true)
+	a.dp.SetRedirect(oldIP, toB, vmMAC, true)
 	read := a.capture(t, "u1")
 	for _, c := range []struct {
 		proto   layers.IPProtocol
@@ -1013,4 +1066,73 @@ func TestRefusesBigTCP(t *testing.T) {
 		t.Fatalf("attach with gro_ipv4_max_size 65536: %v", err)
 	}
 	netns.Do(h.ns, func() error { return h.dp.Detach("u0") })
+}
+
+// TestPeersRetired: a peer's token is accepted while its migration lasts;
+// once its last migration is drained the address is forgotten (its packets
+// are no longer the datapath's business), and a second migration with the
+// same peer keeps its own token working when the first one ends.
+func TestPeersRetired(t *testing.T) {
+	a := newTestHost(t, hostA)
+	up, _ := a.dp.Programs()
+	inner := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolUDP, sport: 53, dport: 5353})
+	second := Tunnel{Peer: hostB, Token: testToken + 7}
+	for _, tun := range []Tunnel{toB, second} {
+		if err := a.dp.SetPeer(tun, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := func(what string, token uint64, ret uint32) {
+		t.Helper()
+		if got, _ := a.run(t, up, tunnelWith(t, hostB, hostA, token, inner)); got != ret {
+			t.Errorf("%s: token %#x: ret %d, want %d", what, token, got, ret)
+		}
+	}
+	want("both migrations", testToken, actRedirect)
+	want("both migrations", second.Token, actRedirect)
+	if err := a.dp.SetPeer(toB, false); err != nil {
+		t.Fatal(err)
+	}
+	want("first drained", testToken, actShot)
+	want("first drained", second.Token, actRedirect)
+	if err := a.dp.SetPeer(second, false); err != nil {
+		t.Fatal(err)
+	}
+	want("both drained", second.Token, actOK)
+	var k bpf.DatapathPeerKey
+	var v uint32
+	if a.dp.objs.Peers.Iterate().Next(&k, &v) {
+		t.Errorf("peers left after the last migration: %+v", k)
+	}
+	if err := a.dp.SetPeer(Tunnel{Peer: hostB}, true); err == nil {
+		t.Errorf("token 0 accepted")
+	}
+}
+
+// TestIPv6Refused: IPv6 addresses are refused with an error naming them,
+// never a panic (the datapath is IPv4 only).
+func TestIPv6Refused(t *testing.T) {
+	a := newTestHost(t, hostA)
+	v6 := netip.MustParseAddr("2001:db8::10")
+	for name, err := range map[string]error{
+		"SetRedirect":      a.dp.SetRedirect(v6, toB, vmMAC, false),
+		"SetRedirect peer": a.dp.SetRedirect(oldIP, Tunnel{Peer: v6, Token: 1}, vmMAC, false),
+		"SetVM":            a.dp.SetVM(VM{OldIP: v6, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC}),
+		"SetVM new":        a.dp.SetVM(VM{OldIP: oldIP, NewIP: v6, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC}),
+		"SetPeer":          a.dp.SetPeer(Tunnel{Peer: v6, Token: 1}, true),
+		"RemoveVM":         a.dp.RemoveVM(v6, netip.Addr{}),
+	} {
+		if err == nil || !strings.Contains(err.Error(), `"2001:db8::10": want IPv4`) {
+			t.Errorf("%s: %v, want an error naming the IPv6 address", name, err)
+		}
+	}
+	if _, err := a.dp.Stats(v6); err == nil {
+		t.Errorf("Stats of an IPv6 address: no error")
+	}
+	if _, _, err := a.dp.Idle(v6); err == nil {
+		t.Errorf("Idle of an IPv6 address: no error")
+	}
+	if _, err := Load(Options{LocalIP: v6}); err == nil {
+		t.Errorf("Load with an IPv6 local address: no error")
+	}
 }
