@@ -33,6 +33,24 @@ static __always_inline int deliver(struct __sk_buff *skb, struct vm *v, __u32 ke
 	return bpf_redirect(v->ifindex, 0);
 }
 
+/* note_flow records, on the old host before the switch, a flow to VM
+ * vm_ip (p: a packet from the client), refreshing it in place when known
+ * (one lookup); datapath.MoveFlows hands them to the new host, so its NAT
+ * gives no new flow a tuple the guest still holds (open, or in TIME_WAIT). */
+static __always_inline void note_flow(const struct pkt *p, __u32 vm_ip)
+{
+	struct flow_key k = {};
+	__u64 now = bpf_ktime_get_ns();
+	guest_key(&k, p, vm_ip, 0);
+	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f) {
+		flow_touch(f, p, now);
+		return;
+	}
+	struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = closing_flags(p)};
+	bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
+}
+
 /* track_tunnel_flow records, on the new host, a flow that reached VM
  * vm_ip through the tunnel (p: the decapsulated packet), so no NAT flow
  * takes its guest 4-tuple. If a NAT flow holds that tuple, the client's
@@ -169,10 +187,14 @@ int uplink_ingress(struct __sk_buff *skb)
 	}
 
 	struct redirect *r = bpf_map_lookup_elem(&redirects, &p.daddr);
-	if (r && r->mode == REDIRECT_ON) {
-		__u32 key = p.daddr;
-		count_pkt(key, C_ENCAP_PKTS, skb->len, 1);
-		return encap_to(skb, &p, key, r->peer, r->token, local_ip);
+	if (r) {
+		if (r->mode == REDIRECT_ON) {
+			__u32 key = p.daddr;
+			count_pkt(key, C_ENCAP_PKTS, skb->len, 1);
+			return encap_to(skb, &p, key, r->peer, r->token, local_ip);
+		}
+		if (p.has_ports)
+			note_flow(&p, p.daddr);
 	}
 
 	__u32 *old = bpf_map_lookup_elem(&nat, &p.daddr);

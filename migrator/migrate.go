@@ -594,6 +594,13 @@ func (r *run) memory(ctx context.Context) error {
 	})
 	r.rep.Runtime = res
 	r.rep.Pause = res.Downtime
+	if err == nil {
+		// The flows host A saw before the switch, for host B's NAT (so no
+		// new client flow gets a tuple the guest still holds).
+		if _, merr := datapath.MoveFlows(a, p.Dest.dp, p.OldIP); merr != nil {
+			p.Log.Warn("move flows to the destination", "err", merr)
+		}
+	}
 	return err
 }
 

@@ -545,3 +545,63 @@ func ignoreNotExist(err error) error {
 func (d *Datapath) Programs() (uplink, vm *ebpf.Program) {
 	return d.objs.UplinkIngress, d.objs.VmIngress
 }
+
+// MoveFlows hands the flows of VM vmIP that host from saw before the switch
+// (its redirect off: every client packet for the VM passed it) to host to,
+// and forgets them at from. The new host's NAT then gives no new client
+// flow a guest 4-tuple that the guest still holds: open, or in TIME_WAIT
+// after closing at the old site. Ages are carried, not timestamps (each
+// host has its own monotonic clock). Call it once the redirect is on, before
+// clients learn the new address. Returns how many flows moved.
+func MoveFlows(from, to *Datapath, vmIP netip.Addr) (int, error) {
+	vm, err := be32(vmIP)
+	if err != nil {
+		return 0, fmt.Errorf("datapath: move flows: %w", err)
+	}
+	type aged struct {
+		k   bpf.DatapathFlowKey
+		f   bpf.DatapathFlow
+		age uint64
+	}
+	now, err := monoNow()
+	if err != nil {
+		return 0, err
+	}
+	var moved []aged
+	var k bpf.DatapathFlowKey
+	var f bpf.DatapathFlow
+	it := from.objs.Flows.Iterate()
+	for it.Next(&k, &f) {
+		if k.VmIp == vm && f.Nat == 0 && f.LastNs <= now {
+			moved = append(moved, aged{k, f, now - f.LastNs})
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("datapath: move flows of %s: %w", vmIP, err)
+	}
+	if now, err = monoNow(); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, m := range moved {
+		m.f.LastNs = now - min(m.age, now)
+		err := to.objs.Flows.Update(m.k, m.f, ebpf.UpdateNoExist) // what the new host saw itself wins
+		if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+			return n, fmt.Errorf("datapath: move flows of %s: %w", vmIP, err)
+		}
+		n++
+		if err := ignoreNotExist(from.objs.Flows.Delete(m.k)); err != nil {
+			return n, fmt.Errorf("datapath: move flows of %s: %w", vmIP, err)
+		}
+	}
+	return n, nil
+}
+
+// monoNow is CLOCK_MONOTONIC in nanoseconds: bpf_ktime_get_ns's clock.
+func monoNow() (uint64, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, fmt.Errorf("datapath: clock: %w", err)
+	}
+	return uint64(ts.Nano()), nil
+}

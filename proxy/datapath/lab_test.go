@@ -377,8 +377,9 @@ func tcpCounters(t *testing.T, ns string) map[string]int64 {
 // through the move, then connects from P to new_ip too: inside the VM both
 // would be client:P -> old_ip; host B translates the second one's port, and
 // both keep echoing for 10 s. (2) 20 connections to new_ip from ports just
-// used toward old_ip (whose sockets the VM holds in TIME_WAIT): none meets
-// the TIME_WAIT socket, so the client sends no reset and no SYN again.
+// used toward old_ip (whose sockets the VM holds in TIME_WAIT), before the
+// move (host A noted them, MoveFlows handed them over) and after it: none
+// meets the TIME_WAIT socket, so the client sends no reset and no SYN again.
 func TestSharedTuples(t *testing.T) {
 	l := labtest.New(t, lab.Config{})
 	ctx := context.Background()
@@ -409,12 +410,38 @@ func TestSharedTuples(t *testing.T) {
 	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
 	must(t, dpB.SetPeer(toA, true))
 
+	// call9003 connects from port p to addr:9003 and returns what the VM
+	// saw as the caller (it closes first: its socket goes to TIME_WAIT).
+	call9003 := func(p uint16, to netip.Addr) string {
+		t.Helper()
+		c, err := dialFrom(l.NS(lab.Client), p, netip.AddrPortFrom(to, 9003))
+		if err != nil {
+			t.Fatalf("connect from port %d to %s: %v", p, to, err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		line, err := io.ReadAll(c)
+		c.Close()
+		if err != nil {
+			t.Fatalf("from port %d to %s: %v", p, to, err)
+		}
+		return strings.TrimSpace(string(line))
+	}
+	// Ports used toward old_ip before the move (host A notes them)...
+	seen := map[string]string{}
+	for i := range 20 {
+		p := uint16(45000 + i)
+		seen[fmt.Sprintf("%d->%s", p, lab.OldIP)] = call9003(p, lab.OldIP)
+	}
+
 	const port = 47007
 	oldC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.OldIP, 9002))
 	must(t, err)
 	defer oldC.Close()
 	must(t, echo(oldC, "before the move"))
 	moveNSVM(t, l, vm, dpA, dpB, token)
+	moved, err := datapath.MoveFlows(dpA, dpB, lab.OldIP)
+	must(t, err)
+	t.Logf("%d flows moved from host A to host B", moved)
 	must(t, echo(oldC, "after the move"))
 
 	newC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.NewIP, 9002))
@@ -430,43 +457,37 @@ func TestSharedTuples(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
-	// (2) Ports used toward old_ip, then toward new_ip.
+	// (2) ...and after it (host B sees them through the tunnel); then each
+	// of the 40 ports toward new_ip.
 	before := tcpCounters(t, l.NS(lab.Client))
-	seen := map[string]string{}
 	for i := range 20 {
 		p := uint16(46000 + i)
-		for _, to := range []netip.Addr{lab.OldIP, lab.NewIP} {
-			c, err := dialFrom(l.NS(lab.Client), p, netip.AddrPortFrom(to, 9003))
-			if err != nil {
-				t.Fatalf("connect from port %d to %s: %v", p, to, err)
-			}
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			line, err := io.ReadAll(c)
-			c.Close()
-			if err != nil {
-				t.Fatalf("from port %d to %s: %v", p, to, err)
-			}
-			seen[fmt.Sprintf("%d->%s", p, to)] = strings.TrimSpace(string(line))
+		seen[fmt.Sprintf("%d->%s", p, lab.OldIP)] = call9003(p, lab.OldIP)
+	}
+	for i := range 20 {
+		for _, p := range []uint16{uint16(45000 + i), uint16(46000 + i)} {
+			seen[fmt.Sprintf("%d->%s", p, lab.NewIP)] = call9003(p, lab.NewIP)
 		}
 	}
 	after := tcpCounters(t, l.NS(lab.Client))
 	for _, k := range []string{"TcpExt:TCPSynRetrans", "Tcp:OutRsts", "Tcp:RetransSegs"} {
 		if d := after[k] - before[k]; d != 0 {
-			t.Errorf("client %s went up by %d over the 40 connections (want 0)", k, d)
+			t.Errorf("client %s went up by %d over the 60 connections (want 0)", k, d)
 		}
 	}
 	// The VM saw each new_ip connection from a port of its own: the old
 	// one's TIME_WAIT tuple was not reused.
 	for i := range 20 {
-		p := uint16(46000 + i)
-		o, n := seen[fmt.Sprintf("%d->%s", p, lab.OldIP)], seen[fmt.Sprintf("%d->%s", p, lab.NewIP)]
-		if o != fmt.Sprintf("%s:%d", lab.ClientIP, p) || n == o || !strings.HasPrefix(n, lab.ClientIP.String()+":") {
-			t.Errorf("port %d: VM saw %q via old_ip and %q via new_ip", p, o, n)
+		for _, p := range []uint16{uint16(45000 + i), uint16(46000 + i)} {
+			o, n := seen[fmt.Sprintf("%d->%s", p, lab.OldIP)], seen[fmt.Sprintf("%d->%s", p, lab.NewIP)]
+			if o != fmt.Sprintf("%s:%d", lab.ClientIP, p) || n == o || !strings.HasPrefix(n, lab.ClientIP.String()+":") {
+				t.Errorf("port %d: VM saw %q via old_ip and %q via new_ip", p, o, n)
+			}
 		}
 	}
 	cb, _ := dpB.Stats(lab.OldIP)
 	t.Logf("host B counters: %v", nonzero(cb))
-	if cb["nat_port_translated"] < 21 {
-		t.Errorf("host B translated %d client ports, want >= 21", cb["nat_port_translated"])
+	if cb["nat_port_translated"] < 41 {
+		t.Errorf("host B translated %d client ports, want >= 41", cb["nat_port_translated"])
 	}
 }

@@ -1136,3 +1136,38 @@ func TestIPv6Refused(t *testing.T) {
 		t.Errorf("Load with an IPv6 local address: no error")
 	}
 }
+
+// TestFlowsMovedFromOldHost: before the switch host A notes the VM's flows
+// (a client's connection closed there, the VM holding it in TIME_WAIT);
+// MoveFlows hands them to host B, whose NAT then gives a new flow from the
+// same client port another port.
+func TestFlowsMovedFromOldHost(t *testing.T) {
+	a := newTestHost(t, hostA)
+	upA, _ := a.dp.Programs()
+	a.dp.SetPeer(toB, true)
+	a.dp.SetRedirect(oldIP, toB, vmMAC, false)
+	const P = 45001
+	fin := frame(t, pktSpec{src: clientIP, dst: oldIP, proto: layers.IPProtocolTCP, sport: P, dport: 7, ack: true, fin: true})
+	if ret, out := a.run(t, upA, fin); ret != actOK || !bytes.Equal(out, fin) {
+		t.Fatalf("redirect off: ret %d, changed %v", ret, !bytes.Equal(out, fin))
+	}
+	b := hostBWithVM(t)
+	upB, _ := b.dp.Programs()
+	n, err := MoveFlows(a.dp, b.dp, oldIP)
+	if err != nil || n != 1 {
+		t.Fatalf("MoveFlows: %d, %v; want 1 flow", n, err)
+	}
+	if n, _ := MoveFlows(a.dp, b.dp, oldIP); n != 0 {
+		t.Errorf("host A kept %d flows after moving them", n)
+	}
+	syn := frame(t, pktSpec{src: clientIP, dst: newIP, proto: layers.IPProtocolTCP, sport: P, dport: 7, syn: true})
+	ret, out := b.run(t, upB, syn)
+	if ret != actRedirect {
+		t.Fatalf("ret %d", ret)
+	}
+	gp, _ := l4ports(out[14:])
+	if gp == P {
+		t.Fatalf("new flow from port %d reached the VM on the tuple it holds in TIME_WAIT", P)
+	}
+	wantRewritten(t, "dnat", out, syn, clientIP, oldIP, gp, 7)
+}
