@@ -189,7 +189,8 @@ static __always_inline int xlate_quote(struct __sk_buff *skb, struct icmp_quote 
 		d = bpf_csum_diff((__be32 *)&q->l4[0], 4, (__be32 *)&n.l4[0], 4, (__wsum)d);
 		__u16 c;
 		__builtin_memcpy(&c, &q->l4[6], 2);
-		c = csum_fold((__u32)d + (__u16)~c);
+		__u64 sum = (__u32)d + (__u64)(__u16)~c;
+		c = csum_fold((__u32)((sum & 0xffff) + (sum >> 16)));
 		if (c == 0)
 			c = 0xffff;
 		__builtin_memcpy(&n.l4[6], &c, 2);
