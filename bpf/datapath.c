@@ -80,6 +80,24 @@ static __always_inline int track_tunnel_flow(struct __sk_buff *skb, struct pkt *
 	return 0;
 }
 
+/* tunnel_icmp_error: an ICMP error through the tunnel about a packet the
+ * VM sent on a tunnel flow whose client port was translated (it met a NAT
+ * flow's tuple) quotes the client's own port; the VM must see its own.
+ * Returns 0 on success (or nothing to do). */
+static __always_inline int tunnel_icmp_error(struct __sk_buff *skb, struct pkt *p)
+{
+	struct icmp_quote q;
+	__u16 qs, qd;
+	if (load_quote(skb, &q, &qs, &qd) || q.ip.saddr != p->daddr)
+		return 0;
+	struct flow_key ck = {.vm_ip = p->daddr, .remote_ip = q.ip.daddr, .vm_port = qs, .remote_port = qd,
+			      .proto = q.ip.protocol, .via = VIA_TUNNEL};
+	__u16 *gp = bpf_map_lookup_elem(&nat_ports, &ck);
+	if (!gp || *gp == qd)
+		return 0;
+	return xlate_quote(skb, &q, 1, q.ip.saddr, *gp);
+}
+
 static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
 {
 	__u32 len = skb->len;
@@ -94,6 +112,8 @@ static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
 	if (v) {
 		if (p.has_ports && track_tunnel_flow(skb, &p, p.daddr))
 			return TC_ACT_SHOT;
+		if (is_icmp_error(skb, &p) && tunnel_icmp_error(skb, &p))
+			return drop(key, C_DROP_ERROR);
 		return deliver(skb, v, key);
 	}
 	/* The old host relays the moved VM's replies to their clients. */

@@ -751,6 +751,18 @@ func TestSharedTuplesAtNAT(t *testing.T) {
 			t.Fatalf("reply: ret %d, not tunnelled", ret)
 		}
 		wantRewritten(t, "tunnel back (inner)", append(make([]byte, 14), out[14+tunnelOverhead:]...), back, oldIP, clientIP, 8, Q)
+		// A router's error about that packet, through the tunnel: the VM
+		// sees it quote its own packet (the translated port).
+		router := netip.MustParseAddr("10.0.9.1")
+		fn := icmpError(t, router, oldIP, 3, 4, 1400, out[14+tunnelOverhead:], nil)
+		ret, got := b.run(t, up, tunnel(t, hostA, hostB, fn))
+		if ret != actRedirect {
+			t.Fatalf("frag-needed through the tunnel: ret %d", ret)
+		}
+		checkIPv4(t, "frag-needed to the VM", got[14:])
+		if q := got[42:70]; !bytes.Equal(q, back[14:42]) {
+			t.Errorf("quoted packet\n got % x\nwant % x (the VM's own)", q, back[14:42])
+		}
 	})
 	c, _ := b.dp.Stats(oldIP)
 	if c["nat_port_translated"] != 5 {
