@@ -5,7 +5,8 @@
  *
  * uplink_ingress, on each host's WAN-facing interface:
  *   - ARP for a redirected old address or a new address: answer it.
- *   - IPIP from a known peer to us: decapsulate; deliver to the local VM it
+ *   - tunnel packets (UDP to TUNNEL_PORT) from a peer with a migration's
+ *     token: decapsulate; deliver to the local VM it
  *     is for, or forward it (the old host relaying the VM's replies).
  *   - to an old address with its redirect on (old host): tunnel to the peer.
  *   - to a new address (new host): rewrite to the old address, deliver.
@@ -15,9 +16,10 @@
  *     connections leave with source new_ip; everything else goes back
  *     through the tunnel while the VM has a peer, so connections made
  *     before the move keep their address end to end.
- * Anything not understood (not IPv4, IP options, fragments, truncated) is
- * passed on untouched. */
+ * Anything not understood (not IPv4, IP options, truncated) is passed on
+ * untouched. Fragments follow their datagram (nat.h: frag_ports). */
 #include "encap.h"
+#include "nat.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -31,23 +33,69 @@ static __always_inline int deliver(struct __sk_buff *skb, struct vm *v, __u32 ke
 	return bpf_redirect(v->ifindex, 0);
 }
 
-static __always_inline void learn(struct pkt *p, __u32 vm_ip, int from_vm)
+/* note_flow records, on the old host before the switch, a flow to VM
+ * vm_ip (p: a packet from the client), refreshing it in place when known
+ * (one lookup); datapath.MoveFlows hands them to the new host, so its NAT
+ * gives no new flow a tuple the guest still holds (open, or in TIME_WAIT). */
+static __always_inline void note_flow(const struct pkt *p, __u32 vm_ip)
 {
 	struct flow_key k = {};
 	__u64 now = bpf_ktime_get_ns();
-	k.vm_ip = vm_ip;
-	k.proto = p->proto;
-	k.remote_ip = from_vm ? p->daddr : p->saddr;
-	k.vm_port = from_vm ? p->sport : p->dport;
-	k.remote_port = from_vm ? p->dport : p->sport;
-	/* Per packet on the NAT path: refresh a known flow in place (the lookup
-	 * also marks it used for the LRU); insert only new ones. */
-	__u64 *seen = bpf_map_lookup_elem(&flows, &k);
-	if (seen) {
-		*seen = now;
+	guest_key(&k, p, vm_ip, 0);
+	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f) {
+		flow_touch(f, p, now);
 		return;
 	}
-	bpf_map_update_elem(&flows, &k, &now, BPF_NOEXIST);
+	struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = closing_flags(p)};
+	bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
+}
+
+/* track_tunnel_flow records, on the new host, a flow that reached VM
+ * vm_ip through the tunnel (p: the decapsulated packet), so no NAT flow
+ * takes its guest 4-tuple. If a NAT flow holds that tuple, the client's
+ * port is translated as for a NAT flow. The common case is one lookup.
+ * Returns 0, or -1 to drop the packet. */
+static __always_inline int track_tunnel_flow(struct __sk_buff *skb, struct pkt *p, __u32 vm_ip)
+{
+	struct flow_key k = {};
+	__u64 now = bpf_ktime_get_ns();
+	guest_key(&k, p, vm_ip, 0);
+	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f && !f->nat && f->remote_port == p->sport) {
+		flow_touch(f, p, now);
+		return 0;
+	}
+	if (!f) {
+		struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = closing_flags(p)};
+		bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
+		return 0;
+	}
+	/* The tuple is another flow's: this one gets a port of its own. */
+	k.via = VIA_TUNNEL;
+	__u16 *gp = bpf_map_lookup_elem(&nat_ports, &k);
+	__u16 port = gp ? *gp : new_flow(&k, p, now);
+	if (!port || rewrite_port(skb, p, 1, port))
+		return drop(vm_ip, C_DROP_CLASH);
+	return 0;
+}
+
+/* tunnel_icmp_error: an ICMP error through the tunnel about a packet the
+ * VM sent on a tunnel flow whose client port was translated (it met a NAT
+ * flow's tuple) quotes the client's own port; the VM must see its own.
+ * Returns 0 on success (or nothing to do). */
+static __always_inline int tunnel_icmp_error(struct __sk_buff *skb, struct pkt *p)
+{
+	struct icmp_quote q;
+	__u16 qs, qd;
+	if (load_quote(skb, &q, &qs, &qd) || q.ip.saddr != p->daddr)
+		return 0;
+	struct flow_key ck = {.vm_ip = p->daddr, .remote_ip = q.ip.daddr, .vm_port = qs, .remote_port = qd,
+			      .proto = q.ip.protocol, .via = VIA_TUNNEL};
+	__u16 *gp = bpf_map_lookup_elem(&nat_ports, &ck);
+	if (!gp || *gp == qd)
+		return 0;
+	return xlate_quote(skb, &q, 1, q.ip.saddr, *gp);
 }
 
 static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
@@ -61,8 +109,13 @@ static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
 	struct vm *v = bpf_map_lookup_elem(&vms, &p.daddr);
 	__u32 key = v ? p.daddr : p.saddr;
 	count_pkt(key, C_DECAP_PKTS, len, 0);
-	if (v)
+	if (v) {
+		if (p.has_ports && track_tunnel_flow(skb, &p, p.daddr))
+			return TC_ACT_SHOT;
+		if (is_icmp_error(skb, &p) && tunnel_icmp_error(skb, &p))
+			return drop(key, C_DROP_ERROR);
 		return deliver(skb, v, key);
+	}
 	/* The old host relays the moved VM's replies to their clients. */
 	return fib_redirect(skb, key, p.saddr, p.daddr);
 }
@@ -145,14 +198,23 @@ int uplink_ingress(struct __sk_buff *skb)
 	struct pkt p;
 	if (!parse_ipv4(skb, &p))
 		return TC_ACT_OK;
-	if (p.proto == IPPROTO_IPIP_ && p.daddr == local_ip && bpf_map_lookup_elem(&peers, &p.saddr))
-		return from_peer(skb, &p);
+	if (p.proto == IPPROTO_UDP && p.dport == bpf_htons(TUNNEL_PORT) && p.daddr == local_ip) {
+		int t = tunnel_check(skb, &p);
+		if (t == TUNNEL_OK)
+			return from_peer(skb, &p);
+		if (t == TUNNEL_SPOOFED)
+			return TC_ACT_SHOT;
+	}
 
 	struct redirect *r = bpf_map_lookup_elem(&redirects, &p.daddr);
-	if (r && r->mode == REDIRECT_ON) {
-		__u32 key = p.daddr;
-		count_pkt(key, C_ENCAP_PKTS, skb->len, 1);
-		return encap_to(skb, &p, key, r->peer, local_ip);
+	if (r) {
+		if (r->mode == REDIRECT_ON) {
+			__u32 key = p.daddr;
+			count_pkt(key, C_ENCAP_PKTS, skb->len, 1);
+			return encap_to(skb, &p, key, r->peer, r->token, local_ip);
+		}
+		if (p.has_ports)
+			note_flow(&p, p.daddr);
 	}
 
 	__u32 *old = bpf_map_lookup_elem(&nat, &p.daddr);
@@ -161,8 +223,32 @@ int uplink_ingress(struct __sk_buff *skb)
 		struct vm *v = bpf_map_lookup_elem(&vms, &old_ip);
 		if (!v)
 			return TC_ACT_OK;
-		if (p.has_ports)
-			learn(&p, old_ip, 0);
+		if (is_icmp_error(skb, &p)) {
+			/* About a packet the VM sent from new_ip: it must learn
+			 * of it as of its own packet, from old_ip to the port
+			 * it used. */
+			struct icmp_quote q;
+			__u16 qs, qd;
+			if (!load_quote(skb, &q, &qs, &qd) && q.ip.saddr == p.daddr) {
+				struct flow_key ck = {.vm_ip = old_ip, .remote_ip = q.ip.daddr, .vm_port = qs, .remote_port = qd,
+						      .proto = q.ip.protocol};
+				__u16 *gp = bpf_map_lookup_elem(&nat_ports, &ck);
+				if (xlate_quote(skb, &q, 1, old_ip, gp ? *gp : qd))
+					return drop(old_ip, C_DROP_ERROR);
+			}
+		} else if (p.has_ports) {
+			/* The guest must never see two client flows on one
+			 * 4-tuple: a new flow whose tuple is taken gets another
+			 * client port (new_flow). */
+			struct flow_key ck = {};
+			guest_key(&ck, &p, old_ip, 0);
+			__u16 *gp = bpf_map_lookup_elem(&nat_ports, &ck);
+			__u16 port = gp ? *gp : new_flow(&ck, &p, bpf_ktime_get_ns());
+			if (!port)
+				return drop(old_ip, C_DROP_CLASH);
+			if (rewrite_port(skb, &p, 1, port))
+				return drop(old_ip, C_DROP_ERROR);
+		}
 		if (rewrite_addr(skb, &p, 0, old_ip))
 			return drop(old_ip, C_DROP_ERROR);
 		count(old_ip, C_DNAT_PKTS, 1);
@@ -188,6 +274,36 @@ static __always_inline int arp_reply(struct __sk_buff *skb)
 	return arp_answer(skb, &a, v->gw_mac, spa);
 }
 
+/* vm_icmp_error sends a local VM's ICMP error the way the flow it is
+ * about goes: about a NAT flow, from new_ip, quoting the packet as the
+ * client sent it (new_ip, the client's own port); else back through the
+ * tunnel (quoting the client's own port if it was translated). */
+static __always_inline int vm_icmp_error(struct __sk_buff *skb, struct pkt *p, struct vm *v)
+{
+	__u32 key = p->saddr;
+	struct icmp_quote q;
+	__u16 qs, qd;
+	struct flow *f = NULL;
+	if (!load_quote(skb, &q, &qs, &qd) && q.ip.daddr == p->saddr) {
+		struct flow_key k = {.vm_ip = p->saddr, .remote_ip = q.ip.saddr, .vm_port = qd, .remote_port = qs,
+				     .proto = q.ip.protocol};
+		f = bpf_map_lookup_elem(&flows, &k);
+	}
+	if (v->new_ip && ((f && f->nat) || !v->peer)) {
+		__u32 new_ip = v->new_ip;
+		if ((f && xlate_quote(skb, &q, 0, new_ip, f->remote_port)) || rewrite_addr(skb, p, 1, new_ip))
+			return drop(key, C_DROP_ERROR);
+		count(key, C_SNAT_PKTS, 1);
+		return fib_redirect(skb, key, new_ip, p->daddr);
+	}
+	if (!v->peer)
+		return TC_ACT_OK;
+	if (f && f->remote_port != qs && xlate_quote(skb, &q, 0, q.ip.daddr, f->remote_port))
+		return drop(key, C_DROP_ERROR);
+	count(key, C_TUNNEL_BACK_PKTS, 1);
+	return encap_to(skb, p, key, v->peer, v->token, v->gw_ip);
+}
+
 SEC("tc")
 int vm_ingress(struct __sk_buff *skb)
 {
@@ -201,26 +317,46 @@ int vm_ingress(struct __sk_buff *skb)
 	if (!v)
 		return TC_ACT_OK;
 	__u32 key = p.saddr;
-	int nat_flow = 0;
+	if (is_icmp_error(skb, &p))
+		return vm_icmp_error(skb, &p, v);
+	if (p.frag != FRAG_NONE)
+		frag_ports(&p);
+	struct flow *f = NULL;
+	struct flow_key k = {};
 	if (p.has_ports) {
-		struct flow_key k = {};
-		k.vm_ip = p.saddr;
-		k.remote_ip = p.daddr;
-		k.vm_port = p.sport;
-		k.remote_port = p.dport;
-		k.proto = p.proto;
-		nat_flow = bpf_map_lookup_elem(&flows, &k) != NULL;
+		guest_key(&k, &p, p.saddr, 1);
+		f = bpf_map_lookup_elem(&flows, &k);
 	}
 	int new_conn = p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_;
-	if (!nat_flow && !new_conn && v->peer) {
+	__u16 client_port = p.dport;
+	if (new_conn && v->new_ip) {
+		/* The VM's own new connection: a NAT flow, from new_ip. */
+		__u64 now = bpf_ktime_get_ns();
+		struct flow n = {.last_ns = now, .remote_port = p.dport, .nat = 1};
+		struct flow_key ck = k;
+		bpf_map_update_elem(&flows, &k, &n, BPF_ANY);
+		bpf_map_update_elem(&nat_ports, &ck, &p.dport, BPF_ANY);
+	} else if (f) {
+		flow_touch(f, &p, bpf_ktime_get_ns());
+		client_port = f->remote_port;
+		if (!f->nat && v->peer) {
+			if (rewrite_port(skb, &p, 0, client_port))
+				return drop(key, C_DROP_ERROR);
+			count(key, C_TUNNEL_BACK_PKTS, 1);
+			return encap_to(skb, &p, key, v->peer, v->token, v->gw_ip);
+		}
+	} else if (v->peer) {
+		/* Not known as a NAT flow: made before the move, back through the tunnel. */
+		if (p.has_ports) {
+			struct flow n = {.last_ns = bpf_ktime_get_ns(), .remote_port = p.dport, .closing = closing_flags(&p)};
+			bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
+		}
 		count(key, C_TUNNEL_BACK_PKTS, 1);
-		return encap_to(skb, &p, key, v->peer, v->gw_ip);
+		return encap_to(skb, &p, key, v->peer, v->token, v->gw_ip);
 	}
 	if (!v->new_ip)
 		return TC_ACT_OK;
-	if (new_conn)
-		learn(&p, p.saddr, 1);
-	if (rewrite_addr(skb, &p, 1, v->new_ip))
+	if (rewrite_port(skb, &p, 0, client_port) || rewrite_addr(skb, &p, 1, v->new_ip))
 		return drop(key, C_DROP_ERROR);
 	count(key, C_SNAT_PKTS, 1);
 	return fib_redirect(skb, key, v->new_ip, p.daddr);

@@ -15,8 +15,17 @@ import (
 
 type DatapathCounters struct {
 	_      structs.HostLayout
-	C      [15]uint64
+	C      [19]uint64
 	LastNs uint64
+}
+
+type DatapathFlow struct {
+	_          structs.HostLayout
+	LastNs     uint64
+	RemotePort uint16
+	Nat        uint8
+	Closing    uint8
+	Pad        uint32
 }
 
 type DatapathFlowKey struct {
@@ -26,15 +35,39 @@ type DatapathFlowKey struct {
 	VmPort     uint16
 	RemotePort uint16
 	Proto      uint8
-	Pad        [3]uint8
+	Via        uint8
+	Pad        [2]uint8
+}
+
+type DatapathFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type DatapathFragPorts struct {
+	_     structs.HostLayout
+	Sport uint16
+	Dport uint16
+}
+
+type DatapathPeerKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Pad   uint32
+	Token uint64
 }
 
 type DatapathRedirect struct {
-	_    structs.HostLayout
-	Peer uint32
-	Mode uint32
-	Mac  [6]uint8
-	Pad  [2]uint8
+	_     structs.HostLayout
+	Peer  uint32
+	Mode  uint32
+	Mac   [6]uint8
+	Pad   [2]uint8
+	Token uint64
 }
 
 type DatapathVm struct {
@@ -45,6 +78,8 @@ type DatapathVm struct {
 	Ifindex uint32
 	VmMac   [6]uint8
 	GwMac   [6]uint8
+	Pad     [4]uint8
+	Token   uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -53,7 +88,9 @@ type DatapathVm struct {
 const (
 	DatapathMapEgressPorts    = "egress_ports"
 	DatapathMapFlows          = "flows"
+	DatapathMapFrags          = "frags"
 	DatapathMapNat            = "nat"
+	DatapathMapNatPorts       = "nat_ports"
 	DatapathMapPeers          = "peers"
 	DatapathMapRedirects      = "redirects"
 	DatapathMapStats          = "stats"
@@ -115,7 +152,9 @@ type DatapathProgramSpecs struct {
 type DatapathMapSpecs struct {
 	EgressPorts *ebpf.MapSpec `ebpf:"egress_ports"`
 	Flows       *ebpf.MapSpec `ebpf:"flows"`
+	Frags       *ebpf.MapSpec `ebpf:"frags"`
 	Nat         *ebpf.MapSpec `ebpf:"nat"`
+	NatPorts    *ebpf.MapSpec `ebpf:"nat_ports"`
 	Peers       *ebpf.MapSpec `ebpf:"peers"`
 	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
@@ -151,7 +190,9 @@ func (o *DatapathObjects) Close() error {
 type DatapathMaps struct {
 	EgressPorts *ebpf.Map `ebpf:"egress_ports"`
 	Flows       *ebpf.Map `ebpf:"flows"`
+	Frags       *ebpf.Map `ebpf:"frags"`
 	Nat         *ebpf.Map `ebpf:"nat"`
+	NatPorts    *ebpf.Map `ebpf:"nat_ports"`
 	Peers       *ebpf.Map `ebpf:"peers"`
 	Redirects   *ebpf.Map `ebpf:"redirects"`
 	Stats       *ebpf.Map `ebpf:"stats"`
@@ -162,7 +203,9 @@ func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
 		m.EgressPorts,
 		m.Flows,
+		m.Frags,
 		m.Nat,
+		m.NatPorts,
 		m.Peers,
 		m.Redirects,
 		m.Stats,

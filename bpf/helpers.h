@@ -43,12 +43,14 @@ static __always_inline int drop(__u32 ip, enum counter why)
 	return TC_ACT_SHOT;
 }
 
-/* fib_redirect sends the packet (IPv4 from src to dst, Ethernet header in
- * place) out of the interface the FIB picks (or, for a bridge, its uplink
- * port: egress_ports), with the next hop's MAC; if the neighbour is not
- * resolved yet, the kernel resolves it (redirect_neigh).
- * Returns a TC action. */
-static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst)
+/* fib_out looks up the route for src -> dst, writes the next hop's MACs
+ * into the frame and sets *ifindex to the device to send out of (for a
+ * bridge, its uplink port: egress_ports). Returns 0 when ready to send,
+ * FIB_NO_NEIGH if the next hop is not resolved yet (*ifindex set, MACs
+ * not), or -1 (counted) if there is no route or the MACs cannot be
+ * written. */
+#define FIB_NO_NEIGH 1
+static __always_inline int fib_out(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst, __u32 *ifindex)
 {
 	struct bpf_fib_lookup p = {};
 	p.family = AF_INET;
@@ -59,15 +61,36 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 
 	 * segmented to fit later, so only a plain packet's length is given. */
 	p.tot_len = skb->gso_size ? 0 : skb->len - ETH_HLEN_;
 	long rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
+	*ifindex = p.ifindex;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, p.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p.smac, 6, 0))
-			return drop(key, C_DROP_ERROR);
+		if (bpf_skb_store_bytes(skb, 0, p.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p.smac, 6, 0)) {
+			count(key, C_DROP_ERROR, 1);
+			return -1;
+		}
 		__u32 *port = bpf_map_lookup_elem(&egress_ports, &p.ifindex);
-		return bpf_redirect(port ? *port : p.ifindex, 0);
+		if (port)
+			*ifindex = *port;
+		return 0;
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return bpf_redirect_neigh(p.ifindex, NULL, 0, 0);
-	return drop(key, C_DROP_NO_ROUTE);
+		return FIB_NO_NEIGH;
+	count(key, C_DROP_NO_ROUTE, 1);
+	return -1;
+}
+
+/* fib_redirect sends the packet (IPv4 from src to dst, Ethernet header in
+ * place) out of the interface the FIB picks (fib_out), with the next hop's
+ * MAC; if the neighbour is not resolved yet, the kernel resolves it
+ * (redirect_neigh). Returns a TC action. */
+static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst)
+{
+	__u32 ifindex;
+	int rc = fib_out(skb, key, src, dst, &ifindex);
+	if (rc == 0)
+		return bpf_redirect(ifindex, 0);
+	if (rc == FIB_NO_NEIGH)
+		return bpf_redirect_neigh(ifindex, NULL, 0, 0);
+	return TC_ACT_SHOT;
 }
 
 /* set_macs writes the Ethernet addresses. */
@@ -79,13 +102,17 @@ static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dst, cons
 }
 
 /* rewrite_addr replaces the source (is_src) or destination IPv4 address and
- * fixes the IP and TCP/UDP checksums (UDP's zero checksum stays zero).
+ * fixes the IP and TCP/UDP checksums (UDP's zero checksum stays zero; a
+ * fragment after the first has no L4 header: the first one's checksum
+ * covers the whole datagram).
  * Precondition: parse_ipv4 accepted the packet. Returns 0 on success. */
 static __always_inline int rewrite_addr(struct __sk_buff *skb, struct pkt *p, int is_src, __u32 to)
 {
 	__u32 from = is_src ? p->saddr : p->daddr;
 	__u32 off = ETH_HLEN_ + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
-	if (p->proto == IPPROTO_TCP) {
+	if (p->frag == FRAG_LATER) {
+		/* no L4 header */
+	} else if (p->proto == IPPROTO_TCP) {
 		if (bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct tcphdr, check), from, to, BPF_F_PSEUDO_HDR | sizeof(to)))
 			return -1;
 	} else if (p->proto == IPPROTO_UDP) {

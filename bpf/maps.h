@@ -14,11 +14,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } redirects SEC(".maps");
 
-/* Tunnel endpoints packets are accepted from (value unused). */
+/* Tunnel packets accepted: (peer address, token) -> unused; (address, 0)
+ * marks a peer's address (struct peer_key). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
-	__type(key, __u32);
+	__uint(max_entries, 1024);
+	__type(key, struct peer_key);
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } peers SEC(".maps");
@@ -41,14 +42,28 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nat SEC(".maps");
 
-/* NATed flows of local VMs; value: last seen (ns). */
+/* Guest 4-tuples of local VMs in use (reply side: the ports the guest
+ * sees): NAT flows, and flows through the tunnel, live or in the guest's
+ * TIME_WAIT. A VM's packet whose tuple is a NAT flow leaves from new_ip. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MAX_FLOWS);
 	__type(key, struct flow_key);
-	__type(value, __u64);
+	__type(value, struct flow);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } flows SEC(".maps");
+
+/* Flows by their client side (original tuple: the client's own port,
+ * vm_ip the old address, via how it arrived) -> the port the guest sees for
+ * the client (network order). Every NAT flow has one; a tunnel flow only
+ * when its tuple met a NAT flow's and was translated. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow_key);
+	__type(value, __u16);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nat_ports SEC(".maps");
 
 /* Per-address counters (old address), per CPU. */
 struct {
@@ -72,3 +87,12 @@ struct {
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } egress_ports SEC(".maps");
+
+/* A local VM's fragmented datagrams -> their ports (first fragment's). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct frag_key);
+	__type(value, struct frag_ports);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} frags SEC(".maps");

@@ -29,27 +29,38 @@ struct icmphdr {
 #define ICMP_DEST_UNREACH 3
 #define ICMP_FRAG_NEEDED 4
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 
 /* pkt is what the programs need to know of an IPv4 packet. */
 struct pkt {
 	__u32 saddr, daddr; /* network order */
-	__u16 sport, dport; /* network order; ICMP echo: id in both */
+	__u16 sport, dport; /* network order; ICMP echo: the id as the requester's port, 0 the other */
 	__u16 tot_len;      /* host order */
 	__u8 proto;
 	__u8 tos;
 	__u8 tcp_flags;     /* TCP: the flags byte */
 	__u8 df;            /* don't-fragment set */
 	__u8 has_ports;     /* sport/dport valid */
+	__u8 frag;          /* FRAG_NONE, FRAG_FIRST (offset 0, MF) or FRAG_LATER (no L4 header) */
+	__u16 ip_id;        /* network order */
 };
 
+#define FRAG_NONE 0
+#define FRAG_FIRST 1
+#define FRAG_LATER 2
+
+#define TCP_FLAG_FIN_ 0x01
 #define TCP_FLAG_SYN_ 0x02
+#define TCP_FLAG_RST_ 0x04
 #define TCP_FLAG_ACK_ 0x10
 #define L4_OFF (ETH_HLEN_ + IPV4_HLEN)
 
 /* parse_ipv4 reads the IPv4 packet after the Ethernet header.
  * Returns 1 for a packet the datapath may rewrite: IPv4, no IP options, not
- * a fragment, not truncated. Returns 0 for anything else, which callers pass
- * on untouched. */
+ * truncated; a fragment after the first has no ports (has_ports 0, frag
+ * FRAG_LATER). Returns 0 for anything else, which callers pass on
+ * untouched. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -62,8 +73,6 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 		return 0;
 	if (ip->version != 4 || ip->ihl != 5)
 		return 0;
-	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset: a fragment */
-		return 0;
 	__u16 tot = bpf_ntohs(ip->tot_len);
 	if (tot < IPV4_HLEN || (skb->gso_size == 0 && skb->len < ETH_HLEN_ + (__u32)tot))
 		return 0;
@@ -75,6 +84,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->df = (ip->frag_off & bpf_htons(0x4000)) != 0;
 	p->has_ports = 0;
 	p->tcp_flags = 0;
+	p->sport = 0;
+	p->dport = 0;
+	p->ip_id = ip->id;
+	__u16 fo = bpf_ntohs(ip->frag_off);
+	p->frag = (fo & 0x1fff) ? FRAG_LATER : (fo & 0x2000) ? FRAG_FIRST : FRAG_NONE;
+	if (p->frag == FRAG_LATER)
+		return 1;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *th = (void *)(ip + 1);
 		if ((void *)(th + 1) > data_end)
@@ -94,8 +110,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 		struct icmphdr *ih = (void *)(ip + 1);
 		if ((void *)(ih + 1) > data_end)
 			return 0;
-		if (ih->type == ICMP_ECHO || ih->type == ICMP_ECHOREPLY) {
+		/* The id is the port of the side that sent the request. */
+		if (ih->type == ICMP_ECHO) {
 			p->sport = ih->un.echo.id;
+			p->dport = 0;
+			p->has_ports = 1;
+		} else if (ih->type == ICMP_ECHOREPLY) {
+			p->sport = 0;
 			p->dport = ih->un.echo.id;
 			p->has_ports = 1;
 		}

@@ -76,6 +76,15 @@ type Plan struct {
 	// OnResumed, if set, runs once the VM runs at the destination, before
 	// the health check (tests stop the guest here).
 	OnResumed func(context.Context) error
+
+	// token is the migration's tunnel token (datapath.Tunnel), made by the
+	// datapath phase; Drain retires it.
+	token uint64
+}
+
+// tunnel is this migration's tunnel towards host to.
+func (p *Plan) tunnel(to *Host) datapath.Tunnel {
+	return datapath.Tunnel{Peer: to.Address, Token: p.token}
 }
 
 // Report is what a migration did, phase by phase.
@@ -249,14 +258,19 @@ func (r *run) datapath(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := a.SetPeer(p.Dest.Address, true); err != nil {
+	if p.token, err = datapath.NewToken(); err != nil {
 		return err
 	}
-	if err := b.SetPeer(p.Source.Address, true); err != nil {
+	if err := a.SetPeer(p.tunnel(p.Dest), true); err != nil {
 		return err
 	}
+	r.onFailure(func(context.Context) error { return a.SetPeer(p.tunnel(p.Dest), false) })
+	if err := b.SetPeer(p.tunnel(p.Source), true); err != nil {
+		return err
+	}
+	r.onFailure(func(context.Context) error { return b.SetPeer(p.tunnel(p.Source), false) })
 	// Installed off: switching it on inside the pause is one map write.
-	if err := a.SetRedirect(p.OldIP, p.Dest.Address, p.VMMAC, false); err != nil {
+	if err := a.SetRedirect(p.OldIP, p.tunnel(p.Dest), p.VMMAC, false); err != nil {
 		return err
 	}
 	r.onFailure(func(context.Context) error { return a.RemoveRedirect(p.OldIP) })
@@ -313,7 +327,7 @@ func (r *run) destination(ctx context.Context) error {
 	}
 	// Packets for the VM arriving before it resumes wait in its tap.
 	if err := b.SetVM(datapath.VM{OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway, GatewayMAC: p.GatewayMAC,
-		MAC: p.VMMAC, Tap: tap, Peer: p.Source.Address}); err != nil {
+		MAC: p.VMMAC, Tap: tap, Peer: p.Source.Address, Token: p.token}); err != nil {
 		return err
 	}
 	r.onFailure(func(context.Context) error { return b.RemoveVM(p.OldIP, p.NewIP) })
@@ -555,7 +569,7 @@ func (r *run) memory(ctx context.Context) error {
 	var redirectOn bool
 	r.onFailure(func(context.Context) error {
 		if redirectOn {
-			return a.SetRedirect(p.OldIP, p.Dest.Address, p.VMMAC, false)
+			return a.SetRedirect(p.OldIP, p.tunnel(p.Dest), p.VMMAC, false)
 		}
 		return nil
 	})
@@ -567,7 +581,7 @@ func (r *run) memory(ctx context.Context) error {
 	res, err := p.Driver.Migrate(ctx, p.Limits, p.Progress, func(ctx context.Context) error {
 		// Packets for the VM go to the destination from now: every one that
 		// reached the stopped source would be lost with it.
-		if err := a.SetRedirect(p.OldIP, p.Dest.Address, p.VMMAC, true); err != nil {
+		if err := a.SetRedirect(p.OldIP, p.tunnel(p.Dest), p.VMMAC, true); err != nil {
 			return err
 		}
 		redirectOn = true
@@ -580,6 +594,13 @@ func (r *run) memory(ctx context.Context) error {
 	})
 	r.rep.Runtime = res
 	r.rep.Pause = res.Downtime
+	if err == nil {
+		// The flows host A saw before the switch, for host B's NAT (so no
+		// new client flow gets a tuple the guest still holds).
+		if _, merr := datapath.MoveFlows(a, p.Dest.dp, p.OldIP); merr != nil {
+			p.Log.Warn("move flows to the destination", "err", merr)
+		}
+	}
 	return err
 }
 
@@ -720,7 +741,9 @@ func (r *run) sourceCleanup(ctx context.Context) error {
 // redirected for DrainIdle (or DrainTimeout passed), and in any case until
 // resolvers can no longer hold the old address (the TTL it had at the DNS
 // flip, which DrainTimeout does not cut short); then removes it and stops
-// sending the VM's traffic back through the tunnel.
+// sending the VM's traffic back through the tunnel; both hosts then stop
+// accepting the migration's tunnel token (a peer whose last migration
+// drained is forgotten).
 func Drain(ctx context.Context, p *Plan) (time.Duration, error) {
 	t0 := time.Now()
 	a, b := p.Source.dp, p.Dest.dp
@@ -745,6 +768,10 @@ func Drain(ctx context.Context, p *Plan) (time.Duration, error) {
 	if err != nil {
 		return time.Since(t0), err
 	}
-	return time.Since(t0), b.SetVM(datapath.VM{OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway,
-		GatewayMAC: p.GatewayMAC, MAC: p.VMMAC, Tap: tap})
+	if err := b.SetVM(datapath.VM{OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway,
+		GatewayMAC: p.GatewayMAC, MAC: p.VMMAC, Tap: tap}); err != nil {
+		return time.Since(t0), err
+	}
+	// The migration's tunnel is retired on both hosts.
+	return time.Since(t0), errors.Join(a.SetPeer(p.tunnel(p.Dest), false), b.SetPeer(p.tunnel(p.Source), false))
 }

@@ -60,6 +60,8 @@ func (d *Daemon) validate(p string, errs *Errors) {
 	}
 	if !d.Address.IsValid() {
 		errs.add(p+".address", "required: this host's WAN address")
+	} else {
+		checkIPv4Only(p+".address", d.Address, errs)
 	}
 	checkOneOf(p+".datapath", d.Datapath, errs, "auto", "ebpf", "userspace")
 	checkAbs(p+".bpffs", d.BPFFS, errs)
@@ -102,6 +104,8 @@ func (m *Migration) validate(p string, errs *Errors) {
 		checkHostPort(h.key+".daemon", h.h.Daemon, errs)
 		if !h.h.Address.IsValid() {
 			errs.add(h.key+".address", "required: the host's WAN address")
+		} else {
+			checkIPv4Only(h.key+".address", h.h.Address, errs)
 		}
 	}
 	checkAbs(p+".destination.disk", m.Destination.Disk, errs)
@@ -124,6 +128,12 @@ func (m *Migration) validate(p string, errs *Errors) {
 	checkAddr(n+".old_ip", m.Network.OldIP, errs)
 	checkAddr(n+".new_ip", m.Network.NewIP, errs)
 	checkAddr(n+".gateway", m.Network.Gateway, errs)
+	for _, a := range []struct {
+		key  string
+		addr netip.Addr
+	}{{n + ".old_ip", m.Network.OldIP}, {n + ".new_ip", m.Network.NewIP}, {n + ".gateway", m.Network.Gateway}} {
+		checkIPv4Only(a.key, a.addr, errs)
+	}
 	if m.Network.OldIP.IsValid() && m.Network.NewIP.IsValid() {
 		if m.Network.OldIP == m.Network.NewIP {
 			errs.add(n+".new_ip", "%q equals old_ip: nothing to move", m.Network.NewIP)
@@ -244,6 +254,15 @@ func checkAddr(key string, a netip.Addr, errs *Errors) {
 		errs.add(key, "required: an IPv4 or IPv6 address")
 	} else if a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
 		errs.add(key, "%q is not a unicast host address", a)
+	}
+}
+
+// checkIPv4Only refuses an IPv6 address where the datapath needs IPv4: it
+// tunnels, redirects and translates IPv4 only (IPv6 packets pass it
+// untouched), so a VM or host reached over IPv6 would lose its connections.
+func checkIPv4Only(key string, a netip.Addr, errs *Errors) {
+	if a.IsValid() && !a.Unmap().Is4() {
+		errs.add(key, "%q is IPv6: the network datapath is IPv4 only for now (docs/architecture.md, Known limits)", a)
 	}
 }
 

@@ -8,6 +8,7 @@
 package datapath
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -51,9 +52,14 @@ type Datapath struct {
 // callers fall back to the userspace proxy.
 var ErrUnsupported = errors.New("datapath: eBPF not available")
 
-func be32(a netip.Addr) uint32 {
+// be32 is a as the programs hold it: the bytes as they sit in the packet.
+// The datapath is IPv4 only: anything else is an error (never a panic).
+func be32(a netip.Addr) (uint32, error) {
+	if !a.Is4() {
+		return 0, fmt.Errorf("address %q: want IPv4 (the datapath has no IPv6 yet)", a)
+	}
 	b := a.As4()
-	return binary.NativeEndian.Uint32(b[:]) // the bytes as they sit in the packet
+	return binary.NativeEndian.Uint32(b[:]), nil
 }
 
 // Load loads the programs and maps (reusing pinned maps from an earlier run).
@@ -65,7 +71,8 @@ func Load(opts Options) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("datapath: %w", err)
 	}
-	if err := spec.Variables[bpf.DatapathVarLocalIp].Set(be32(opts.LocalIP)); err != nil {
+	local, _ := be32(opts.LocalIP)
+	if err := spec.Variables[bpf.DatapathVarLocalIp].Set(local); err != nil {
 		return nil, fmt.Errorf("datapath: set local_ip: %w", err)
 	}
 	var copts ebpf.CollectionOptions
@@ -92,6 +99,10 @@ func Load(opts Options) (*Datapath, error) {
 			return nil, fmt.Errorf("datapath: verifier: %+v", ve)
 		}
 		return nil, fmt.Errorf("datapath: load: %w", err)
+	}
+	if err := d.ensureStats(0); err != nil { // host-wide counters
+		d.objs.Close()
+		return nil, fmt.Errorf("datapath: host counters: %w", err)
 	}
 	return d, nil
 }
@@ -137,8 +148,15 @@ func (d *Datapath) Attach(h Hook, ifname string) error {
 	if err != nil {
 		return fmt.Errorf("datapath: attach %s: lookup interface %q: %w", h, ifname, err)
 	}
+	l, err := netlink.LinkByIndex(ifi.Index)
+	if err != nil {
+		return fmt.Errorf("datapath: attach %s to %q: %w", h, ifname, err)
+	}
+	if err := checkNoBigTCP(l); err != nil {
+		return fmt.Errorf("datapath: attach %s: %w", h, err)
+	}
 	if h == Uplink {
-		if err := d.setEgressPort(ifi); err != nil {
+		if err := d.setEgressPort(ifi, l); err != nil {
 			return err
 		}
 	}
@@ -152,14 +170,27 @@ func (d *Datapath) Attach(h Hook, ifname string) error {
 	return d.attachTC(h, ifi, prog)
 }
 
+// maxIPv4Packet is the largest IPv4 packet the programs parse: tot_len is
+// 16 bits. BIG TCP (GRO building larger packets, tot_len 0) would pass
+// them by untunnelled and untranslated.
+const maxIPv4Packet = 65536
+
+// checkNoBigTCP refuses a device whose GRO builds IPv4 packets over 64 KiB
+// (BIG TCP, Linux 6.3+: gro_ipv4_max_size): they arrive at the TC hook with
+// tot_len 0. The error names the device and the setting to change.
+func checkNoBigTCP(l netlink.Link) error {
+	a := l.Attrs()
+	if a.GROIPv4MaxSize > maxIPv4Packet {
+		return fmt.Errorf("device %q has BIG TCP on (gro_ipv4_max_size %d > %d): the datapath cannot tunnel or translate IPv4 packets over 64 KiB; set it to %d (ip link set dev %s gro_ipv4_max_size %d)",
+			a.Name, a.GROIPv4MaxSize, maxIPv4Packet, maxIPv4Packet, a.Name, maxIPv4Packet)
+	}
+	return nil
+}
+
 // setEgressPort: if the uplink is a port of a bridge, packets the FIB
 // routes out of the bridge leave by the port itself (see egress_ports in
 // bpf/maps.h: a bridge segments tunnelled GSO packets in software).
-func (d *Datapath) setEgressPort(ifi *net.Interface) error {
-	l, err := netlink.LinkByIndex(ifi.Index)
-	if err != nil {
-		return fmt.Errorf("datapath: attach uplink to %s: %w", ifi.Name, err)
-	}
+func (d *Datapath) setEgressPort(ifi *net.Interface, l netlink.Link) error {
 	master := uint32(l.Attrs().MasterIndex)
 	if master == 0 {
 		return nil
@@ -265,35 +296,98 @@ func (d *Datapath) Remove() error {
 	return errors.Join(errs...)
 }
 
-// SetPeer accepts (or stops accepting) tunnel packets from peer.
-func (d *Datapath) SetPeer(peer netip.Addr, accept bool) error {
-	k := be32(peer)
-	if accept {
-		return d.objs.Peers.Put(k, uint32(1))
-	}
-	return ignoreNotExist(d.objs.Peers.Delete(k))
+// Tunnel is one migration's tunnel between two hosts. Tunnel packets are
+// UDP to port 6080 (bpf/consts.h: TUNNEL_PORT) carrying Token in front of
+// the inner packet; a host accepts them only from a peer with the token of
+// one of its migrations with that peer, so a packet forged with the peer's
+// address alone is dropped (and counted: HostStats, "drop_spoofed").
+type Tunnel struct {
+	Peer  netip.Addr // the other host's tunnel endpoint (IPv4)
+	Token uint64     // the migration's secret, the same on both hosts (NewToken); never 0
 }
 
-// SetRedirect points oldIP at peer. on=false installs the entry switched
-// off; switching it on later is one map write, which is atomic. Once on,
-// this host answers ARP for oldIP with mac (the VM's: neighbours' caches
-// need no change).
-func (d *Datapath) SetRedirect(oldIP, peer netip.Addr, mac net.HardwareAddr, on bool) error {
+// NewToken returns a random, non-zero tunnel token for one migration.
+func NewToken() (uint64, error) {
+	var b [8]byte
+	for {
+		if _, err := rand.Read(b[:]); err != nil {
+			return 0, fmt.Errorf("datapath: tunnel token: %w", err)
+		}
+		if t := binary.NativeEndian.Uint64(b[:]); t != 0 {
+			return t, nil
+		}
+	}
+}
+
+// SetPeer accepts tunnel packets from t.Peer carrying t.Token (accept), or
+// stops (a migration drained). While any token of the peer's is accepted,
+// packets from its address with another token are dropped and counted
+// as spoofed; after its last one, the address is forgotten.
+func (d *Datapath) SetPeer(t Tunnel, accept bool) error {
+	addr, err := be32(t.Peer)
+	if err != nil {
+		return fmt.Errorf("datapath: peer: %w", err)
+	}
+	if t.Token == 0 {
+		return fmt.Errorf("datapath: peer %s: token 0 (use NewToken)", t.Peer)
+	}
+	k := bpf.DatapathPeerKey{Addr: addr, Token: t.Token}
+	marker := bpf.DatapathPeerKey{Addr: addr}
+	if accept {
+		if err := d.objs.Peers.Put(marker, uint32(0)); err != nil {
+			return fmt.Errorf("datapath: peer %s: %w", t.Peer, err)
+		}
+		return d.objs.Peers.Put(k, uint32(1))
+	}
+	if err := ignoreNotExist(d.objs.Peers.Delete(k)); err != nil {
+		return fmt.Errorf("datapath: remove peer %s: %w", t.Peer, err)
+	}
+	var it bpf.DatapathPeerKey
+	var v uint32
+	entries := d.objs.Peers.Iterate()
+	for entries.Next(&it, &v) {
+		if it.Addr == addr && it.Token != 0 {
+			return nil // another migration with this peer goes on
+		}
+	}
+	if err := entries.Err(); err != nil {
+		return fmt.Errorf("datapath: remove peer %s: %w", t.Peer, err)
+	}
+	return ignoreNotExist(d.objs.Peers.Delete(marker))
+}
+
+// SetRedirect points oldIP at t's peer, tunnelling with t's token. on=false
+// installs the entry switched off; switching it on later is one map write,
+// which is atomic. Once on, this host answers ARP for oldIP with mac (the
+// VM's: neighbours' caches need no change).
+func (d *Datapath) SetRedirect(oldIP netip.Addr, t Tunnel, mac net.HardwareAddr, on bool) error {
 	mode := uint32(0)
 	if on {
 		mode = 1
 	}
-	if err := d.ensureStats(oldIP); err != nil {
+	old, err := be32(oldIP)
+	if err != nil {
+		return fmt.Errorf("datapath: redirect: %w", err)
+	}
+	peer, err := be32(t.Peer)
+	if err != nil {
+		return fmt.Errorf("datapath: redirect %s: peer: %w", oldIP, err)
+	}
+	if err := d.ensureStats(old); err != nil {
 		return err
 	}
-	r := bpf.DatapathRedirect{Peer: be32(peer), Mode: mode}
+	r := bpf.DatapathRedirect{Peer: peer, Mode: mode, Token: t.Token}
 	copy(r.Mac[:], mac)
-	return d.objs.Redirects.Put(be32(oldIP), r)
+	return d.objs.Redirects.Put(old, r)
 }
 
 // RemoveRedirect stops redirecting oldIP.
 func (d *Datapath) RemoveRedirect(oldIP netip.Addr) error {
-	return ignoreNotExist(d.objs.Redirects.Delete(be32(oldIP)))
+	old, err := be32(oldIP)
+	if err != nil {
+		return fmt.Errorf("datapath: remove redirect: %w", err)
+	}
+	return ignoreNotExist(d.objs.Redirects.Delete(old))
 }
 
 // VM is a moved VM this host delivers to.
@@ -305,6 +399,7 @@ type VM struct {
 	MAC        net.HardwareAddr // the guest's MAC
 	Tap        int              // ifindex of the VM's tap
 	Peer       netip.Addr       // the old host; invalid: no tunnel back
+	Token      uint64           // the migration's tunnel token (Tunnel), for packets back to Peer
 }
 
 // SetVM installs or updates v, and the NAT entry for its new address.
@@ -312,43 +407,62 @@ func (d *Datapath) SetVM(v VM) error {
 	if len(v.MAC) != 6 || len(v.GatewayMAC) != 6 {
 		return fmt.Errorf("datapath: vm %s: MACs must be 6 bytes", v.OldIP)
 	}
-	val := bpf.DatapathVm{GwIp: be32(v.Gateway), Ifindex: uint32(v.Tap)}
+	old, err := be32(v.OldIP)
+	if err != nil {
+		return fmt.Errorf("datapath: vm: old address: %w", err)
+	}
+	gw, err := be32(v.Gateway)
+	if err != nil {
+		return fmt.Errorf("datapath: vm %s: gateway: %w", v.OldIP, err)
+	}
+	val := bpf.DatapathVm{GwIp: gw, Ifindex: uint32(v.Tap), Token: v.Token}
 	if v.NewIP.IsValid() {
-		val.NewIp = be32(v.NewIP)
+		if val.NewIp, err = be32(v.NewIP); err != nil {
+			return fmt.Errorf("datapath: vm %s: new address: %w", v.OldIP, err)
+		}
 	}
 	if v.Peer.IsValid() {
-		val.Peer = be32(v.Peer)
+		if val.Peer, err = be32(v.Peer); err != nil {
+			return fmt.Errorf("datapath: vm %s: peer: %w", v.OldIP, err)
+		}
+		if v.Token == 0 {
+			return fmt.Errorf("datapath: vm %s: peer %s without a tunnel token", v.OldIP, v.Peer)
+		}
 	}
 	copy(val.VmMac[:], v.MAC)
 	copy(val.GwMac[:], v.GatewayMAC)
-	if err := d.ensureStats(v.OldIP); err != nil {
+	if err := d.ensureStats(old); err != nil {
 		return err
 	}
-	if err := d.objs.Vms.Put(be32(v.OldIP), val); err != nil {
+	if err := d.objs.Vms.Put(old, val); err != nil {
 		return fmt.Errorf("datapath: vm %s: %w", v.OldIP, err)
 	}
 	if v.NewIP.IsValid() {
-		return d.objs.Nat.Put(be32(v.NewIP), be32(v.OldIP))
+		return d.objs.Nat.Put(val.NewIp, old)
 	}
 	return nil
 }
 
 // RemoveVM removes the VM and its NAT entry.
 func (d *Datapath) RemoveVM(oldIP, newIP netip.Addr) error {
-	err := ignoreNotExist(d.objs.Vms.Delete(be32(oldIP)))
-	if newIP.IsValid() {
-		err = errors.Join(err, ignoreNotExist(d.objs.Nat.Delete(be32(newIP))))
+	old, err := be32(oldIP)
+	if err != nil {
+		return fmt.Errorf("datapath: remove vm: %w", err)
+	}
+	err = ignoreNotExist(d.objs.Vms.Delete(old))
+	if n, nerr := be32(newIP); newIP.IsValid() && nerr == nil {
+		err = errors.Join(err, ignoreNotExist(d.objs.Nat.Delete(n)))
 	}
 	return err
 }
 
-func (d *Datapath) ensureStats(ip netip.Addr) error {
+func (d *Datapath) ensureStats(ip uint32) error {
 	n, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
 	}
 	zero := make([]bpf.DatapathCounters, n)
-	err = d.objs.Stats.Update(be32(ip), zero, ebpf.UpdateNoExist)
+	err = d.objs.Stats.Update(ip, zero, ebpf.UpdateNoExist)
 	if errors.Is(err, ebpf.ErrKeyExist) {
 		return nil
 	}
@@ -360,6 +474,7 @@ var CounterNames = []string{
 	"encap_packets", "encap_bytes", "decap_packets", "decap_bytes", "delivered_packets",
 	"dnat_packets", "snat_packets", "tunnel_back_packets", "arp_replies", "icmp_too_big",
 	"mss_clamped", "drop_no_route", "drop_unknown_vm", "drop_error", "drop_too_big",
+	"nat_port_translated", "drop_tuple_clash", "fragmented", "drop_spoofed",
 }
 
 // Counters are one address's counters summed over CPUs, by CounterNames.
@@ -367,9 +482,20 @@ type Counters map[string]uint64
 
 // Stats returns the counters of old address ip.
 func (d *Datapath) Stats(ip netip.Addr) (Counters, error) {
+	k, err := be32(ip)
+	if err != nil {
+		return nil, fmt.Errorf("datapath: stats: %w", err)
+	}
+	return d.stats(k)
+}
+
+// HostStats returns the counters that belong to no address: drop_spoofed.
+func (d *Datapath) HostStats() (Counters, error) { return d.stats(0) }
+
+func (d *Datapath) stats(k uint32) (Counters, error) {
 	var per []bpf.DatapathCounters
-	if err := d.objs.Stats.Lookup(be32(ip), &per); err != nil {
-		return nil, fmt.Errorf("datapath: stats of %s: %w", ip, err)
+	if err := d.objs.Stats.Lookup(k, &per); err != nil {
+		return nil, fmt.Errorf("datapath: stats of %s: %w", netip.AddrFrom4([4]byte(binary.NativeEndian.AppendUint32(nil, k))), err)
 	}
 	c := Counters{}
 	for _, p := range per {
@@ -383,8 +509,12 @@ func (d *Datapath) Stats(ip netip.Addr) (Counters, error) {
 // Idle returns how long ago a packet for oldIP was last redirected (the
 // drain signal), and false if none ever was.
 func (d *Datapath) Idle(oldIP netip.Addr) (time.Duration, bool, error) {
+	k, err := be32(oldIP)
+	if err != nil {
+		return 0, false, fmt.Errorf("datapath: idle: %w", err)
+	}
 	var per []bpf.DatapathCounters
-	if err := d.objs.Stats.Lookup(be32(oldIP), &per); err != nil {
+	if err := d.objs.Stats.Lookup(k, &per); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return 0, false, nil
 		}
@@ -414,4 +544,64 @@ func ignoreNotExist(err error) error {
 // Programs exposes the loaded programs (tests run them with BPF_PROG_TEST_RUN).
 func (d *Datapath) Programs() (uplink, vm *ebpf.Program) {
 	return d.objs.UplinkIngress, d.objs.VmIngress
+}
+
+// MoveFlows hands the flows of VM vmIP that host from saw before the switch
+// (its redirect off: every client packet for the VM passed it) to host to,
+// and forgets them at from. The new host's NAT then gives no new client
+// flow a guest 4-tuple that the guest still holds: open, or in TIME_WAIT
+// after closing at the old site. Ages are carried, not timestamps (each
+// host has its own monotonic clock). Call it once the redirect is on, before
+// clients learn the new address. Returns how many flows moved.
+func MoveFlows(from, to *Datapath, vmIP netip.Addr) (int, error) {
+	vm, err := be32(vmIP)
+	if err != nil {
+		return 0, fmt.Errorf("datapath: move flows: %w", err)
+	}
+	type aged struct {
+		k   bpf.DatapathFlowKey
+		f   bpf.DatapathFlow
+		age uint64
+	}
+	now, err := monoNow()
+	if err != nil {
+		return 0, err
+	}
+	var moved []aged
+	var k bpf.DatapathFlowKey
+	var f bpf.DatapathFlow
+	it := from.objs.Flows.Iterate()
+	for it.Next(&k, &f) {
+		if k.VmIp == vm && f.Nat == 0 && f.LastNs <= now {
+			moved = append(moved, aged{k, f, now - f.LastNs})
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("datapath: move flows of %s: %w", vmIP, err)
+	}
+	if now, err = monoNow(); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, m := range moved {
+		m.f.LastNs = now - min(m.age, now)
+		err := to.objs.Flows.Update(m.k, m.f, ebpf.UpdateNoExist) // what the new host saw itself wins
+		if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+			return n, fmt.Errorf("datapath: move flows of %s: %w", vmIP, err)
+		}
+		n++
+		if err := ignoreNotExist(from.objs.Flows.Delete(m.k)); err != nil {
+			return n, fmt.Errorf("datapath: move flows of %s: %w", vmIP, err)
+		}
+	}
+	return n, nil
+}
+
+// monoNow is CLOCK_MONOTONIC in nanoseconds: bpf_ktime_get_ns's clock.
+func monoNow() (uint64, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, fmt.Errorf("datapath: clock: %w", err)
+	}
+	return uint64(ts.Nano()), nil
 }

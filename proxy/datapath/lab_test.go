@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -132,9 +133,12 @@ func TestContinuityAcrossMove(t *testing.T) {
 
 	dpA := hostDatapath(t, l, lab.SiteA, lab.HostA)
 	dpB := hostDatapath(t, l, lab.SiteB, lab.HostB)
-	must(t, dpA.SetPeer(lab.HostB, true))
-	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, false))
-	must(t, dpB.SetPeer(lab.HostA, true))
+	token, err := datapath.NewToken()
+	must(t, err)
+	toA, toB := datapath.Tunnel{Peer: lab.HostA, Token: token}, datapath.Tunnel{Peer: lab.HostB, Token: token}
+	must(t, dpA.SetPeer(toB, true))
+	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
+	must(t, dpB.SetPeer(toA, true))
 
 	old := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(lab.OldIP, port) }
 	// Before the move: an echo connection and two bulk transfers under way.
@@ -175,9 +179,9 @@ func TestContinuityAcrossMove(t *testing.T) {
 	gwMAC, err := l.RouterMAC(lab.SiteA)
 	must(t, err)
 	must(t, dpB.SetVM(datapath.VM{OldIP: lab.OldIP, NewIP: lab.NewIP, Gateway: lab.GatewayA, GatewayMAC: gwMAC,
-		MAC: vm.MAC, Tap: tap, Peer: lab.HostA}))
+		MAC: vm.MAC, Tap: tap, Peer: lab.HostA, Token: token}))
 	must(t, netns.Do(l.NS(lab.SiteB), func() error { return dpB.Attach(datapath.VMTap, vm.Tap) }))
-	must(t, dpA.SetRedirect(lab.OldIP, lab.HostB, vm.MAC, true))
+	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, true))
 	t.Logf("switched in %s", time.Since(switchAt).Round(time.Microsecond))
 
 	must(t, echo(ec, "after the move"))
@@ -309,5 +313,181 @@ func TestUserspaceFallback(t *testing.T) {
 	must(t, echo(c, "through the userspace proxy"))
 	if p.Stats.TCPConns.Load() != 1 {
 		t.Errorf("proxy counted %d connections", p.Stats.TCPConns.Load())
+	}
+}
+
+// moveNSVM moves the stand-in VM from site A to site B the way the migrator
+// does (host B ready first, then the redirect on at host A) and makes the
+// router forget the old address's MAC, so host A answers for it.
+func moveNSVM(t *testing.T, l *lab.Lab, vm *lab.NSVM, dpA, dpB *datapath.Datapath, token uint64) {
+	t.Helper()
+	ctx := context.Background()
+	must(t, l.UnplugNSVM(ctx, vm))
+	tap, err := l.PlugNSVM(ctx, vm)
+	must(t, err)
+	gwMAC, err := l.RouterMAC(lab.SiteA)
+	must(t, err)
+	must(t, dpB.SetVM(datapath.VM{OldIP: lab.OldIP, NewIP: lab.NewIP, Gateway: lab.GatewayA, GatewayMAC: gwMAC,
+		MAC: vm.MAC, Tap: tap, Peer: lab.HostA, Token: token}))
+	must(t, netns.Do(l.NS(lab.SiteB), func() error { return dpB.Attach(datapath.VMTap, vm.Tap) }))
+	must(t, dpA.SetRedirect(lab.OldIP, datapath.Tunnel{Peer: lab.HostB, Token: token}, vm.MAC, true))
+	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
+}
+
+// dialFrom connects from ns, from local port port (SO_REUSEADDR, so a port
+// in use toward another destination can be taken again, as clients do).
+func dialFrom(ns string, port uint16, to netip.AddrPort) (net.Conn, error) {
+	var c net.Conn
+	err := netns.Do(ns, func() (err error) {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{Port: int(port)},
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1) })
+				return serr
+			}}
+		c, err = d.Dial("tcp", to.String())
+		return err
+	})
+	return c, err
+}
+
+// tcpCounters reads the named counters of /proc/net/snmp ("Tcp" lines) and
+// /proc/net/netstat ("TcpExt" lines) inside ns, e.g. "TcpExt:TCPSynRetrans".
+func tcpCounters(t *testing.T, ns string) map[string]int64 {
+	t.Helper()
+	out := map[string]int64{}
+	for _, f := range []string{"/proc/net/snmp", "/proc/net/netstat"} {
+		text, err := netns.Run(context.Background(), ns, "cat", f)
+		must(t, err)
+		lines := strings.Split(text, "\n")
+		for i := 0; i+1 < len(lines); i += 2 {
+			names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+			for j := 1; j < len(names) && j < len(vals); j++ {
+				var v int64
+				fmt.Sscan(vals[j], &v)
+				out[names[0]+names[j]] = v
+			}
+		}
+	}
+	return out
+}
+
+// TestSharedTuples: at host B's NAT, two client flows never share one guest
+// 4-tuple. (1) A client keeps a connection from port P to old_ip busy
+// through the move, then connects from P to new_ip too: inside the VM both
+// would be client:P -> old_ip; host B translates the second one's port, and
+// both keep echoing for 10 s. (2) 20 connections to new_ip from ports just
+// used toward old_ip (whose sockets the VM holds in TIME_WAIT), before the
+// move (host A noted them, MoveFlows handed them over) and after it: none
+// meets the TIME_WAIT socket, so the client sends no reset and no SYN again.
+func TestSharedTuples(t *testing.T) {
+	l := labtest.New(t, lab.Config{})
+	ctx := context.Background()
+	vm, err := l.StartNSVM(ctx)
+	must(t, err)
+	serveVM(t, vm.NS, nil)
+	// 9003: says who called, then closes first (the VM's socket goes to TIME_WAIT).
+	ln, err := netns.Listen(vm.NS, "tcp", ":9003")
+	must(t, err)
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+			c.Close()
+		}
+	}()
+
+	dpA := hostDatapath(t, l, lab.SiteA, lab.HostA)
+	dpB := hostDatapath(t, l, lab.SiteB, lab.HostB)
+	token, err := datapath.NewToken()
+	must(t, err)
+	toA, toB := datapath.Tunnel{Peer: lab.HostA, Token: token}, datapath.Tunnel{Peer: lab.HostB, Token: token}
+	must(t, dpA.SetPeer(toB, true))
+	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
+	must(t, dpB.SetPeer(toA, true))
+
+	// call9003 connects from port p to addr:9003 and returns what the VM
+	// saw as the caller (it closes first: its socket goes to TIME_WAIT).
+	call9003 := func(p uint16, to netip.Addr) string {
+		t.Helper()
+		c, err := dialFrom(l.NS(lab.Client), p, netip.AddrPortFrom(to, 9003))
+		if err != nil {
+			t.Fatalf("connect from port %d to %s: %v", p, to, err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		line, err := io.ReadAll(c)
+		c.Close()
+		if err != nil {
+			t.Fatalf("from port %d to %s: %v", p, to, err)
+		}
+		return strings.TrimSpace(string(line))
+	}
+	// Ports used toward old_ip before the move (host A notes them)...
+	seen := map[string]string{}
+	for i := range 20 {
+		p := uint16(45000 + i)
+		seen[fmt.Sprintf("%d->%s", p, lab.OldIP)] = call9003(p, lab.OldIP)
+	}
+
+	const port = 47007
+	oldC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.OldIP, 9002))
+	must(t, err)
+	defer oldC.Close()
+	must(t, echo(oldC, "before the move"))
+	moveNSVM(t, l, vm, dpA, dpB, token)
+	moved, err := datapath.MoveFlows(dpA, dpB, lab.OldIP)
+	must(t, err)
+	t.Logf("%d flows moved from host A to host B", moved)
+	must(t, echo(oldC, "after the move"))
+
+	newC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.NewIP, 9002))
+	must(t, err)
+	defer newC.Close()
+	for end, i := time.Now().Add(10*time.Second), 0; time.Now().Before(end); i++ {
+		if err := echo(oldC, fmt.Sprintf("old %d", i)); err != nil {
+			t.Fatalf("connection to old_ip from port %d, %d after the second one opened: %v", port, i, err)
+		}
+		if err := echo(newC, fmt.Sprintf("new %d", i)); err != nil {
+			t.Fatalf("connection to new_ip from port %d: %v", port, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// (2) ...and after it (host B sees them through the tunnel); then each
+	// of the 40 ports toward new_ip.
+	before := tcpCounters(t, l.NS(lab.Client))
+	for i := range 20 {
+		p := uint16(46000 + i)
+		seen[fmt.Sprintf("%d->%s", p, lab.OldIP)] = call9003(p, lab.OldIP)
+	}
+	for i := range 20 {
+		for _, p := range []uint16{uint16(45000 + i), uint16(46000 + i)} {
+			seen[fmt.Sprintf("%d->%s", p, lab.NewIP)] = call9003(p, lab.NewIP)
+		}
+	}
+	after := tcpCounters(t, l.NS(lab.Client))
+	for _, k := range []string{"TcpExt:TCPSynRetrans", "Tcp:OutRsts", "Tcp:RetransSegs"} {
+		if d := after[k] - before[k]; d != 0 {
+			t.Errorf("client %s went up by %d over the 60 connections (want 0)", k, d)
+		}
+	}
+	// The VM saw each new_ip connection from a port of its own: the old
+	// one's TIME_WAIT tuple was not reused.
+	for i := range 20 {
+		for _, p := range []uint16{uint16(45000 + i), uint16(46000 + i)} {
+			o, n := seen[fmt.Sprintf("%d->%s", p, lab.OldIP)], seen[fmt.Sprintf("%d->%s", p, lab.NewIP)]
+			if o != fmt.Sprintf("%s:%d", lab.ClientIP, p) || n == o || !strings.HasPrefix(n, lab.ClientIP.String()+":") {
+				t.Errorf("port %d: VM saw %q via old_ip and %q via new_ip", p, o, n)
+			}
+		}
+	}
+	cb, _ := dpB.Stats(lab.OldIP)
+	t.Logf("host B counters: %v", nonzero(cb))
+	if cb["nat_port_translated"] < 41 {
+		t.Errorf("host B translated %d client ports, want >= 41", cb["nat_port_translated"])
 	}
 }
