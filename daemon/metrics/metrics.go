@@ -20,7 +20,7 @@
 //	vmhop_redirect_drops_total{reason}                   counter   packets the datapath dropped, by reason
 //	vmhop_peer_up{peer}                                  gauge     1 if the peer's address answered TCP at the last check
 //	vmhop_peer_authenticated{peer}                       gauge     1 if mutual TLS and hello succeeded at the last check
-//	vmhop_localapi_requests_total{verb,code}             counter   local API calls, by verb and answer ("ok" or an error code)
+//	vmhop_localapi_requests_total{verb,code}             counter   local API calls, by verb and HTTP status code
 //	vmhop_config_reloads_total{result}                   counter   SIGHUP reloads, "applied" or "refused"
 //	vmhop_config_last_reload_successful                  gauge     1 if the last reload was applied (or none was tried)
 //	vmhop_redirect_events_total{event}                   counter   ARP replies, ICMP too-big sent, MSS clamped
@@ -114,7 +114,7 @@ func New() *Metrics {
 		Name: "authenticated", Help: "1 if mutual TLS and hello with the configured peer succeeded at the last check."},
 		[]string{"peer"})
 	m.localAPI = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Subsystem: "localapi",
-		Name: "requests_total", Help: "Local API calls, by verb and answer (ok, or the error code)."}, []string{"verb", "code"})
+		Name: "requests_total", Help: "Local API calls, by verb and HTTP status code."}, []string{"verb", "code"})
 	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Subsystem: "config",
 		Name: "reloads_total", Help: "Config reloads (SIGHUP), by result: applied or refused."}, []string{"result"})
 	m.reloadOK = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Subsystem: "config",
@@ -214,12 +214,14 @@ func (m *Metrics) KeepPeers(names []string) {
 	}
 }
 
-// LocalAPICall counts a local API call of verb answered with code ("ok"
-// or an error code such as "invalid_argument").
-func (m *Metrics) LocalAPICall(verb, code string) {
-	if m != nil {
-		m.localAPI.WithLabelValues(verb, code).Inc()
+// LocalAPI wraps the local API's handler of verb so that each call is
+// counted by verb and HTTP status code (promhttp's "code" label). A nil
+// *Metrics returns h itself.
+func (m *Metrics) LocalAPI(verb string, h http.Handler) http.Handler {
+	if m == nil {
+		return h
 	}
+	return promhttp.InstrumentHandlerCounter(m.localAPI.MustCurryWith(prometheus.Labels{"verb": verb}), h)
 }
 
 // Reloaded records a config reload: applied, or refused (the old config kept).

@@ -79,8 +79,15 @@ func TestSeries(t *testing.T) {
 	m.DNSUpdate("NOTAUTH")
 	m.SetPeer("site-b.vmhop", true, true)
 	m.SetPeer("site-c.vmhop", true, false)
-	m.LocalAPICall("status", "ok")
-	m.LocalAPICall("migrate", "invalid_argument")
+	local := httptest.NewServer(m.LocalAPI("migrate", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusBadRequest)
+	})))
+	resp, err := http.Post(local.URL, "application/yaml", strings.NewReader("bad spec"))
+	if err != nil || resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("local API call: %v, %v", resp, err)
+	}
+	resp.Body.Close()
+	local.Close()
 	m.Reloaded(false)
 	counters := map[string]uint64{}
 	for i, name := range datapath.CounterNames {
@@ -107,8 +114,7 @@ func TestSeries(t *testing.T) {
 		`vmhop_peer_up{peer="site-b.vmhop"} 1`,
 		`vmhop_peer_authenticated{peer="site-b.vmhop"} 1`,
 		`vmhop_peer_authenticated{peer="site-c.vmhop"} 0`,
-		`vmhop_localapi_requests_total{code="ok",verb="status"} 1`,
-		`vmhop_localapi_requests_total{code="invalid_argument",verb="migrate"} 1`,
+		`vmhop_localapi_requests_total{code="400",verb="migrate"} 1`,
 		`vmhop_config_reloads_total{result="refused"} 1`,
 		`vmhop_config_last_reload_successful 0`,
 		`vmhop_datapath_mode{mode="ebpf"} 1`,
@@ -171,7 +177,9 @@ func TestNilMetrics(t *testing.T) {
 	m.DNSUpdate("NOERROR")
 	m.SetPeer("a", true, true)
 	m.KeepPeers(nil)
-	m.LocalAPICall("status", "ok")
+	if h := m.LocalAPI("status", http.NotFoundHandler()); h == nil {
+		t.Error("nil metrics: LocalAPI returned no handler")
+	}
 	m.Reloaded(true)
 	m.SetDatapath("ebpf", nil)
 }
