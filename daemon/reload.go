@@ -153,16 +153,18 @@ func (d *Daemon) checkPeers(ctx context.Context) []PeerStatus {
 	return out
 }
 
-// checkPeersEvery runs checkPeers at once, then every interval until ctx ends.
+// checkPeersEvery runs checkPeers every interval until ctx ends. The
+// first check waits one interval: peers started together are not all up
+// at once, and the peers verb measures the first hello on a new connection.
 func (d *Daemon) checkPeersEvery(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		d.checkPeers(ctx)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			d.checkPeers(ctx)
 		}
 	}
 }
