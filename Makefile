@@ -12,7 +12,7 @@ TEST_LOG ?= test.log
 
 GUEST_SRC := $(wildcard internal/guest/*.go internal/guest/image/*) cmd/vmhop-guest/main.go
 
-.PHONY: all build test unit lint generate guest demo demo-down fuzz bench bench-datapath soak clean
+.PHONY: all build test unit lint generate guest demo demo-down fuzz bench bench-datapath soak deb clean
 
 all: build
 
@@ -24,6 +24,16 @@ build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/vmhop ./cmd/vmhop
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/vmhopd ./cmd/vmhopd
 	$(GO) build -o bin/vmhop-lab ./cmd/vmhop-lab
+
+# The Debian package (dist/vmhop_VERSION_amd64.deb): binaries, unit, example
+# configs, docs; built by nfpm (packaging/nfpm.yaml), run from the Go module
+# proxy like any Go tool. Install: apt install ./dist/vmhop_*.deb
+NFPM ?= github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+DEB_VERSION ?= 0.1.0~git$(shell git log -1 --format=%cd.%h --date=format:%Y%m%d 2>/dev/null || echo 0)
+DIST ?= dist
+deb: build
+	mkdir -p $(DIST)
+	VMHOP_BIN=bin VMHOP_DEB_VERSION=$(DEB_VERSION) $(GO) run $(NFPM) package -f packaging/nfpm.yaml -p deb -t $(DIST)/
 
 # Every test, lab tests included (they need root: as non-root they skip,
 # saying so). Prints a closing "N passed, N failed, N skipped" line.
@@ -90,4 +100,4 @@ fuzz:
 	$(GO) test ./proxy/ddns/ -run '^$$' -fuzz FuzzParseKey -fuzztime 30s -fuzzminimizetime 5s
 
 clean:
-	rm -rf bin $(TEST_LOG)
+	rm -rf bin $(DIST) $(TEST_LOG)

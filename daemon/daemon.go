@@ -36,8 +36,10 @@ import (
 	"net/http"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
+	"github.com/vmhop/vmhop/daemon/metrics"
 	"github.com/vmhop/vmhop/internal/config"
 )
 
@@ -55,21 +57,37 @@ type Options struct {
 	// StopTimeout bounds how long a stopping daemon waits for its running
 	// migrations to undo and return; 0 means 90 s.
 	StopTimeout time.Duration
+	// Metrics receives the daemon's series, served on metrics_listen;
+	// nil: a fresh metrics.New().
+	Metrics *metrics.Metrics
+	// Level is the log level Log's handler reads; Reload sets it to the
+	// new config's log_level. nil: the level is not reloadable.
+	Level *slog.LevelVar
+	// Ready is called once Serve serves every listener (systemd's
+	// READY=1); nil: nothing.
+	Ready func()
+	// PeerCheckInterval is how often Serve greets every peer to update
+	// the vmhop_peer_* gauges; 0 means 30 s, < 0 never.
+	PeerCheckInterval time.Duration
 }
 
 // Daemon is one host's vmhopd: its peer API (with tls set), its local API,
 // its secrets and its migrations.
 type Daemon struct {
-	cfg     config.Daemon
 	opts    Options
 	log     *slog.Logger
 	tls     *hostTLS // nil without tls: no peer API
 	peerAPI *PeerAPI
-	peers   map[string]*PeerClient
 	secrets Secrets
 	migs    migrations
+	metrics *metrics.Metrics
 
-	peerLn, localLn net.Listener
+	mu     sync.RWMutex // guards cfg.Peers, cfg.LogLevel, peers, reload (Reload changes them)
+	cfg    config.Daemon
+	peers  map[string]*PeerClient
+	reload *ReloadStatus // the last Reload's outcome; nil before any
+
+	peerLn, localLn, metricsLn net.Listener
 }
 
 // New builds a daemon from its config: it reads and checks the tls files
@@ -85,7 +103,13 @@ func New(cfg config.Daemon, opts Options) (*Daemon, error) {
 	if opts.StopTimeout == 0 {
 		opts.StopTimeout = 90 * time.Second
 	}
-	d := &Daemon{cfg: cfg, opts: opts, log: opts.Log, peers: map[string]*PeerClient{},
+	if opts.PeerCheckInterval == 0 {
+		opts.PeerCheckInterval = 30 * time.Second
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = metrics.New()
+	}
+	d := &Daemon{cfg: cfg, opts: opts, log: opts.Log, peers: map[string]*PeerClient{}, metrics: opts.Metrics,
 		secrets: Secrets{dir: filepath.Join(cfg.StateDir, "migrations")}}
 	if cfg.TLS.Cert != "" {
 		t, err := loadTLS(&cfg)
@@ -117,13 +141,18 @@ func (d *Daemon) hello() Hello {
 // hosts call (Handle, HandleStream) before Serve.
 func (d *Daemon) PeerAPI() *PeerAPI { return d.peerAPI }
 
+// Metrics is where the migration path records its series (never nil).
+func (d *Daemon) Metrics() *metrics.Metrics { return d.metrics }
+
 // Peer is the client of configured peer name (CodeNotFound if there is
 // none; CodeUnavailable without tls).
 func (d *Daemon) Peer(name string) (*PeerClient, error) {
 	if d.tls == nil {
 		return nil, Errorf(CodeUnavailable, "no peer API: vmhopd.tls is not set")
 	}
+	d.mu.RLock()
 	c, ok := d.peers[name]
+	d.mu.RUnlock()
 	if !ok {
 		return nil, Errorf(CodeNotFound, "%q is not in vmhopd.peers", name)
 	}
@@ -150,12 +179,20 @@ func (d *Daemon) Listen() error {
 		d.localLn.Close()
 		return fmt.Errorf("vmhopd.state_dir: %w", err)
 	}
+	if d.cfg.MetricsListen != "" {
+		ml, err := net.Listen("tcp", d.cfg.MetricsListen)
+		if err != nil {
+			d.localLn.Close()
+			return fmt.Errorf("vmhopd.metrics_listen: %w", err)
+		}
+		d.metricsLn = ml
+	}
 	if d.tls == nil {
 		return nil
 	}
 	pl, err := net.Listen("tcp", d.cfg.Listen)
 	if err != nil {
-		d.localLn.Close()
+		d.Close()
 		return fmt.Errorf("vmhopd.listen: %w", err)
 	}
 	d.peerLn = pl
@@ -165,12 +202,21 @@ func (d *Daemon) Listen() error {
 // Close releases what Listen bound, for a daemon that will not Serve.
 func (d *Daemon) Close() error {
 	var errs []error
-	for _, ln := range []net.Listener{d.localLn, d.peerLn} {
+	for _, ln := range []net.Listener{d.localLn, d.peerLn, d.metricsLn} {
 		if ln != nil {
 			errs = append(errs, ln.Close())
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// MetricsAddr is the /metrics endpoint's bound address (nil before
+// Listen or without metrics_listen).
+func (d *Daemon) MetricsAddr() net.Addr {
+	if d.metricsLn == nil {
+		return nil
+	}
+	return d.metricsLn.Addr()
 }
 
 // PeerAddr is the peer API's bound address (nil before Listen or without tls).
@@ -197,7 +243,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	ls := &http.Server{Handler: d.localHandler(), BaseContext: baseCtx, ConnContext: withCaller, ErrorLog: errLog,
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 	servers := []*http.Server{ls}
-	serveErr := make(chan error, 2)
+	serveErr := make(chan error, 3)
 	go func() { serveErr <- ls.Serve(d.localLn) }()
 	if d.peerLn != nil {
 		mux := http.NewServeMux()
@@ -208,7 +254,26 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		servers = append(servers, ps)
 		go func() { serveErr <- ps.ServeTLS(d.peerLn, "", "") }()
 	}
-	d.log.Info("vmhopd serving", "socket", d.cfg.Socket, "listen", d.PeerAddr(), "peers", slices.Sorted(maps.Keys(d.peers)))
+	if d.metricsLn != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", d.metrics.Handler())
+		ms := &http.Server{Handler: mux, BaseContext: baseCtx, ErrorLog: errLog, ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout: 2 * time.Minute}
+		servers = append(servers, ms)
+		go func() { serveErr <- ms.Serve(d.metricsLn) }()
+	}
+	d.mu.RLock()
+	peerNames := slices.Sorted(maps.Keys(d.peers))
+	d.mu.RUnlock()
+	d.log.Info("vmhopd serving", "socket", d.cfg.Socket, "listen", d.PeerAddr(), "metrics", d.MetricsAddr(), "peers", peerNames)
+	if d.opts.Ready != nil {
+		d.opts.Ready()
+	}
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	if d.tls != nil && d.opts.PeerCheckInterval > 0 {
+		bg.Go(func() { d.checkPeersEvery(base, d.opts.PeerCheckInterval) })
+	}
 	var err error
 	select {
 	case <-ctx.Done():
@@ -225,9 +290,11 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	for _, s := range servers {
 		s.Shutdown(sctx)
 	}
+	d.mu.RLock()
 	for _, c := range d.peers {
 		c.hc.CloseIdleConnections()
 	}
+	d.mu.RUnlock()
 	return err
 }
 

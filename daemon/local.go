@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,12 +30,15 @@ const localPrefix = "/localapi/v0/"
 
 // Status is what the status verb reports.
 type Status struct {
-	Name       string            `json:"name"`             // this host's name (config key "name")
-	Version    string            `json:"version"`          // vmhopd's build
-	Protocol   int               `json:"protocol"`         // the peer API's ProtocolVersion
-	Listen     string            `json:"listen,omitempty"` // the peer API's address; empty without tls
-	Peers      []string          `json:"peers"`            // configured peers' names
-	Migrations []MigrationStatus `json:"migrations"`       // running and recent, oldest first
+	Name       string            `json:"name"`              // this host's name (config key "name")
+	Version    string            `json:"version"`           // vmhopd's build
+	Protocol   int               `json:"protocol"`          // the peer API's ProtocolVersion
+	Listen     string            `json:"listen,omitempty"`  // the peer API's address; empty without tls
+	Peers      []string          `json:"peers"`             // configured peers' names
+	Migrations []MigrationStatus `json:"migrations"`        // running and recent, oldest first
+	LogLevel   string            `json:"log_level"`         // the running log_level (reloadable)
+	Metrics    string            `json:"metrics,omitempty"` // the /metrics endpoint's address; empty without metrics_listen
+	Reload     *ReloadStatus     `json:"reload,omitempty"`  // the last config reload (SIGHUP); absent before any
 }
 
 // PeerStatus is one configured peer as the peers verb finds it.
@@ -59,10 +61,21 @@ type MigrateResponse struct {
 
 func (d *Daemon) localHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET "+localPrefix+"status", d.serveStatus)
-	mux.HandleFunc("GET "+localPrefix+"peers", d.servePeers)
-	mux.HandleFunc("POST "+localPrefix+"migrate", d.serveMigrate)
-	mux.HandleFunc("GET "+localPrefix+"migrations/{id}/progress", d.serveProgress)
+	for _, v := range []struct {
+		verb, pattern string
+		h             http.HandlerFunc
+	}{
+		{"status", "GET " + localPrefix + "status", d.serveStatus},
+		{"peers", "GET " + localPrefix + "peers", d.servePeers},
+		{"migrate", "POST " + localPrefix + "migrate", d.serveMigrate},
+		{"progress", "GET " + localPrefix + "migrations/{id}/progress", d.serveProgress},
+	} {
+		mux.Handle(v.pattern, d.metrics.LocalAPI(v.verb, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			c := callerOf(r.Context())
+			d.log.Debug("local API call", "verb", v.verb, "uid", c.UID, "pid", c.PID)
+			v.h(w, r)
+		})))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, Errorf(CodeNotFound, "no local API verb %s %s", r.Method, r.URL.Path))
 	})
@@ -74,27 +87,21 @@ func (d *Daemon) serveStatus(w http.ResponseWriter, r *http.Request) {
 	if d.peerLn != nil {
 		s.Listen = d.peerLn.Addr().String()
 	}
+	if d.metricsLn != nil {
+		s.Metrics = d.metricsLn.Addr().String()
+	}
+	d.mu.RLock()
 	for _, p := range d.cfg.Peers {
 		s.Peers = append(s.Peers, p.Name)
 	}
+	s.LogLevel, s.Reload = d.cfg.LogLevel, d.reload
+	d.mu.RUnlock()
 	writeJSON(w, s)
 }
 
 // servePeers dials and greets every configured peer at once, each bounded by 5 s.
 func (d *Daemon) servePeers(w http.ResponseWriter, r *http.Request) {
-	out := make([]PeerStatus, len(d.cfg.Peers))
-	var wg sync.WaitGroup
-	for i, p := range d.cfg.Peers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-			defer cancel()
-			out[i] = d.checkPeer(ctx, p)
-		}()
-	}
-	wg.Wait()
-	writeJSON(w, out)
+	writeJSON(w, d.checkPeers(r.Context()))
 }
 
 // checkPeer greets peer p: reachable means a TCP connection to its

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync"
 
 	"github.com/vmhop/vmhop/internal/config"
 )
@@ -17,7 +18,17 @@ import (
 type hostTLS struct {
 	cert  tls.Certificate
 	roots *x509.CertPool
-	peers []config.Peer
+
+	mu    sync.RWMutex
+	peers []config.Peer // replaced by setPeers on reload
+}
+
+// setPeers replaces the peers the handshake lets in: connections opened
+// after it are checked against the new list.
+func (h *hostTLS) setPeers(peers []config.Peer) {
+	h.mu.Lock()
+	h.peers = peers
+	h.mu.Unlock()
 }
 
 // loadTLS reads the tls keys' files and checks that this host's
@@ -52,6 +63,8 @@ var errUnlisted = errors.New("certificate names no configured peer")
 // certificate naming no peer, or two, is refused.
 func (h *hostTLS) identify(cert *x509.Certificate) (config.Peer, error) {
 	var found []config.Peer
+	h.mu.RLock()
+	defer h.mu.RUnlock()
 	for _, p := range h.peers {
 		if slices.Contains(cert.DNSNames, p.Name) {
 			found = append(found, p)

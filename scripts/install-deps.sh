@@ -10,6 +10,9 @@ pkgs=(
 	bind9 bind9-utils bind9-dnsutils knot knot-dnsutils  # DNS servers
 	clang llvm libbpf-dev bpftool linux-libc-dev         # BPF (make generate)
 	iperf3 tcpdump              # benchmarks, captures
+	systemd                     # systemd-analyze verify (the unit's test)
+	prometheus                  # promtool check metrics (the /metrics tests)
+	dpkg                        # dpkg-deb, dpkg -x (make deb's test)
 )
 missing=()
 for p in "${pkgs[@]}"; do

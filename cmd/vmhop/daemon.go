@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"github.com/vmhop/vmhop/internal/cli"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -35,6 +36,9 @@ func newStatusCmd() *cobra.Command {
 				listen = "(none: no tls)"
 			}
 			fmt.Fprintf(out, "vmhopd %s (%s, peer protocol %d), peer API %s, peers %v\n", s.Name, s.Version, s.Protocol, listen, s.Peers)
+			if s.Reload != nil && !s.Reload.Applied {
+				fmt.Fprintf(out, "last config reload refused at %s (running config kept):\n%s\n", s.Reload.At.Format(time.RFC3339), s.Reload.Error)
+			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "MIGRATION\tVM\tSTATE\tSTARTED\tBY UID\tERROR")
 			for _, m := range s.Migrations {

@@ -5,6 +5,13 @@
 // datapath (eBPF/TC on Linux >= 6.6 with TCX, or the userspace proxy
 // fallback). Needs root (CAP_NET_ADMIN, CAP_BPF).
 //
+// Under systemd (configs/vmhopd.service, Type=notify) it sends READY=1
+// once its listeners serve, WATCHDOG=1 every half WatchdogSec, and
+// RELOADING=1 / READY=1 around a reload. SIGHUP reloads the config file:
+// log_level and peers change in place; a file that does not validate, or
+// changes any other key, is refused and the running config kept
+// (daemon.Reload).
+//
 // It runs until SIGINT/SIGTERM, then stops its running migrations (they
 // undo what they did), closes both APIs and leaves the pinned datapath in
 // place so forwarding outlives a restart; -cleanup removes it. Migrations
@@ -55,9 +62,8 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("--config %s:\n%w", flags.config, err)
 	}
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(cfg.LogLevel))
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	level := new(slog.LevelVar)
+	log := newLogger(os.Stderr, cfg, level)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -75,7 +81,7 @@ func run() error {
 	}
 	// daemon.New reads and checks the tls files, so -check catches a
 	// certificate that does not name this host or is not from the CA.
-	d, err := daemon.New(*cfg, daemon.Options{Log: log})
+	d, err := daemon.New(*cfg, daemon.Options{Log: log, Level: level, Ready: func() { notify(log, sdReady) }})
 	if err != nil {
 		return fmt.Errorf("--config %s: %w", flags.config, err)
 	}
@@ -91,8 +97,16 @@ func run() error {
 		return errors.Join(err, d.Close())
 	}
 	defer sc.Close()
+	if sc.DP != nil {
+		d.Metrics().SetDatapath(string(sc.Mode), func() (map[string]uint64, error) { return sc.DP.Totals() })
+	} else {
+		d.Metrics().SetDatapath(string(sc.Mode), nil)
+	}
 	log.Info("vmhopd started", "name", cfg.Name, "uplink", cfg.Uplink, "address", cfg.Address, "continuity", sc.Mode)
+	go watchdog(ctx, log)
+	go reloadOnHangup(ctx, d, log)
 	err = d.Serve(ctx)
+	notify(log, sdStopping)
 	log.Info("vmhopd stopped; the pinned datapath keeps forwarding (vmhopd -cleanup removes it)")
 	return err
 }

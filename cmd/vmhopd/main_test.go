@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,6 +36,7 @@ func TestDaemonLifecycle(t *testing.T) {
 	for _, args := range [][]string{
 		{"link", "add", "u0", "type", "veth", "peer", "name", "u1"},
 		{"link", "set", "u0", "up"},
+		{"link", "set", "lo", "up"}, // /metrics is scraped at 10.9.0.2 from inside
 		{"addr", "add", "10.9.0.2/24", "dev", "u0"},
 	} {
 		if _, err := netns.Run(ctx, ns, "ip", args...); err != nil {
@@ -44,7 +47,7 @@ func TestDaemonLifecycle(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(pins) })
 	cfg := filepath.Join(t.TempDir(), "vmhopd.yaml")
 	sock := filepath.Join(t.TempDir(), "vmhopd.sock")
-	os.WriteFile(cfg, []byte(fmt.Sprintf("vmhopd:\n  uplink: u0\n  address: 10.9.0.2\n  bpffs: %s\n  datapath: ebpf\n  state_dir: %s\n  socket: %s\n",
+	os.WriteFile(cfg, []byte(fmt.Sprintf("vmhopd:\n  uplink: u0\n  address: 10.9.0.2\n  bpffs: %s\n  datapath: ebpf\n  state_dir: %s\n  socket: %s\n  metrics_listen: \"10.9.0.2:9710\"\n",
 		pins, t.TempDir(), sock)), 0o644)
 
 	// nsenter enters the network namespace only: `ip netns exec` would also
@@ -70,6 +73,29 @@ func TestDaemonLifecycle(t *testing.T) {
 	}
 	if st, err := daemon.NewLocalClient(sock).Status(ctx); err != nil || st.Listen != "" {
 		t.Errorf("local API: %+v, %v (want no peer API without tls)", st, err)
+	}
+	// /metrics, scraped inside the namespace: the eBPF datapath's counters
+	// are there (all zero: no packet went through).
+	var scrape []byte
+	err := netns.Do(ns, func() error {
+		c, err := net.DialTimeout("tcp", "10.9.0.2:9710", 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprint(c, "GET /metrics HTTP/1.0\r\nHost: vmhopd\r\n\r\n")
+		scrape, err = io.ReadAll(c)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("scrape /metrics in %s: %v", ns, err)
+	}
+	for _, want := range []string{"HTTP/1.0 200 OK", `vmhop_datapath_mode{mode="ebpf"} 1`, `vmhop_redirect_packets_total{direction="encap"} 0`,
+		`vmhop_redirect_drops_total{reason="no_route"} 0`, "vmhop_redirect_read_failed 0"} {
+		if !strings.Contains(string(scrape), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
 	}
 	d.Process.Signal(syscall.SIGTERM)
 	if err := d.Wait(); err != nil {

@@ -165,6 +165,28 @@ func TestParseDaemon(t *testing.T) {
 	}
 }
 
+func TestParseDaemonLogFormatAndMetrics(t *testing.T) {
+	f, err := Parse([]byte("vmhopd:\n  uplink: eth1\n  address: 10.2.0.2\n  log_format: json\n  metrics_listen: \"127.0.0.1:9710\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Daemon.LogFormat != "json" || f.Daemon.MetricsListen != "127.0.0.1:9710" {
+		t.Errorf("daemon = %+v", f.Daemon)
+	}
+	if f, err := Parse([]byte("vmhopd:\n  uplink: eth1\n  address: 10.2.0.2\n")); err != nil || f.Daemon.LogFormat != "text" || f.Daemon.MetricsListen != "" {
+		t.Errorf("defaults: %+v, %v", f, err)
+	}
+	_, err = Parse([]byte("vmhopd:\n  uplink: eth1\n  address: 10.2.0.2\n  log_format: xml\n  metrics_listen: \"localhost:99999\"\n"))
+	for _, want := range []string{
+		`vmhopd.log_format: "xml" is not one of text, json`,
+		`vmhopd.metrics_listen: "localhost:99999": port "99999" is not from 1 to 65535`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v\nlacks %q", err, want)
+		}
+	}
+}
+
 func TestParseDaemonPeers(t *testing.T) {
 	const tls = "  tls: {cert: /c.pem, key: /k.pem, ca: /ca.pem}\n"
 	f, err := Parse([]byte("vmhopd:\n  name: site-a.vmhop\n  uplink: eth0\n  address: 10.1.0.2\n" + tls +

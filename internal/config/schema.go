@@ -37,8 +37,14 @@ type Daemon struct {
 	BPFFS string `key:"bpffs"`
 	// TLS secures the peer API and the streams between hosts.
 	TLS TLS `key:"tls"`
-	// LogLevel is one of debug, info, warn, error.
+	// LogLevel is one of debug, info, warn, error. SIGHUP applies a new one.
 	LogLevel string `key:"log_level"`
+	// LogFormat is "text" (logfmt-like key=value lines) or "json" (one
+	// JSON object a line: slog's JSONHandler), both on stderr.
+	LogFormat string `key:"log_format"`
+	// MetricsListen is the host:port of the Prometheus /metrics endpoint
+	// (plain HTTP: bind it to a management address); "" serves none.
+	MetricsListen string `key:"metrics_listen"`
 }
 
 // Peer is another host's vmhopd.
@@ -171,12 +177,13 @@ type Storage struct {
 // DefaultDaemon returns a Daemon with every optional field set.
 func DefaultDaemon() Daemon {
 	return Daemon{
-		Listen:   "0.0.0.0:7710",
-		Socket:   "/run/vmhop/vmhopd.sock",
-		StateDir: "/var/lib/vmhop",
-		Datapath: "auto",
-		BPFFS:    "/sys/fs/bpf/vmhop",
-		LogLevel: "info",
+		Listen:    "0.0.0.0:7710",
+		Socket:    "/run/vmhop/vmhopd.sock",
+		StateDir:  "/var/lib/vmhop",
+		Datapath:  "auto",
+		BPFFS:     "/sys/fs/bpf/vmhop",
+		LogLevel:  "info",
+		LogFormat: "text",
 	}
 }
 

@@ -75,6 +75,10 @@ func (d *Daemon) validate(p string, errs *Errors) {
 		}
 	}
 	checkOneOf(p+".log_level", d.LogLevel, errs, "debug", "info", "warn", "error")
+	checkOneOf(p+".log_format", d.LogFormat, errs, "text", "json")
+	if d.MetricsListen != "" {
+		checkHostPort(p+".metrics_listen", d.MetricsListen, errs)
+	}
 }
 
 func (m *Migration) validate(p string, errs *Errors) {

@@ -506,6 +506,31 @@ func (d *Datapath) stats(k uint32) (Counters, error) {
 	return c, nil
 }
 
+// Totals returns the counters of every address in the stats map summed
+// over addresses and CPUs, by CounterNames: the whole host's datapath
+// activity (vmhopd's /metrics). An address's counters leave the map with
+// its VM entry, so totals can go down.
+func (d *Datapath) Totals() (Counters, error) {
+	c := Counters{}
+	for _, name := range CounterNames {
+		c[name] = 0
+	}
+	var key uint32
+	var per []bpf.DatapathCounters
+	it := d.objs.Stats.Iterate()
+	for it.Next(&key, &per) {
+		for _, p := range per {
+			for i, v := range p.C {
+				c[CounterNames[i]] += v
+			}
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("datapath: read stats: %w", err)
+	}
+	return c, nil
+}
+
 // Idle returns how long ago a packet for oldIP was last redirected (the
 // drain signal), and false if none ever was.
 func (d *Datapath) Idle(oldIP netip.Addr) (time.Duration, bool, error) {

@@ -341,6 +341,12 @@ func TestProgramsOnCraftedPackets(t *testing.T) {
 		if c["icmp_too_big"] != 1 {
 			t.Errorf("counters %v", c)
 		}
+		// Only oldIP has counters here: the host's totals are its counters.
+		tot, err := a.dp.Totals()
+		if err != nil || len(tot) != len(CounterNames) || tot["icmp_too_big"] != 1 || tot["encap_packets"] != c["encap_packets"] ||
+			tot["encap_bytes"] != c["encap_bytes"] || c["encap_packets"] == 0 {
+			t.Errorf("totals %v, %v; stats of %s %v", tot, err, oldIP, c)
+		}
 	})
 	t.Run("decap relays the VM's replies", func(t *testing.T) {
 		inner := frame(t, pktSpec{src: oldIP, dst: clientIP, proto: layers.IPProtocolTCP, sport: 80, dport: 40000, ack: true, payload: 50})
