@@ -20,10 +20,13 @@ var (
 		"Bytes the eBPF datapath encapsulated or decapsulated, by direction.", []string{"direction"}, nil)
 	redirectDrops = prometheus.NewDesc(prometheus.BuildFQName(Namespace, "redirect", "drops_total"),
 		"Packets the eBPF datapath dropped, by reason: no_route, unknown_vm, error (a BPF helper failed), "+
-			"too_big (no ICMP could be sent).", []string{"reason"}, nil)
+			"too_big (no ICMP could be sent), tuple_clash (no free client port at the NAT), "+
+			"spoofed (tunnel packets from a peer's address without the migration's token).", []string{"reason"}, nil)
 	redirectEvents = prometheus.NewDesc(prometheus.BuildFQName(Namespace, "redirect", "events_total"),
 		"Other datapath actions, by event: arp_replies (for the VM's old gateway), icmp_too_big "+
-			"(fragmentation needed sent), mss_clamped (SYNs whose MSS was lowered for the tunnel).",
+			"(fragmentation needed sent), mss_clamped (SYNs whose MSS was lowered for the tunnel), "+
+			"nat_port_translated (a new client flow given another port so no two flows share a guest 4-tuple), "+
+			"fragmented (packets without DF too big for the tunnel, sent as two inner fragments).",
 		[]string{"event"}, nil)
 	redirectReadFailed = prometheus.NewDesc(prometheus.BuildFQName(Namespace, "redirect", "read_failed"),
 		"1 if reading the datapath's BPF counters failed on this scrape (the redirect series are then missing or partial).",
@@ -40,7 +43,8 @@ func series(name string) (d *prometheus.Desc, label string, ok bool) {
 		return redirectPackets, strings.TrimSuffix(name, "_packets"), true
 	case strings.HasSuffix(name, "_bytes"):
 		return redirectBytes, strings.TrimSuffix(name, "_bytes"), true
-	case name == "arp_replies" || name == "icmp_too_big" || name == "mss_clamped":
+	case name == "arp_replies" || name == "icmp_too_big" || name == "mss_clamped" ||
+		name == "nat_port_translated" || name == "fragmented":
 		return redirectEvents, name, true
 	}
 	return nil, "", false
