@@ -40,17 +40,8 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	}
 	dm.MemKiB = vm.Machine.MemKiB
 	// Same definition as the source's: only paths and the host differ.
+	// The destination image is created by the migration (Destination).
 	dm.Append = vm.Machine.Append
-	st, err := os.Stat(vm.Machine.Disk)
-	if err != nil {
-		return nil, err
-	}
-	f, err := os.Create(dm.Disk)
-	if err != nil {
-		return nil, err
-	}
-	f.Truncate(st.Size())
-	f.Close()
 	if err := l.AddTap(ctx, lab.SiteB, dm.Tap, false); err != nil {
 		return nil, err
 	}
@@ -73,21 +64,28 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	}
 	p := &migrator.Plan{
 		Label:      spec.Name,
+		VM:         vm.Name,
 		Source:     &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA)},
 		Dest:       &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB)},
+		SourceWAN:  lab.HostA,
+		DestWAN:    lab.HostB,
 		Driver:     drv,
 		SourceDisk: vm.Machine.Disk,
 		DestDisk:   dm.Disk,
 		DestTap:    dm.Tap,
 		// The destination serves NBD on its loopback; the relay carries it
 		// over the WAN (see storage.Relay).
-		NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
-		Relay: &storage.Relay{
-			DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
-			ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
-			DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
-			DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
-			SourceSock: l.Path("nbd-relay.sock"),
+		Disk: &qemu.MirrorDisk{
+			Driver:    drv,
+			NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
+			Relay: &storage.Relay{
+				DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
+				ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
+				DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
+				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
+				SourceSock: l.Path("nbd-relay.sock"),
+			},
+			Log: log,
 		},
 		Limits: hypervisor.Options{
 			Bandwidth: spec.Limits.Bandwidth, Downtime: spec.Limits.Downtime, AutoConverge: spec.Limits.AutoConverge,
@@ -105,8 +103,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		Log:       log,
 	}
 	if spec.Storage.Mode == "chunked" {
-		p.Relay = nil
-		p.Chunked = &storage.ChunkedSync{
+		p.Disk = &storage.Chunked{Sync: &storage.ChunkedSync{
 			Source:     storage.ChunkedSource{Path: vm.Machine.Disk, Chunk: int(spec.Storage.ChunkSize), Compress: true},
 			Dest:       storage.ChunkedDest{Path: dm.Disk},
 			DialSource: l.Dialer(lab.SiteA),
@@ -114,7 +111,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 			DestWAN:    netip.AddrPortFrom(lab.HostB, ChunkedPort).String(),
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
-		}
+		}}
 	}
 	keyFile := spec.DNS.TSIGKeyFile
 	if _, err := os.Stat(keyFile); err != nil {
@@ -131,7 +128,19 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 
 // Cleanup removes what a plan left on the hosts (datapaths and their pins).
 func Cleanup(p *migrator.Plan) error {
-	return errors.Join(p.Source.RemoveDatapath(), p.Dest.RemoveDatapath())
+	var errs []error
+	for _, h := range []any{p.Source, p.Dest} {
+		if h, ok := h.(*migrator.Host); ok {
+			errs = append(errs, h.RemoveDatapath())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// QEMU is the plan's QEMU driver (the lab's VMs are QEMU's).
+func QEMU(p *migrator.Plan) *qemu.Driver {
+	d, _ := p.Driver.(*qemu.Driver)
+	return d
 }
 
 func parseMAC(s string) (net.HardwareAddr, error) {

@@ -55,7 +55,10 @@ type Driver struct {
 	dstProc Process
 }
 
-var _ hypervisor.Driver = (*Driver)(nil)
+var (
+	_ hypervisor.Driver          = (*Driver)(nil)
+	_ hypervisor.BandwidthSetter = (*Driver)(nil)
+)
 
 // New returns a driver for cfg; nothing is started until PrepareDestination.
 func New(cfg Config) *Driver {
@@ -462,6 +465,14 @@ func (d *Driver) AbortDestination(ctx context.Context) error {
 		<-d.dstProc.Exited()
 	}
 	return nil
+}
+
+// StopSource implements hypervisor.Driver: quit the source QEMU.
+func (d *Driver) StopSource(ctx context.Context) error {
+	if d.src == nil {
+		return errors.New("stop source: not connected")
+	}
+	return d.src.Execute(ctx, "quit", nil, nil)
 }
 
 // Close releases the QMP connections; the QEMUs keep running.

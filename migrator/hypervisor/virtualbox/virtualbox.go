@@ -252,6 +252,10 @@ func (d *Driver) ResumeSource(ctx context.Context) error {
 	return fmt.Errorf("source vm %s is %q after the teleport: VirtualBox cannot resume it", d.cfg.VM, s)
 }
 
+// StopSource implements hypervisor.Driver: a completed teleport left the
+// source VM powered off; nothing is left to stop.
+func (d *Driver) StopSource(context.Context) error { return nil }
+
 // AbortDestination powers the destination VM off and turns teleporting off.
 func (d *Driver) AbortDestination(ctx context.Context) error {
 	s, err := State(ctx, d.cfg.Dest, d.cfg.VM)

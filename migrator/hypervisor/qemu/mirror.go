@@ -1,4 +1,4 @@
-package storage
+package qemu
 
 import (
 	"context"
@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/vmhop/vmhop/internal/units"
-	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 )
 
 // Mirror copies a running QEMU VM's disk to the destination QEMU with QEMU's
@@ -20,7 +19,7 @@ import (
 // the writes in flight, and Complete is proportional to them, not to the
 // disk size. NBD uses the migration's TLS credentials.
 type Mirror struct {
-	Src, Dst *qemu.Monitor
+	Src, Dst *Monitor
 	// Node is the disk's node name in both QEMUs (qemu.Machine uses "disk0").
 	Node string
 	// Listen is where the destination serves NBD: host B's WAN address, or
@@ -43,6 +42,7 @@ type Mirror struct {
 	BeforeConnect func(ctx context.Context, export string) error
 
 	started, exported, targetAdded bool
+	copied                         uint64 // bulk progress at the last poll (QEMU counts holes)
 }
 
 const (
@@ -51,8 +51,8 @@ const (
 	exportID   = "vmhop-export"
 )
 
-// Progress is the mirror's state.
-type Progress struct {
+// MirrorProgress is the mirror's state.
+type MirrorProgress struct {
 	Done, Total uint64        // bytes (QEMU counts holes as copied)
 	Ready       bool          // bulk copy done; writes are mirrored synchronously
 	Rate        float64       // bits per second since the start
@@ -131,7 +131,7 @@ func (m *Mirror) job(ctx context.Context) (*blockJob, error) {
 }
 
 // WaitReady waits for the bulk copy to finish, reporting progress.
-func (m *Mirror) WaitReady(ctx context.Context, progress func(Progress)) error {
+func (m *Mirror) WaitReady(ctx context.Context, progress func(MirrorProgress)) error {
 	start := time.Now()
 	for {
 		j, err := m.job(ctx)
@@ -144,8 +144,9 @@ func (m *Mirror) WaitReady(ctx context.Context, progress func(Progress)) error {
 		if j.Error != "" || j.Status == "concluded" || j.Status == "aborting" {
 			return fmt.Errorf("mirror: job %s: %s", j.Status, j.Error)
 		}
+		m.copied = j.Offset
 		if progress != nil {
-			p := Progress{Done: j.Offset, Total: j.Len, Ready: j.Ready,
+			p := MirrorProgress{Done: j.Offset, Total: j.Len, Ready: j.Ready,
 				Rate: float64(j.Offset) * 8 / time.Since(start).Seconds()}
 			if p.Rate > 0 && j.Len > j.Offset {
 				p.ETA = time.Duration(float64(j.Len-j.Offset) * 8 / p.Rate * float64(time.Second))
@@ -244,10 +245,10 @@ func (m *Mirror) teardown(ctx context.Context) error {
 		// The source has let go; "hard" closes the NBD connection the
 		// server may still be tearing down instead of failing "in use".
 		// A destination whose QEMU is gone has nothing left to take down.
-		if err := m.Dst.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && first == nil && !errors.Is(err, qemu.ErrClosed) {
+		if err := m.Dst.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && first == nil && !errors.Is(err, ErrClosed) {
 			first = err
 		}
-		if err := m.Dst.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil && !errors.Is(err, qemu.ErrClosed) {
+		if err := m.Dst.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil && !errors.Is(err, ErrClosed) {
 			first = err
 		}
 		m.exported = false
