@@ -38,8 +38,12 @@ type PSK struct {
 
 // Config is one QEMU migration.
 type Config struct {
-	SourceQMP  string         // the running source QEMU's QMP socket
-	Dest       Machine        // destination definition: the source's, with destination paths
+	SourceQMP string  // the running source QEMU's QMP socket
+	Dest      Machine // destination definition: the source's, with destination paths
+	// DestArgs, if set, are the destination QEMU's arguments as Adopt
+	// built them from the running source's command line; Dest then only
+	// names the destination (Name, QMPSocket). Unset: Dest.Args().
+	DestArgs   []string
 	DestListen netip.AddrPort // where the destination listens for the stream (host B's WAN address)
 	Launcher   Launcher       // starts the destination QEMU
 	TLS        *PSK           // nil sends the stream in plaintext (lab tests only)
@@ -82,9 +86,12 @@ func writePSK(dir string, p *PSK) error {
 func (d *Driver) PrepareDestination(ctx context.Context) error {
 	m := d.cfg.Dest
 	m.Incoming = "defer"
-	args, err := m.Args()
-	if err != nil {
-		return err
+	args := d.cfg.DestArgs
+	if args == nil {
+		var err error
+		if args, err = m.Args(); err != nil {
+			return err
+		}
 	}
 	os.Remove(m.QMPSocket)
 	if d.cfg.TLS != nil {
