@@ -32,7 +32,9 @@ const (
 )
 
 // Plan builds the plan that moves vm from site A to site B of l under spec
-// (limits, DNS, drain). The destination's tap and empty disk are created.
+// (limits, DNS, drain). The VM is adopted as it runs (its QEMU's command
+// line, read through its QMP socket); the destination's tap is created
+// (its image is created by the migration).
 func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, log *slog.Logger) (*migrator.Plan, error) {
 	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
 	if err != nil {
@@ -45,11 +47,24 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	if err := l.AddTap(ctx, lab.SiteB, dm.Tap, false); err != nil {
 		return nil, err
 	}
+	// The VM as it runs: its QEMU's own command line, host-specific parts
+	// mapped to site B (as a spec's destination.disk and .tap would).
+	adopted, err := qemu.Adopt(vm.Machine.QMPSocket, qemu.HostMap{
+		Disks: map[string]string{vm.Machine.Disk: dm.Disk}, Taps: map[string]string{vm.Machine.Tap: dm.Tap},
+		QMPSocket: dm.QMPSocket, PidFile: dm.PidFile, Console: dm.Console, Name: dm.Name,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(adopted.MACs) != 1 || len(adopted.Disks) != 1 {
+		return nil, fmt.Errorf("lab vm %s: want one NIC and one disk, found MACs %v, disks %v", vm.Name, adopted.MACs, adopted.Disks)
+	}
 	key := make([]byte, 32)
 	rand.Read(key)
 	drv := qemu.New(qemu.Config{
 		SourceQMP:  vm.Machine.QMPSocket,
 		Dest:       dm,
+		DestArgs:   adopted.Args,
 		DestListen: netip.AddrPortFrom(lab.HostB, MigrationPort),
 		Launcher:   l.Launcher(lab.SiteB),
 		TLS:        &qemu.PSK{Username: "vmhop", Key: key, SourceDir: l.Path("tls-a"), DestDir: l.Path("tls-b")},
@@ -58,7 +73,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	if err != nil {
 		return nil, err
 	}
-	vmMAC, err := parseMAC(dm.MAC)
+	vmMAC, err := parseMAC(adopted.MACs[0]) // the VM's, from its command line
 	if err != nil {
 		return nil, err
 	}
@@ -70,7 +85,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		SourceWAN:  lab.HostA,
 		DestWAN:    lab.HostB,
 		Driver:     drv,
-		SourceDisk: vm.Machine.Disk,
+		SourceDisk: adopted.Disks[0],
 		DestDisk:   dm.Disk,
 		DestTap:    dm.Tap,
 		// The destination serves NBD on its loopback; the relay carries it
