@@ -62,7 +62,7 @@ func (m *MirrorDisk) Bulk(ctx context.Context, limit *rate.Limiter, progress fun
 	}
 	// No speed cap on the mirror: QEMU 7.2 charges holes against it, so a
 	// sparse disk would crawl; the budget is applied at the relay.
-	m.mirror = &Mirror{Src: d.Source(), Dst: d.Destination(), Node: diskNode,
+	m.mirror = &Mirror{Src: d.Source(), Dst: d.Incoming(), Node: diskNode,
 		Listen: m.NBDListen, TLS: d.TLSObject()}
 	if r := m.Relay; r != nil {
 		if limit != nil {

@@ -2,7 +2,6 @@ package qemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -19,7 +18,8 @@ import (
 // the writes in flight, and Complete is proportional to them, not to the
 // disk size. NBD uses the migration's TLS credentials.
 type Mirror struct {
-	Src, Dst *Monitor
+	Src *Monitor // the source QEMU
+	Dst Incoming // the destination host's half (exports the disk)
 	// Node is the disk's node name in both QEMUs (qemu.Machine uses "disk0").
 	Node string
 	// Listen is where the destination serves NBD: host B's WAN address, or
@@ -61,17 +61,8 @@ type MirrorProgress struct {
 
 // Start exports the destination disk and starts mirroring into it.
 func (m *Mirror) Start(ctx context.Context) error {
-	nbd := map[string]any{"addr": map[string]any{"type": "inet", "data": map[string]any{
-		"host": m.Listen.Addr().String(), "port": strconv.Itoa(int(m.Listen.Port()))}}}
-	if m.TLS != "" {
-		nbd["tls-creds"] = m.TLS
-	}
-	if err := m.Dst.Execute(ctx, "nbd-server-start", nbd, nil); err != nil {
-		return fmt.Errorf("mirror: %w", err)
-	}
 	m.exported = true
-	if err := m.Dst.Execute(ctx, "block-export-add", map[string]any{"type": "nbd", "id": exportID,
-		"node-name": m.Node, "name": m.Node, "writable": true}, nil); err != nil {
+	if err := m.Dst.ExportDisk(ctx, DiskExport{Listen: m.Listen, Node: m.Node, TLS: m.TLS != ""}); err != nil {
 		return fmt.Errorf("mirror: %w", err)
 	}
 	if m.BeforeConnect != nil {
@@ -242,13 +233,9 @@ func (m *Mirror) teardown(ctx context.Context) error {
 		m.targetAdded = false
 	}
 	if m.exported {
-		// The source has let go; "hard" closes the NBD connection the
-		// server may still be tearing down instead of failing "in use".
-		// A destination whose QEMU is gone has nothing left to take down.
-		if err := m.Dst.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && first == nil && !errors.Is(err, ErrClosed) {
-			first = err
-		}
-		if err := m.Dst.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil && !errors.Is(err, ErrClosed) {
+		// The source has let go (the destination's export goes second,
+		// as QEMU wants).
+		if err := m.Dst.UnexportDisk(ctx); err != nil && first == nil {
 			first = err
 		}
 		m.exported = false
