@@ -96,7 +96,8 @@ func newVBoxWorld(t *testing.T, env ...string) *vboxWorld {
 	w := &vboxWorld{fakeWorld: newWorld(t, "web1"), dir: t.TempDir(), stopVM: make(chan struct{})}
 	w.dns.ev = &events{} // beside the disk phases: not in the ordered log
 	for host, state := range map[string]string{"source": "running", "dest": "poweroff"} {
-		b, _ := json.Marshal(map[string]any{"web1": map[string]any{"name": "web1", "state": state}})
+		b, _ := json.Marshal(map[string]any{"web1": map[string]any{"name": "web1", "state": state,
+			"mac": "080027A1B2C3", "bridge": "enp3s0", "disk": map[string]string{"source": w.srcImg, "dest": w.dstImg}[host]}})
 		if err := os.WriteFile(filepath.Join(w.dir, host+".json"), b, 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -116,6 +117,15 @@ func newVBoxWorld(t *testing.T, env ...string) *vboxWorld {
 			return c
 		}
 	}
+	// The VM as it runs: its MAC and disk from showvminfo.
+	info, err := virtualbox.Info(context.Background(), runner("source", "dest"), "web1")
+	if err != nil || len(info.NICs) != 1 || len(info.Disks) != 1 {
+		t.Fatalf("showvminfo: %+v, %v", info, err)
+	}
+	if w.plan.VMMAC, err = net.ParseMAC(info.NICs[0].MAC); err != nil {
+		t.Fatal(err)
+	}
+	w.plan.SourceDisk = info.Disks[0].Path
 	w.plan.Driver = virtualbox.New(virtualbox.Config{VM: "web1", Source: runner("source", "dest"), Dest: runner("dest", "source"),
 		DestHost: "192.0.2.2", Port: 6000, PasswordDir: filepath.Join(w.dir, "pw"), Poll: 10 * time.Millisecond})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -216,6 +226,9 @@ func TestVirtualBoxThroughCore(t *testing.T) {
 	}
 	if !rep.DigestMatch || rep.Digest != fmt.Sprintf("%x", h.Root()[:8]) || string(src) != string(dst) {
 		t.Fatalf("digest %s (match %v), source image's %x; images equal: %v", rep.Digest, rep.DigestMatch, h.Root()[:8], string(src) == string(dst))
+	}
+	if w.plan.VMMAC.String() != "08:00:27:a1:b2:c3" || w.plan.SourceDisk != w.srcImg {
+		t.Fatalf("adopted MAC %s, disk %s", w.plan.VMMAC, w.plan.SourceDisk)
 	}
 	if inHook != "paused" || w.vmState(t, "source") != "poweroff" || w.vmState(t, "dest") != "running" || w.src.redirect != "on" {
 		t.Fatalf("source in the hook %q; after: source %q, destination %q, redirect %q", inHook, w.vmState(t, "source"), w.vmState(t, "dest"), w.src.redirect)
