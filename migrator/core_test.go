@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -344,5 +345,19 @@ func TestBandwidthSplit(t *testing.T) {
 	}
 	if len(n.drv.bwCalls) != 0 {
 		t.Fatalf("cap changed without a disk count: %v", n.drv.bwCalls)
+	}
+}
+
+// TestPlanChecked: a plan without what every migration needs is refused
+// before anything runs, naming the fields.
+func TestPlanChecked(t *testing.T) {
+	w := newWorld(t, "web1")
+	w.plan.Disk, w.plan.DestWAN = nil, netip.Addr{}
+	_, err := Run(context.Background(), w.plan)
+	if err == nil || !strings.Contains(err.Error(), "missing Disk, DestWAN") {
+		t.Fatalf("err = %v", err)
+	}
+	if ev := w.ev.get(); len(ev) != 0 {
+		t.Fatalf("a refused plan acted: %v", ev)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -179,6 +180,27 @@ func (r *run) onFailure(f func(context.Context) error) {
 	r.undo = append(r.undo, f)
 }
 
+// check refuses a plan that misses what every migration needs, naming
+// the field.
+func (p *Plan) check() error {
+	var missing []string
+	for _, f := range []struct {
+		name  string
+		unset bool
+	}{{"VM", p.VM == ""}, {"Source", p.Source == nil}, {"Dest", p.Dest == nil}, {"Driver", p.Driver == nil},
+		{"Disk", p.Disk == nil}, {"SourceDisk", p.SourceDisk == ""}, {"DestDisk", p.DestDisk == ""},
+		{"SourceWAN", !p.SourceWAN.IsValid()}, {"DestWAN", !p.DestWAN.IsValid()}, {"OldIP", !p.OldIP.IsValid()},
+		{"VMMAC", len(p.VMMAC) != 6}} {
+		if f.unset {
+			missing = append(missing, f.name)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("migrate: plan %q: missing %s", p.Label, strings.Join(missing, ", "))
+	}
+	return nil
+}
+
 // running holds the VMs being migrated by this process (Plan.VM).
 var running sync.Map
 
@@ -188,6 +210,9 @@ var running sync.Map
 func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	if p.Log == nil {
 		p.Log = slog.Default()
+	}
+	if err := p.check(); err != nil {
+		return Report{}, err
 	}
 	if _, busy := running.LoadOrStore(p.VM, struct{}{}); busy {
 		return Report{}, fmt.Errorf("migrate vm %q: %w", p.VM, ErrInProgress)
