@@ -2,8 +2,11 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
+	"sync"
 
 	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 	"github.com/vmhop/vmhop/migrator/storage"
 )
 
@@ -132,4 +135,113 @@ func (r RemoteDiskServer) ServeRelay(ctx context.Context, req storage.RelayServe
 // StopRelay implements storage.DiskServer.
 func (r RemoteDiskServer) StopRelay(ctx context.Context, req storage.RelayStop) error {
 	return call(ctx, r.Peer, MethodStopRelay, req)
+}
+
+// Peer methods of the QEMU driver's destination half (qemu.Incoming).
+const (
+	MethodQEMUStart        = "qemu.start"
+	MethodQEMUQuery        = "qemu.query"
+	MethodQEMUExportDisk   = "qemu.export-disk"
+	MethodQEMUUnexportDisk = "qemu.unexport-disk"
+	MethodQEMUWaitRunning  = "qemu.wait-running"
+	MethodQEMUStop         = "qemu.stop"
+	MethodQEMUWatch        = "qemu.watch" // stream: one event when QEMU exits
+)
+
+// QEMUExit is qemu.watch's event: the destination QEMU exited.
+type QEMUExit struct {
+	Exited bool `json:"exited"`
+}
+
+// ServeIncoming registers in's methods on a (before Serve). qemu.watch
+// streams until the destination QEMU exits (one QEMUExit) or the caller
+// goes.
+func ServeIncoming(a *PeerAPI, in qemu.Incoming) {
+	handle(a, MethodQEMUStart, in.Start)
+	handle(a, MethodQEMUExportDisk, in.ExportDisk)
+	handle(a, MethodQEMUWaitRunning, in.WaitRunning)
+	handle(a, MethodQEMUUnexportDisk, func(ctx context.Context, _ Empty) error { return in.UnexportDisk(ctx) })
+	handle(a, MethodQEMUStop, func(ctx context.Context, _ Empty) error { return in.Stop(ctx) })
+	Handle(a, MethodQEMUQuery, func(ctx context.Context, _ string, req qemu.Query) (json.RawMessage, error) {
+		return in.Query(ctx, req)
+	})
+	HandleStream(a, MethodQEMUWatch, func(ctx context.Context, _ string, _ Empty, send func(QEMUExit) error) error {
+		select {
+		case <-in.Exited():
+			return send(QEMUExit{Exited: true})
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	})
+}
+
+// RemoteIncoming is qemu.Incoming on the peer behind Peer. Exited closes
+// when the peer says its QEMU exited, or when the watch breaks (the
+// destination's daemon gone): either way the destination is lost.
+type RemoteIncoming struct {
+	Peer *PeerClient
+
+	mu     sync.Mutex
+	exited chan struct{}
+	stop   context.CancelFunc
+}
+
+var _ qemu.Incoming = (*RemoteIncoming)(nil)
+
+// Start implements qemu.Incoming, then watches the destination QEMU.
+func (r *RemoteIncoming) Start(ctx context.Context, req qemu.IncomingStart) error {
+	if err := call(ctx, r.Peer, MethodQEMUStart, req); err != nil {
+		return err
+	}
+	wctx, stop := context.WithCancel(context.Background())
+	exited := make(chan struct{})
+	r.mu.Lock()
+	r.exited, r.stop = exited, stop
+	r.mu.Unlock()
+	go func() {
+		defer close(exited)
+		CallStream(wctx, r.Peer, MethodQEMUWatch, Empty{}, func(QEMUExit) error { return nil })
+	}()
+	return nil
+}
+
+// Query implements qemu.Incoming.
+func (r *RemoteIncoming) Query(ctx context.Context, req qemu.Query) (json.RawMessage, error) {
+	return Call[qemu.Query, json.RawMessage](ctx, r.Peer, MethodQEMUQuery, req)
+}
+
+// ExportDisk implements qemu.Incoming.
+func (r *RemoteIncoming) ExportDisk(ctx context.Context, req qemu.DiskExport) error {
+	return call(ctx, r.Peer, MethodQEMUExportDisk, req)
+}
+
+// UnexportDisk implements qemu.Incoming.
+func (r *RemoteIncoming) UnexportDisk(ctx context.Context) error {
+	return call(ctx, r.Peer, MethodQEMUUnexportDisk, Empty{})
+}
+
+// WaitRunning implements qemu.Incoming.
+func (r *RemoteIncoming) WaitRunning(ctx context.Context, req qemu.RunningWait) error {
+	return call(ctx, r.Peer, MethodQEMUWaitRunning, req)
+}
+
+// Stop implements qemu.Incoming; the watch ends with it.
+func (r *RemoteIncoming) Stop(ctx context.Context) error {
+	err := call(ctx, r.Peer, MethodQEMUStop, Empty{})
+	r.mu.Lock()
+	if r.stop != nil {
+		r.stop()
+	}
+	r.mu.Unlock()
+	return err
+}
+
+// Exited implements qemu.Incoming.
+func (r *RemoteIncoming) Exited() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.exited == nil {
+		return nil
+	}
+	return r.exited
 }
