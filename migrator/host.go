@@ -1,19 +1,182 @@
 package migrator
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"sync"
+	"time"
 
 	"github.com/vmhop/vmhop/internal/netns"
+	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/datapath"
 )
 
-// Host is one end of a migration as the migrator drives it: its network
-// continuity datapath, run in its network namespace. On a real deployment
-// that is vmhopd's own namespace on each host (the daemon's peer API that
-// carries these calls between hosts is still to come); in the lab, each
-// host is a namespace on this machine.
+// SourceHost is the source host's own work in a migration, as the core
+// asks for it: on a deployment, what vmhopd on host A does; in the lab
+// and in one process, a *Host. Arguments and results are plain structs
+// that encode to JSON, so a peer channel can carry each call as it is.
+type SourceHost interface {
+	// PrepareSource loads the host's datapath on its uplink, accepts the
+	// destination as a tunnel peer, and installs the redirect for the
+	// VM's old address, off (switching it on later is one map write).
+	PrepareSource(ctx context.Context, req SourcePrepare) error
+	// SetRedirect switches the old address's redirect on or off.
+	SetRedirect(ctx context.Context, req RedirectSwitch) error
+	// RemoveRedirect removes the redirect (undo; the end of the drain).
+	RemoveRedirect(ctx context.Context, req RedirectRemove) error
+	// RetireTunnel stops accepting the migration's tunnel (undo; the end
+	// of the drain).
+	RetireTunnel(ctx context.Context, req Tunnel) error
+	// RedirectState reads the redirect's counters and idle time.
+	RedirectState(ctx context.Context, req RedirectQuery) (RedirectState, error)
+	// StatImage reports the source image's size.
+	StatImage(ctx context.Context, req ImageRef) (ImageInfo, error)
+	// HashImage hashes the host's own image (see HashRequest).
+	HashImage(ctx context.Context, req HashRequest) (Digests, error)
+	AddressHolder
+}
+
+// Destination is the destination host's own work in a migration: on a
+// deployment, what vmhopd on host B does; in the lab, a *Host.
+// Arguments and results encode to JSON, like SourceHost's.
+type Destination interface {
+	// PrepareDestination loads the host's datapath on its uplink and
+	// accepts the source as a tunnel peer.
+	PrepareDestination(ctx context.Context, req DestPrepare) error
+	// CreateImage creates the destination image, empty (sparse) and of
+	// the source's size. An existing file is refused (ErrImageExists):
+	// never truncated.
+	CreateImage(ctx context.Context, req ImageCreate) error
+	// AttachVM attaches the VM program to the VM's tap and installs the
+	// VM's entry (NAT, gateway, tunnel peer while the redirect lasts).
+	// Packets for the VM arriving before it resumes wait in its tap.
+	AttachVM(ctx context.Context, req VMAttach) error
+	// HashImage hashes the host's own image (see HashRequest).
+	HashImage(ctx context.Context, req HashRequest) (Digests, error)
+	// RetireTunnel stops accepting the migration's tunnel.
+	RetireTunnel(ctx context.Context, req Tunnel) error
+	// Abort removes what this migration made on the host: the VM entry,
+	// and the image if CreateImage made it.
+	Abort(ctx context.Context, req DestAbort) error
+	AddressHolder
+}
+
+// ErrImageExists is CreateImage's refusal to overwrite a file.
+var ErrImageExists = errors.New("destination image exists")
+
+// Tunnel is one migration's tunnel to the other host (datapath.Tunnel):
+// its WAN address and the migration's token, the same on both hosts (a
+// secret: packets from the peer's address without it are dropped).
+type Tunnel struct {
+	Peer  netip.Addr `json:"peer"`
+	Token uint64     `json:"token"`
+}
+
+func (t Tunnel) datapath() datapath.Tunnel { return datapath.Tunnel{Peer: t.Peer, Token: t.Token} }
+
+// SourcePrepare readies the source host (SourceHost.PrepareSource).
+type SourcePrepare struct {
+	Tunnel Tunnel     `json:"tunnel"` // to the destination
+	OldIP  netip.Addr `json:"old_ip"` // the VM's address at the source
+	MAC    string     `json:"mac"`    // the VM's MAC, "52:54:00:..."
+}
+
+// RedirectSwitch turns the old address's redirect on or off.
+type RedirectSwitch struct {
+	OldIP  netip.Addr `json:"old_ip"`
+	Tunnel Tunnel     `json:"tunnel"`
+	MAC    string     `json:"mac"`
+	On     bool       `json:"on"`
+}
+
+// RedirectRemove removes the old address's redirect.
+type RedirectRemove struct {
+	OldIP netip.Addr `json:"old_ip"`
+}
+
+// RedirectQuery names the redirect to read.
+type RedirectQuery struct {
+	OldIP netip.Addr `json:"old_ip"`
+}
+
+// RedirectState is the redirect's datapath counters (names as
+// datapath.Counters) and how long ago it last carried a packet.
+type RedirectState struct {
+	Counters datapath.Counters `json:"counters"`
+	Idle     time.Duration     `json:"idle_ns"`
+	Seen     bool              `json:"seen"` // a packet was redirected at all
+}
+
+// ImageRef names an image on a host.
+type ImageRef struct {
+	Path string `json:"path"`
+}
+
+// ImageInfo describes an image.
+type ImageInfo struct {
+	Size int64 `json:"size"` // bytes
+}
+
+// ImageCreate asks for an empty image of Size bytes at Path.
+type ImageCreate struct {
+	Path string `json:"path"`
+	Size int64  `json:"size"`
+}
+
+// DestPrepare readies the destination host (Destination.PrepareDestination).
+type DestPrepare struct {
+	Tunnel Tunnel `json:"tunnel"` // to the source
+}
+
+// VMAttach is the VM's network on the destination host.
+type VMAttach struct {
+	Tap        string     `json:"tap"`
+	OldIP      netip.Addr `json:"old_ip"`
+	NewIP      netip.Addr `json:"new_ip"`
+	Gateway    netip.Addr `json:"gateway"`
+	GatewayMAC string     `json:"gateway_mac"`
+	MAC        string     `json:"mac"`
+	// Tunnel carries the VM's old flows back to the source; zero once
+	// drained.
+	Tunnel Tunnel `json:"tunnel"`
+}
+
+// HashRequest asks a host for its image's digest. Whole hashes every
+// chunk and keeps the chunk hashes; otherwise only Chunks (DigestChunk
+// indexes) are re-hashed on top of the kept ones.
+type HashRequest struct {
+	Path   string  `json:"path"`
+	Whole  bool    `json:"whole"`
+	Chunks []int64 `json:"chunks,omitempty"`
+}
+
+// Digests is a host's answer to HashRequest: the image's root digest
+// (storage.Hashes.Root: SHA-256 over per-chunk xxh3-128) and how many
+// bytes were read for it (holes are free).
+type Digests struct {
+	Root []byte `json:"root"`
+	Read int64  `json:"read"`
+}
+
+// DestAbort names what Destination.Abort removes.
+type DestAbort struct {
+	OldIP netip.Addr `json:"old_ip"`
+	NewIP netip.Addr `json:"new_ip"`
+	Image string     `json:"image"`
+	// KeepImage keeps the image even if CreateImage made it (a fallback
+	// after the destination ran: it holds the destination VM's writes).
+	KeepImage bool `json:"keep_image,omitempty"`
+}
+
+// Host is one end of a migration run in this process: its continuity
+// datapath, in its network namespace, and its images on the local
+// filesystem. It implements SourceHost and Destination (a vmhopd is the
+// source of some migrations and the destination of others); in the lab,
+// each host is a namespace on this machine.
 type Host struct {
 	Name    string
 	Netns   string     // network namespace; "" is this process's
@@ -21,7 +184,16 @@ type Host struct {
 	Uplink  string     // WAN-facing interface the datapath attaches to
 	PinDir  string     // bpffs directory for the datapath's pins
 	dp      *datapath.Datapath
+
+	mu      sync.Mutex
+	hashes  map[string]*storage.Hashes // per image path, from the last Whole hash
+	created map[string]bool            // images CreateImage made
 }
+
+var (
+	_ SourceHost  = (*Host)(nil)
+	_ Destination = (*Host)(nil)
+)
 
 func (h *Host) do(fn func() error) error {
 	if h.Netns == "" {
@@ -47,18 +219,183 @@ func (h *Host) Datapath() (*datapath.Datapath, error) {
 	return dp, nil
 }
 
-// AttachVM attaches the VM-side program to the VM's tap on this host.
-func (h *Host) AttachVM(tap string) (int, error) {
+// PrepareSource implements SourceHost.
+func (h *Host) PrepareSource(_ context.Context, req SourcePrepare) error {
+	mac, err := parseMAC("mac", req.MAC)
+	if err != nil {
+		return err
+	}
+	a, err := h.Datapath()
+	if err != nil {
+		return err
+	}
+	if err := a.SetPeer(req.Tunnel.datapath(), true); err != nil {
+		return err
+	}
+	return a.SetRedirect(req.OldIP, req.Tunnel.datapath(), mac, false)
+}
+
+// SetRedirect implements SourceHost.
+func (h *Host) SetRedirect(_ context.Context, req RedirectSwitch) error {
+	mac, err := parseMAC("mac", req.MAC)
+	if err != nil {
+		return err
+	}
+	if h.dp == nil {
+		return fmt.Errorf("%s: set redirect: datapath not loaded", h.Name)
+	}
+	return h.dp.SetRedirect(req.OldIP, req.Tunnel.datapath(), mac, req.On)
+}
+
+// RemoveRedirect implements SourceHost.
+func (h *Host) RemoveRedirect(_ context.Context, req RedirectRemove) error {
+	if h.dp == nil {
+		return nil
+	}
+	return h.dp.RemoveRedirect(req.OldIP)
+}
+
+// RetireTunnel implements SourceHost and Destination.
+func (h *Host) RetireTunnel(_ context.Context, req Tunnel) error {
+	if h.dp == nil || req.Token == 0 {
+		return nil
+	}
+	return h.dp.SetPeer(req.datapath(), false)
+}
+
+// RedirectState implements SourceHost.
+func (h *Host) RedirectState(_ context.Context, req RedirectQuery) (RedirectState, error) {
+	var st RedirectState
+	if h.dp == nil {
+		return st, fmt.Errorf("%s: redirect state: datapath not loaded", h.Name)
+	}
+	idle, seen, err := h.dp.Idle(req.OldIP)
+	if err != nil {
+		return st, err
+	}
+	st.Idle, st.Seen = idle, seen
+	st.Counters, err = h.dp.Stats(req.OldIP)
+	return st, err
+}
+
+// StatImage implements SourceHost.
+func (h *Host) StatImage(_ context.Context, req ImageRef) (ImageInfo, error) {
+	st, err := os.Stat(req.Path)
+	if err != nil {
+		return ImageInfo{}, fmt.Errorf("%s: %w", h.Name, err)
+	}
+	return ImageInfo{Size: st.Size()}, nil
+}
+
+// HashImage implements SourceHost and Destination.
+func (h *Host) HashImage(_ context.Context, req HashRequest) (Digests, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if req.Whole {
+		hs, err := storage.HashImage(req.Path)
+		if err != nil {
+			return Digests{}, fmt.Errorf("%s: hash image: %w", h.Name, err)
+		}
+		if h.hashes == nil {
+			h.hashes = map[string]*storage.Hashes{}
+		}
+		h.hashes[req.Path] = hs
+		return Digests{Root: hs.Root(), Read: hs.Read}, nil
+	}
+	hs := h.hashes[req.Path]
+	if hs == nil {
+		return Digests{}, fmt.Errorf("%s: hash image %q: chunks asked for before a whole hash", h.Name, req.Path)
+	}
+	before := hs.Read
+	if err := hs.Update(req.Chunks); err != nil {
+		return Digests{}, fmt.Errorf("%s: hash image: %w", h.Name, err)
+	}
+	return Digests{Root: hs.Root(), Read: hs.Read - before}, nil
+}
+
+// PrepareDestination implements Destination.
+func (h *Host) PrepareDestination(_ context.Context, req DestPrepare) error {
+	b, err := h.Datapath()
+	if err != nil {
+		return err
+	}
+	return b.SetPeer(req.Tunnel.datapath(), true)
+}
+
+// CreateImage implements Destination: O_EXCL, so an existing file (a
+// migration of the same VM under way, or a VM living there) is refused.
+func (h *Host) CreateImage(_ context.Context, req ImageCreate) error {
+	f, err := os.OpenFile(req.Path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("%s: create image %q: %w", h.Name, req.Path, ErrImageExists)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: create image: %w", h.Name, err)
+	}
+	err = f.Truncate(req.Size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(req.Path)
+		return fmt.Errorf("%s: create image %q: %w", h.Name, req.Path, err)
+	}
+	h.mu.Lock()
+	if h.created == nil {
+		h.created = map[string]bool{}
+	}
+	h.created[req.Path] = true
+	h.mu.Unlock()
+	return nil
+}
+
+// AttachVM implements Destination.
+func (h *Host) AttachVM(_ context.Context, req VMAttach) error {
+	mac, err := parseMAC("mac", req.MAC)
+	if err != nil {
+		return err
+	}
+	gwMAC, err := parseMAC("gateway_mac", req.GatewayMAC)
+	if err != nil {
+		return err
+	}
+	if h.dp == nil {
+		return fmt.Errorf("%s: attach vm: datapath not loaded", h.Name)
+	}
 	var idx int
-	err := h.do(func() error {
-		ifi, err := net.InterfaceByName(tap)
+	if err := h.do(func() error {
+		ifi, err := net.InterfaceByName(req.Tap)
 		if err != nil {
 			return err
 		}
 		idx = ifi.Index
-		return h.dp.Attach(datapath.VMTap, tap)
-	})
-	return idx, err
+		return h.dp.Attach(datapath.VMTap, req.Tap)
+	}); err != nil {
+		return fmt.Errorf("%s: attach vm: %w", h.Name, err)
+	}
+	return h.dp.SetVM(datapath.VM{OldIP: req.OldIP, NewIP: req.NewIP, Gateway: req.Gateway, GatewayMAC: gwMAC,
+		MAC: mac, Tap: idx, Peer: req.Tunnel.Peer, Token: req.Tunnel.Token})
+}
+
+// Abort implements Destination.
+func (h *Host) Abort(_ context.Context, req DestAbort) error {
+	var errs []error
+	if h.dp != nil && req.OldIP.IsValid() {
+		errs = append(errs, h.dp.RemoveVM(req.OldIP, req.NewIP))
+	}
+	h.mu.Lock()
+	made := h.created[req.Image] && !req.KeepImage
+	delete(h.created, req.Image)
+	delete(h.hashes, req.Image)
+	h.mu.Unlock()
+	if made {
+		for _, f := range []string{req.Image, req.Image + ".manifest"} {
+			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // RemoveDatapath detaches and unpins everything this host's datapath holds.
@@ -69,4 +406,12 @@ func (h *Host) RemoveDatapath() error {
 	err := h.do(h.dp.Remove)
 	h.dp = nil
 	return err
+}
+
+func parseMAC(field, s string) (net.HardwareAddr, error) {
+	m, err := net.ParseMAC(s)
+	if err != nil || len(m) != 6 {
+		return nil, fmt.Errorf("%s %q: want a 6-byte MAC: %v", field, s, err)
+	}
+	return m, nil
 }

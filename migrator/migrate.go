@@ -14,40 +14,45 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/vmhop/vmhop/migrator/hypervisor"
-	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/datapath"
 	"github.com/vmhop/vmhop/proxy/ddns"
 	"golang.org/x/time/rate"
 )
 
-// Plan is one migration of one QEMU VM.
+// Plan is one migration of one VM, whatever its hypervisor.
 type Plan struct {
-	Label        string // for logs
-	Source, Dest *Host
-	Driver       *qemu.Driver   // prepared with the destination machine and launcher
-	SourceDisk   string         // the source image, for the digest
-	DestDisk     string         // the destination image (created empty, same size)
-	DestTap      string         // the destination VM's tap on Dest
-	NBDListen    netip.AddrPort // where the destination QEMU serves the disk
-	// Relay, if set, carries the NBD connection (NBDListen is then local to
-	// the destination); nil connects the QEMUs directly with their TLS.
-	Relay *storage.Relay
-	// Chunked, if set, moves the disk with the chunked engine instead of
-	// QEMU's mirror (NBDListen and Relay are then unused): live rounds
-	// before the memory copy, the last one inside the pause.
-	Chunked *storage.ChunkedSync
+	Label string // for logs
+	// VM identifies the VM (its name): a second migration of the same VM
+	// is refused while one runs (ErrInProgress).
+	VM string
+	// Source and Dest do each host's own work (in one process: *Host;
+	// between daemons: the peer API). SourceWAN and DestWAN are their WAN
+	// addresses (tunnel endpoints).
+	Source             SourceHost
+	Dest               Destination
+	SourceWAN, DestWAN netip.Addr
+	// Driver moves the VM's runtime state (qemu.Driver, virtualbox.Driver).
+	Driver hypervisor.Driver
+	// Disk moves the VM's disk (qemu.MirrorDisk, storage.Chunked).
+	Disk       storage.Strategy
+	SourceDisk string // the source image, on the source host
+	DestDisk   string // the destination image (created empty, same size, by Dest)
+	DestTap    string // the destination VM's tap on Dest
 	// Limits.Bandwidth is the whole migration's budget: the disk stream
-	// takes from it, the memory stream gets what the disk leaves.
+	// takes from it, the memory stream gets what the disk leaves. Run is
+	// its only owner.
 	Limits hypervisor.Options
 
 	OldIP, NewIP, Gateway netip.Addr
 	VMMAC, GatewayMAC     net.HardwareAddr
 
-	DNS           *ddns.Client // nil: no DNS flip
+	DNS           DNSUpdater // nil: no DNS flip (a *ddns.Client)
 	Zone, DNSName string
 	TTL           uint32 // low TTL for prepare and flip, in seconds
 
@@ -82,24 +87,40 @@ type Plan struct {
 	token uint64
 }
 
-// tunnel is this migration's tunnel towards host to.
-func (p *Plan) tunnel(to *Host) datapath.Tunnel {
-	return datapath.Tunnel{Peer: to.Address, Token: p.token}
+// tunnel is this migration's tunnel towards the host at peer (a WAN
+// address).
+func (p *Plan) tunnel(peer netip.Addr) Tunnel { return Tunnel{Peer: peer, Token: p.token} }
+
+// DNSUpdater changes the VM's name's address records (RFC 2136 updates;
+// *ddns.Client implements it): Show reads them (the preflight), Prepare
+// lowers the TTL, Flip replaces the
+// old address by the new one, Restore puts the TTL back after a failure.
+type DNSUpdater interface {
+	Show(ctx context.Context, zone, name string) (ddns.State, error)
+	Prepare(ctx context.Context, zone, name string, ttl uint32) (ddns.Result, error)
+	Flip(ctx context.Context, zone, name string, old, new []netip.Addr, ttl uint32) (ddns.Result, error)
+	Restore(ctx context.Context, zone, name string, ttl uint32) (ddns.Result, error)
 }
+
+var _ DNSUpdater = (*ddns.Client)(nil)
+
+// ErrInProgress refuses a migration of a VM that is already migrating.
+var ErrInProgress = errors.New("a migration of this vm is already running")
 
 // Report is what a migration did, phase by phase.
 type Report struct {
 	Phases       []Phase
 	Runtime      hypervisor.Result
-	DiskBytes    uint64 // mirrored by the bulk copy (QEMU's count: holes included)
-	DiskWire     int64  // bytes the disk mirror sent to the destination (with a Relay)
+	DiskStrategy string // the storage.Strategy's name
+	DiskBytes    uint64 // copied by the bulk copy (a mirror counts holes)
+	DiskWire     int64  // bytes the disk stream sent to the destination (0: not counted)
 	DiskRounds   int    // chunked engine: rounds completed, the final one included
-	DiskCuts     int    // chunked engine: connections that broke and were resumed
+	DiskCuts     int    // WAN connections that broke and were resumed
 	DigestMatch  bool
 	Digest       string
 	DigestRead   int64         // bytes hashed before the pause (holes are free)
 	VerifyRead   int64         // bytes hashed inside the pause
-	VerifyChunks int           // chunks re-hashed inside the pause (0: whole images)
+	VerifyChunks int           // chunks re-hashed (or sent, chunked) inside the pause (0: whole images)
 	Pause        time.Duration // source paused to destination running: the hypervisor's downtime
 	Total        time.Duration
 	Redirected   datapath.Counters // old host's counters for the old address at the end
@@ -125,14 +146,14 @@ type Phase struct {
 }
 
 type run struct {
-	p          *Plan
-	srcH, dstH *storage.Hashes // chunk hashes taken after the bulk copy (with a Relay)
-	rep        Report
-	undo       []func(context.Context) error // LIFO, run on failure
-	mirror     *storage.Mirror
-	dnsPre     *ddns.Result
-	dnsPreAt   time.Time     // when prepare lowered the TTL
-	diskLimit  *rate.Limiter // the disk stream's share of Limits.Bandwidth
+	p         *Plan
+	tracked   bool // both images hashed after the bulk copy; the pause re-hashes written chunks
+	rep       Report
+	mu        sync.Mutex                    // undo and rep.Phases: dns-prepare adds to them beside the disk phases
+	undo      []func(context.Context) error // LIFO, run on failure
+	dnsPre    *ddns.Result
+	dnsPreAt  time.Time     // when prepare lowered the TTL
+	diskLimit *rate.Limiter // the disk stream's share of Limits.Bandwidth
 }
 
 func (r *run) step(ctx context.Context, name string, fn func(context.Context) error) error {
@@ -144,21 +165,61 @@ func (r *run) step(ctx context.Context, name string, fn func(context.Context) er
 		ph.Err = err.Error()
 		r.p.Log.Error("phase failed", "name", name, "err", err)
 	}
+	r.mu.Lock()
 	r.rep.Phases = append(r.rep.Phases, ph)
+	r.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	return nil
 }
 
-func (r *run) onFailure(f func(context.Context) error) { r.undo = append(r.undo, f) }
+func (r *run) onFailure(f func(context.Context) error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.undo = append(r.undo, f)
+}
 
-// Run migrates. On error before the destination runs, every step is undone.
+// check refuses a plan that misses what every migration needs, naming
+// the field.
+func (p *Plan) check() error {
+	var missing []string
+	for _, f := range []struct {
+		name  string
+		unset bool
+	}{{"VM", p.VM == ""}, {"Source", p.Source == nil}, {"Dest", p.Dest == nil}, {"Driver", p.Driver == nil},
+		{"Disk", p.Disk == nil}, {"SourceDisk", p.SourceDisk == ""}, {"DestDisk", p.DestDisk == ""},
+		{"SourceWAN", !p.SourceWAN.IsValid()}, {"DestWAN", !p.DestWAN.IsValid()}, {"OldIP", !p.OldIP.IsValid()},
+		{"VMMAC", len(p.VMMAC) != 6}} {
+		if f.unset {
+			missing = append(missing, f.name)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("migrate: plan %q: missing %s", p.Label, strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+// running holds the VMs being migrated by this process (Plan.VM).
+var running sync.Map
+
+// Run migrates. On error before the destination runs, every step is
+// undone. A second Run for the same Plan.VM while one runs is refused
+// with ErrInProgress, before anything is touched.
 func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	if p.Log == nil {
 		p.Log = slog.Default()
 	}
+	if err := p.check(); err != nil {
+		return Report{}, err
+	}
+	if _, busy := running.LoadOrStore(p.VM, struct{}{}); busy {
+		return Report{}, fmt.Errorf("migrate vm %q: %w", p.VM, ErrInProgress)
+	}
+	defer running.Delete(p.VM)
 	r := &run{p: p}
+	r.rep.DiskStrategy = p.Disk.Name()
 	start := time.Now()
 	committed := false
 	defer func() {
@@ -166,6 +227,8 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		if err != nil && !committed {
 			bg, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
+			r.mu.Lock()
+			defer r.mu.Unlock()
 			for i := len(r.undo) - 1; i >= 0; i-- {
 				if uerr := r.undo[i](bg); uerr != nil {
 					p.Log.Error("undo", "err", uerr)
@@ -176,14 +239,10 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		rep = r.rep
 	}()
 
+	// The budget's one owner: the disk stream is paced by this bucket,
+	// the memory stream's cap follows what the disk leaves (memory).
 	if bw := p.Limits.Bandwidth.BytesPerSecond(); bw > 0 {
 		r.diskLimit = rate.NewLimiter(rate.Limit(bw), 256<<10)
-		if p.Relay != nil && p.Relay.Limiter == nil {
-			p.Relay.Limiter = r.diskLimit
-		}
-		if p.Chunked != nil && p.Chunked.Limiter == nil {
-			p.Chunked.Limiter = r.diskLimit
-		}
 	}
 	dnsDone := make(chan error, 1)
 	if err := r.step(ctx, "datapath", r.datapath); err != nil {
@@ -216,9 +275,6 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		return r.rep, err
 	}
 	committed = true // the VM runs at the destination: from here on, go forward
-	if r.srcH != nil {
-		_ = p.Driver.Source().Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": verifyBitmap}, nil)
-	}
 	if err := r.step(ctx, "disk-release", r.diskRelease); err != nil {
 		p.Log.Warn("disk teardown", "err", err)
 	}
@@ -250,30 +306,20 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 
 func (r *run) datapath(ctx context.Context) error {
 	p := r.p
-	a, err := p.Source.Datapath()
-	if err != nil {
-		return err
-	}
-	b, err := p.Dest.Datapath()
-	if err != nil {
-		return err
-	}
+	var err error
 	if p.token, err = datapath.NewToken(); err != nil {
 		return err
 	}
-	if err := a.SetPeer(p.tunnel(p.Dest), true); err != nil {
-		return err
-	}
-	r.onFailure(func(context.Context) error { return a.SetPeer(p.tunnel(p.Dest), false) })
-	if err := b.SetPeer(p.tunnel(p.Source), true); err != nil {
-		return err
-	}
-	r.onFailure(func(context.Context) error { return b.SetPeer(p.tunnel(p.Source), false) })
 	// Installed off: switching it on inside the pause is one map write.
-	if err := a.SetRedirect(p.OldIP, p.tunnel(p.Dest), p.VMMAC, false); err != nil {
+	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, MAC: p.VMMAC.String()}); err != nil {
 		return err
 	}
-	r.onFailure(func(context.Context) error { return a.RemoveRedirect(p.OldIP) })
+	r.onFailure(func(ctx context.Context) error { return p.Source.RetireTunnel(ctx, p.tunnel(p.DestWAN)) })
+	r.onFailure(func(ctx context.Context) error { return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}) })
+	if err := p.Dest.PrepareDestination(ctx, DestPrepare{Tunnel: p.tunnel(p.SourceWAN)}); err != nil {
+		return err
+	}
+	r.onFailure(func(ctx context.Context) error { return p.Dest.RetireTunnel(ctx, p.tunnel(p.SourceWAN)) })
 	return nil
 }
 
@@ -306,282 +352,177 @@ func (r *run) dnsPrepare(ctx context.Context) error {
 	return nil
 }
 
+// vmAttach is the VM's network at the destination; peer is the tunnel
+// back to the source (invalid once drained).
+func (p *Plan) vmAttach(t Tunnel) VMAttach {
+	return VMAttach{Tap: p.DestTap, OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway,
+		GatewayMAC: p.GatewayMAC.String(), MAC: p.VMMAC.String(), Tunnel: t}
+}
+
+// destination creates the destination image, starts the destination
+// hypervisor waiting for the stream, and readies the VM's network there.
 func (r *run) destination(ctx context.Context) error {
 	p := r.p
+	img, err := p.Source.StatImage(ctx, ImageRef{Path: p.SourceDisk})
+	if err != nil {
+		return err
+	}
+	abort := DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk}
+	if err := p.Dest.CreateImage(ctx, ImageCreate{Path: p.DestDisk, Size: img.Size}); err != nil {
+		return err
+	}
+	r.onFailure(func(ctx context.Context) error { return p.Dest.Abort(ctx, abort) })
 	if err := p.Driver.PrepareDestination(ctx); err != nil {
 		return err
 	}
 	r.onFailure(p.Driver.AbortDestination)
-	warn, err := p.Driver.Preflight(ctx)
-	if err != nil {
-		return err
-	}
-	for _, w := range warn {
-		p.Log.Warn("preflight", "warning", w)
-	}
-	r.rep.Warnings = append(r.rep.Warnings, warn...)
-	b := p.Dest.dp
-	tap, err := p.Dest.AttachVM(p.DestTap)
-	if err != nil {
-		return err
-	}
-	// Packets for the VM arriving before it resumes wait in its tap.
-	if err := b.SetVM(datapath.VM{OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway, GatewayMAC: p.GatewayMAC,
-		MAC: p.VMMAC, Tap: tap, Peer: p.Source.Address, Token: p.token}); err != nil {
-		return err
-	}
-	r.onFailure(func(context.Context) error { return b.RemoveVM(p.OldIP, p.NewIP) })
-	return nil
-}
-
-func (r *run) diskBulk(ctx context.Context) error {
-	p := r.p
-	if err := p.Driver.ConnectSource(ctx); err != nil {
-		return err
-	}
-	if p.Chunked != nil {
-		return r.chunkedRounds(ctx)
-	}
-	// No speed cap on the mirror: QEMU 7.2 charges holes against it, so a
-	// sparse disk would crawl; the WAN is the limit.
-	r.mirror = &storage.Mirror{Src: p.Driver.Source(), Dst: p.Driver.Destination(), Node: "disk0",
-		Listen: p.NBDListen, TLS: p.Driver.TLSObject()}
-	if p.Relay != nil {
-		if err := p.Relay.Start(ctx); err != nil {
-			return err
-		}
-		r.onFailure(func(context.Context) error { return p.Relay.Close() })
-		r.mirror.SourceSocket, r.mirror.TLS = p.Relay.SourceSock, ""
-		// A WAN cut longer than the relay's stall limit breaks the NBD
-		// connection; QEMU reconnects and the job carries on.
-		r.mirror.ReconnectDelay = mirrorReconnectDelay
-		r.mirror.BeforeConnect = p.Relay.Negotiate
-	}
-	if err := r.mirror.Start(ctx); err != nil {
-		r.mirror.Abort(context.Background())
-		return err
-	}
-	r.onFailure(r.mirror.Abort)
-	var logged time.Time
-	return r.mirror.WaitReady(ctx, func(pr storage.Progress) {
-		r.rep.DiskBytes = pr.Done
-		if time.Since(logged) > 5*time.Second {
-			logged = time.Now()
-			p.Log.Info("disk bulk copy", "done_mib", pr.Done>>20, "total_mib", pr.Total>>20,
-				"mbit_s", int(pr.Rate/1e6), "eta", pr.ETA.Round(time.Second))
-		}
-	})
-}
-
-// chunkedRounds runs the chunked engine's live rounds: the bulk copy,
-// then deltas until one is small.
-func (r *run) chunkedRounds(ctx context.Context) error {
-	p := r.p
-	if err := p.Chunked.Start(ctx); err != nil {
-		return err
-	}
-	r.onFailure(func(context.Context) error { return p.Chunked.Close() })
-	var logged time.Time
-	err := p.Chunked.Converge(ctx, func(pr storage.SyncProgress) {
-		if time.Since(logged) > 5*time.Second {
-			logged = time.Now()
-			p.Log.Info("disk rounds", "round", pr.Round, "scanned", pr.Scanned, "chunks", pr.Chunks,
-				"sent_mib", pr.Sent>>20, "mbit_s", int(pr.Rate*8/1e6), "eta", pr.ETA.Round(time.Second))
-		}
-	})
-	r.rep.DiskWire, r.rep.DiskRounds, r.rep.DiskCuts = p.Chunked.Sent(), p.Chunked.Rounds(), p.Chunked.Cuts()
-	return err
-}
-
-// diskFinal is the disk's part of the pause: with the mirror, wait for
-// the in-flight writes and compare digests; with the chunked engine, the
-// final round (its digest comparison is the proof).
-func (r *run) diskFinal(ctx context.Context) error {
-	p := r.p
-	if p.Chunked != nil {
-		st, err := p.Chunked.Final(ctx)
-		r.rep.DiskWire, r.rep.DiskRounds, r.rep.DiskCuts = p.Chunked.Sent(), p.Chunked.Rounds(), p.Chunked.Cuts()
-		r.rep.VerifyChunks = st.Sent + st.Zero + st.Copied
+	if pf, ok := p.Driver.(hypervisor.Preflighter); ok {
+		warn, err := pf.Preflight(ctx)
 		if err != nil {
 			return err
 		}
-		r.rep.Digest, r.rep.DigestMatch = fmt.Sprintf("%x", st.Root[:8]), true
-		return nil
+		for _, w := range warn {
+			p.Log.Warn("preflight", "warning", w)
+		}
+		r.rep.Warnings = append(r.rep.Warnings, warn...)
 	}
-	// The mirror is synchronous (write-blocking) and the source drained
-	// its disk when it paused: the destination already holds every
-	// acknowledged write, so the final delta is what is in flight, and
-	// the digests prove it. The job itself is ended after the switch,
-	// as libvirt does, keeping block-graph changes out of the pause.
-	if err := r.mirror.WaitSynced(ctx); err != nil {
-		return err
-	}
-	return r.verifyDisk(ctx)
+	// Packets for the VM arriving before it resumes wait in its tap.
+	return p.Dest.AttachVM(ctx, p.vmAttach(p.tunnel(p.SourceWAN)))
 }
 
-// diskRelease ends the disk's transfer once the VM runs at the destination.
-func (r *run) diskRelease(ctx context.Context) error {
+// diskBulk copies the disk while the VM runs, paced by the disk's share
+// of the budget.
+func (r *run) diskBulk(ctx context.Context) error {
 	p := r.p
-	if p.Chunked != nil {
-		return p.Chunked.Close()
-	}
-	err := r.mirror.Complete(ctx)
-	if p.Relay != nil {
-		r.rep.DiskWire, r.rep.DiskCuts = p.Relay.BytesToDest(), p.Relay.Reconnects()
-		p.Relay.Close()
-	}
+	r.onFailure(p.Disk.Abort)
+	var logged time.Time
+	err := p.Disk.Bulk(ctx, r.diskLimit, func(pr storage.BulkProgress) {
+		r.rep.DiskBytes = max(r.rep.DiskBytes, pr.Done)
+		if time.Since(logged) > 5*time.Second {
+			logged = time.Now()
+			p.Log.Info("disk bulk copy", "strategy", p.Disk.Name(), "round", pr.Round, "done", pr.Done, "total", pr.Total,
+				"sent_mib", pr.Sent>>20, "mbit_s", int(pr.Rate/1e6), "eta", pr.ETA.Round(time.Second))
+		}
+	})
+	r.diskStats()
 	return err
 }
 
-const verifyBitmap = "vmhop-verify"
+// diskStats copies the strategy's counts into the report.
+func (r *run) diskStats() {
+	st := r.p.Disk.Stats()
+	if st.Copied > 0 {
+		r.rep.DiskBytes = st.Copied
+	}
+	r.rep.DiskWire, r.rep.DiskRounds, r.rep.DiskCuts = max(st.Wire, 0), st.Rounds, st.Cuts
+}
 
-// mirrorReconnectDelay is how long the mirror's requests wait for the
-// WAN to come back before the job (and the migration) fails.
-const mirrorReconnectDelay = 60 * time.Second
-
-// diskPrehash hashes both images once the bulk copy is done, so that the
-// pause only re-hashes what was written since. Two independent records of
-// what was written from here on: QEMU's dirty bitmap on the source disk
-// (counts) and the relay's log of NBD writes (locations). At the pause,
-// if they agree, only the logged chunks are re-hashed; if not, both images
-// are read whole.
+// diskPrehash hashes both images once the bulk copy is done, if the
+// strategy tracks what is written from here on, so that the pause only
+// re-hashes that. One image after the other: the guest runs, and on a
+// small host a second hashing core would be taken from it.
 func (r *run) diskPrehash(ctx context.Context) error {
 	p := r.p
-	if p.Relay == nil {
-		return nil // the pause reads both images whole
-	}
-	src := p.Driver.Source()
-	if err := src.Execute(ctx, "block-dirty-bitmap-add", map[string]any{"node": "disk0", "name": verifyBitmap,
-		"granularity": storage.TrackGranularity}, nil); err != nil {
+	track, err := p.Disk.Prehash(ctx)
+	if err != nil || !track {
 		return err
 	}
-	r.onFailure(func(ctx context.Context) error {
-		return src.Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": verifyBitmap}, nil)
-	})
-	p.Relay.ResetTracking()
-	var err error
-	// One image after the other: the guest runs, and on a small host a
-	// second hashing core would be taken from it.
-	if r.srcH, r.dstH, err = hashBoth(p.SourceDisk, p.DestDisk, false); err != nil {
-		r.srcH, r.dstH = nil, nil
+	sd, err := p.Source.HashImage(ctx, HashRequest{Path: p.SourceDisk, Whole: true})
+	if err != nil {
 		return err
 	}
-	r.rep.DigestRead = r.srcH.Read + r.dstH.Read
+	dd, err := p.Dest.HashImage(ctx, HashRequest{Path: p.DestDisk, Whole: true})
+	if err != nil {
+		return err
+	}
+	r.tracked = true
+	r.rep.DigestRead = sd.Read + dd.Read
 	return nil
 }
 
-// verifyDisk compares the images inside the pause.
-func (r *run) verifyDisk(ctx context.Context) error {
+// diskFinal is the disk's part of the pause: the strategy's last delta,
+// then the proof: the strategy's own digest comparison (chunked engine),
+// or both hosts hashing their image (the written chunks after a tracked
+// pre-hash; else whole) and the migrator comparing the roots.
+func (r *run) diskFinal(ctx context.Context) error {
 	p := r.p
-	src, dst := r.srcH, r.dstH
-	var chunks []int64
-	if src != nil {
-		written, followed := p.Relay.Written()
-		count, err := dirtyCount(ctx, p.Driver, verifyBitmap)
-		if err == nil && followed && count == uint64(len(written))*storage.TrackGranularity {
-			last := int64(-1)
-			for _, c := range written {
-				if ch := int64(c * storage.TrackGranularity / storage.DigestChunk); ch != last {
-					chunks, last = append(chunks, ch), ch
-				}
-			}
-		} else {
-			p.Log.Warn("disk verify: reading both images whole", "relay_followed", followed,
-				"relay_clusters", len(written), "qemu_dirty_bytes", count, "err", err)
-			src = nil
-		}
+	fd, err := p.Disk.Final(ctx)
+	r.diskStats()
+	r.rep.VerifyChunks = fd.Sent
+	if err != nil {
+		return err
 	}
-	if src == nil { // no pre-hash, or the records disagree: hash everything
-		var err error
-		if src, dst, err = hashBoth(p.SourceDisk, p.DestDisk, true); err != nil {
-			return err
-		}
-		r.rep.VerifyRead = src.Read + dst.Read
-	} else {
-		before := src.Read + dst.Read
-		var derr error
-		done := make(chan struct{})
-		go func() { derr = dst.Update(chunks); close(done) }()
-		err := src.Update(chunks)
-		<-done
-		if err = errors.Join(err, derr); err != nil {
-			return err
-		}
-		r.rep.VerifyRead = src.Read + dst.Read - before
-		r.rep.VerifyChunks = len(chunks)
+	if fd.Proven {
+		r.rep.Digest, r.rep.DigestMatch = fmt.Sprintf("%x", fd.Digest[:min(8, len(fd.Digest))]), true
+		return nil
 	}
-	s, d := src.Root(), dst.Root()
-	r.rep.Digest = fmt.Sprintf("%x", s[:8])
-	if !bytes.Equal(s, d) {
-		return fmt.Errorf("disk digest mismatch: source %x, destination %x", s[:8], d[:8])
+	return r.verifyDisk(ctx, fd)
+}
+
+// verifyDisk has both hosts hash their image inside the pause, at once,
+// and compares the digests.
+func (r *run) verifyDisk(ctx context.Context, fd storage.FinalDelta) error {
+	p := r.p
+	whole := fd.Whole || !r.tracked
+	if whole {
+		fd.Chunks = nil
+	}
+	var sd, dd Digests
+	var derr error
+	done := make(chan struct{})
+	go func() {
+		dd, derr = p.Dest.HashImage(ctx, HashRequest{Path: p.DestDisk, Whole: whole, Chunks: fd.Chunks})
+		close(done)
+	}()
+	sd, err := p.Source.HashImage(ctx, HashRequest{Path: p.SourceDisk, Whole: whole, Chunks: fd.Chunks})
+	<-done
+	if err = errors.Join(err, derr); err != nil {
+		return err
+	}
+	r.rep.VerifyRead = sd.Read + dd.Read
+	if !whole {
+		r.rep.VerifyChunks = len(fd.Chunks)
+	}
+	r.rep.Digest = fmt.Sprintf("%x", sd.Root[:min(8, len(sd.Root))])
+	if !bytes.Equal(sd.Root, dd.Root) {
+		return fmt.Errorf("disk digest mismatch: source %x, destination %x", sd.Root[:min(8, len(sd.Root))], dd.Root[:min(8, len(dd.Root))])
 	}
 	r.rep.DigestMatch = true
 	return nil
 }
 
-// hashBoth hashes the two images, at once (one per core) if parallel.
-func hashBoth(src, dst string, parallel bool) (*storage.Hashes, *storage.Hashes, error) {
-	if !parallel {
-		sh, err := storage.HashImage(src)
-		if err != nil {
-			return nil, nil, err
-		}
-		dh, err := storage.HashImage(dst)
-		return sh, dh, err
-	}
-	var dh *storage.Hashes
-	var derr error
-	done := make(chan struct{})
-	go func() { dh, derr = storage.HashImage(dst); close(done) }()
-	sh, err := storage.HashImage(src)
-	<-done
-	return sh, dh, errors.Join(err, derr)
-}
-
-// dirtyCount reads the byte count of a dirty bitmap on the source's disk0.
-func dirtyCount(ctx context.Context, d *qemu.Driver, name string) (uint64, error) {
-	var nodes []struct {
-		NodeName string `json:"node-name"`
-		Bitmaps  []struct {
-			Name  string `json:"name"`
-			Count uint64 `json:"count"`
-		} `json:"dirty-bitmaps"`
-	}
-	if err := d.Source().Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
-		return 0, err
-	}
-	for _, n := range nodes {
-		for _, b := range n.Bitmaps {
-			if n.NodeName == "disk0" && b.Name == name {
-				return b.Count, nil
-			}
-		}
-	}
-	return 0, fmt.Errorf("dirty bitmap %q not found", name)
+// diskRelease ends the disk's transfer once the VM runs at the destination.
+func (r *run) diskRelease(ctx context.Context) error {
+	err := r.p.Disk.Release(ctx)
+	r.diskStats()
+	return err
 }
 
 // memory runs the live migration; the switchover hook (source paused,
-// destination not yet running) finishes the disk, proves it by digest and
-// switches the network.
+// destination not yet running) switches the network, then finishes the
+// disk and proves it by digest.
 func (r *run) memory(ctx context.Context) error {
 	p := r.p
-	a := p.Source.dp
+	redirect := RedirectSwitch{OldIP: p.OldIP, Tunnel: p.tunnel(p.DestWAN), MAC: p.VMMAC.String()}
 	var redirectOn bool
-	r.onFailure(func(context.Context) error {
+	r.onFailure(func(ctx context.Context) error {
 		if redirectOn {
-			return a.SetRedirect(p.OldIP, p.tunnel(p.Dest), p.VMMAC, false)
+			return p.Source.SetRedirect(ctx, redirect)
 		}
 		return nil
 	})
-	if sent := r.diskSent(); sent != nil && r.diskLimit != nil {
+	if bs, ok := p.Driver.(hypervisor.BandwidthSetter); ok && r.diskLimit != nil && p.Disk.Sent() >= 0 {
 		sctx, stop := context.WithCancel(ctx)
-		defer stop()
-		go r.shareBandwidth(sctx, sent)
+		shared := make(chan struct{})
+		go func() { r.shareBandwidth(sctx, bs, p.Disk.Sent, shareInterval); close(shared) }()
+		defer func() { stop(); <-shared }()
 	}
 	res, err := p.Driver.Migrate(ctx, p.Limits, p.Progress, func(ctx context.Context) error {
 		// Packets for the VM go to the destination from now: every one that
 		// reached the stopped source would be lost with it.
-		if err := a.SetRedirect(p.OldIP, p.tunnel(p.Dest), p.VMMAC, true); err != nil {
+		on := redirect
+		on.On = true
+		if err := p.Source.SetRedirect(ctx, on); err != nil {
 			return err
 		}
 		redirectOn = true
@@ -596,32 +537,26 @@ func (r *run) memory(ctx context.Context) error {
 	r.rep.Pause = res.Downtime
 	if err == nil {
 		// The flows host A saw before the switch, for host B's NAT (so no
-		// new client flow gets a tuple the guest still holds).
-		if _, merr := datapath.MoveFlows(a, p.Dest.dp, p.OldIP); merr != nil {
-			p.Log.Warn("move flows to the destination", "err", merr)
+		// new client flow gets a tuple the guest still holds). Only
+		// between hosts in this process yet: the datapath has no export
+		// and import of flows for the peer API.
+		sh, sok := p.Source.(*Host)
+		dh, dok := p.Dest.(*Host)
+		if sok && dok && sh.dp != nil && dh.dp != nil {
+			if _, merr := datapath.MoveFlows(sh.dp, dh.dp, p.OldIP); merr != nil {
+				p.Log.Warn("move flows to the destination", "err", merr)
+			}
 		}
 	}
 	return err
 }
 
-// diskSent counts the disk stream's bytes to the destination (nil: no
-// count, as without a relay).
-func (r *run) diskSent() func() int64 {
-	switch {
-	case r.p.Chunked != nil:
-		return r.p.Chunked.Sent
-	case r.p.Relay != nil:
-		return r.p.Relay.BytesToDest
-	}
-	return nil
-}
-
 // shareBandwidth keeps the memory stream's cap at what the disk stream
-// (mirrored writes) leaves of the budget, measured every half second.
-func (r *run) shareBandwidth(ctx context.Context, sent func() int64) {
+// leaves of the budget, measured every interval (shareInterval).
+func (r *run) shareBandwidth(ctx context.Context, bs hypervisor.BandwidthSetter, sent func() int64, every time.Duration) {
 	total := r.p.Limits.Bandwidth.BytesPerSecond()
 	cur, last, lastT := total, sent(), time.Now()
-	tick := time.NewTicker(500 * time.Millisecond)
+	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for {
 		select {
@@ -633,7 +568,7 @@ func (r *run) shareBandwidth(ctx context.Context, sent func() int64) {
 		want := MemoryShare(total, float64(n-last)/now.Sub(lastT).Seconds())
 		last, lastT = n, now
 		if want*10 < cur*9 || want*10 > cur*11 {
-			if err := r.p.Driver.SetBandwidth(ctx, want); err != nil {
+			if err := bs.SetBandwidth(ctx, want); err != nil {
 				r.p.Log.Warn("memory bandwidth", "err", err)
 				continue
 			}
@@ -642,6 +577,9 @@ func (r *run) shareBandwidth(ctx context.Context, sent func() int64) {
 		}
 	}
 }
+
+// shareInterval is how often the memory stream's cap follows the disk's.
+var shareInterval = 500 * time.Millisecond
 
 // MemoryShare is the memory stream's cap when the disk stream runs at
 // diskRate (bytes/s) within a budget of total: what the disk leaves, but
@@ -677,7 +615,7 @@ func (r *run) health(ctx context.Context) error {
 		return fmt.Errorf("%w\n  the VM runs (or ran) on %s; the source VM is kept paused on %s (QMP %s) with its disk as of the switch;\n"+
 			"  DNS still names %s and the redirect to %s is on. To fall back: stop the VM on %s, remove the redirect on %s,\n"+
 			"  then resume the source (QMP \"cont\"); or fix the VM on %s and flip DNS (vmhop dns flip)", err,
-			p.Dest.Name, p.Source.Name, p.SourceQMP, p.OldIP, p.Dest.Name, p.Dest.Name, p.Source.Name, p.Dest.Name)
+			p.DestWAN, p.SourceWAN, p.SourceQMP, p.OldIP, p.DestWAN, p.DestWAN, p.SourceWAN, p.DestWAN)
 	}
 	r.rep.Health = fmt.Sprintf("passed after %s (%s)", took.Round(time.Millisecond), p.Health)
 	return nil
@@ -690,12 +628,9 @@ func (r *run) health(ctx context.Context) error {
 func Fallback(ctx context.Context, p *Plan) error {
 	var errs []error
 	errs = append(errs, p.Driver.AbortDestination(ctx))
-	if p.Source.dp != nil {
-		errs = append(errs, p.Source.dp.RemoveRedirect(p.OldIP))
-	}
-	if p.Dest.dp != nil {
-		errs = append(errs, p.Dest.dp.RemoveVM(p.OldIP, p.NewIP))
-	}
+	errs = append(errs, p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}))
+	// The image stays: it holds what the destination VM wrote after resume.
+	errs = append(errs, p.Dest.Abort(ctx, DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk, KeepImage: true}))
 	errs = append(errs, p.Driver.ResumeSource(ctx))
 	return errors.Join(errs...)
 }
@@ -731,10 +666,10 @@ func (p *Plan) drained(elapsed, idle time.Duration, seen bool, now time.Time) bo
 }
 
 func (r *run) sourceCleanup(ctx context.Context) error {
-	if c, err := r.p.Source.dp.Stats(r.p.OldIP); err == nil {
-		r.rep.Redirected = c
+	if st, err := r.p.Source.RedirectState(ctx, RedirectQuery{OldIP: r.p.OldIP}); err == nil {
+		r.rep.Redirected = st.Counters
 	}
-	return r.p.Driver.Source().Execute(ctx, "quit", nil, nil)
+	return r.p.Driver.StopSource(ctx)
 }
 
 // Drain keeps the redirect until no packet for the old address was
@@ -746,13 +681,13 @@ func (r *run) sourceCleanup(ctx context.Context) error {
 // drained is forgotten).
 func Drain(ctx context.Context, p *Plan) (time.Duration, error) {
 	t0 := time.Now()
-	a, b := p.Source.dp, p.Dest.dp
+	a, b := p.Source, p.Dest
 	for {
-		idle, seen, err := a.Idle(p.OldIP)
+		st, err := a.RedirectState(ctx, RedirectQuery{OldIP: p.OldIP})
 		if err != nil {
 			return time.Since(t0), err
 		}
-		if p.drained(time.Since(t0), idle, seen, time.Now()) {
+		if p.drained(time.Since(t0), st.Idle, st.Seen, time.Now()) {
 			break
 		}
 		select {
@@ -761,17 +696,12 @@ func Drain(ctx context.Context, p *Plan) (time.Duration, error) {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-	if err := a.RemoveRedirect(p.OldIP); err != nil {
+	if err := a.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}); err != nil {
 		return time.Since(t0), err
 	}
-	tap, err := p.Dest.AttachVM(p.DestTap)
-	if err != nil {
-		return time.Since(t0), err
-	}
-	if err := b.SetVM(datapath.VM{OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway,
-		GatewayMAC: p.GatewayMAC, MAC: p.VMMAC, Tap: tap}); err != nil {
+	if err := b.AttachVM(ctx, p.vmAttach(Tunnel{})); err != nil {
 		return time.Since(t0), err
 	}
 	// The migration's tunnel is retired on both hosts.
-	return time.Since(t0), errors.Join(a.SetPeer(p.tunnel(p.Dest), false), b.SetPeer(p.tunnel(p.Source), false))
+	return time.Since(t0), errors.Join(a.RetireTunnel(ctx, p.tunnel(p.DestWAN)), b.RetireTunnel(ctx, p.tunnel(p.SourceWAN)))
 }

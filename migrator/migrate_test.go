@@ -28,6 +28,7 @@ import (
 	"github.com/vmhop/vmhop/internal/units"
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 	"github.com/vmhop/vmhop/migrator/storage"
 )
 
@@ -274,7 +275,7 @@ func TestFailedMigrationLeavesSourceRunning(t *testing.T) {
 		t.Errorf("TTL after failed migration %d, want the original %d", ttl, lab.SvcTTL)
 	}
 	// No redirect is left on host A: its counters show nothing redirected.
-	if dp, err := p.Source.Datapath(); err == nil {
+	if dp, err := p.Source.(*migrator.Host).Datapath(); err == nil {
 		if c, err := dp.Stats(lab.OldIP); err == nil && c["encap_packets"] != 0 {
 			t.Errorf("packets were redirected during a failed migration: %v", c)
 		}
@@ -296,7 +297,7 @@ func TestHealthCheckFailureKeepsSource(t *testing.T) {
 	stopped := false
 	p.OnResumed = func(ctx context.Context) error {
 		stopped = true
-		return p.Driver.Destination().Execute(ctx, "stop", nil, nil)
+		return labrun.QEMU(p).Destination().Execute(ctx, "stop", nil, nil)
 	}
 	rep, err := migrator.Run(ctx, p)
 	if !stopped {
@@ -318,7 +319,7 @@ func TestHealthCheckFailureKeepsSource(t *testing.T) {
 		Status  string `json:"status"`
 		Running bool   `json:"running"`
 	}
-	if err := p.Driver.Source().Execute(ctx, "query-status", nil, &st); err != nil || st.Running {
+	if err := labrun.QEMU(p).Source().Execute(ctx, "query-status", nil, &st); err != nil || st.Running {
 		t.Fatalf("source QEMU: %+v, %v; want it kept, paused", st, err)
 	}
 	t.Logf("source QEMU kept in state %q", st.Status)
@@ -471,7 +472,7 @@ func TestChunkedMigrationAcrossWANCut(t *testing.T) {
 	m.Storage.Mode = "chunked"
 	l, vm, p := setupSpec(t, lab.VMConfig{DiskSize: units.GiB, Prefill: 256 * units.MiB}, m)
 	ctx := context.Background()
-	if p.Chunked == nil || p.Relay != nil {
+	if p.Disk.Name() != "chunked" {
 		t.Fatal("storage.mode chunked did not select the chunked engine")
 	}
 	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
@@ -549,7 +550,7 @@ func pausedVMHoldsSegments(t *testing.T, l *lab.Lab, p *migrator.Plan) {
 	c.Write(msg)
 	echo(1)
 	before, rtoBefore := tcpInfo(t, c), tcpTimeouts(t, l)
-	dst := p.Driver.Destination()
+	dst := labrun.QEMU(p).Destination()
 	if err := dst.Execute(ctx, "stop", nil, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -602,8 +603,9 @@ func TestDigestMismatchLeavesSourceRunning(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.Relay = nil // QEMU's own NBD over TLS; the pause compares whole images
-	p.NBDListen = netip.AddrPortFrom(lab.HostB, labrun.NBDPort)
+	md := p.Disk.(*qemu.MirrorDisk)
+	md.Relay = nil // QEMU's own NBD over TLS; the pause compares whole images
+	md.NBDListen = netip.AddrPortFrom(lab.HostB, labrun.NBDPort)
 	p.OnSwitch = func(context.Context) error {
 		f, err := os.OpenFile(p.DestDisk, os.O_WRONLY, 0)
 		if err != nil {

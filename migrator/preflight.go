@@ -25,7 +25,8 @@ type Preflight struct {
 //
 //   - old_ip, new_ip and the VM's gateway must not be addresses of host A or
 //     host B (with new_ip on host B, its NAT would send the host's own SSH
-//     into the VM); each host must hold its WAN address (Host.Address);
+//     into the VM); each host must hold its WAN address (Plan.SourceWAN,
+//     Plan.DestWAN), each host saying what it holds (AddressHolder);
 //   - the DNS name must hold old_ip (or new_ip, a flip already done):
 //     otherwise the flip, after the commit point, would fail.
 //
@@ -34,21 +35,24 @@ type Preflight struct {
 // checks them against every address the hosts' interfaces hold.
 func Check(ctx context.Context, p *Plan) (Preflight, error) {
 	var pf Preflight
-	for _, h := range []*Host{p.Source, p.Dest} {
-		held, err := h.addrs()
+	for _, h := range []struct {
+		host AddressHolder
+		wan  netip.Addr
+	}{{p.Source, p.SourceWAN}, {p.Dest, p.DestWAN}} {
+		held, err := h.host.HeldAddrs(ctx, AddrQuery{})
 		if err != nil {
-			return pf, fmt.Errorf("preflight: addresses of %s: %w", h.Name, err)
+			return pf, fmt.Errorf("preflight: addresses of %s: %w", held.Name, err)
 		}
 		for _, vm := range []struct {
 			name string
 			a    netip.Addr
 		}{{"old_ip", p.OldIP}, {"new_ip", p.NewIP}, {"gateway", p.Gateway}} {
-			if slices.Contains(held, vm.a) {
-				return pf, fmt.Errorf("preflight: %s %s is an address of %s itself: traffic for the host would go to the VM", vm.name, vm.a, h.Name)
+			if slices.Contains(held.Addrs, vm.a) {
+				return pf, fmt.Errorf("preflight: %s %s is an address of %s itself: traffic for the host would go to the VM", vm.name, vm.a, held.Name)
 			}
 		}
-		if !slices.Contains(held, h.Address) {
-			return pf, fmt.Errorf("preflight: %s does not hold its WAN address %s (it holds %v)", h.Name, h.Address, held)
+		if !slices.Contains(held.Addrs, h.wan) {
+			return pf, fmt.Errorf("preflight: %s does not hold its WAN address %s (it holds %v)", held.Name, h.wan, held.Addrs)
 		}
 	}
 	if p.DNS == nil {
@@ -66,9 +70,26 @@ func Check(ctx context.Context, p *Plan) (Preflight, error) {
 	return pf, nil
 }
 
-// addrs lists the addresses of every interface of the host's namespace.
-func (h *Host) addrs() ([]netip.Addr, error) {
-	var out []netip.Addr
+// AddressHolder says which addresses a host's interfaces hold (both
+// SourceHost and Destination are one).
+type AddressHolder interface {
+	HeldAddrs(ctx context.Context, req AddrQuery) (HeldAddrs, error)
+}
+
+// AddrQuery asks a host for its addresses.
+type AddrQuery struct{}
+
+// HeldAddrs is a host's name and every address of its namespace's
+// interfaces.
+type HeldAddrs struct {
+	Name  string       `json:"name"`
+	Addrs []netip.Addr `json:"addrs"`
+}
+
+// HeldAddrs implements AddressHolder: the addresses of every interface of
+// the host's namespace.
+func (h *Host) HeldAddrs(_ context.Context, _ AddrQuery) (HeldAddrs, error) {
+	out := HeldAddrs{Name: h.Name}
 	err := h.do(func() error {
 		as, err := net.InterfaceAddrs()
 		if err != nil {
@@ -77,7 +98,7 @@ func (h *Host) addrs() ([]netip.Addr, error) {
 		for _, a := range as {
 			if n, ok := a.(*net.IPNet); ok {
 				if ip, ok := netip.AddrFromSlice(n.IP); ok {
-					out = append(out, ip.Unmap())
+					out.Addrs = append(out.Addrs, ip.Unmap())
 				}
 			}
 		}

@@ -79,7 +79,7 @@ func TestCheck(t *testing.T) {
 	lo := netip.MustParseAddr("127.0.0.1")
 	plan := func(edit func(p *Plan)) *Plan {
 		p := &Plan{
-			Source: &Host{Name: "host A", Address: lo}, Dest: &Host{Name: "host B", Address: lo},
+			Source: &Host{Name: "host A", Address: lo}, Dest: &Host{Name: "host B", Address: lo}, SourceWAN: lo, DestWAN: lo,
 			OldIP: netip.MustParseAddr("192.0.2.10"), NewIP: netip.MustParseAddr("198.51.100.10"), Gateway: netip.MustParseAddr("192.0.2.1"),
 			Zone: "example.", DNSName: "svc.example.", TTL: 5,
 		}
@@ -96,7 +96,7 @@ func TestCheck(t *testing.T) {
 	}{
 		{"new ip is the host's", func(p *Plan) { p.NewIP = lo }, "new_ip 127.0.0.1 is an address of host A itself"},
 		{"gateway is the host's", func(p *Plan) { p.Gateway = lo }, "gateway 127.0.0.1 is an address of host A itself"},
-		{"wan address not held", func(p *Plan) { p.Dest.Address = netip.MustParseAddr("203.0.113.1") }, "host B does not hold its WAN address 203.0.113.1"},
+		{"wan address not held", func(p *Plan) { p.DestWAN = netip.MustParseAddr("203.0.113.1") }, "host B does not hold its WAN address 203.0.113.1"},
 		{"dns holds something else", func(p *Plan) {
 			p.DNS = dnsClient(authServer(t, "svc.example. 60 IN A 192.0.2.99"))
 		}, "svc.example. holds [192.0.2.99], not old_ip 192.0.2.10: the flip after the move would fail"},

@@ -199,7 +199,7 @@ func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.
 		}
 	}
 	if err == nil {
-		l.MoveVM(vm.Machine.Name, p.Driver.DestMachine(), lab.SiteB)
+		l.MoveVM(vm.Machine.Name, QEMU(p).DestMachine(), lab.SiteB)
 		out.Drained, err = migrator.Drain(ctx, p)
 		if err != nil {
 			err = fmt.Errorf("%w: drain: %w", migrator.ErrFollowUp, err)

@@ -32,7 +32,9 @@ const (
 )
 
 // Plan builds the plan that moves vm from site A to site B of l under spec
-// (limits, DNS, drain). The destination's tap and empty disk are created.
+// (limits, DNS, drain). The VM is adopted as it runs (its QEMU's command
+// line, read through its QMP socket); the destination's tap is created
+// (its image is created by the migration).
 func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, log *slog.Logger) (*migrator.Plan, error) {
 	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
 	if err != nil {
@@ -40,25 +42,29 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	}
 	dm.MemKiB = vm.Machine.MemKiB
 	// Same definition as the source's: only paths and the host differ.
+	// The destination image is created by the migration (Destination).
 	dm.Append = vm.Machine.Append
-	st, err := os.Stat(vm.Machine.Disk)
-	if err != nil {
-		return nil, err
-	}
-	f, err := os.Create(dm.Disk)
-	if err != nil {
-		return nil, err
-	}
-	f.Truncate(st.Size())
-	f.Close()
 	if err := l.AddTap(ctx, lab.SiteB, dm.Tap, false); err != nil {
 		return nil, err
+	}
+	// The VM as it runs: its QEMU's own command line, host-specific parts
+	// mapped to site B (as a spec's destination.disk and .tap would).
+	adopted, err := qemu.Adopt(vm.Machine.QMPSocket, qemu.HostMap{
+		Disks: map[string]string{vm.Machine.Disk: dm.Disk}, Taps: map[string]string{vm.Machine.Tap: dm.Tap},
+		QMPSocket: dm.QMPSocket, PidFile: dm.PidFile, Console: dm.Console, Name: dm.Name,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(adopted.MACs) != 1 || len(adopted.Disks) != 1 {
+		return nil, fmt.Errorf("lab vm %s: want one NIC and one disk, found MACs %v, disks %v", vm.Name, adopted.MACs, adopted.Disks)
 	}
 	key := make([]byte, 32)
 	rand.Read(key)
 	drv := qemu.New(qemu.Config{
 		SourceQMP:  vm.Machine.QMPSocket,
 		Dest:       dm,
+		DestArgs:   adopted.Args,
 		DestListen: netip.AddrPortFrom(lab.HostB, MigrationPort),
 		Launcher:   l.Launcher(lab.SiteB),
 		TLS:        &qemu.PSK{Username: "vmhop", Key: key, SourceDir: l.Path("tls-a"), DestDir: l.Path("tls-b")},
@@ -67,27 +73,34 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	if err != nil {
 		return nil, err
 	}
-	vmMAC, err := parseMAC(dm.MAC)
+	vmMAC, err := parseMAC(adopted.MACs[0]) // the VM's, from its command line
 	if err != nil {
 		return nil, err
 	}
 	p := &migrator.Plan{
 		Label:      spec.Name,
+		VM:         vm.Name,
 		Source:     &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA)},
 		Dest:       &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB)},
+		SourceWAN:  lab.HostA,
+		DestWAN:    lab.HostB,
 		Driver:     drv,
-		SourceDisk: vm.Machine.Disk,
+		SourceDisk: adopted.Disks[0],
 		DestDisk:   dm.Disk,
 		DestTap:    dm.Tap,
 		// The destination serves NBD on its loopback; the relay carries it
 		// over the WAN (see storage.Relay).
-		NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
-		Relay: &storage.Relay{
-			DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
-			ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
-			DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
-			DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
-			SourceSock: l.Path("nbd-relay.sock"),
+		Disk: &qemu.MirrorDisk{
+			Driver:    drv,
+			NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
+			Relay: &storage.Relay{
+				DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
+				ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
+				DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
+				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
+				SourceSock: l.Path("nbd-relay.sock"),
+			},
+			Log: log,
 		},
 		Limits: hypervisor.Options{
 			Bandwidth: spec.Limits.Bandwidth, Downtime: spec.Limits.Downtime, AutoConverge: spec.Limits.AutoConverge,
@@ -105,8 +118,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		Log:       log,
 	}
 	if spec.Storage.Mode == "chunked" {
-		p.Relay = nil
-		p.Chunked = &storage.ChunkedSync{
+		p.Disk = &storage.Chunked{Sync: &storage.ChunkedSync{
 			Source:     storage.ChunkedSource{Path: vm.Machine.Disk, Chunk: int(spec.Storage.ChunkSize), Compress: true},
 			Dest:       storage.ChunkedDest{Path: dm.Disk},
 			DialSource: l.Dialer(lab.SiteA),
@@ -114,7 +126,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 			DestWAN:    netip.AddrPortFrom(lab.HostB, ChunkedPort).String(),
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
-		}
+		}}
 	}
 	keyFile := spec.DNS.TSIGKeyFile
 	if _, err := os.Stat(keyFile); err != nil {
@@ -131,7 +143,19 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 
 // Cleanup removes what a plan left on the hosts (datapaths and their pins).
 func Cleanup(p *migrator.Plan) error {
-	return errors.Join(p.Source.RemoveDatapath(), p.Dest.RemoveDatapath())
+	var errs []error
+	for _, h := range []any{p.Source, p.Dest} {
+		if h, ok := h.(*migrator.Host); ok {
+			errs = append(errs, h.RemoveDatapath())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// QEMU is the plan's QEMU driver (the lab's VMs are QEMU's).
+func QEMU(p *migrator.Plan) *qemu.Driver {
+	d, _ := p.Driver.(*qemu.Driver)
+	return d
 }
 
 func parseMAC(s string) (net.HardwareAddr, error) {

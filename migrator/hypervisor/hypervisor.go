@@ -85,6 +85,26 @@ type Driver interface {
 	ResumeSource(ctx context.Context) error
 	// AbortDestination tears the destination down; the source is untouched.
 	AbortDestination(ctx context.Context) error
+	// StopSource ends what is left of the VM on the source once it runs at
+	// the destination (QEMU: quit; VirtualBox: nothing, teleport powered
+	// it off).
+	StopSource(ctx context.Context) error
+}
+
+// Preflighter is a Driver that can check a prepared destination before
+// the migration starts (qemu: TCGDirtySyncRisk): warnings do not stop
+// it, an error does.
+type Preflighter interface {
+	Preflight(ctx context.Context) (warnings []string, err error)
+}
+
+// BandwidthSetter is a Driver whose memory stream's cap can change while
+// it runs (QEMU's max-bandwidth). The migrator gives it what the disk
+// stream leaves of the migration's budget; drivers without it keep
+// Options.Bandwidth.
+type BandwidthSetter interface {
+	// SetBandwidth sets the memory stream's cap, in bytes per second.
+	SetBandwidth(ctx context.Context, bytesPerSecond uint64) error
 }
 
 // Errors a Driver returns (wrapped) so the orchestrator can tell causes apart.

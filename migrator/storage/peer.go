@@ -7,6 +7,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
 	"math/big"
 	"time"
 )
@@ -20,6 +23,46 @@ type peerTLS struct {
 }
 
 const peerName = "vmhop-migration"
+
+// Identity is a per-migration certificate and its key as they cross to
+// the other host (PEM): the one side that makes it hands it over the peer
+// channel; both ends of a disk stream then hold and pin it. A secret:
+// stored 0600 if stored at all, dropped after the migration.
+type Identity struct {
+	CertPEM []byte `json:"cert_pem"`
+	KeyPEM  []byte `json:"key_pem"`
+}
+
+// identity exports p.
+func (p *peerTLS) identity() (Identity, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(p.cert.PrivateKey)
+	if err != nil {
+		return Identity{}, err
+	}
+	return Identity{
+		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: p.cert.Certificate[0]}),
+		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}),
+	}, nil
+}
+
+// peerTLS imports id.
+func (id Identity) peerTLS() (*peerTLS, error) {
+	if len(id.CertPEM) == 0 || len(id.KeyPEM) == 0 {
+		return nil, errors.New("storage identity: no certificate or key")
+	}
+	cert, err := tls.X509KeyPair(id.CertPEM, id.KeyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("storage identity: %w", err)
+	}
+	if cert.Leaf == nil {
+		if cert.Leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return nil, fmt.Errorf("storage identity: %w", err)
+		}
+	}
+	p := &peerTLS{cert: cert, pool: x509.NewCertPool()}
+	p.pool.AddCert(cert.Leaf)
+	return p, nil
+}
 
 func newPeerTLS() (*peerTLS, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)

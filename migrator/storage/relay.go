@@ -36,11 +36,14 @@ import (
 // resends the requests that were in flight, and the mirror job carries on
 // from its own dirty bitmap: what arrived is not sent again.
 type Relay struct {
-	// Dial opens the WAN connection at the source host and the local NBD
-	// connection at the destination host (tests pass namespace-aware ones).
+	// DialSource opens the WAN connection at the source host (tests pass
+	// namespace-aware ones).
 	DialSource func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Server is the destination host's end (vmhopd on host B); nil: a
+	// LocalDiskServer in this process that listens with ListenDest and
+	// dials the NBD server with DialDest.
+	Server     DiskServer
 	DialDest   func(ctx context.Context, network, addr string) (net.Conn, error)
-	// ListenDest listens on the destination host's WAN address.
 	ListenDest func(network, addr string) (net.Listener, error)
 
 	DestWAN    string // host:port the destination end listens on
@@ -55,7 +58,7 @@ type Relay struct {
 
 	reconnects atomic.Int32
 	peer       *peerTLS
-	wanLn      net.Listener
+	serving    bool // the destination end is up
 	srcLn      net.Listener
 	upMu       sync.Mutex // guards preconn, export, prepared (held across WAN I/O)
 	preconn    net.Conn   // TLS to the destination end, opened by Start
@@ -98,13 +101,17 @@ func (r *Relay) Start(ctx context.Context) error {
 	if r.peer, err = newPeerTLS(); err != nil {
 		return err
 	}
-	ln, err := r.ListenDest("tcp", r.DestWAN)
+	id, err := r.peer.identity()
 	if err != nil {
-		return fmt.Errorf("relay: listen %s: %w", r.DestWAN, err)
+		return err
 	}
-	r.wanLn = tls.NewListener(ln, r.peer.server())
-	r.wg.Add(1)
-	go r.serveDest()
+	if r.Server == nil {
+		r.Server = &LocalDiskServer{Listen: r.ListenDest, Dial: r.DialDest}
+	}
+	if err := r.Server.ServeRelay(ctx, RelayServe{Listen: r.DestWAN, NBD: r.DestNBD, Identity: id, Stall: r.stall()}); err != nil {
+		return err
+	}
+	r.serving = true
 	src, err := net.Listen("unix", r.SourceSock)
 	if err != nil {
 		r.Close()
@@ -315,46 +322,14 @@ func pipeTracked(client, server net.Conn, up io.Writer, t io.Writer) {
 	<-done
 }
 
-// serveDest connects each WAN connection to the destination QEMU's NBD
-// server once the source says the export exists.
-func (r *Relay) serveDest() {
-	r.serveEach(r.wanLn, func(c net.Conn) {
-		giveUpUnacked(c.(*tls.Conn).NetConn(), r.stall())
-		if err := c.(*tls.Conn).Handshake(); err != nil {
-			c.Close()
-			return
-		}
-		// The source says when the export exists: one byte.
-		b := make([]byte, 1)
-		if _, err := io.ReadFull(c, b); err != nil || b[0] != 'N' {
-			c.Close()
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		nbd, err := r.DialDest(ctx, "tcp", r.DestNBD)
-		cancel()
-		if err != nil {
-			// The destination QEMU is gone: say so, so the source's
-			// NBD requests fail now instead of waiting to reconnect.
-			c.Write([]byte(destGone))
-			c.Close()
-			return
-		}
-		r.track(nbd)
-		pipe(c, nbd)
-	})
-}
-
 // pipe copies both ways until either side ends, then closes both.
 func pipe(a, b net.Conn) { pipeTracked(a, b, b, io.Discard) }
 
 // Close ends every connection and listener.
 func (r *Relay) Close() error {
 	var errs []error
-	for _, l := range []net.Listener{r.wanLn, r.srcLn} {
-		if l != nil {
-			errs = append(errs, l.Close())
-		}
+	if r.srcLn != nil {
+		errs = append(errs, r.srcLn.Close())
 	}
 	r.mu.Lock()
 	for _, c := range r.conns {
@@ -362,10 +337,144 @@ func (r *Relay) Close() error {
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
+	if r.serving {
+		r.serving = false
+		errs = append(errs, r.Server.StopRelay(context.Background(), RelayStop{Listen: r.DestWAN}))
+	}
 	for _, e := range errs {
 		if e != nil && !errors.Is(e, net.ErrClosed) {
 			return e
 		}
 	}
 	return nil
+}
+
+// RelayServe asks the destination for the Relay's end.
+type RelayServe struct {
+	Listen   string        `json:"listen"` // host:port (the destination's WAN address)
+	NBD      string        `json:"nbd"`    // the destination QEMU's NBD server, local to it
+	Identity Identity      `json:"identity"`
+	Stall    time.Duration `json:"stall_ns"` // unacknowledged data this long gives a connection up
+}
+
+// RelayStop names the relay end to stop.
+type RelayStop struct {
+	Listen string `json:"listen"`
+}
+
+// relayServing is one Relay's destination end.
+type relayServing struct {
+	ln    net.Listener
+	nbd   string
+	stall time.Duration
+	dial  func(ctx context.Context, network, addr string) (net.Conn, error)
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+// ServeRelay implements DiskServer.
+func (cs *LocalDiskServer) ServeRelay(_ context.Context, req RelayServe) error {
+	peer, err := req.Identity.peerTLS()
+	if err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+	listen, _ := cs.listen()
+	dial := cs.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.relays[req.Listen] != nil {
+		return fmt.Errorf("relay: %s already serves", req.Listen)
+	}
+	ln, err := listen("tcp", req.Listen)
+	if err != nil {
+		return fmt.Errorf("relay: listen %s: %w", req.Listen, err)
+	}
+	rs := &relayServing{ln: tls.NewListener(ln, peer.server()), nbd: req.NBD, stall: req.Stall, dial: dial}
+	if rs.stall <= 0 {
+		rs.stall = 5 * time.Second
+	}
+	if cs.relays == nil {
+		cs.relays = map[string]*relayServing{}
+	}
+	cs.relays[req.Listen] = rs
+	rs.wg.Add(1)
+	go rs.serve()
+	return nil
+}
+
+// StopRelay implements DiskServer.
+func (cs *LocalDiskServer) StopRelay(_ context.Context, req RelayStop) error {
+	cs.mu.Lock()
+	rs := cs.relays[req.Listen]
+	delete(cs.relays, req.Listen)
+	cs.mu.Unlock()
+	if rs == nil {
+		return nil
+	}
+	err := rs.ln.Close()
+	rs.mu.Lock()
+	for _, c := range rs.conns {
+		c.Close()
+	}
+	rs.mu.Unlock()
+	rs.wg.Wait()
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+func (rs *relayServing) track(c net.Conn) {
+	rs.mu.Lock()
+	rs.conns = append(rs.conns, c)
+	rs.mu.Unlock()
+}
+
+// serve connects each WAN connection to the destination QEMU's NBD
+// server once the source says the export exists.
+func (rs *relayServing) serve() {
+	defer rs.wg.Done()
+	for {
+		c, err := rs.ln.Accept()
+		if err != nil {
+			return
+		}
+		rs.track(c)
+		rs.wg.Add(1)
+		go func() {
+			defer rs.wg.Done()
+			rs.handle(c)
+		}()
+	}
+}
+
+func (rs *relayServing) handle(c net.Conn) {
+	giveUpUnacked(c.(*tls.Conn).NetConn(), rs.stall)
+	if err := c.(*tls.Conn).Handshake(); err != nil {
+		c.Close()
+		return
+	}
+	// The source says when the export exists: one byte.
+	b := make([]byte, 1)
+	if _, err := io.ReadFull(c, b); err != nil || b[0] != 'N' {
+		c.Close()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	nbd, err := rs.dial(ctx, "tcp", rs.nbd)
+	cancel()
+	if err != nil {
+		// The destination QEMU is gone: say so, so the source's NBD
+		// requests fail now instead of waiting to reconnect.
+		c.Write([]byte(destGone))
+		c.Close()
+		return
+	}
+	rs.track(nbd)
+	pipe(c, nbd)
 }

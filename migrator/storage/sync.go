@@ -22,11 +22,14 @@ import (
 // destination's manifest makes the new round resume where the old stopped.
 type ChunkedSync struct {
 	Source ChunkedSource // on the source host
-	Dest   ChunkedDest   // on the destination host
+	Dest   ChunkedDest   // on the destination host: its image (Path)
 
 	DialSource func(ctx context.Context, network, addr string) (net.Conn, error)
-	ListenDest func(network, addr string) (net.Listener, error)
 	DestWAN    string // host:port the destination end listens on
+	// Server is the destination host's end (vmhopd on host B); nil: a
+	// LocalDiskServer in this process that listens with ListenDest.
+	Server     DiskServer
+	ListenDest func(network, addr string) (net.Listener, error)
 
 	// Limiter, if set, paces what the source sends (bytes per second). The
 	// migrator shares it with the memory migration's budget.
@@ -39,15 +42,11 @@ type ChunkedSync struct {
 	Retry      time.Duration // how long Converge redials after cuts; default 2m
 	Log        *slog.Logger
 
-	tls    *peerTLS
-	ln     net.Listener
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	cur    net.Conn
-	done   chan struct{}
-	sent   atomic.Int64
-	rounds atomic.Int32
-	cuts   atomic.Int32
+	tls     *peerTLS
+	serving bool
+	sent    atomic.Int64
+	rounds  atomic.Int32
+	cuts    atomic.Int32
 }
 
 // SyncProgress is one report of the live rounds.
@@ -74,38 +73,152 @@ func (s *ChunkedSync) stall() time.Duration {
 	return 5 * time.Second
 }
 
-// Start listens at the destination.
+// Start makes the per-migration identity and has the destination serve
+// rounds with it.
 func (s *ChunkedSync) Start(ctx context.Context) error {
 	if s.Log == nil {
 		s.Log = slog.Default()
+	}
+	if s.Server == nil {
+		s.Server = &LocalDiskServer{Listen: s.ListenDest, Log: s.Log}
 	}
 	var err error
 	if s.tls, err = newPeerTLS(); err != nil {
 		return err
 	}
-	ln, err := s.ListenDest("tcp", s.DestWAN)
+	id, err := s.tls.identity()
 	if err != nil {
-		return fmt.Errorf("chunked sync: listen %s: %w", s.DestWAN, err)
+		return err
 	}
-	s.ln = tls.NewListener(ln, s.tls.server())
-	s.wg.Add(1)
-	go s.serve()
+	if err := s.Server.ServeChunked(ctx, ChunkedServe{Listen: s.DestWAN, Path: s.Dest.Path, Identity: id, Stall: s.stall()}); err != nil {
+		return err
+	}
+	s.serving = true
 	return nil
+}
+
+// DiskServer is the destination host's end of the disk streams: on a
+// deployment, what vmhopd on host B serves; in one process, a
+// LocalDiskServer. Requests encode to JSON; each carries the
+// per-migration Identity the source made (the only certificate either end
+// accepts).
+type DiskServer interface {
+	// ServeChunked listens at req.Listen and serves the chunked engine's
+	// rounds into req.Path, one at a time.
+	ServeChunked(ctx context.Context, req ChunkedServe) error
+	// StopChunked closes the listener and any round in progress (its
+	// manifest saved). Idempotent.
+	StopChunked(ctx context.Context, req ChunkedStop) error
+	// ServeRelay listens at req.Listen for the Relay's WAN connections and
+	// connects each to the destination QEMU's NBD server (req.NBD).
+	ServeRelay(ctx context.Context, req RelayServe) error
+	// StopRelay closes the listener and its connections. Idempotent.
+	StopRelay(ctx context.Context, req RelayStop) error
+}
+
+// ChunkedServe asks the destination to serve rounds.
+type ChunkedServe struct {
+	Listen   string        `json:"listen"` // host:port (the destination's WAN address)
+	Path     string        `json:"path"`   // the destination image
+	Identity Identity      `json:"identity"`
+	Stall    time.Duration `json:"stall_ns"` // a connection that moves nothing this long is cut
+}
+
+// ChunkedStop names the server to stop.
+type ChunkedStop struct {
+	Listen string `json:"listen"`
+}
+
+// LocalDiskServer serves the disk streams' destination ends on this host.
+type LocalDiskServer struct {
+	Listen func(network, addr string) (net.Listener, error)                  // nil: net.Listen
+	Dial   func(ctx context.Context, network, addr string) (net.Conn, error) // to the local NBD server; nil: net.Dialer
+	Log    *slog.Logger
+
+	mu     sync.Mutex
+	live   map[string]*chunkedServing // by listen address
+	relays map[string]*relayServing
+}
+
+var _ DiskServer = (*LocalDiskServer)(nil)
+
+func (cs *LocalDiskServer) listen() (func(network, addr string) (net.Listener, error), *slog.Logger) {
+	listen, log := cs.Listen, cs.Log
+	if listen == nil {
+		listen = net.Listen
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return listen, log
+}
+
+// chunkedServing is one destination image being served.
+type chunkedServing struct {
+	dest  ChunkedDest
+	stall time.Duration
+	log   *slog.Logger
+	ln    net.Listener
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	cur   net.Conn
+	done  chan struct{}
+}
+
+// ServeChunked implements DiskServer.
+func (cs *LocalDiskServer) ServeChunked(_ context.Context, req ChunkedServe) error {
+	peer, err := req.Identity.peerTLS()
+	if err != nil {
+		return fmt.Errorf("chunked sync: %w", err)
+	}
+	listen, log := cs.listen()
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.live[req.Listen] != nil {
+		return fmt.Errorf("chunked sync: %s already serves", req.Listen)
+	}
+	ln, err := listen("tcp", req.Listen)
+	if err != nil {
+		return fmt.Errorf("chunked sync: listen %s: %w", req.Listen, err)
+	}
+	sv := &chunkedServing{dest: ChunkedDest{Path: req.Path}, stall: req.Stall, log: log, ln: tls.NewListener(ln, peer.server())}
+	if sv.stall <= 0 {
+		sv.stall = 5 * time.Second
+	}
+	if cs.live == nil {
+		cs.live = map[string]*chunkedServing{}
+	}
+	cs.live[req.Listen] = sv
+	sv.wg.Add(1)
+	go sv.serve()
+	return nil
+}
+
+// StopChunked implements DiskServer.
+func (cs *LocalDiskServer) StopChunked(_ context.Context, req ChunkedStop) error {
+	cs.mu.Lock()
+	sv := cs.live[req.Listen]
+	delete(cs.live, req.Listen)
+	cs.mu.Unlock()
+	if sv == nil {
+		return nil
+	}
+	return sv.close()
 }
 
 // serve runs the destination's rounds one at a time: a new connection
 // means the source gave up on the old one, which is closed and finished
 // (its manifest saved) before the new round reads the manifest.
-func (s *ChunkedSync) serve() {
+func (s *chunkedServing) serve() {
 	defer s.wg.Done()
 	for {
 		c, err := s.ln.Accept()
 		if err != nil {
 			return
 		}
-		c.SetDeadline(time.Now().Add(s.stall()))
+		c.SetDeadline(time.Now().Add(s.stall))
 		if err := c.(*tls.Conn).Handshake(); err != nil {
-			s.Log.Warn("chunked sync: handshake refused", "from", c.RemoteAddr(), "err", err)
+			s.log.Warn("chunked sync: handshake refused", "from", c.RemoteAddr(), "err", err)
 			c.Close()
 			continue
 		}
@@ -120,12 +233,33 @@ func (s *ChunkedSync) serve() {
 		}
 		go func() {
 			defer close(done)
-			if err := s.Dest.Serve(&stallConn{Conn: c, d: s.stall()}); err != nil {
-				s.Log.Warn("chunked sync: destination round ended", "err", err)
+			if err := s.dest.Serve(&stallConn{Conn: c, d: s.stall}); err != nil {
+				s.log.Warn("chunked sync: destination round ended", "err", err)
 			}
 			c.Close()
 		}()
 	}
+}
+
+// close stops the listener and any round in progress.
+func (s *chunkedServing) close() error {
+	err := s.ln.Close()
+	s.mu.Lock()
+	if s.cur != nil {
+		s.cur.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	s.mu.Lock()
+	done := s.done
+	s.mu.Unlock()
+	if done != nil {
+		<-done
+	}
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
 }
 
 // round runs one round of src on a fresh connection.
@@ -224,26 +358,11 @@ func (s *ChunkedSync) Final(ctx context.Context) (RoundStats, error) {
 
 // Close stops the destination's listener and any round in progress.
 func (s *ChunkedSync) Close() error {
-	if s.ln == nil {
+	if !s.serving {
 		return nil
 	}
-	err := s.ln.Close()
-	s.mu.Lock()
-	if s.cur != nil {
-		s.cur.Close()
-	}
-	s.mu.Unlock()
-	s.wg.Wait()
-	s.mu.Lock()
-	done := s.done
-	s.mu.Unlock()
-	if done != nil {
-		<-done
-	}
-	if errors.Is(err, net.ErrClosed) {
-		return nil
-	}
-	return err
+	s.serving = false
+	return s.Server.StopChunked(context.Background(), ChunkedStop{Listen: s.DestWAN})
 }
 
 // stallConn fails a read or write that makes no progress for d.

@@ -7,8 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/vmhop/vmhop/migrator/hypervisor"
@@ -38,96 +36,77 @@ type PSK struct {
 
 // Config is one QEMU migration.
 type Config struct {
-	SourceQMP  string         // the running source QEMU's QMP socket
-	Dest       Machine        // destination definition: the source's, with destination paths
+	SourceQMP string  // the running source QEMU's QMP socket
+	Dest      Machine // destination definition: the source's, with destination paths
+	// DestArgs, if set, are the destination QEMU's arguments as Adopt
+	// built them from the running source's command line; Dest then only
+	// names the destination (Name, QMPSocket). Unset: Dest.Args().
+	DestArgs   []string
 	DestListen netip.AddrPort // where the destination listens for the stream (host B's WAN address)
-	Launcher   Launcher       // starts the destination QEMU
-	TLS        *PSK           // nil sends the stream in plaintext (lab tests only)
-	Multifd    int            // parallel channels; 0 or 1 is one channel
-	Poll       time.Duration  // progress interval; default 250ms
+	Launcher   Launcher       // starts the destination QEMU (for a LocalIncoming)
+	// Incoming is the destination host's half (vmhopd on host B);
+	// nil: a LocalIncoming with Launcher, in this process.
+	Incoming Incoming
+	TLS      *PSK          // nil sends the stream in plaintext (lab tests only)
+	Multifd  int           // parallel channels; 0 or 1 is one channel
+	Poll     time.Duration // progress interval; default 250ms
 }
 
 // Driver migrates a QEMU VM; it implements hypervisor.Driver.
 type Driver struct {
-	cfg     Config
-	src     *Monitor
-	dst     *Monitor
-	dstProc Process
+	cfg      Config
+	src      *Monitor
+	in       Incoming // the destination's half
+	prepared bool
 }
 
-var _ hypervisor.Driver = (*Driver)(nil)
+var (
+	_ hypervisor.Driver          = (*Driver)(nil)
+	_ hypervisor.BandwidthSetter = (*Driver)(nil)
+)
 
 // New returns a driver for cfg; nothing is started until PrepareDestination.
 func New(cfg Config) *Driver {
 	if cfg.Poll == 0 {
 		cfg.Poll = 250 * time.Millisecond
 	}
-	return &Driver{cfg: cfg}
+	in := cfg.Incoming
+	if in == nil {
+		in = &LocalIncoming{Launcher: cfg.Launcher}
+	}
+	return &Driver{cfg: cfg, in: in}
 }
 
 const tlsID = "vmhop-tls"
 
-func writePSK(dir string, p *PSK) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	return os.WriteFile(filepath.Join(dir, "keys.psk"), []byte(p.Username+":"+hex.EncodeToString(p.Key)+"\n"), 0o600)
-}
+func writePSK(dir string, p *PSK) error { return writePSKLine(dir, pskLine(p)) }
 
-// PrepareDestination starts the destination QEMU paused (-incoming defer),
-// sets the same capabilities as the source will use, and makes it listen.
+// PrepareDestination has the destination host start its QEMU paused
+// (-incoming defer) with the same capabilities as the source will use,
+// listening for the stream (Incoming.Start); the per-migration PSK goes
+// with the request.
 func (d *Driver) PrepareDestination(ctx context.Context) error {
 	m := d.cfg.Dest
 	m.Incoming = "defer"
-	args, err := m.Args()
-	if err != nil {
-		return err
+	args := d.cfg.DestArgs
+	if args == nil {
+		var err error
+		if args, err = m.Args(); err != nil {
+			return err
+		}
 	}
-	os.Remove(m.QMPSocket)
+	req := IncomingStart{Name: m.Name, Program: "qemu-system-x86_64", Args: args, QMPSocket: m.QMPSocket,
+		Listen: d.cfg.DestListen, Multifd: d.cfg.Multifd}
 	if d.cfg.TLS != nil {
 		if len(d.cfg.TLS.Key) < 16 {
 			return errors.New("prepare destination: TLS PSK shorter than 16 bytes")
 		}
-		if err := writePSK(d.cfg.TLS.DestDir, d.cfg.TLS); err != nil {
-			return fmt.Errorf("prepare destination: %w", err)
-		}
+		req.PSK = &PSKSecret{Username: d.cfg.TLS.Username, KeyHex: hex.EncodeToString(d.cfg.TLS.Key), Dir: d.cfg.TLS.DestDir}
 	}
-	proc, err := d.cfg.Launcher.Launch(ctx, m.Name, "qemu-system-x86_64", args)
-	if err != nil {
-		return fmt.Errorf("prepare destination: start qemu: %w", err)
+	if err := d.in.Start(ctx, req); err != nil {
+		return err
 	}
-	d.dstProc = proc
-	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	go func() {
-		select {
-		case <-proc.Exited():
-			cancel() // QEMU died (bad args, port in use): stop waiting for its socket
-		case <-dctx.Done():
-		}
-	}()
-	mon, err := Dial(dctx, m.QMPSocket)
-	if err != nil {
-		proc.Kill()
-		return fmt.Errorf("prepare destination: %w", err)
-	}
-	d.dst = mon
-	steps := []command{{"migrate-set-capabilities", caps(map[string]bool{"events": true, "multifd": d.cfg.Multifd > 1})}}
-	if d.cfg.TLS != nil {
-		steps = append(steps,
-			command{"object-add", map[string]any{"qom-type": "tls-creds-psk", "id": tlsID, "dir": d.cfg.TLS.DestDir, "endpoint": "server"}},
-			command{"migrate-set-parameters", map[string]any{"tls-creds": tlsID}})
-	}
-	if d.cfg.Multifd > 1 {
-		steps = append(steps, command{"migrate-set-parameters", map[string]any{"multifd-channels": d.cfg.Multifd}})
-	}
-	steps = append(steps, command{"migrate-incoming", map[string]any{"uri": "tcp:" + d.cfg.DestListen.String()}})
-	for _, s := range steps {
-		if err := d.dst.Execute(ctx, s.name, s.args, nil); err != nil {
-			d.AbortDestination(context.Background())
-			return fmt.Errorf("prepare destination: %w", err)
-		}
-	}
+	d.prepared = true
 	return nil
 }
 
@@ -229,7 +208,7 @@ func (q queryMigrate) progress(elapsed time.Duration) hypervisor.Progress {
 // Migrate implements hypervisor.Driver.
 func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress chan<- hypervisor.Progress, switchover hypervisor.Switchover) (hypervisor.Result, error) {
 	var res hypervisor.Result
-	if d.dst == nil {
+	if !d.prepared {
 		return res, errors.New("migrate: destination not prepared")
 	}
 	if err := d.ConnectSource(ctx); err != nil {
@@ -275,7 +254,7 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 		select {
 		case <-ctx.Done():
 			return res, d.abort(fmt.Errorf("%w: %v", hypervisor.ErrCancelled, context.Cause(ctx)))
-		case <-d.dstProc.Exited():
+		case <-d.in.Exited():
 			return res, d.abort(fmt.Errorf("%w: destination QEMU exited during the migration", hypervisor.ErrDestinationFailed))
 		case <-d.src.Done():
 			return res, fmt.Errorf("migrate: source QMP connection lost (did the source QEMU exit?)")
@@ -421,22 +400,10 @@ func (d *Driver) ensureRunning(ctx context.Context, m *Monitor) error {
 // waitDestinationRunning waits for the destination guest to run after the
 // stream completed.
 func (d *Driver) waitDestinationRunning(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	for {
-		var s queryStatus
-		err := d.dst.Execute(ctx, "query-status", nil, &s)
-		if err == nil && s.Running {
-			return nil
-		}
-		if isDone(d.dst.Done()) {
-			return fmt.Errorf("%w: destination QEMU exited after the stream completed", hypervisor.ErrDestinationFailed)
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("%w: destination not running (state %q): %v", hypervisor.ErrDestinationFailed, s.Status, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := d.in.WaitRunning(ctx, RunningWait{Timeout: 30 * time.Second}); err != nil {
+		return fmt.Errorf("%w: %v", hypervisor.ErrDestinationFailed, err)
 	}
+	return nil
 }
 
 // ResumeSource implements hypervisor.Driver: QEMU lets a source in
@@ -447,29 +414,25 @@ func (d *Driver) ResumeSource(ctx context.Context) error {
 
 // AbortDestination implements hypervisor.Driver.
 func (d *Driver) AbortDestination(ctx context.Context) error {
-	if d.dst != nil {
-		_ = d.dst.Execute(ctx, "quit", nil, nil)
-		d.dst.Close()
-		d.dst = nil
+	d.prepared = false
+	return d.in.Stop(ctx)
+}
+
+// StopSource implements hypervisor.Driver: quit the source QEMU.
+func (d *Driver) StopSource(ctx context.Context) error {
+	if d.src == nil {
+		return errors.New("stop source: not connected")
 	}
-	if d.dstProc == nil {
-		return nil
-	}
-	select {
-	case <-d.dstProc.Exited():
-	case <-time.After(3 * time.Second):
-		d.dstProc.Kill()
-		<-d.dstProc.Exited()
-	}
-	return nil
+	return d.src.Execute(ctx, "quit", nil, nil)
 }
 
 // Close releases the QMP connections; the QEMUs keep running.
 func (d *Driver) Close() error {
-	for _, m := range []*Monitor{d.src, d.dst} {
-		if m != nil {
-			m.Close()
-		}
+	if d.src != nil {
+		d.src.Close()
+	}
+	if l, ok := d.in.(*LocalIncoming); ok {
+		l.Close()
 	}
 	return nil
 }
@@ -480,5 +443,14 @@ func (d *Driver) DestMachine() Machine { return d.cfg.Dest }
 // Source returns the source monitor once Migrate has connected (for status checks).
 func (d *Driver) Source() *Monitor { return d.src }
 
-// Destination returns the destination monitor once prepared.
-func (d *Driver) Destination() *Monitor { return d.dst }
+// Destination returns the destination monitor once prepared, when the
+// destination's half runs in this process (LocalIncoming); else nil.
+func (d *Driver) Destination() *Monitor {
+	if l, ok := d.in.(*LocalIncoming); ok {
+		return l.Monitor()
+	}
+	return nil
+}
+
+// Incoming is the destination's half the driver uses.
+func (d *Driver) Incoming() Incoming { return d.in }

@@ -77,8 +77,9 @@ func (m Machine) Args() ([]string, error) {
 	if m.PidFile != "" {
 		a = append(a, "-pidfile", m.PidFile)
 	}
+	a = append(a, "-no-reboot")
 	if m.Incoming != "" {
 		a = append(a, "-incoming", m.Incoming)
 	}
-	return append(a, "-no-reboot"), nil
+	return a, nil
 }

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 )
 
@@ -36,7 +37,7 @@ func TCGDirtySyncRisk(major, minor int, kvm bool, ramBytes uint64) string {
 // It asks the destination QEMU (query-version, query-kvm,
 // query-memory-size-summary); call it after PrepareDestination.
 func (d *Driver) Preflight(ctx context.Context) ([]string, error) {
-	if d.dst == nil {
+	if !d.prepared {
 		return nil, fmt.Errorf("preflight: no destination prepared")
 	}
 	var v struct {
@@ -52,8 +53,12 @@ func (d *Driver) Preflight(ctx context.Context) ([]string, error) {
 		cmd string
 		out any
 	}{{"query-version", &v}, {"query-kvm", &k}, {"query-memory-size-summary", &m}} {
-		if err := d.dst.Execute(ctx, c.cmd, nil, c.out); err != nil {
-			return nil, fmt.Errorf("preflight: %w", err)
+		raw, err := d.in.Query(ctx, Query{Command: c.cmd})
+		if err == nil {
+			err = json.Unmarshal(raw, c.out)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("preflight: %s: %w", c.cmd, err)
 		}
 	}
 	if w := TCGDirtySyncRisk(v.QEMU.Major, v.QEMU.Minor, k.Enabled, m.Base); w != "" {

@@ -102,6 +102,104 @@ func State(ctx context.Context, r Runner, vm string) (string, error) {
 	return "", fmt.Errorf("showvminfo %s: no VMState", vm)
 }
 
+// VMInfo is what vmhop reads of a VM as it runs (showvminfo
+// --machinereadable): its state, its NICs (their MACs move with it) and
+// its disk images.
+type VMInfo struct {
+	State string
+	NICs  []NIC
+	Disks []Disk
+}
+
+// NIC is one network adapter (nicN, macaddressN, bridgeadapterN).
+type NIC struct {
+	Index      int    // N, from 1
+	Attachment string // "bridged", "nat", "intnet", ...
+	MAC        string // "08:00:27:a1:b2:c3"
+	Bridge     string // the host interface, when bridged
+}
+
+// Disk is one attached image ("<controller>-<port>-<device>"="<path>").
+type Disk struct {
+	Slot string // "SATA Controller-0-0"
+	Path string
+}
+
+// Info reads vm's state, NICs and disks on the host r runs on.
+func Info(ctx context.Context, r Runner, vm string) (VMInfo, error) {
+	out, err := run(ctx, r, "showvminfo", vm, "--machinereadable")
+	if err != nil {
+		return VMInfo{}, err
+	}
+	return ParseInfo(out)
+}
+
+// ParseInfo parses showvminfo --machinereadable output: key=value lines,
+// keys and string values in double quotes (keys with spaces always).
+func ParseInfo(out string) (VMInfo, error) {
+	var info VMInfo
+	kv := map[string]string{}
+	var order []string
+	for _, line := range strings.Split(out, "\n") {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), "=")
+		if !ok {
+			continue
+		}
+		k, v = unquote(k), unquote(v)
+		kv[k] = v
+		order = append(order, k)
+	}
+	info.State = kv["VMState"]
+	if info.State == "" {
+		return info, errors.New("showvminfo: no VMState")
+	}
+	for i := 1; ; i++ {
+		att, ok := kv["nic"+strconv.Itoa(i)]
+		if !ok {
+			break
+		}
+		if att == "none" {
+			continue
+		}
+		mac, err := colonMAC(kv["macaddress"+strconv.Itoa(i)])
+		if err != nil {
+			return info, fmt.Errorf("showvminfo: macaddress%d: %w", i, err)
+		}
+		info.NICs = append(info.NICs, NIC{Index: i, Attachment: att, MAC: mac, Bridge: kv["bridgeadapter"+strconv.Itoa(i)]})
+	}
+	for _, k := range order {
+		if !diskSlotRE.MatchString(k) || strings.Contains(k, "-ImageUUID-") || strings.Contains(k, "-IsEjected") {
+			continue
+		}
+		if v := kv[k]; v != "none" && v != "emptydrive" && v != "" {
+			info.Disks = append(info.Disks, Disk{Slot: k, Path: v})
+		}
+	}
+	return info, nil
+}
+
+// diskSlotRE matches an attachment key, "<controller name>-<port>-<device>".
+var diskSlotRE = regexp.MustCompile(`^.+-\d+-\d+$`)
+
+func unquote(s string) string {
+	if u, err := strconv.Unquote(s); err == nil {
+		return u
+	}
+	return s
+}
+
+// colonMAC turns VirtualBox's "080027A1B2C3" into "08:00:27:a1:b2:c3".
+func colonMAC(s string) (string, error) {
+	if len(s) != 12 {
+		return "", fmt.Errorf("%q: want 12 hex digits", s)
+	}
+	if _, err := hex.DecodeString(s); err != nil {
+		return "", fmt.Errorf("%q: %w", s, err)
+	}
+	s = strings.ToLower(s)
+	return s[0:2] + ":" + s[2:4] + ":" + s[4:6] + ":" + s[6:8] + ":" + s[8:10] + ":" + s[10:12], nil
+}
+
 func (d *Driver) waitState(ctx context.Context, r Runner, want string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
@@ -251,6 +349,10 @@ func (d *Driver) ResumeSource(ctx context.Context) error {
 	}
 	return fmt.Errorf("source vm %s is %q after the teleport: VirtualBox cannot resume it", d.cfg.VM, s)
 }
+
+// StopSource implements hypervisor.Driver: a completed teleport left the
+// source VM powered off; nothing is left to stop.
+func (d *Driver) StopSource(context.Context) error { return nil }
 
 // AbortDestination powers the destination VM off and turns teleporting off.
 func (d *Driver) AbortDestination(ctx context.Context) error {

@@ -187,3 +187,71 @@ func TestErrorsNameTheCause(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// showvminfo is VBoxManage 7.0's showvminfo --machinereadable for a VM
+// with a SATA disk, an empty DVD drive and two NICs (trimmed).
+const showvminfo = `name="web1"
+Encryption:     disabled
+groups="/"
+ostype="Debian (64-bit)"
+UUID="9c3e4b2a-1f0d-4e8b-a1c2-3d4e5f607182"
+CfgFile="/home/vbox/VirtualBox VMs/web1/web1.vbox"
+memory=2048
+VMState="running"
+VMStateChangeTime="2026-11-30T09:12:44.123000000"
+storagecontrollername0="SATA"
+storagecontrollertype0="IntelAhci"
+"SATA-0-0"="/home/vbox/VirtualBox VMs/web1/web1.vdi"
+"SATA-ImageUUID-0-0"="6f1ec3a2-0c4e-4a4c-9a55-1b2f9c1e0d11"
+"SATA-1-0"="emptydrive"
+"SATA-IsEjected"="off"
+"SATA-2-0"="none"
+natnet1="nat"
+macaddress1="080027A1B2C3"
+cableconnected1="on"
+nic1="bridged"
+bridgeadapter1="enp3s0"
+nictype1="virtio"
+nic2="none"
+macaddress3="0800270A0B0C"
+nic3="intnet"
+nic4="none"
+teleporterenabled="off"
+`
+
+func TestParseInfo(t *testing.T) {
+	info, err := ParseInfo(showvminfo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := VMInfo{State: "running",
+		NICs: []NIC{{Index: 1, Attachment: "bridged", MAC: "08:00:27:a1:b2:c3", Bridge: "enp3s0"},
+			{Index: 3, Attachment: "intnet", MAC: "08:00:27:0a:0b:0c"}},
+		Disks: []Disk{{Slot: "SATA-0-0", Path: "/home/vbox/VirtualBox VMs/web1/web1.vdi"}}}
+	if fmt.Sprint(info) != fmt.Sprint(want) {
+		t.Fatalf("info\n  %+v\nwant\n  %+v", info, want)
+	}
+	if _, err := ParseInfo(`VMState="running"` + "\nnic1=\"nat\"\nmacaddress1=\"08002\"\n"); err == nil || !strings.Contains(err.Error(), "macaddress1") {
+		t.Fatalf("bad MAC: %v", err)
+	}
+	if _, err := ParseInfo("name=\"x\"\n"); err == nil {
+		t.Fatal("no VMState accepted")
+	}
+}
+
+// TestInfoFromFake: the fake VBoxManage reports a VM's NIC and disk the
+// way VirtualBox does, and Info reads them back.
+func TestInfoFromFake(t *testing.T) {
+	w := newWorld(t)
+	b, _ := json.Marshal(map[string]any{"web1": map[string]any{"name": "web1", "state": "running",
+		"mac": "080027A1B2C3", "bridge": "enp3s0", "disk": "/srv/vbox/web1.vdi"}})
+	os.WriteFile(filepath.Join(w.dir, "source.json"), b, 0o644)
+	info, err := Info(context.Background(), w.runner("source", ""), "web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State != "running" || len(info.NICs) != 1 || info.NICs[0].MAC != "08:00:27:a1:b2:c3" || info.NICs[0].Bridge != "enp3s0" ||
+		len(info.Disks) != 1 || info.Disks[0] != (Disk{Slot: "SATA Controller-0-0", Path: "/srv/vbox/web1.vdi"}) {
+		t.Fatalf("info %+v", info)
+	}
+}

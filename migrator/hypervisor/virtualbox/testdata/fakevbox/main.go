@@ -25,6 +25,11 @@ type vm struct {
 	Port       string `json:"port"`
 	Address    string `json:"address"`
 	Password   string `json:"password"`
+	// As VirtualBox reports them (showvminfo): NIC 1's MAC (12 hex
+	// digits) and bridge, the disk on "SATA Controller" port 0.
+	MAC    string `json:"mac,omitempty"`
+	Bridge string `json:"bridge,omitempty"`
+	Disk   string `json:"disk,omitempty"`
 }
 
 func path(host string) string { return filepath.Join(os.Getenv("FAKEVBOX_DIR"), host+".json") }
@@ -92,6 +97,12 @@ func main() {
 	case "showvminfo":
 		want(args, "showvminfo", "*", "--machinereadable")
 		fmt.Printf("name=%q\nVMState=%q\nteleporterenabled=%q\n", v.Name, v.State, map[bool]string{true: "on", false: "off"}[v.Teleporter])
+		if v.Disk != "" {
+			fmt.Printf("storagecontrollername0=\"SATA Controller\"\n\"SATA Controller-0-0\"=%q\n\"SATA Controller-ImageUUID-0-0\"=\"6f1ec3a2-0c4e-4a4c-9a55-1b2f9c1e0d11\"\n\"SATA Controller-1-0\"=\"none\"\n", v.Disk)
+		}
+		if v.MAC != "" {
+			fmt.Printf("nic1=\"bridged\"\nbridgeadapter1=%q\nmacaddress1=%q\ncableconnected1=\"on\"\nnic2=\"none\"\n", v.Bridge, v.MAC)
+		}
 	case "modifyvm":
 		if len(args) == 4 {
 			want(args, "modifyvm", "*", "--teleporter", "off")

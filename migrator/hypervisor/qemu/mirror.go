@@ -1,15 +1,13 @@
-package storage
+package qemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
 	"time"
 
 	"github.com/vmhop/vmhop/internal/units"
-	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 )
 
 // Mirror copies a running QEMU VM's disk to the destination QEMU with QEMU's
@@ -20,7 +18,8 @@ import (
 // the writes in flight, and Complete is proportional to them, not to the
 // disk size. NBD uses the migration's TLS credentials.
 type Mirror struct {
-	Src, Dst *qemu.Monitor
+	Src *Monitor // the source QEMU
+	Dst Incoming // the destination host's half (exports the disk)
 	// Node is the disk's node name in both QEMUs (qemu.Machine uses "disk0").
 	Node string
 	// Listen is where the destination serves NBD: host B's WAN address, or
@@ -43,6 +42,7 @@ type Mirror struct {
 	BeforeConnect func(ctx context.Context, export string) error
 
 	started, exported, targetAdded bool
+	copied                         uint64 // bulk progress at the last poll (QEMU counts holes)
 }
 
 const (
@@ -51,8 +51,8 @@ const (
 	exportID   = "vmhop-export"
 )
 
-// Progress is the mirror's state.
-type Progress struct {
+// MirrorProgress is the mirror's state.
+type MirrorProgress struct {
 	Done, Total uint64        // bytes (QEMU counts holes as copied)
 	Ready       bool          // bulk copy done; writes are mirrored synchronously
 	Rate        float64       // bits per second since the start
@@ -61,17 +61,8 @@ type Progress struct {
 
 // Start exports the destination disk and starts mirroring into it.
 func (m *Mirror) Start(ctx context.Context) error {
-	nbd := map[string]any{"addr": map[string]any{"type": "inet", "data": map[string]any{
-		"host": m.Listen.Addr().String(), "port": strconv.Itoa(int(m.Listen.Port()))}}}
-	if m.TLS != "" {
-		nbd["tls-creds"] = m.TLS
-	}
-	if err := m.Dst.Execute(ctx, "nbd-server-start", nbd, nil); err != nil {
-		return fmt.Errorf("mirror: %w", err)
-	}
 	m.exported = true
-	if err := m.Dst.Execute(ctx, "block-export-add", map[string]any{"type": "nbd", "id": exportID,
-		"node-name": m.Node, "name": m.Node, "writable": true}, nil); err != nil {
+	if err := m.Dst.ExportDisk(ctx, DiskExport{Listen: m.Listen, Node: m.Node, TLS: m.TLS != ""}); err != nil {
 		return fmt.Errorf("mirror: %w", err)
 	}
 	if m.BeforeConnect != nil {
@@ -131,7 +122,7 @@ func (m *Mirror) job(ctx context.Context) (*blockJob, error) {
 }
 
 // WaitReady waits for the bulk copy to finish, reporting progress.
-func (m *Mirror) WaitReady(ctx context.Context, progress func(Progress)) error {
+func (m *Mirror) WaitReady(ctx context.Context, progress func(MirrorProgress)) error {
 	start := time.Now()
 	for {
 		j, err := m.job(ctx)
@@ -144,8 +135,9 @@ func (m *Mirror) WaitReady(ctx context.Context, progress func(Progress)) error {
 		if j.Error != "" || j.Status == "concluded" || j.Status == "aborting" {
 			return fmt.Errorf("mirror: job %s: %s", j.Status, j.Error)
 		}
+		m.copied = j.Offset
 		if progress != nil {
-			p := Progress{Done: j.Offset, Total: j.Len, Ready: j.Ready,
+			p := MirrorProgress{Done: j.Offset, Total: j.Len, Ready: j.Ready,
 				Rate: float64(j.Offset) * 8 / time.Since(start).Seconds()}
 			if p.Rate > 0 && j.Len > j.Offset {
 				p.ETA = time.Duration(float64(j.Len-j.Offset) * 8 / p.Rate * float64(time.Second))
@@ -241,13 +233,9 @@ func (m *Mirror) teardown(ctx context.Context) error {
 		m.targetAdded = false
 	}
 	if m.exported {
-		// The source has let go; "hard" closes the NBD connection the
-		// server may still be tearing down instead of failing "in use".
-		// A destination whose QEMU is gone has nothing left to take down.
-		if err := m.Dst.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && first == nil && !errors.Is(err, qemu.ErrClosed) {
-			first = err
-		}
-		if err := m.Dst.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil && !errors.Is(err, qemu.ErrClosed) {
+		// The source has let go (the destination's export goes second,
+		// as QEMU wants).
+		if err := m.Dst.UnexportDisk(ctx); err != nil && first == nil {
 			first = err
 		}
 		m.exported = false

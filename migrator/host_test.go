@@ -1,0 +1,49 @@
+package migrator
+
+import (
+	"encoding/json"
+	"net/netip"
+	"reflect"
+	"testing"
+	"time"
+)
+
+// TestHostCallsAreJSON: every argument and result of SourceHost and
+// Destination survives a JSON round trip unchanged, so a peer channel
+// can carry the calls as they are.
+func TestHostCallsAreJSON(t *testing.T) {
+	a, b := netip.MustParseAddr("10.1.0.10"), netip.MustParseAddr("10.2.0.10")
+	tb, ta := Tunnel{Peer: b, Token: 0xfeedf00d12345678}, Tunnel{Peer: a, Token: 0xfeedf00d12345678}
+	for _, v := range []any{
+		&SourcePrepare{Tunnel: tb, OldIP: a, MAC: "52:54:00:12:34:56"},
+		&RedirectSwitch{OldIP: a, Tunnel: tb, MAC: "52:54:00:12:34:56", On: true},
+		&RedirectRemove{OldIP: a},
+		&RedirectQuery{OldIP: a},
+		&RedirectState{Counters: map[string]uint64{"encap_packets": 7}, Idle: 1500 * time.Millisecond, Seen: true},
+		&ImageRef{Path: "/var/lib/vmhop/web1.raw"},
+		&ImageInfo{Size: 1 << 30},
+		&ImageCreate{Path: "/var/lib/vmhop/web1.raw", Size: 1 << 30},
+		&DestPrepare{Tunnel: ta},
+		&ta,
+		&VMAttach{Tap: "tap-web1", OldIP: a, NewIP: b, Gateway: netip.MustParseAddr("10.1.0.1"),
+			GatewayMAC: "52:54:00:00:00:01", MAC: "52:54:00:12:34:56", Tunnel: ta},
+		&VMAttach{Tap: "tap-web1", OldIP: a, NewIP: b}, // drained: no peer
+		&HashRequest{Path: "/x.raw", Chunks: []int64{0, 7}},
+		&Digests{Root: []byte{1, 2, 3}, Read: 1 << 20},
+		&DestAbort{OldIP: a, NewIP: b, Image: "/x.raw"},
+		&AddrQuery{},
+		&HeldAddrs{Name: "host B", Addrs: []netip.Addr{b, netip.MustParseAddr("fe80::1")}},
+	} {
+		j, err := json.Marshal(v)
+		if err != nil {
+			t.Fatalf("%T: %v", v, err)
+		}
+		back := reflect.New(reflect.TypeOf(v).Elem()).Interface()
+		if err := json.Unmarshal(j, back); err != nil {
+			t.Fatalf("%T from %s: %v", v, j, err)
+		}
+		if !reflect.DeepEqual(v, back) {
+			t.Errorf("%T: %s came back as %+v", v, j, back)
+		}
+	}
+}
