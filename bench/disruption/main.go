@@ -103,7 +103,9 @@ func run() error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	out, err := labrun.Migrate(ctx, l, spec, log)
+	// The same client as freeze-and-copy's below: one echo connection at
+	// 100 Hz, nothing else, so the two are measured under the same load.
+	out, err := labrun.MigrateUnder(ctx, l, spec, log, &labrun.Load{Conns: 1, HTTPEvery: -1, PingEvery: -1})
 	if err != nil {
 		return fmt.Errorf("live migration: %w", err)
 	}

@@ -31,7 +31,7 @@ type Load struct {
 	Addr      netip.Addr     // the VM's address when the load starts (old_ip)
 	Name      string         // DNS name of the service ("svc.example.")
 	DNS       netip.AddrPort // the server new connections resolve Name with
-	Conns     int            // persistent echo connections; default 4
+	Conns     int            // persistent echo connections; default 4 (at least 1)
 	EchoEvery time.Duration  // default 10 ms
 	HTTPEvery time.Duration  // default 50 ms; negative disables
 	PingEvery time.Duration  // default 10 ms; negative disables

@@ -140,6 +140,14 @@ func later(a, b time.Time) time.Time {
 // (CheckGuest) and drains the redirect. The error is the migration's, or
 // the guest check's (the guest did not survive: an aborted exit).
 func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger) (Outcome, error) {
+	return MigrateUnder(ctx, l, spec, log, &Load{})
+}
+
+// MigrateUnder is Migrate with the client load shaped by shape (its
+// Conns, EchoEvery, HTTPEvery, PingEvery; zero values are the defaults,
+// negative ones turn that part off). A benchmark compares vmhop with
+// another way of moving under the same load this way.
+func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load) (Outcome, error) {
 	var out Outcome
 	var vm *lab.VM
 	for _, v := range l.State.VMs {
@@ -174,7 +182,8 @@ func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.
 	if err != nil {
 		return out, err
 	}
-	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server)}
+	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
+		Conns: shape.Conns, EchoEvery: shape.EchoEvery, HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery}
 	lctx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { load.Run(lctx); close(done) }()
@@ -339,14 +348,17 @@ func (o Outcome) Print(w io.Writer) {
 	if h.NewAddrAt > 0 {
 		newAt = "at " + (h.NewAddrAt - o.Start.Sub(c.Start)).Round(100*time.Millisecond).String()
 	}
-	fmt.Fprintf(w, "  new HTTP connections by name: %d, %d failed (window %s, longest run %s); first on the new address %s; by address %v\n",
-		h.Attempts, h.Failed, h.FailWindow.Round(time.Millisecond), h.Longest.Round(time.Millisecond), newAt, h.ByAddr)
-	for _, e := range h.Errors {
-		fmt.Fprintf(w, "    failed: %s\n", e)
+	if h.Attempts > 0 {
+		fmt.Fprintf(w, "  new HTTP connections by name: %d, %d failed (window %s, longest run %s); first on the new address %s; by address %v\n",
+			h.Attempts, h.Failed, h.FailWindow.Round(time.Millisecond), h.Longest.Round(time.Millisecond), newAt, h.ByAddr)
+		for _, e := range h.Errors {
+			fmt.Fprintf(w, "    failed: %s\n", e)
+		}
 	}
-	pd := c.Ping.Disruption
-	fmt.Fprintf(w, "  icmp echo: %d sent, %d answered, %d lost; gaps %s in %d, longest %s\n",
-		c.Ping.Sent, c.Ping.Answered, c.Ping.Lost, pd.Total.Round(time.Millisecond), pd.Gaps, pd.Longest.Round(time.Millisecond))
+	if pd := c.Ping.Disruption; c.Ping.Sent > 0 {
+		fmt.Fprintf(w, "  icmp echo: %d sent, %d answered, %d lost; gaps %s in %d, longest %s\n",
+			c.Ping.Sent, c.Ping.Answered, c.Ping.Lost, pd.Total.Round(time.Millisecond), pd.Gaps, pd.Longest.Round(time.Millisecond))
+	}
 	if i, e := o.Worst(); i >= 0 {
 		d := e.Disruption
 		fmt.Fprintf(w, "client-visible disruption (worst echo connection, %d): %s in %d gaps, longest %s\n",
