@@ -160,9 +160,8 @@ func once(ctx context.Context, n int, spec *config.Migration) (Run, error) {
 		SameBoot:  out.Guest.SameBoot, MemCycles: out.Guest.MemCycles, MemLost: out.Guest.MemLost, MemCorrupt: out.Guest.MemCorrupt,
 		DiskOK: out.Guest.Disk.OK() && out.Guest.Answered, DiskAcked: out.Guest.Disk.Acked, Guest: out.Guest.Problem,
 		HTTPFailed: out.Client.HTTP.Failed, HTTPTotal: out.Client.HTTP.Attempts, PingLost: out.Client.Ping.Lost}
-	if _, w := out.Worst(); true {
-		r.WorstMS = w.Disruption.Total.Milliseconds()
-	}
+	_, worst := out.Worst()
+	r.WorstMS = worst.Disruption.Total.Milliseconds()
 	for _, e := range out.Client.Echo {
 		r.Unanswered += e.Unanswered
 		r.Reconnects += e.Reconnects

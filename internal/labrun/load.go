@@ -42,6 +42,7 @@ type Load struct {
 	http     []HTTPAttempt
 	pingSent map[uint16]time.Time
 	pingGot  []time.Time
+	pingErr  string // why the pings did not run, if they did not
 	start    time.Time
 	end      time.Time
 }
@@ -164,7 +165,9 @@ func (ld *Load) runHTTP(ctx context.Context) {
 func (ld *Load) runPing(ctx context.Context) {
 	pc, err := netns.ListenPacket(ld.L.NS(lab.Client), "ip4:icmp", "0.0.0.0")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "load: ping:", err)
+		ld.mu.Lock()
+		ld.pingErr = fmt.Sprintf("icmp socket: %v", err)
+		ld.mu.Unlock()
 		return
 	}
 	c := pc
@@ -250,6 +253,7 @@ type HTTPView struct {
 type PingView struct {
 	Sent, Answered, Lost int
 	Disruption           Disruption
+	Err                  string `json:",omitempty"` // the pings could not run
 }
 
 // View computes what the load saw; echo gaps come from arrivals captured on
@@ -272,7 +276,7 @@ func (ld *Load) View(captured map[uint16][]time.Time) ClientView {
 			Disruption: GapsIn(arrivals, p.Interval, ld.from(arrivals), ld.end)})
 	}
 	v.HTTP = httpView(ld.http, ld.Addr, ld.start)
-	v.Ping = PingView{Sent: len(ld.pingGot) + len(ld.pingSent), Answered: len(ld.pingGot), Lost: len(ld.pingSent)}
+	v.Ping = PingView{Sent: len(ld.pingGot) + len(ld.pingSent), Answered: len(ld.pingGot), Lost: len(ld.pingSent), Err: ld.pingErr}
 	if ld.PingEvery > 0 {
 		v.Ping.Disruption = GapsIn(append([]time.Time(nil), ld.pingGot...), ld.PingEvery, ld.from(ld.pingGot), ld.end)
 	}

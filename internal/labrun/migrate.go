@@ -201,8 +201,7 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 		err = cerr
 	}
 	if err == nil || errors.Is(err, migrator.ErrUnhealthy) {
-		where := lab.NewIP
-		out.Guest = CheckGuest(ctx, l, where, before)
+		out.Guest = CheckGuest(ctx, l, lab.NewIP, before)
 		if err == nil && !out.Guest.OK() {
 			err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
 		}
@@ -354,6 +353,9 @@ func (o Outcome) Print(w io.Writer) {
 		for _, e := range h.Errors {
 			fmt.Fprintf(w, "    failed: %s\n", e)
 		}
+	}
+	if c.Ping.Err != "" {
+		fmt.Fprintf(w, "  icmp echo: did not run: %s\n", c.Ping.Err)
 	}
 	if pd := c.Ping.Disruption; c.Ping.Sent > 0 {
 		fmt.Fprintf(w, "  icmp echo: %d sent, %d answered, %d lost; gaps %s in %d, longest %s\n",
