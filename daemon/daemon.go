@@ -137,6 +137,13 @@ func (d *Daemon) hello() Hello {
 	return Hello{Name: d.cfg.Name, Version: Version, Protocol: ProtocolVersion}
 }
 
+// Config is the daemon's config as it stands (after any Reload).
+func (d *Daemon) Config() config.Daemon {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.cfg
+}
+
 // PeerAPI is the peer API's method table: register the methods other
 // hosts call (Handle, HandleStream) before Serve.
 func (d *Daemon) PeerAPI() *PeerAPI { return d.peerAPI }

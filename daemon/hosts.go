@@ -236,6 +236,16 @@ func (r *RemoteIncoming) Stop(ctx context.Context) error {
 	return err
 }
 
+// Close ends the watch of the destination QEMU (once the migration is
+// over: the VM is the destination host's now).
+func (r *RemoteIncoming) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.stop != nil {
+		r.stop()
+	}
+}
+
 // Exited implements qemu.Incoming.
 func (r *RemoteIncoming) Exited() <-chan struct{} {
 	r.mu.Lock()

@@ -202,6 +202,10 @@ func (h *Host) do(fn func() error) error {
 	return netns.Do(h.Netns, fn)
 }
 
+// UseDatapath makes the host use dp, loaded and attached to its uplink
+// already (vmhopd's, which loads it at start), instead of loading its own.
+func (h *Host) UseDatapath(dp *datapath.Datapath) { h.dp = dp }
+
 // Datapath loads and attaches the host's datapath once.
 func (h *Host) Datapath() (*datapath.Datapath, error) {
 	if h.dp != nil {
@@ -347,6 +351,17 @@ func (h *Host) CreateImage(_ context.Context, req ImageCreate) error {
 	h.created[req.Path] = true
 	h.mu.Unlock()
 	return nil
+}
+
+// MarkCreated records that CreateImage made the image at path (a
+// restarted vmhopd learns it from its own record), so Abort removes it.
+func (h *Host) MarkCreated(path string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.created == nil {
+		h.created = map[string]bool{}
+	}
+	h.created[path] = true
 }
 
 // AttachVM implements Destination.

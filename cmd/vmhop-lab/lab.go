@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"syscall"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/vmhop/vmhop/internal/cli"
 	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/internal/labrun"
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/internal/units"
 )
@@ -26,6 +28,7 @@ func newLabCmd() *cobra.Command {
 	var siteDelay, clientDelay time.Duration
 	var siteRate string
 	var loss float64
+	var noDaemons bool
 	up := &cobra.Command{
 		Use:   "up",
 		Short: "Build the lab (replacing any earlier lab of that name) and print how to use it",
@@ -46,11 +49,17 @@ func newLabCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if !noDaemons {
+				if err := labrun.StartDaemons(ctx, l); err != nil {
+					return errors.Join(fmt.Errorf("lab %s: vmhopd: %w", name, err), l.Down())
+				}
+			}
 			printLab(cmd.OutOrStdout(), l)
 			return nil
 		},
 	}
 	d := lab.DefaultLinks()
+	up.Flags().BoolVar(&noDaemons, "no-daemons", false, "do not start a vmhopd at each site (vmhop-lab migrate starts them when it needs them)")
 	up.Flags().DurationVar(&siteDelay, "site-delay", d[lab.SiteA].Delay, "one-way delay of each site's WAN link (site to site: twice this)")
 	up.Flags().StringVar(&siteRate, "site-rate", d[lab.SiteA].Rate.String(), "rate of each site's WAN link")
 	up.Flags().DurationVar(&clientDelay, "client-delay", d[lab.Client].Delay, "one-way delay of the client's WAN link")
@@ -164,6 +173,10 @@ func printLab(w io.Writer, l *lab.Lab) {
 	tw.Flush()
 	fmt.Fprintf(w, "  VM addresses: old %s (site A), new %s (site B); DNS name %s (was %s) served by %s; TSIG key %s\n",
 		lab.OldIP, lab.NewIP, lab.SvcName, lab.OldIP, lab.DNSIP, l.KeyFile())
+	for _, site := range []string{lab.SiteA, lab.SiteB} {
+		fmt.Fprintf(w, "  vmhopd %s at %s: %s (config %s; as the operator: vmhop --socket %s status)\n",
+			labrun.DaemonName(site), site, labrun.DaemonAddr(site), labrun.DaemonConfig(l, site), labrun.DaemonSocket(l, site))
+	}
 	for _, vm := range l.State.VMs {
 		alive := "running"
 		if vm.Pid == 0 || syscall.Kill(vm.Pid, 0) != nil {

@@ -14,9 +14,12 @@
 //
 // It runs until SIGINT/SIGTERM, then stops its running migrations (they
 // undo what they did), closes both APIs and leaves the pinned datapath in
-// place so forwarding outlives a restart; -cleanup removes it. Migrations
-// between hosts are not wired into the daemon yet: the local API's migrate
-// verb answers "unavailable" until the migration core supplies a Migrator.
+// place so forwarding outlives a restart; -cleanup removes it.
+//
+// Migrations: the local API's migrate verb runs a spec from this host (the
+// source) to the peer it names (daemon.SourceMigrator); the peer API
+// serves this host's destination half to its peers (daemon.HostWork):
+// images, destination QEMU, taps, disk streams, datapath entries.
 package main
 
 import (
@@ -31,6 +34,8 @@ import (
 
 	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/datapath"
 	"github.com/vmhop/vmhop/proxy/sidecar"
 )
@@ -81,7 +86,10 @@ func run() error {
 	}
 	// daemon.New reads and checks the tls files, so -check catches a
 	// certificate that does not name this host or is not from the CA.
-	d, err := daemon.New(*cfg, daemon.Options{Log: log, Level: level, Ready: func() { notify(log, sdReady) }})
+	host := &migrator.Host{Name: cfg.Name, Address: cfg.Address, Uplink: cfg.Uplink, PinDir: cfg.BPFFS}
+	work := &daemon.HostWork{Host: host, Disks: &storage.LocalDiskServer{Log: log}, StateDir: cfg.StateDir, Log: log}
+	sm := &daemon.SourceMigrator{Work: work}
+	d, err := daemon.New(*cfg, daemon.Options{Log: log, Level: level, Migrator: sm, Ready: func() { notify(log, sdReady) }})
 	if err != nil {
 		return fmt.Errorf("--config %s: %w", flags.config, err)
 	}
@@ -97,6 +105,15 @@ func run() error {
 		return errors.Join(err, d.Close())
 	}
 	defer sc.Close()
+	sm.D = d
+	work.Register(d.PeerAPI())
+	if sc.DP != nil {
+		host.UseDatapath(sc.DP)
+	}
+	// An incoming migration a killed vmhopd left: remove what it made here.
+	if undone, err := work.RecoverIncoming(ctx); len(undone) > 0 || err != nil {
+		log.Warn("removed what an incoming migration left when the previous vmhopd stopped", "undone", undone, "err", err)
+	}
 	if sc.DP != nil {
 		d.Metrics().SetDatapath(string(sc.Mode), func() (map[string]uint64, error) { return sc.DP.Totals() })
 	} else {

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -33,7 +34,7 @@ const base = `migration:
   name: web1
   vm: {hypervisor: qemu, qmp_socket: /run/q.sock, disk: /d.raw}
   source: {daemon: "10.1.0.2:7710", address: 10.1.0.2}
-  destination: {daemon: "10.2.0.2:7710", address: 10.2.0.2, disk: /d.raw}
+  destination: {daemon: "10.2.0.2:7710", address: 10.2.0.2, disk: /d.raw, tap: tap-web1}
   network: {old_ip: 10.1.0.10, new_ip: 10.2.0.10, gateway: 10.1.0.1}
   dns: {server: "10.0.3.2:53", zone: example., name: svc.example., tsig_key_file: /k}
 `
@@ -65,8 +66,14 @@ func TestParseErrorsNameKeyAndValue(t *testing.T) {
 			[]string{`migration.vm.hypervisor: "xen" is not one of qemu, virtualbox`}},
 		{"virtualbox needs chunked", "hypervisor: qemu, qmp_socket: /run/q.sock", "hypervisor: virtualbox, name: v",
 			[]string{`migration.storage.mode: "qemu" needs QEMU`}},
-		{"relative disk", "disk: /d.raw}\n  network", "disk: d.raw}\n  network",
+		{"relative disk", "disk: /d.raw,", "disk: d.raw,",
 			[]string{`migration.destination.disk: "d.raw" is not an absolute path`}},
+		{"no tap", ", tap: tap-web1}", "}",
+			[]string{`migration.destination.tap: "" is not an interface name (required for qemu`}},
+		{"long tap", "tap: tap-web1}", "tap: a-sixteen-byte-nm}",
+			[]string{`migration.destination.tap: "a-sixteen-byte-nm" is not an interface name`}},
+		{"relative dest qmp", "tap: tap-web1}", "tap: tap-web1, qmp_socket: q.sock}",
+			[]string{`migration.destination.qmp_socket: "q.sock" is not an absolute path`}},
 		{"bad port", `"10.2.0.2:7710"`, `"10.2.0.2:99999"`,
 			[]string{`migration.destination.daemon: "10.2.0.2:99999": port "99999" is not from 1 to 65535`}},
 		{"name outside zone", "name: svc.example.", "name: svc.other.",
@@ -282,5 +289,27 @@ func TestEffectiveListsEveryKeyWithUnits(t *testing.T) {
 		if got[k] != want {
 			t.Errorf("%s = %q, want %q", k, got[k], want)
 		}
+	}
+}
+
+// TestMarshalMigrationRoundTrips: a spec written by MarshalMigration
+// parses back to the same struct, every key and unit included.
+func TestMarshalMigrationRoundTrips(t *testing.T) {
+	f, err := Parse([]byte(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := f.Migration
+	m.Limits.Bandwidth, m.Storage.ChunkSize, m.Destination.QMPSocket = 90*units.Mbit, 4*units.MiB, "/run/x.qmp"
+	b, err := MarshalMigration(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := Parse(b)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, b)
+	}
+	if !reflect.DeepEqual(back.Migration, m) {
+		t.Errorf("round trip:\n%+v\nwant\n%+v\nfile:\n%s", back.Migration, m, b)
 	}
 }

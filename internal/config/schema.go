@@ -65,15 +65,15 @@ type TLS struct {
 // Migration describes one move of one VM. See configs/migration.yaml.
 type Migration struct {
 	// Name labels the migration in logs, state files and reports.
-	Name        string  `key:"name"`
-	VM          VM      `key:"vm"`
-	Source      Host    `key:"source"`
-	Destination Host    `key:"destination"`
-	Network     Network `key:"network"`
-	DNS         DNS     `key:"dns"`
-	Limits      Limits  `key:"limits"`
-	Storage     Storage `key:"storage"`
-	Health      Health  `key:"health_check"`
+	Name        string      `key:"name"`
+	VM          VM          `key:"vm"`
+	Source      Source      `key:"source"`
+	Destination Destination `key:"destination"`
+	Network     Network     `key:"network"`
+	DNS         DNS         `key:"dns"`
+	Limits      Limits      `key:"limits"`
+	Storage     Storage     `key:"storage"`
+	Health      Health      `key:"health_check"`
 }
 
 // Health is how vmhop decides, after the destination resumes, that the VM
@@ -105,14 +105,38 @@ type VM struct {
 	Disk string `key:"disk"`
 }
 
-// Host is one end of a migration.
-type Host struct {
-	// Daemon is the host:port of vmhopd on that host.
+// Source is the host the VM runs on: the host whose vmhopd is given the
+// spec, which checks that it is this host.
+type Source struct {
+	// Daemon is the host:port of vmhopd on that host (its listen key).
+	Daemon string `key:"daemon"`
+	// Address is the host's WAN address (tunnel endpoint, migration stream):
+	// that vmhopd's own address key.
+	Address netip.Addr `key:"address"`
+}
+
+// Destination is the host the VM moves to, with what is host-specific
+// there: the source's QEMU command line is replayed on it with these
+// paths and devices in place of the source's.
+type Destination struct {
+	// Daemon is the host:port of vmhopd on that host: one of the source
+	// vmhopd's peers (its address key).
 	Daemon string `key:"daemon"`
 	// Address is the host's WAN address (tunnel endpoint, migration stream).
 	Address netip.Addr `key:"address"`
-	// Disk is where the VM's disk lives on that host (destination: where it is written).
+	// Disk is where the VM's disk is written on that host (created there;
+	// an existing file is refused, never truncated).
 	Disk string `key:"disk"`
+	// Tap is the VM's tap device on that host (qemu): vmhopd there creates
+	// it, up, and the destination QEMU uses it in place of the source's.
+	Tap string `key:"tap"`
+	// Bridge, if set, is the bridge on that host the tap joins; "" leaves
+	// the tap alone (the datapath delivers the VM's traffic).
+	Bridge string `key:"bridge"`
+	// QMPSocket is the destination QEMU's QMP socket (qemu); "" means the
+	// same path as vm.qmp_socket. Its pid file and console log, if the
+	// source QEMU has them, go beside it (NAME.pid, NAME.console).
+	QMPSocket string `key:"qmp_socket"`
 }
 
 // Network is the VM's address change.

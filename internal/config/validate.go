@@ -17,6 +17,8 @@ import (
 
 var (
 	nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+	// ifNameRE is a Linux interface name (IFNAMSIZ-1 bytes, no / or space).
+	ifNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$`)
 	// hostRE is a host name as certificates carry it (RFC 1123 labels).
 	hostRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$`)
 )
@@ -102,17 +104,36 @@ func (m *Migration) validate(p string, errs *Errors) {
 	checkAbs(vm+".disk", m.VM.Disk, errs)
 
 	for _, h := range []struct {
-		key string
-		h   Host
-	}{{p + ".source", m.Source}, {p + ".destination", m.Destination}} {
-		checkHostPort(h.key+".daemon", h.h.Daemon, errs)
-		if !h.h.Address.IsValid() {
+		key, daemon string
+		addr        netip.Addr
+	}{{p + ".source", m.Source.Daemon, m.Source.Address}, {p + ".destination", m.Destination.Daemon, m.Destination.Address}} {
+		checkHostPort(h.key+".daemon", h.daemon, errs)
+		if !h.addr.IsValid() {
 			errs.add(h.key+".address", "required: the host's WAN address")
 		} else {
-			checkIPv4Only(h.key+".address", h.h.Address, errs)
+			checkIPv4Only(h.key+".address", h.addr, errs)
 		}
 	}
-	checkAbs(p+".destination.disk", m.Destination.Disk, errs)
+	dst := p + ".destination"
+	checkAbs(dst+".disk", m.Destination.Disk, errs)
+	switch m.VM.Hypervisor {
+	case "qemu":
+		if !ifNameRE.MatchString(m.Destination.Tap) {
+			errs.add(dst+".tap", "%q is not an interface name (required for qemu: the VM's tap on the destination host)", m.Destination.Tap)
+		}
+		if m.Destination.Bridge != "" && !ifNameRE.MatchString(m.Destination.Bridge) {
+			errs.add(dst+".bridge", "%q is not an interface name", m.Destination.Bridge)
+		}
+		if m.Destination.QMPSocket != "" {
+			checkAbs(dst+".qmp_socket", m.Destination.QMPSocket, errs)
+		}
+	case "virtualbox":
+		for _, k := range []struct{ key, v string }{{"tap", m.Destination.Tap}, {"bridge", m.Destination.Bridge}, {"qmp_socket", m.Destination.QMPSocket}} {
+			if k.v != "" {
+				errs.add(dst+"."+k.key, "only for qemu: VirtualBox keeps the VM's own network settings")
+			}
+		}
+	}
 	if m.Source.Address.IsValid() && m.Source.Address == m.Destination.Address {
 		errs.add(p+".destination.address", "%q is the source's address too", m.Destination.Address)
 	}

@@ -106,12 +106,25 @@ func (p *Proc) Pid() int { return p.cmd.Process.Pid }
 // startDaemon starts prog detached (own session, output to logName in the lab
 // dir) inside host's namespace, and reaps it if it exits while we run.
 func (l *Lab) startDaemon(host, logName string, env []string, prog string, args ...string) (*Proc, error) {
+	return l.start(netns.Command(context.Background(), l.NS(host), prog, args...), host, logName, env, prog)
+}
+
+// StartNetOnly starts prog detached in host's network namespace only
+// (netns.CommandNetOnly: it keeps this process's mounts, /sys/fs/bpf
+// among them, for programs that pin BPF objects such as vmhopd), output
+// to logName in the lab's directory. Lab down ends it.
+func (l *Lab) StartNetOnly(host, logName, prog string, args ...string) (*Proc, error) {
+	return l.start(netns.CommandNetOnly(context.Background(), l.NS(host), prog, args...), host, logName, nil, prog)
+}
+
+// start starts cmd (prog in host's namespace) in its own session, output
+// to the lab's file logName, and reaps it if it exits while we run.
+func (l *Lab) start(cmd *exec.Cmd, host, logName string, env []string, prog string) (*Proc, error) {
 	logf, err := os.Create(l.Path(logName))
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close()
-	cmd := netns.Command(context.Background(), l.NS(host), prog, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -153,6 +166,12 @@ func (l *Lab) startWANEm(ctx context.Context) error {
 
 // waitFor polls check until it succeeds, ctx ends or timeout passes, and
 // returns the last error from check in the latter cases.
+// WaitFor calls check until it returns nil, ctx ends or timeout passes
+// (then the last error, wrapped).
+func WaitFor(ctx context.Context, timeout time.Duration, check func() error) error {
+	return waitFor(ctx, timeout, check)
+}
+
 func waitFor(ctx context.Context, timeout time.Duration, check func() error) error {
 	deadline := time.Now().Add(timeout)
 	for {

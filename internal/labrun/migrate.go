@@ -2,18 +2,22 @@ package labrun
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
+	"os"
 	"strings"
 	"time"
 
+	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/guest"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 )
 
 // Outcome is a lab migration with what the client saw and what the guest
@@ -134,13 +138,31 @@ func later(a, b time.Time) time.Time {
 	return b
 }
 
-// Migrate moves the lab's guest from site A to B under spec while a client
-// load runs against it (see Load) and tcpdump captures the client's
-// interface; then it asks the guest whether it survived intact
-// (CheckGuest) and drains the redirect. The error is the migration's, or
-// the guest check's (the guest did not survive: an aborted exit).
+// Migrate moves the lab's guest from site A to B under spec, through the
+// sites' vmhopd daemons (started if they do not run: Lab.StartDaemons),
+// while a client load runs against it (see Load) and tcpdump captures the
+// client's interface; then it asks the guest whether it survived intact
+// (CheckGuest) while site A's vmhopd drains the redirect. The error is
+// the migration's (its exit code kept: migrator.ExitCode), or the guest
+// check's (the guest did not survive: an aborted exit).
 func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger) (Outcome, error) {
 	return MigrateUnder(ctx, l, spec, log, &Load{})
+}
+
+// SpecFor is spec as it applies to l's guest vm moving from site A to
+// site B as machine dm: the VM's QMP socket and disk, the sites'
+// daemons and addresses, the destination's disk, tap and QMP socket are
+// the lab's; the TSIG key file is the lab's when spec's does not exist.
+func SpecFor(l *lab.Lab, vm *lab.VM, dm qemu.Machine, spec *config.Migration) *config.Migration {
+	s := *spec
+	s.VM.QMPSocket, s.VM.Disk = vm.Machine.QMPSocket, vm.Machine.Disk
+	s.Source.Daemon, s.Source.Address = DaemonAddr(lab.SiteA), lab.HostA
+	s.Destination.Daemon, s.Destination.Address = DaemonAddr(lab.SiteB), lab.HostB
+	s.Destination.Disk, s.Destination.Tap, s.Destination.QMPSocket = dm.Disk, dm.Tap, dm.QMPSocket
+	if _, err := os.Stat(s.DNS.TSIGKeyFile); err != nil {
+		s.DNS.TSIGKeyFile = l.KeyFile()
+	}
+	return &s
 }
 
 // MigrateUnder is Migrate with the client load shaped by shape (its
@@ -165,19 +187,19 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 	if err != nil {
 		return out, fmt.Errorf("guest status at site A: %w", err)
 	}
-	p, err := Plan(ctx, l, vm, spec, log)
+	if !DaemonsRunning(ctx, l) {
+		if err := StartDaemons(ctx, l); err != nil {
+			return out, fmt.Errorf("lab %s: start vmhopd on both sites: %w", l.Name, err)
+		}
+	}
+	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
 	if err != nil {
 		return out, err
 	}
-	if out.Preflight, err = migrator.Check(ctx, p); err != nil {
+	specYAML, err := config.MarshalMigration(SpecFor(l, vm, dm, spec))
+	if err != nil {
 		return out, err
 	}
-	level := slog.LevelInfo
-	if out.Preflight.DNSWait > time.Minute {
-		level = slog.LevelWarn // a long wait should not surprise the operator
-	}
-	log.Log(ctx, level, "preflight: dns-prepare waits out the old TTL; the redirect stays at least as long as the low TTL after the flip",
-		"dns_wait", out.Preflight.DNSWait, "cached_after_flip", out.Preflight.DNSCachedFor)
 	capture, err := StartCapture(l, l.Path("client.pcap"), EchoPort)
 	if err != nil {
 		return out, err
@@ -185,39 +207,92 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
 		Conns: shape.Conns, EchoEvery: shape.EchoEvery, HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery}
 	lctx, stop := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() { load.Run(lctx); close(done) }()
+	loadDone := make(chan struct{})
+	go func() { load.Run(lctx); close(loadDone) }()
 	time.Sleep(time.Second)
 
+	// The operator's part: hand the spec to site A's vmhopd and follow it.
 	out.Start = time.Now()
-	out.Report, err = migrator.Run(ctx, p)
+	lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
+	id, err := lc.Migrate(ctx, specYAML)
+	moved := make(chan daemon.JobReport, 1)
+	type followed struct {
+		res *daemon.Result
+		err error
+	}
+	ended := make(chan followed, 1)
+	if err == nil {
+		log.Info("vmhopd at site A runs the migration", "id", id)
+		go func() {
+			res, err := lc.Follow(ctx, id, func(ev daemon.Event) error {
+				log.Info("vmhopd: "+ev.Message, "phase", ev.Phase)
+				var jr daemon.JobReport
+				if ev.Phase == daemon.PhaseDrain && json.Unmarshal(ev.Data, &jr) == nil {
+					moved <- jr
+				}
+				return nil
+			})
+			ended <- followed{res, err}
+		}()
+	} else {
+		ended <- followed{nil, err}
+	}
+	var fin *followed
+	var jr daemon.JobReport
+	select {
+	case jr = <-moved:
+	case f := <-ended:
+		fin = &f
+	}
 	time.Sleep(3 * time.Second) // the clients keep talking to the moved VM
 	stop()
-	<-done
+	<-loadDone
 	byPort, total, cerr := capture.StopByPort(EchoPort)
 	out.Captured = total
 	out.Client = load.View(byPort)
+	if fin == nil {
+		// Moved: the guest's account while site A's vmhopd drains.
+		out.Guest = CheckGuest(ctx, l, lab.NewIP, before)
+		l.MoveVM(vm.Machine.Name, dm, lab.SiteB)
+		f := <-ended
+		fin = &f
+	}
+	err = fin.err
+	if err == nil {
+		err = resultErr(fin.res)
+		if len(fin.res.Report) > 0 {
+			json.Unmarshal(fin.res.Report, &jr)
+		}
+	}
+	out.Report, out.Preflight, out.Drained = jr.Migration, jr.Preflight, time.Duration(jr.DrainedMS)*time.Millisecond
 	if err == nil && cerr != nil {
 		err = cerr
 	}
-	if err == nil || errors.Is(err, migrator.ErrUnhealthy) {
+	if errors.Is(err, migrator.ErrUnhealthy) {
 		out.Guest = CheckGuest(ctx, l, lab.NewIP, before)
-		if err == nil && !out.Guest.OK() {
-			err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
-		}
 	}
-	if err == nil {
-		l.MoveVM(vm.Machine.Name, QEMU(p).DestMachine(), lab.SiteB)
-		out.Drained, err = migrator.Drain(ctx, p)
-		if err != nil {
-			err = fmt.Errorf("%w: drain: %w", migrator.ErrFollowUp, err)
-		}
+	if err == nil && !out.Guest.OK() {
+		err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
 	}
 	if err != nil {
 		out.Err = err.Error()
 	}
 	out.Exit = migrator.ExitCode(err)
 	return out, err
+}
+
+// resultErr is a finished job's error as the migration core names it, so
+// migrator.ExitCode and errors.Is see what vmhopd saw.
+func resultErr(r *daemon.Result) error {
+	switch {
+	case r.OK:
+		return nil
+	case r.ExitCode == migrator.ExitUnhealthy:
+		return fmt.Errorf("%w (vmhopd: %s)", migrator.ErrUnhealthy, r.Error)
+	case r.ExitCode == migrator.ExitFollowUp:
+		return fmt.Errorf("%w (vmhopd: %s)", migrator.ErrFollowUp, r.Error)
+	}
+	return fmt.Errorf("vmhopd: migration %s: %s", r.ID, r.Error)
 }
 
 // CheckGuest asks the guest at ip (from the client) for its account after

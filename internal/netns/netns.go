@@ -154,6 +154,14 @@ func Command(ctx context.Context, name, prog string, args ...string) *exec.Cmd {
 	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", name, prog}, args...)...)
 }
 
+// CommandNetOnly is Command entering only the network namespace (nsenter
+// --net): the program keeps this process's mounts, /sys/fs/bpf among
+// them, where `ip netns exec` would remount /sys for the namespace (and
+// lose bpffs). For programs that pin BPF objects (vmhopd).
+func CommandNetOnly(ctx context.Context, name, prog string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + Path(name), "--", prog}, args...)...)
+}
+
 // Run runs prog in the namespace and returns its combined output; the error
 // carries the output so a failing step says why.
 func Run(ctx context.Context, name, prog string, args ...string) (string, error) {

@@ -85,7 +85,8 @@ type HostMap struct {
 	// (destination.disk). A disk without an entry is an error.
 	Disks map[string]string
 	// Taps maps each source tap (-netdev tap,ifname=) to the
-	// destination's (destination.tap); Bridge replaces the bridge of
+	// destination's (destination.tap); the key "" maps a VM's only tap,
+	// whatever its name (a second tap is then an error). Bridge replaces the bridge of
 	// -netdev bridge,br= (destination.bridge). An unmapped one is an error.
 	Taps   map[string]string
 	Bridge string
@@ -278,6 +279,11 @@ func (a *Adopted) mapNet(val string, m HostMap) (string, error) {
 		}
 		a.Taps = append(a.Taps, tap)
 		to, ok := m.Taps[tap]
+		if !ok && len(a.Taps) == 1 {
+			to, ok = m.Taps[""] // the VM's only tap
+		} else if !ok && m.Taps[""] != "" {
+			return "", fmt.Errorf("adopt: -netdev: tap %q is the VM's second: destination.tap maps one tap only", tap)
+		}
 		if !ok || to == "" {
 			return "", fmt.Errorf("adopt: -netdev: tap %q has no destination tap (destination.tap)", tap)
 		}

@@ -151,6 +151,8 @@ func TestDestinationArgsErrors(t *testing.T) {
 			`tap "tap-vm" has no destination tap (destination.tap)`},
 		{"no qmp socket", argv, HostMap{Disks: map[string]string{src.Disk: "/b"}, Taps: map[string]string{"tap-vm": "t"}},
 			"no destination QMP socket"},
+		{"second tap by the only-tap key", []string{"qemu", "-netdev", "tap,id=n0,ifname=a", "-netdev", "tap,id=n1,ifname=b"},
+			HostMap{Taps: map[string]string{"": "t"}}, `tap "b" is the VM's second: destination.tap maps one tap only`},
 		{"tap by fd", []string{"qemu", "-netdev", "tap,id=n0,fd=23"}, HostMap{},
 			"a tap passed by file descriptor cannot be mapped"},
 		{"bridge", []string{"qemu", "-netdev", "bridge,id=n0,br=virbr0"}, HostMap{},
@@ -161,6 +163,19 @@ func TestDestinationArgsErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: err = %v, want %q", c.name, err, c.want)
 		}
+	}
+}
+
+// TestDestinationArgsOnlyTap: the key "" maps a VM's only tap, whatever
+// its name (the spec's destination.tap does not know the source's).
+func TestDestinationArgsOnlyTap(t *testing.T) {
+	a, err := DestinationArgs([]string{"qemu", "-netdev", "tap,id=n0,ifname=vnet7,script=no"},
+		HostMap{Taps: map[string]string{"": "web1"}, QMPSocket: "/q"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(a.Args, "tap,id=n0,ifname=web1,script=no") || !slices.Equal(a.Taps, []string{"vnet7"}) {
+		t.Errorf("args %q, taps %v", a.Args, a.Taps)
 	}
 }
 

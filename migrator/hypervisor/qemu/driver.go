@@ -43,6 +43,7 @@ type Config struct {
 	// names the destination (Name, QMPSocket). Unset: Dest.Args().
 	DestArgs   []string
 	DestListen netip.AddrPort // where the destination listens for the stream (host B's WAN address)
+	DestTaps   []Tap          // taps the destination host makes for DestArgs (IncomingStart.Taps)
 	Launcher   Launcher       // starts the destination QEMU (for a LocalIncoming)
 	// Incoming is the destination host's half (vmhopd on host B);
 	// nil: a LocalIncoming with Launcher, in this process.
@@ -96,7 +97,7 @@ func (d *Driver) PrepareDestination(ctx context.Context) error {
 		}
 	}
 	req := IncomingStart{Name: m.Name, Program: "qemu-system-x86_64", Args: args, QMPSocket: m.QMPSocket,
-		Listen: d.cfg.DestListen, Multifd: d.cfg.Multifd}
+		Listen: d.cfg.DestListen, Multifd: d.cfg.Multifd, Taps: d.cfg.DestTaps}
 	if d.cfg.TLS != nil {
 		if len(d.cfg.TLS.Key) < 16 {
 			return errors.New("prepare destination: TLS PSK shorter than 16 bytes")

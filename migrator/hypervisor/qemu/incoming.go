@@ -52,10 +52,20 @@ type IncomingStart struct {
 	QMPSocket string         `json:"qmp_socket"` // the one Args names
 	Listen    netip.AddrPort `json:"listen"`     // where the stream arrives (the WAN address)
 	Multifd   int            `json:"multifd,omitempty"`
+	// Taps are the tap devices Args name, for the destination host to
+	// create (up, in their bridge) before QEMU starts and remove if the
+	// migration fails. LocalIncoming leaves them to its caller.
+	Taps []Tap `json:"taps,omitempty"`
 	// PSK, if set, is the stream's per-migration key (tls-creds-psk,
 	// endpoint server): the source made it and hands it over; the host
 	// stores it 0600 in PSK.Dir and deletes it at Stop.
 	PSK *PSKSecret `json:"psk,omitempty"`
+}
+
+// Tap is a tap device of the destination VM (migration.destination.tap).
+type Tap struct {
+	Name   string `json:"name"`
+	Bridge string `json:"bridge,omitempty"` // "" leaves it out of any bridge
 }
 
 // PSKSecret is a per-migration TLS pre-shared key as it crosses to the

@@ -1,0 +1,212 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+
+	"github.com/vmhop/vmhop/migrator"
+)
+
+// incomingRecord is what this host holds for an incoming migration that
+// has not landed: written durably (RecordFile) before each thing is made,
+// so a vmhopd killed mid-migration and restarted removes it all
+// (HostWork.RecoverIncoming) — the destination QEMU, its taps, its
+// secrets, the image it created, its datapath entries — and the VM runs
+// on at the source (whose undo, or recovery, resumes it there).
+type incomingRecord struct {
+	Name    string            `json:"name,omitempty"`
+	PID     int               `json:"pid,omitempty"` // the destination QEMU
+	Taps    []string          `json:"taps,omitempty"`
+	PSKDir  string            `json:"psk_dir,omitempty"`
+	Image   string            `json:"image,omitempty"` // created here (CreateImage)
+	OldIP   netip.Addr        `json:"old_ip,omitzero"` // the VM entry (AttachVM)
+	NewIP   netip.Addr        `json:"new_ip,omitzero"`
+	Tunnels []migrator.Tunnel `json:"tunnels,omitempty"`
+}
+
+func (r *incomingRecord) empty() bool {
+	return r.PID == 0 && len(r.Taps) == 0 && r.PSKDir == "" && r.Image == "" && !r.OldIP.IsValid() && len(r.Tunnels) == 0
+}
+
+// RecordFile is where the incoming migration's record lives.
+func (w *HostWork) RecordFile() string { return filepath.Join(w.StateDir, "incoming", "current.json") }
+
+// record changes the record under w.recMu and writes it (temp, fsync,
+// rename, fsync the directory) or removes it once empty.
+func (w *HostWork) record(change func(r *incomingRecord)) error {
+	w.recMu.Lock()
+	defer w.recMu.Unlock()
+	change(&w.rec)
+	path := w.RecordFile()
+	if w.rec.empty() {
+		w.rec = incomingRecord{}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	b, err := json.Marshal(w.rec)
+	if err != nil {
+		return err
+	}
+	return writeDurable(path, b)
+}
+
+// writeDurable replaces path with b so that a crash leaves the old or the
+// new content, never a mix: temp file, fsync, rename, fsync the directory.
+func writeDurable(path string, b []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(dir, ".tmp-*")
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// RecoverIncoming removes what an incoming migration left when the
+// vmhopd that served it died before it landed or was aborted (the
+// record in RecordFile), and says what it removed. Call it at start,
+// before serving peers, with the datapath in place.
+func (w *HostWork) RecoverIncoming(ctx context.Context) ([]string, error) {
+	b, err := os.ReadFile(w.RecordFile())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var r incomingRecord
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("%s: %w", w.RecordFile(), err)
+	}
+	var done []string
+	var errs []error
+	if r.PID > 0 && isQEMU(r.PID) {
+		if err := syscall.Kill(r.PID, syscall.SIGKILL); err == nil {
+			done = append(done, fmt.Sprintf("killed destination QEMU %d (%s)", r.PID, r.Name))
+		}
+	}
+	for _, t := range r.Taps {
+		if err := removeTap(t); err != nil {
+			errs = append(errs, err)
+		} else {
+			done = append(done, "removed tap "+t)
+		}
+	}
+	if r.PSKDir != "" {
+		os.RemoveAll(r.PSKDir)
+		done = append(done, "removed secrets "+r.PSKDir)
+	}
+	if r.OldIP.IsValid() || r.Image != "" {
+		if r.Image != "" {
+			w.Host.MarkCreated(r.Image) // the record has it only if CreateImage made it here
+		}
+		if err := w.Host.Abort(ctx, migrator.DestAbort{OldIP: r.OldIP, NewIP: r.NewIP, Image: r.Image}); err != nil {
+			errs = append(errs, err)
+		} else {
+			done = append(done, fmt.Sprintf("removed the VM entry %s/%s and image %q", r.OldIP, r.NewIP, r.Image))
+		}
+	}
+	for _, t := range r.Tunnels {
+		if err := w.Host.RetireTunnel(ctx, t); err != nil {
+			errs = append(errs, err)
+		} else {
+			done = append(done, "retired the tunnel to "+t.Peer.String())
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return done, err
+	}
+	return done, os.Remove(w.RecordFile())
+}
+
+// isQEMU says whether pid runs a QEMU (a recycled pid is left alone).
+func isQEMU(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	argv := strings.Split(string(b), "\x00")
+	return len(argv) > 0 && strings.Contains(filepath.Base(argv[0]), "qemu")
+}
+
+// recordingDest is the host's migrator.Destination as peers call it: each
+// call is recorded (incomingRecord) before it acts and cleared once undone.
+type recordingDest struct{ w *HostWork }
+
+var _ migrator.Destination = recordingDest{}
+
+func (d recordingDest) PrepareDestination(ctx context.Context, req migrator.DestPrepare) error {
+	if err := d.w.record(func(r *incomingRecord) { r.Tunnels = append(r.Tunnels, req.Tunnel) }); err != nil {
+		return err
+	}
+	return d.w.Host.PrepareDestination(ctx, req)
+}
+
+func (d recordingDest) CreateImage(ctx context.Context, req migrator.ImageCreate) error {
+	if err := d.w.Host.CreateImage(ctx, req); err != nil {
+		return err // refused (it exists) or not made: nothing to record
+	}
+	return d.w.record(func(r *incomingRecord) { r.Image = req.Path })
+}
+
+func (d recordingDest) AttachVM(ctx context.Context, req migrator.VMAttach) error {
+	if err := d.w.record(func(r *incomingRecord) { r.OldIP, r.NewIP = req.OldIP, req.NewIP }); err != nil {
+		return err
+	}
+	return d.w.Host.AttachVM(ctx, req)
+}
+
+func (d recordingDest) HashImage(ctx context.Context, req migrator.HashRequest) (migrator.Digests, error) {
+	return d.w.Host.HashImage(ctx, req)
+}
+
+func (d recordingDest) HeldAddrs(ctx context.Context, req migrator.AddrQuery) (migrator.HeldAddrs, error) {
+	return d.w.Host.HeldAddrs(ctx, req)
+}
+
+func (d recordingDest) RetireTunnel(ctx context.Context, req migrator.Tunnel) error {
+	if err := d.w.Host.RetireTunnel(ctx, req); err != nil {
+		return err
+	}
+	return d.w.record(func(r *incomingRecord) {
+		r.Tunnels = slices.DeleteFunc(r.Tunnels, func(t migrator.Tunnel) bool { return t == req })
+	})
+}
+
+func (d recordingDest) Abort(ctx context.Context, req migrator.DestAbort) error {
+	if err := d.w.Host.Abort(ctx, req); err != nil {
+		return err
+	}
+	return d.w.record(func(r *incomingRecord) { r.Image, r.OldIP, r.NewIP = "", netip.Addr{}, netip.Addr{} })
+}

@@ -1,0 +1,187 @@
+package labrun
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vmhop/vmhop/daemon"
+	"github.com/vmhop/vmhop/daemon/pki"
+	"github.com/vmhop/vmhop/internal/lab"
+)
+
+// The lab runs the product as two hosts would: a vmhopd in each site's
+// namespace, as its own process, with its own config file, key and
+// certificate (signed by the lab's CA), its datapath on the site's
+// uplink; what configs/vmhopd.service would run on a host.
+
+// DaemonPort is the port of each site's vmhopd peer API.
+const DaemonPort = 7710
+
+// daemonSites are the sites that run a vmhopd, with their WAN addresses.
+var daemonSites = []struct {
+	site string
+	addr netip.Addr
+}{{lab.SiteA, lab.HostA}, {lab.SiteB, lab.HostB}}
+
+// DaemonName is the name of site's vmhopd: its certificate's DNS name.
+func DaemonName(site string) string { return strings.ToLower(site) + ".lab.vmhop" }
+
+// DaemonAddr is the host:port of site's vmhopd peer API.
+func DaemonAddr(site string) string {
+	for _, s := range daemonSites {
+		if s.site == site {
+			return netip.AddrPortFrom(s.addr, DaemonPort).String()
+		}
+	}
+	return ""
+}
+
+// DaemonSocket is the local API socket of site's vmhopd (vmhop --socket).
+func DaemonSocket(l *lab.Lab, site string) string { return l.Path("vmhopd-" + site + ".sock") }
+
+// DaemonConfig is the config file of site's vmhopd.
+func DaemonConfig(l *lab.Lab, site string) string { return l.Path("vmhopd-" + site + ".yaml") }
+
+// DaemonStateDir is site's vmhopd.state_dir.
+func DaemonStateDir(l *lab.Lab, site string) string { return l.Path("vmhopd-" + site) }
+
+// DaemonsRunning says whether both sites' vmhopd answer on their sockets.
+func DaemonsRunning(ctx context.Context, l *lab.Lab) bool {
+	for _, s := range daemonSites {
+		ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := daemon.NewLocalClient(DaemonSocket(l, s.site)).Status(ctx)
+		cancel()
+		if err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// StartDaemons writes a CA, a key and certificate per site, and each
+// site's vmhopd config, then starts vmhopd in each site's namespace and
+// waits until both answer on their sockets and see each other. The
+// vmhopd binary is $VMHOPD, else vmhopd beside this program, else built
+// from this module (go build) into the lab's directory.
+func StartDaemons(ctx context.Context, l *lab.Lab) error {
+	bin, err := vmhopdBinary(ctx, l)
+	if err != nil {
+		return err
+	}
+	ca, err := pki.NewCA("vmhop lab "+l.Name, 7*24*time.Hour)
+	if err != nil {
+		return err
+	}
+	pkiDir := l.Path("pki")
+	if err := os.MkdirAll(pkiDir, 0o700); err != nil {
+		return err
+	}
+	caFile := filepath.Join(pkiDir, "ca.pem")
+	if err := os.WriteFile(caFile, ca.CertPEM(), 0o644); err != nil {
+		return err
+	}
+	var procs []*lab.Proc
+	for _, s := range daemonSites {
+		cert, key, err := ca.Issue(DaemonName(s.site), []netip.Addr{s.addr}, 7*24*time.Hour)
+		if err != nil {
+			return err
+		}
+		certFile, keyFile := filepath.Join(pkiDir, s.site+".pem"), filepath.Join(pkiDir, s.site+"-key.pem")
+		if err := os.WriteFile(certFile, cert, 0o644); err != nil {
+			return err
+		}
+		if err := os.WriteFile(keyFile, key, 0o600); err != nil {
+			return err
+		}
+		var peers strings.Builder
+		for _, o := range daemonSites {
+			if o.site != s.site {
+				fmt.Fprintf(&peers, "    - name: %s\n      address: %s\n", DaemonName(o.site), DaemonAddr(o.site))
+			}
+		}
+		conf := fmt.Sprintf(`# vmhopd of lab %s, %s (written by the lab; what /etc/vmhop/vmhopd.yaml is on a host)
+vmhopd:
+  name: %s
+  listen: %s
+  socket: %s
+  peers:
+%s  state_dir: %s
+  uplink: %s
+  address: %s
+  datapath: ebpf
+  bpffs: %s
+  tls:
+    cert: %s
+    key: %s
+    ca: %s
+  log_level: info
+  metrics_listen: 127.0.0.1:9710
+`, l.Name, s.site, DaemonName(s.site), DaemonAddr(s.site), DaemonSocket(l, s.site), peers.String(),
+			DaemonStateDir(l, s.site), lab.Uplink, s.addr, l.PinDir(s.site), certFile, keyFile, caFile)
+		if err := os.WriteFile(DaemonConfig(l, s.site), []byte(conf), 0o644); err != nil {
+			return err
+		}
+		p, err := l.StartNetOnly(s.site, "vmhopd-"+s.site+".log", bin, "-config", DaemonConfig(l, s.site))
+		if err != nil {
+			return err
+		}
+		procs = append(procs, p)
+	}
+	return lab.WaitFor(ctx, 20*time.Second, func() error {
+		for i, s := range daemonSites {
+			if isDone(procs[i].Exited()) {
+				log, _ := os.ReadFile(l.Path("vmhopd-" + s.site + ".log"))
+				return fmt.Errorf("vmhopd at %s exited: %s", s.site, bytes.TrimSpace(log))
+			}
+			peers, err := daemon.NewLocalClient(DaemonSocket(l, s.site)).Peers(ctx)
+			if err != nil {
+				return fmt.Errorf("vmhopd at %s: %w (see %s)", s.site, err, l.Path("vmhopd-"+s.site+".log"))
+			}
+			for _, p := range peers {
+				if !p.Authenticated {
+					return fmt.Errorf("vmhopd at %s: peer %s: %s", s.site, p.Name, p.Error)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// vmhopdBinary finds or builds the vmhopd the lab runs.
+func vmhopdBinary(ctx context.Context, l *lab.Lab) (string, error) {
+	if b := os.Getenv("VMHOPD"); b != "" {
+		return b, nil
+	}
+	if exe, err := os.Executable(); err == nil {
+		if b := filepath.Join(filepath.Dir(exe), "vmhopd"); isExecutable(b) {
+			return b, nil
+		}
+	}
+	b := l.Path("vmhopd")
+	out, err := exec.CommandContext(ctx, "go", "build", "-o", b, "github.com/vmhop/vmhop/cmd/vmhopd").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("build vmhopd for the lab (or set VMHOPD): %w: %s", err, out)
+	}
+	return b, nil
+}
+
+func isExecutable(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0
+}
+
+func isDone(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
