@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"io"
@@ -265,5 +266,88 @@ func TestIncomingWatchEndsWithThePeer(t *testing.T) {
 	case <-in.Exited():
 	case <-time.After(10 * time.Second):
 		t.Fatal("Exited did not close when the destination's daemon went away")
+	}
+}
+
+// TestChunkedEngineWithHostIdentities: with host TLS, each end of a disk
+// stream proves its own host identity: site-b serves with its peer
+// API's certificate and admits site-a's; a site-a certificate from
+// another CA is refused in the handshake and nothing is written.
+func TestChunkedEngineWithHostIdentities(t *testing.T) {
+	ca := newTestCA(t)
+	ds := &storage.LocalDiskServer{}
+	b := start(t, ca.config(t, "site-b", "site-a=127.0.0.1:1"), Options{}, func(a *PeerAPI) {
+		ServeDiskServer(a, ds)
+	})
+	ds.TLS = b.HostServerTLS()
+	a, err := New(ca.config(t, "site-a", "site-b="+b.PeerAddr().String()), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := a.Peer("site-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, clientTLS, err := a.StreamTLS("site-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "a.raw")
+	data := make([]byte, 4<<20)
+	rand.Read(data[1<<20 : 3<<20])
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sync := func(dst string, tlsc *tls.Config) error {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		var d net.Dialer
+		s := &storage.ChunkedSync{
+			Source: storage.ChunkedSource{Path: src, Chunk: storage.DigestChunk}, Dest: storage.ChunkedDest{Path: dst},
+			DialSource: d.DialContext, DestWAN: addr, Server: RemoteDiskServer{Peer: c}, TLS: tlsc, MaxRounds: 1,
+			Stall: 2 * time.Second,
+		}
+		ctx := context.Background()
+		if err := s.Start(ctx); err != nil {
+			return err
+		}
+		defer s.Close()
+		if err := s.Converge(ctx, nil); err != nil {
+			return err
+		}
+		_, err = s.Final(ctx)
+		return err
+	}
+	good := filepath.Join(dir, "b.raw")
+	if err := sync(good, clientTLS); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(good); !bytes.Equal(got, data) {
+		t.Fatal("the image at site-b differs")
+	}
+	// site-a's name, another CA's signature.
+	other := newTestCA(t)
+	impostor, err := New(other.config(t, "site-a", "site-b="+b.PeerAddr().String()), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, badTLS, err := impostor.StreamTLS("site-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	badTLS.RootCAs = clientTLS.RootCAs // it trusts site-b: only its own certificate is wrong
+	bad := filepath.Join(dir, "c.raw")
+	if err := sync(bad, badTLS); err == nil {
+		t.Fatal("a client certificate from another CA was admitted to the disk stream")
+	}
+	if st, err := os.Stat(bad); err == nil && st.Size() > 0 {
+		if got, _ := os.ReadFile(bad); bytes.Contains(got, data[1<<20:1<<20+4096]) {
+			t.Error("data reached site-b's image through a refused stream")
+		}
 	}
 }

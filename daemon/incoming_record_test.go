@@ -3,10 +3,10 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"net/http"
 	"testing"
 	"time"
 

@@ -192,6 +192,12 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		// state_dir until the stream is done.
 		TLS: &qemu.PSK{Username: "vmhop", Key: key, SourceDir: filepath.Join(dir, "psk")},
 	})
+	// Each end of a disk stream proves its own host identity: A with its
+	// certificate, B with its own, each checked for the other's name.
+	_, streamTLS, err := s.D.StreamTLS(peerName)
+	if err != nil {
+		return nil, cleanup, err
+	}
 	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	dest := RemoteDestination{Peer: peer}
 	disks := RemoteDiskServer{Peer: peer}
@@ -211,6 +217,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
 			Relay: &storage.Relay{
 				DialSource: dialer.DialContext,
+				TLS:        streamTLS,
 				Server:     disks,
 				DestWAN:    netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String(),
 				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
@@ -243,6 +250,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			Dest:       storage.ChunkedDest{Path: spec.Destination.Disk},
 			Server:     disks,
 			DialSource: dialer.DialContext,
+			TLS:        streamTLS,
 			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String(),
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,

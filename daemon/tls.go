@@ -111,6 +111,16 @@ func (h *hostTLS) client(name string) *tls.Config {
 	}
 }
 
+// HostServerTLS is the server TLS of this host's peer API (nil without
+// tls): only configured peers' certificates from the CA get in. The
+// destination ends of disk streams use it (storage.LocalDiskServer.TLS).
+func (d *Daemon) HostServerTLS() *tls.Config {
+	if d.tls == nil {
+		return nil
+	}
+	return d.tls.server()
+}
+
 // StreamTLS returns the TLS configs of a data stream between this host and
 // configured peer (the disk stream, a migration relay): each end proves
 // its own host identity with its certificate. The server side requires a

@@ -106,6 +106,7 @@ func run() error {
 	}
 	defer sc.Close()
 	sm.D = d
+	work.Disks.TLS = d.HostServerTLS()
 	work.Register(d.PeerAPI())
 	if sc.DP != nil {
 		host.UseDatapath(sc.DP)

@@ -71,10 +71,6 @@ func DaemonsRunning(ctx context.Context, l *lab.Lab) bool {
 // vmhopd binary is $VMHOPD, else vmhopd beside this program, else built
 // from this module (go build) into the lab's directory.
 func StartDaemons(ctx context.Context, l *lab.Lab) error {
-	bin, err := vmhopdBinary(ctx, l)
-	if err != nil {
-		return err
-	}
 	ca, err := pki.NewCA("vmhop lab "+l.Name, 7*24*time.Hour)
 	if err != nil {
 		return err
@@ -87,7 +83,6 @@ func StartDaemons(ctx context.Context, l *lab.Lab) error {
 	if err := os.WriteFile(caFile, ca.CertPEM(), 0o644); err != nil {
 		return err
 	}
-	var procs []*lab.Proc
 	for _, s := range daemonSites {
 		cert, key, err := ca.Issue(DaemonName(s.site), []netip.Addr{s.addr}, 7*24*time.Hour)
 		if err != nil {
@@ -128,21 +123,17 @@ vmhopd:
 		if err := os.WriteFile(DaemonConfig(l, s.site), []byte(conf), 0o644); err != nil {
 			return err
 		}
-		p, err := l.StartNetOnly(s.site, "vmhopd-"+s.site+".log", bin, "-config", DaemonConfig(l, s.site))
-		if err != nil {
+	}
+	for _, s := range daemonSites {
+		if err := StartDaemon(ctx, l, s.site); err != nil {
 			return err
 		}
-		procs = append(procs, p)
 	}
 	return lab.WaitFor(ctx, 20*time.Second, func() error {
-		for i, s := range daemonSites {
-			if isDone(procs[i].Exited()) {
-				log, _ := os.ReadFile(l.Path("vmhopd-" + s.site + ".log"))
-				return fmt.Errorf("vmhopd at %s exited: %s", s.site, bytes.TrimSpace(log))
-			}
+		for _, s := range daemonSites {
 			peers, err := daemon.NewLocalClient(DaemonSocket(l, s.site)).Peers(ctx)
 			if err != nil {
-				return fmt.Errorf("vmhopd at %s: %w (see %s)", s.site, err, l.Path("vmhopd-"+s.site+".log"))
+				return fmt.Errorf("vmhopd at %s: %w", s.site, err)
 			}
 			for _, p := range peers {
 				if !p.Authenticated {
@@ -151,6 +142,37 @@ vmhopd:
 			}
 		}
 		return nil
+	})
+}
+
+// StartDaemon starts site's vmhopd from the config StartDaemons wrote
+// (in the site's network namespace only, as its own process: it pins its
+// datapath in the host's /sys/fs/bpf) and waits until it answers on its
+// socket. Its output goes to vmhopd-SITE.log in the lab's directory (a
+// restarted one's to vmhopd-SITE-N.log).
+func StartDaemon(ctx context.Context, l *lab.Lab, site string) error {
+	bin, err := vmhopdBinary(ctx, l)
+	if err != nil {
+		return err
+	}
+	logName := "vmhopd-" + site + ".log"
+	for n := 2; ; n++ {
+		if _, err := os.Stat(l.Path(logName)); err != nil {
+			break
+		}
+		logName = fmt.Sprintf("vmhopd-%s-%d.log", site, n)
+	}
+	p, err := l.StartNetOnly(site, logName, bin, "-config", DaemonConfig(l, site))
+	if err != nil {
+		return err
+	}
+	return lab.WaitFor(ctx, 20*time.Second, func() error {
+		if isDone(p.Exited()) {
+			log, _ := os.ReadFile(l.Path(logName))
+			return fmt.Errorf("vmhopd at %s exited: %s", site, bytes.TrimSpace(log))
+		}
+		_, err := daemon.NewLocalClient(DaemonSocket(l, site)).Status(ctx)
+		return err
 	})
 }
 

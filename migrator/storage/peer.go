@@ -45,6 +45,26 @@ func (p *peerTLS) identity() (Identity, error) {
 	}, nil
 }
 
+// empty says whether id carries nothing: the ends then prove their own
+// host identities (Relay.TLS, ChunkedSync.TLS, LocalDiskServer.TLS).
+func (id Identity) empty() bool { return len(id.CertPEM) == 0 && len(id.KeyPEM) == 0 }
+
+// serverTLS is the destination end's TLS for a request carrying id: the
+// per-migration identity's, or the host's own (host) when id is empty.
+func (id Identity) serverTLS(host *tls.Config) (*tls.Config, error) {
+	if id.empty() {
+		if host == nil {
+			return nil, errors.New("storage identity: none in the request, and this host has no TLS of its own")
+		}
+		return host, nil
+	}
+	p, err := id.peerTLS()
+	if err != nil {
+		return nil, err
+	}
+	return p.server(), nil
+}
+
 // peerTLS imports id.
 func (id Identity) peerTLS() (*peerTLS, error) {
 	if len(id.CertPEM) == 0 || len(id.KeyPEM) == 0 {

@@ -49,6 +49,12 @@ type Relay struct {
 	DestWAN    string // host:port the destination end listens on
 	DestNBD    string // host:port of the destination QEMU's NBD server (local to it)
 	SourceSock string // unix socket the source QEMU connects to
+	// TLS, if set, is the source end's TLS with its host identity
+	// (vmhopd: Daemon.StreamTLS's client side, the destination's
+	// certificate checked for its name); the destination end then proves
+	// its own (LocalDiskServer.TLS). nil: both ends hold a per-migration
+	// Identity made here and sent with ServeRelay.
+	TLS *tls.Config
 	// Limiter, if set, paces the bytes to the destination (shared with the
 	// memory stream's budget by the migrator).
 	Limiter *rate.Limiter
@@ -97,13 +103,15 @@ func (r *Relay) Written() ([]uint64, bool) { return r.tracker.snapshot() }
 
 // Start listens at both ends and opens the TLS connection in advance.
 func (r *Relay) Start(ctx context.Context) error {
-	var err error
-	if r.peer, err = newPeerTLS(); err != nil {
-		return err
-	}
-	id, err := r.peer.identity()
-	if err != nil {
-		return err
+	var id Identity
+	if r.TLS == nil {
+		var err error
+		if r.peer, err = newPeerTLS(); err != nil {
+			return err
+		}
+		if id, err = r.peer.identity(); err != nil {
+			return err
+		}
 	}
 	if r.Server == nil {
 		r.Server = &LocalDiskServer{Listen: r.ListenDest, Dial: r.DialDest}
@@ -143,7 +151,11 @@ func (r *Relay) dialWAN(ctx context.Context) (net.Conn, error) {
 		return nil, fmt.Errorf("relay: dial %s: %w", r.DestWAN, err)
 	}
 	giveUpUnacked(raw, r.stall())
-	tc := tls.Client(raw, r.peer.client())
+	cfg := r.TLS
+	if cfg == nil {
+		cfg = r.peer.client()
+	}
+	tc := tls.Client(raw, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("relay: tls handshake: %w", err)
@@ -375,7 +387,7 @@ type relayServing struct {
 
 // ServeRelay implements DiskServer.
 func (cs *LocalDiskServer) ServeRelay(_ context.Context, req RelayServe) error {
-	peer, err := req.Identity.peerTLS()
+	srv, err := req.Identity.serverTLS(cs.TLS)
 	if err != nil {
 		return fmt.Errorf("relay: %w", err)
 	}
@@ -394,7 +406,7 @@ func (cs *LocalDiskServer) ServeRelay(_ context.Context, req RelayServe) error {
 	if err != nil {
 		return fmt.Errorf("relay: listen %s: %w", req.Listen, err)
 	}
-	rs := &relayServing{ln: tls.NewListener(ln, peer.server()), nbd: req.NBD, stall: req.Stall, dial: dial}
+	rs := &relayServing{ln: tls.NewListener(ln, srv), nbd: req.NBD, stall: req.Stall, dial: dial}
 	if rs.stall <= 0 {
 		rs.stall = 5 * time.Second
 	}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +31,9 @@ type ChunkedSync struct {
 	// LocalDiskServer in this process that listens with ListenDest.
 	Server     DiskServer
 	ListenDest func(network, addr string) (net.Listener, error)
+	// TLS, if set, is the source end's TLS with its host identity (see
+	// Relay.TLS); nil: a per-migration Identity made here.
+	TLS *tls.Config
 
 	// Limiter, if set, paces what the source sends (bytes per second). The
 	// migrator shares it with the memory migration's budget.
@@ -82,13 +86,15 @@ func (s *ChunkedSync) Start(ctx context.Context) error {
 	if s.Server == nil {
 		s.Server = &LocalDiskServer{Listen: s.ListenDest, Log: s.Log}
 	}
-	var err error
-	if s.tls, err = newPeerTLS(); err != nil {
-		return err
-	}
-	id, err := s.tls.identity()
-	if err != nil {
-		return err
+	var id Identity
+	if s.TLS == nil {
+		var err error
+		if s.tls, err = newPeerTLS(); err != nil {
+			return err
+		}
+		if id, err = s.tls.identity(); err != nil {
+			return err
+		}
 	}
 	if err := s.Server.ServeChunked(ctx, ChunkedServe{Listen: s.DestWAN, Path: s.Dest.Path, Identity: id, Stall: s.stall()}); err != nil {
 		return err
@@ -131,9 +137,13 @@ type ChunkedStop struct {
 
 // LocalDiskServer serves the disk streams' destination ends on this host.
 type LocalDiskServer struct {
-	Listen func(network, addr string) (net.Listener, error)                  // nil: net.Listen
-	Dial   func(ctx context.Context, network, addr string) (net.Conn, error) // to the local NBD server; nil: net.Dialer
-	Log    *slog.Logger
+	Listen func(network, addr string) (net.Listener, error) // nil: net.Listen
+	// TLS is this host's own server TLS for requests that carry no
+	// per-migration Identity (vmhopd: its peer API's, which admits only
+	// its configured peers' certificates); nil refuses them.
+	TLS  *tls.Config
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error) // to the local NBD server; nil: net.Dialer
+	Log  *slog.Logger
 
 	mu     sync.Mutex
 	live   map[string]*chunkedServing // by listen address
@@ -167,7 +177,7 @@ type chunkedServing struct {
 
 // ServeChunked implements DiskServer.
 func (cs *LocalDiskServer) ServeChunked(_ context.Context, req ChunkedServe) error {
-	peer, err := req.Identity.peerTLS()
+	srv, err := req.Identity.serverTLS(cs.TLS)
 	if err != nil {
 		return fmt.Errorf("chunked sync: %w", err)
 	}
@@ -181,7 +191,7 @@ func (cs *LocalDiskServer) ServeChunked(_ context.Context, req ChunkedServe) err
 	if err != nil {
 		return fmt.Errorf("chunked sync: listen %s: %w", req.Listen, err)
 	}
-	sv := &chunkedServing{dest: ChunkedDest{Path: req.Path}, stall: req.Stall, log: log, ln: tls.NewListener(ln, peer.server())}
+	sv := &chunkedServing{dest: ChunkedDest{Path: req.Path}, stall: req.Stall, log: log, ln: tls.NewListener(ln, srv)}
 	if sv.stall <= 0 {
 		sv.stall = 5 * time.Second
 	}
@@ -262,6 +272,16 @@ func (s *chunkedServing) close() error {
 	return err
 }
 
+// refused says whether err is an authentication failure between the
+// ends (a TLS alert from the other end, or its certificate refused here):
+// no reconnection mends that.
+func refused(err error) bool {
+	var cv *tls.CertificateVerificationError
+	// The other end's alert has no exported type (crypto/tls's alert
+	// reaches us as "remote error: tls: ...").
+	return errors.As(err, &cv) || strings.Contains(err.Error(), "remote error: tls: ")
+}
+
 // round runs one round of src on a fresh connection.
 func (s *ChunkedSync) round(ctx context.Context, src ChunkedSource) (RoundStats, error) {
 	dctx, cancel := context.WithTimeout(ctx, s.stall())
@@ -271,7 +291,11 @@ func (s *ChunkedSync) round(ctx context.Context, src ChunkedSource) (RoundStats,
 		return RoundStats{}, err
 	}
 	defer raw.Close()
-	tc := tls.Client(raw, s.tls.client())
+	cfg := s.TLS
+	if cfg == nil {
+		cfg = s.tls.client()
+	}
+	tc := tls.Client(raw, cfg)
 	hctx, cancel := context.WithTimeout(ctx, s.stall())
 	err = tc.HandshakeContext(hctx)
 	cancel()
@@ -326,6 +350,9 @@ func (s *ChunkedSync) Converge(ctx context.Context, progress func(SyncProgress))
 			}
 			if errors.Is(err, ErrDigestMismatch) || ctx.Err() != nil {
 				return err
+			}
+			if refused(err) {
+				return fmt.Errorf("chunked sync: round %d: the destination end refused this host's identity (or this host refused its): %w", n, err)
 			}
 			s.cuts.Add(1)
 			if cutSince.IsZero() {

@@ -1,0 +1,249 @@
+package labrun
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/vmhop/vmhop/daemon"
+	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/internal/lab"
+	"github.com/vmhop/vmhop/internal/lab/labtest"
+	"github.com/vmhop/vmhop/internal/netns"
+	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+)
+
+// daemonLab is a lab with its guest at site A and a vmhopd at each site.
+func daemonLab(t *testing.T) (*lab.Lab, *lab.VM, *config.Migration) {
+	t.Helper()
+	l := labtest.New(t, lab.Config{})
+	ctx := context.Background()
+	vm, err := l.StartVM(ctx, lab.VMConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitGuest(ctx, vm.IP, 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := StartDaemons(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	spec, err := config.LoadMigration("../../configs/lab-migration.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l, vm, spec
+}
+
+// specYAML is spec as the lab hands it to site A's vmhopd.
+func specYAML(t *testing.T, l *lab.Lab, vm *lab.VM, spec *config.Migration) ([]byte, qemu.Machine) {
+	t.Helper()
+	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := config.MarshalMigration(SpecFor(l, vm, dm, spec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b, dm
+}
+
+// TestMigrateThroughDaemons: the main job's path. The spec goes to site
+// A's vmhopd, which moves the guest to site B through site B's vmhopd
+// (two processes, mutual TLS between them): in-flight echo connections
+// keep every byte, the guest is the same boot with nothing lost, the
+// disk digests match, DNS is flipped. A second migration of the same VM
+// while the first runs is refused and the first completes. Afterwards
+// neither daemon keeps a migration's files (secrets, records).
+func TestMigrateThroughDaemons(t *testing.T) {
+	l, vm, spec := daemonLab(t)
+	ctx := context.Background()
+	second, _ := specYAML(t, l, vm, spec)
+	refused := make(chan error, 1)
+	go func() {
+		// Once the first migration runs, ask for the same VM again.
+		lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
+		for range 200 {
+			if st, err := lc.Status(ctx); err == nil && len(st.Migrations) > 0 {
+				_, err := lc.Migrate(ctx, second)
+				refused <- err
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		refused <- fmt.Errorf("the first migration never showed in vmhopd's list")
+	}()
+	out, err := Migrate(ctx, l, spec, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	var b strings.Builder
+	out.Print(&b)
+	t.Logf("outcome:\n%s", b.String())
+	if err != nil {
+		t.Fatalf("migration through the daemons: exit %d: %v", out.Exit, err)
+	}
+	if err := <-refused; daemon.CodeOf(err) != daemon.CodeAlreadyExists {
+		t.Errorf("second migration of the same VM while one runs: %v, want %s", err, daemon.CodeAlreadyExists)
+	}
+	if !out.Report.DigestMatch || !out.Guest.OK() || !out.Guest.SameBoot {
+		t.Errorf("digest match %v, guest %+v", out.Report.DigestMatch, out.Guest)
+	}
+	for i, e := range out.Client.Echo {
+		if e.Unanswered > 0 || e.Reconnects > 0 || e.Got == 0 {
+			t.Errorf("echo connection %d: %d sent, %d answered, %d unanswered, %d reconnects", i+1, e.Sent, e.Got, e.Unanswered, e.Reconnects)
+		}
+	}
+	if len(out.Report.DNSAfter) != 1 || out.Report.DNSAfter[0].Addr != lab.NewIP {
+		t.Errorf("dns after: %v, want %s", out.Report.DNSAfter, lab.NewIP)
+	}
+	if out.Drained <= 0 {
+		t.Errorf("drained after %s", out.Drained)
+	}
+	assertNoMigrationFiles(t, l)
+}
+
+// assertNoMigrationFiles fails t if either daemon keeps a migration's
+// secrets or an incoming record.
+func assertNoMigrationFiles(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	for _, site := range []string{lab.SiteA, lab.SiteB} {
+		for _, sub := range []string{"migrations", "incoming"} {
+			left, _ := filepath.Glob(filepath.Join(DaemonStateDir(l, site), sub, "*"))
+			if len(left) > 0 {
+				t.Errorf("vmhopd at %s left %v", site, left)
+			}
+		}
+	}
+}
+
+// TestDestinationDaemonKilledDuringBulk: site B's vmhopd is killed
+// (SIGKILL) while the disk copies. The migration fails cleanly: the VM
+// runs on at site A, answering at its old address, DNS unchanged. Once
+// site B's vmhopd is started again, nothing of the migration is left
+// there: no destination QEMU, no tap, no image, no record.
+func TestDestinationDaemonKilledDuringBulk(t *testing.T) {
+	l, vm, spec := daemonLab(t)
+	ctx := context.Background()
+	yaml, dm := specYAML(t, l, vm, spec)
+	lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
+	id, err := lc.Migrate(ctx, yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed := false
+	res, err := lc.Follow(ctx, id, func(ev daemon.Event) error {
+		t.Logf("%s %s %s", ev.Time.Format("15:04:05.000"), ev.Phase, ev.Message)
+		if ev.Phase == "disk-bulk" && !killed {
+			killed = true
+			pid := daemonPid(t, l, lab.SiteB)
+			t.Logf("killing site B's vmhopd (pid %d)", pid)
+			if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !killed {
+		t.Fatal("the migration never reached disk-bulk")
+	}
+	if res.OK || res.ExitCode != migrator.ExitAborted {
+		t.Fatalf("result %+v, want failed with exit %d", res, migrator.ExitAborted)
+	}
+	// The VM runs at site A.
+	mon, err := qemu.Dial(ctx, vm.Machine.QMPSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Running bool   `json:"running"`
+		Status  string `json:"status"`
+	}
+	err = mon.Execute(ctx, "query-status", nil, &st)
+	mon.Close()
+	if err != nil || !st.Running {
+		t.Errorf("source VM: %+v %v, want running", st, err)
+	}
+	if err := l.WaitGuest(ctx, lab.OldIP, 10*time.Second); err != nil {
+		t.Errorf("guest at its old address: %v", err)
+	}
+	if a := dnsA(t, l); a != lab.OldIP {
+		t.Errorf("dns: %s, want %s (unchanged)", a, lab.OldIP)
+	}
+	// Site B's vmhopd comes back and removes what the migration left.
+	if err := StartDaemon(ctx, l, lab.SiteB); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dm.Disk); !os.IsNotExist(err) {
+		t.Errorf("destination image %s left: %v", dm.Disk, err)
+	}
+	if out, err := netns.Run(ctx, l.NS(lab.SiteB), "ip", "link", "show", dm.Tap); err == nil {
+		t.Errorf("tap %s left at site B: %s", dm.Tap, out)
+	}
+	for _, pid := range nsPids(t, l, lab.SiteB, "qemu") {
+		t.Errorf("a QEMU is left at site B: pid %d", pid)
+	}
+	assertNoMigrationFiles(t, l)
+}
+
+// daemonPid is the pid of site's vmhopd.
+func daemonPid(t *testing.T, l *lab.Lab, site string) int {
+	t.Helper()
+	pids := nsPids(t, l, site, "vmhopd")
+	if len(pids) != 1 {
+		t.Fatalf("vmhopd processes at %s: %v", site, pids)
+	}
+	return pids[0]
+}
+
+// nsPids are the processes in site's namespace whose program name
+// contains prog.
+func nsPids(t *testing.T, l *lab.Lab, site, prog string) []int {
+	t.Helper()
+	all, err := netns.Pids(l.NS(site))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, p := range all {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p))
+		if err != nil {
+			continue
+		}
+		argv0, _, _ := strings.Cut(string(b), "\x00")
+		if strings.Contains(filepath.Base(argv0), prog) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// dnsA is the lab's svc name's address as the client's resolver sees it.
+func dnsA(t *testing.T, l *lab.Lab) netip.Addr {
+	t.Helper()
+	m, err := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rr := range m.Answer {
+		if a, ok := rr.(*dns.A); ok {
+			ip, _ := netip.AddrFromSlice(a.A)
+			return ip.Unmap()
+		}
+	}
+	b, _ := json.Marshal(m.Answer)
+	t.Fatalf("no A record for %s: %s", lab.SvcName, b)
+	return netip.Addr{}
+}
