@@ -274,11 +274,23 @@ func removeTap(name string) error {
 }
 
 // ProcessLauncher starts programs as vmhopd's children in their own
-// session (a destination QEMU outlives a vmhopd restart: the unit's
-// KillMode=process leaves it), output to Dir/NAME.log.
+// session, output to Dir/NAME.log. Under systemd ($INVOCATION_ID set) each
+// goes into a scope of its own (systemd-run --scope, as libvirt puts
+// VMs in machine scopes), so a VM that moved here is not in vmhopd's
+// control group: stopping or restarting vmhopd leaves it running.
 type ProcessLauncher struct {
 	Dir     string
 	OnStart func(pid int) // if set, called once the program runs
+}
+
+// scopeArgs wraps prog and args in systemd-run --scope when vmhopd runs
+// under systemd; unchanged otherwise.
+func scopeArgs(name, prog string, args []string) (string, []string) {
+	if os.Getenv("INVOCATION_ID") == "" {
+		return prog, args
+	}
+	unit := "vmhop-vm-" + slotNameRE.ReplaceAllString(name, "_")
+	return "systemd-run", append([]string{"--scope", "--quiet", "--collect", "--unit=" + unit, "--", prog}, args...)
 }
 
 // Launch implements qemu.Launcher.
@@ -291,6 +303,7 @@ func (pl *ProcessLauncher) Launch(_ context.Context, name, prog string, args []s
 		return nil, err
 	}
 	defer logf.Close()
+	prog, args = scopeArgs(name, prog, args)
 	cmd := exec.Command(prog, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -102,5 +103,20 @@ func TestRecordClearsAsUndone(t *testing.T) {
 	}
 	if _, err := os.Stat(img); !os.IsNotExist(err) {
 		t.Errorf("image left after abort: %v", err)
+	}
+}
+
+// TestScopeUnderSystemd: under systemd a destination QEMU starts in a
+// scope of its own, out of vmhopd's control group; elsewhere as is.
+func TestScopeUnderSystemd(t *testing.T) {
+	t.Setenv("INVOCATION_ID", "")
+	if p, a := scopeArgs("web1@site-b", "qemu-system-x86_64", []string{"-m", "1G"}); p != "qemu-system-x86_64" || len(a) != 2 {
+		t.Errorf("without systemd: %s %q", p, a)
+	}
+	t.Setenv("INVOCATION_ID", "0123")
+	p, a := scopeArgs("web1@site-b", "qemu-system-x86_64", []string{"-m", "1G"})
+	want := []string{"--scope", "--quiet", "--collect", "--unit=vmhop-vm-web1_site-b", "--", "qemu-system-x86_64", "-m", "1G"}
+	if p != "systemd-run" || !slices.Equal(a, want) {
+		t.Errorf("under systemd: %s %q, want systemd-run %q", p, a, want)
 	}
 }
