@@ -111,7 +111,9 @@ func (s *incomingSlot) Start(ctx context.Context, req qemu.IncomingStart) error 
 		}
 		s.taps = append(s.taps, t.Name)
 	}
-	in := &qemu.LocalIncoming{Launcher: s.w.Launcher}
+	// The relay ends' connections to this QEMU's NBD server close between
+	// the export's deletion and the server's stop (LocalIncoming.CloseClients).
+	in := &qemu.LocalIncoming{Launcher: s.w.Launcher, CloseClients: s.w.Disks.StopRelays}
 	if err := in.Start(ctx, req); err != nil {
 		s.cleanup()
 		return fmt.Errorf("%s: %w", s.w.Host.Name, err)

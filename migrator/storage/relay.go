@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -296,7 +297,7 @@ func (r *Relay) serveSource() {
 		if r.Limiter != nil {
 			up = &paced{ctx: context.Background(), c: wan, l: r.Limiter}
 		}
-		pipeTracked(c, wan, up, io.MultiWriter(r.tracker.transmission(), counter{&r.toDest}))
+		pipeTracked(c, wan, &discFilter{w: up}, io.MultiWriter(r.tracker.transmission(), counter{&r.toDest}))
 	})
 }
 
@@ -336,6 +337,70 @@ func pipeTracked(client, server net.Conn, up io.Writer, t io.Writer) {
 
 // pipe copies both ways until either side ends, then closes both.
 func pipe(a, b net.Conn) { pipeTracked(a, b, b, io.Discard) }
+
+// discFilter passes the source QEMU's NBD requests to the destination,
+// all but NBD_CMD_DISC, the goodbye the source's NBD node sends as it is
+// deleted after the mirror: across a WAN it can reach the destination
+// before the request to delete the export does, and once the destination
+// VM runs (its disk in an iothread) QEMU 7.2 handles that disconnect off
+// its main thread and aborts (blockdev-nbd.c:62,
+// nbd_blockdev_client_closed), seen between two daemons. Without it the
+// destination's end closes when its export is deleted ("hard", on QEMU's
+// main loop; see pipeHoldingServer). Dropping it loses nothing: DISC has
+// no reply. A stream it cannot follow is passed as it is.
+type discFilter struct {
+	w     io.Writer
+	hdr   []byte // a request header being read
+	skip  uint64 // write payload bytes still to pass
+	lost  bool
+	drops int
+}
+
+const nbdCmdDisc = 2
+
+func (f *discFilter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		if f.lost {
+			_, err := f.w.Write(p)
+			return n, err
+		}
+		if f.skip > 0 {
+			k := min(f.skip, uint64(len(p)))
+			if _, err := f.w.Write(p[:k]); err != nil {
+				return n, err
+			}
+			p, f.skip = p[k:], f.skip-k
+			continue
+		}
+		k := min(28-len(f.hdr), len(p))
+		f.hdr, p = append(f.hdr, p[:k]...), p[k:]
+		if len(f.hdr) < 28 {
+			return n, nil
+		}
+		h := f.hdr
+		f.hdr = nil
+		if binary.BigEndian.Uint32(h) != nbdRequestMagic {
+			f.lost = true
+			if _, err := f.w.Write(h); err != nil {
+				return n, err
+			}
+			continue
+		}
+		typ := binary.BigEndian.Uint16(h[6:])
+		if typ == nbdCmdDisc {
+			f.drops++
+			continue
+		}
+		if typ == nbdCmdWrite {
+			f.skip = uint64(binary.BigEndian.Uint32(h[24:]))
+		}
+		if _, err := f.w.Write(h); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
 
 // Close ends every connection and listener.
 func (r *Relay) Close() error {
@@ -419,6 +484,19 @@ func (cs *LocalDiskServer) ServeRelay(_ context.Context, req RelayServe) error {
 	return nil
 }
 
+// StopRelays stops every relay end this server runs (StopRelay for each).
+func (cs *LocalDiskServer) StopRelays() {
+	cs.mu.Lock()
+	var addrs []string
+	for a := range cs.relays {
+		addrs = append(addrs, a)
+	}
+	cs.mu.Unlock()
+	for _, a := range addrs {
+		cs.StopRelay(context.Background(), RelayStop{Listen: a})
+	}
+}
+
 // StopRelay implements DiskServer.
 func (cs *LocalDiskServer) StopRelay(_ context.Context, req RelayStop) error {
 	cs.mu.Lock()
@@ -488,5 +566,30 @@ func (rs *relayServing) handle(c net.Conn) {
 		return
 	}
 	rs.track(nbd)
-	pipe(c, nbd)
+	pipeHoldingServer(c, nbd)
+}
+
+// pipeHoldingServer is pipe, except that when the client (WAN) side ends
+// first, the server side (QEMU's NBD connection) stays open until the
+// relay end stops (StopRelay closes it), after the export is gone. Why:
+// once the destination VM runs, its disk is in an iothread, and QEMU 7.2
+// runs an NBD client's close there when the client hangs up, then aborts
+// (blockdev-nbd.c:62: assertion qemu_in_main_thread()). The mirror's
+// end (the source deletes its NBD node) reaches this host as the WAN
+// side's end, before the request to delete the export does when both
+// cross a WAN; deleting the export ("hard") first closes the client on
+// QEMU's main thread.
+func pipeHoldingServer(client, server net.Conn) {
+	fromClient, fromServer := make(chan struct{}), make(chan struct{})
+	go func() { io.Copy(server, client); close(fromClient) }()
+	go func() { io.Copy(client, server); close(fromServer) }()
+	select {
+	case <-fromServer:
+		client.Close()
+		server.Close()
+		<-fromClient
+	case <-fromClient:
+		client.Close()
+		<-fromServer // QEMU closes it (export deleted), or StopRelay does
+	}
 }

@@ -3,6 +3,7 @@ package storage
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"os"
@@ -116,4 +117,37 @@ func waitListen(t *testing.T, addr string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("nothing listens on %s", addr)
+}
+
+// TestDiscFilterDropsOnlyTheGoodbye: the relay passes every NBD request
+// byte for byte (a write's payload too, even one that looks like a
+// request) except NBD_CMD_DISC, however the stream is cut into writes.
+func TestDiscFilterDropsOnlyTheGoodbye(t *testing.T) {
+	req := func(typ uint16, n uint32) []byte {
+		h := make([]byte, 28)
+		binary.BigEndian.PutUint32(h, nbdRequestMagic)
+		binary.BigEndian.PutUint16(h[6:], typ)
+		binary.BigEndian.PutUint32(h[24:], n)
+		return h
+	}
+	payload := append(req(nbdCmdDisc, 0), bytes.Repeat([]byte{7}, 100)...) // a write whose data looks like a DISC
+	var in, want []byte
+	for _, part := range [][]byte{req(nbdCmdWrite, uint32(len(payload))), payload, req(3, 0)} { // write, flush
+		in, want = append(in, part...), append(want, part...)
+	}
+	in = append(in, req(nbdCmdDisc, 0)...)
+	for _, step := range []int{1, 3, 28, 29, 1000} {
+		var out bytes.Buffer
+		f := &discFilter{w: &out}
+		for rest := in; len(rest) > 0; {
+			k := min(step, len(rest))
+			if n, err := f.Write(rest[:k]); n != k || err != nil {
+				t.Fatalf("step %d: wrote %d, %v", step, n, err)
+			}
+			rest = rest[k:]
+		}
+		if !bytes.Equal(out.Bytes(), want) || f.drops != 1 {
+			t.Errorf("step %d: %d bytes out (want %d), %d dropped", step, out.Len(), len(want), f.drops)
+		}
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -97,6 +98,13 @@ type RunningWait struct {
 // Launcher (the lab: in the destination's namespace).
 type LocalIncoming struct {
 	Launcher Launcher
+	// CloseClients, if set, closes this host's connections to the NBD
+	// server (a relay's destination end) between the export's deletion
+	// and the server's stop: a connection QEMU has not attached to the
+	// export (one negotiating, or held for a reconnect) must close while
+	// the server exists, or QEMU 7.2 aborts when it does
+	// (blockdev-nbd.c:62, nbd_blockdev_client_closed: nbd_server).
+	CloseClients func()
 
 	mu       sync.Mutex
 	mon      *Monitor
@@ -228,10 +236,34 @@ func (l *LocalIncoming) UnexportDisk(ctx context.Context) error {
 	if err := l.mon.Execute(ctx, "block-export-del", map[string]any{"id": exportID, "mode": "hard"}, nil); err != nil && !errors.Is(err, ErrClosed) {
 		first = err
 	}
+	// The export goes once its clients are closed, which QEMU does after
+	// block-export-del returns; stopping the server before that makes the
+	// closing client find no server: QEMU 7.2 aborts (blockdev-nbd.c:62,
+	// nbd_blockdev_client_closed: assertion `nbd_server'), seen between
+	// two daemons. So wait until query-block-exports no longer lists it.
+	for deadline := time.Now().Add(5 * time.Second); first == nil && time.Now().Before(deadline); {
+		var exports []blockExport
+		if err := l.mon.Execute(ctx, "query-block-exports", nil, &exports); err != nil {
+			break
+		}
+		if !slices.ContainsFunc(exports, func(e blockExport) bool { return e.ID == exportID }) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if l.CloseClients != nil {
+		l.CloseClients()
+		time.Sleep(200 * time.Millisecond) // QEMU handles the hang-ups on its main loop
+	}
 	if err := l.mon.Execute(ctx, "nbd-server-stop", nil, nil); err != nil && first == nil && !errors.Is(err, ErrClosed) {
 		first = err
 	}
 	return first
+}
+
+// blockExport is an entry of query-block-exports.
+type blockExport struct {
+	ID string `json:"id"`
 }
 
 // WaitRunning implements Incoming.
