@@ -75,8 +75,8 @@ type scenario struct {
 func main() {
 	lab.RunChild()
 	flag.StringVar(&flags.name, "scenario", "standard", "scenario name (results go to -out/<date>-<scenario>)")
-	flag.StringVar(&flags.disk, "disk", "1GiB", "guest disk size")
-	flag.StringVar(&flags.fill, "fill", "256MiB", "random data written to the disk before boot (what freeze-and-copy copies)")
+	flag.StringVar(&flags.disk, "disk", "2GiB", "guest disk size")
+	flag.StringVar(&flags.fill, "fill", "1GiB", "random data written to the disk before boot (what freeze-and-copy copies)")
 	flag.StringVar(&flags.rate, "rate", "100mbit", "rate of each site's WAN link")
 	flag.IntVar(&flags.ram, "ram", 128, "guest RAM, MiB")
 	flag.IntVar(&flags.conns, "conns", 4, "persistent echo connections at 100 Hz")
@@ -122,12 +122,8 @@ func parse() (*scenario, error) {
 		return nil, fmt.Errorf("-repeats %d: want at least 1", sc.Repeats)
 	}
 	for _, m := range strings.Split(flags.modes, ",") {
-		ok := false
-		for _, mi := range modeInfo {
-			ok = ok || mi.name == m
-		}
-		if !ok {
-			return nil, fmt.Errorf("-modes: unknown mode %q", m)
+		if _, _, err := splitMode(m); err != nil {
+			return nil, fmt.Errorf("-modes: %w", err)
 		}
 		sc.Modes = append(sc.Modes, m)
 	}
@@ -181,9 +177,15 @@ func run() error {
 	byMode := map[string]*ModeResult{}
 	for _, mi := range modeInfo {
 		for _, m := range sc.Modes {
-			if m == mi.name {
-				res.Modes = append(res.Modes, ModeResult{Mode: m, What: mi.what, Available: true})
+			base, budget, _ := splitMode(m)
+			if base != mi.name {
+				continue
 			}
+			what := mi.what
+			if budget > 0 {
+				what += fmt.Sprintf("; migration budget %s instead of the spec's", budget)
+			}
+			res.Modes = append(res.Modes, ModeResult{Mode: m, What: what, Available: true})
 		}
 	}
 	for i := range res.Modes {
@@ -266,7 +268,15 @@ func plots(dir string, res *Results) error {
 func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string, log *slog.Logger) (RunResult, error) {
 	r := RunResult{Repeat: rep, Metrics: map[string]float64{}}
 	var redirect labrun.Redirect
-	switch mode {
+	base, budget, err := splitMode(mode)
+	if err != nil {
+		return r, err
+	}
+	spec := *sc.Spec
+	if budget > 0 {
+		spec.Limits.Bandwidth = budget
+	}
+	switch base {
 	case modeDNSOnly:
 		redirect = labrun.RedirectNone
 	case modeEBPF:
@@ -274,7 +284,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 	case modeUserspace:
 		redirect = labrun.RedirectUserspace
 		// Refused before a lab is built while the fallback is not there.
-		if _, err := labrun.MigrateWith(ctx, nil, sc.Spec, log, sc.shape(), labrun.Options{Redirect: redirect}); err != nil &&
+		if _, err := labrun.MigrateWith(ctx, nil, &spec, log, sc.shape(), labrun.Options{Redirect: redirect}); err != nil &&
 			strings.Contains(err.Error(), labrun.ErrUnavailable.Error()) {
 			return r, err
 		}
@@ -294,12 +304,12 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 	var d runData
 	var pcap string
 	var merr error
-	if mode == modeFreeze {
-		d, pcap, merr = freezeAndCopy(ctx, l, vm, sc.Spec, sc)
+	if base == modeFreeze {
+		d, pcap, merr = freezeAndCopy(ctx, l, vm, &spec, sc)
 		r.Guest = "booted anew at site B (a new boot: its RAM is lost by design)"
 	} else {
 		var out labrun.Outcome
-		out, merr = labrun.MigrateWith(ctx, l, sc.Spec, log, sc.shape(), labrun.Options{Redirect: redirect, Capture: captureFilter})
+		out, merr = labrun.MigrateWith(ctx, l, &spec, log, sc.shape(), labrun.Options{Redirect: redirect, Capture: captureFilter})
 		d = live(out)
 		pcap = out.Pcap
 		g := out.Guest
@@ -331,6 +341,31 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		r.Phases = append(r.Phases, PhaseMs{Name: s.Name, FromMs: msSince(d.Start, s.From), ToMs: msSince(d.Start, s.To)})
 	}
 	return r, merr
+}
+
+// splitMode splits a mode "BASE" or "BASE@BUDGET" (a live mode with the
+// migration's bandwidth budget set to BUDGET, e.g. vmhop-ebpf@70mbit:
+// how much the migration yields to the VM's own traffic).
+func splitMode(m string) (string, units.Bitrate, error) {
+	base, b, hasBudget := strings.Cut(m, "@")
+	known := false
+	for _, mi := range modeInfo {
+		known = known || mi.name == base
+	}
+	if !known {
+		return "", 0, fmt.Errorf("unknown mode %q", base)
+	}
+	if !hasBudget {
+		return base, 0, nil
+	}
+	if base == modeFreeze {
+		return "", 0, fmt.Errorf("mode %q: freeze-and-copy has no budget", m)
+	}
+	budget, err := units.ParseBitrate(b)
+	if err != nil || budget <= 0 {
+		return "", 0, fmt.Errorf("mode %q: budget: %v", m, err)
+	}
+	return base, budget, nil
 }
 
 // live is a live migration's outcome as a run.

@@ -5,6 +5,7 @@ import (
 	"image/color"
 	"math"
 	"os"
+	"strings"
 	"time"
 
 	"gonum.org/v1/plot"
@@ -115,6 +116,9 @@ func (b barErr) YError(i int) (float64, float64) { return b.lo[i], b.hi[i] }
 
 // shortMode labels a mode on an axis.
 func shortMode(m string) string {
+	if base, budget, ok := strings.Cut(m, "@"); ok {
+		return shortMode(base) + "@" + budget
+	}
 	switch m {
 	case modeFreeze:
 		return "freeze"

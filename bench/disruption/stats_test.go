@@ -174,3 +174,18 @@ func TestPlots(t *testing.T) {
 		}
 	}
 }
+
+func TestSplitMode(t *testing.T) {
+	base, b, err := splitMode("vmhop-ebpf@70mbit")
+	if err != nil || base != modeEBPF || b.BytesPerSecond() != 70e6/8 {
+		t.Errorf("vmhop-ebpf@70mbit: %q %v %v", base, b, err)
+	}
+	if base, b, err := splitMode(modeFreeze); err != nil || base != modeFreeze || b != 0 {
+		t.Errorf("freeze: %q %v %v", base, b, err)
+	}
+	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "vmhop-ebpf@70mb", "vmhop-ebpf@"} {
+		if _, _, err := splitMode(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
