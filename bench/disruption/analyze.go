@@ -35,6 +35,12 @@ type ConnStats struct {
 	RTORetransmits         int         // of them, sent >= 200 ms after the previous copy
 	Resets                 int         // RST segments (both directions)
 	Arrivals               []time.Time // server-to-client segments carrying payload
+	// Progress: server-to-client segments that delivered new bytes in
+	// order (duplicates and segments beyond a hole left out); only for
+	// connections whose handshake was captured.
+	Progress []time.Time
+	// RetransmitsToServer: of Retransmits, the client's.
+	RetransmitsToServer int
 }
 
 // Capture is what the client's packet capture holds, decomposed.
@@ -75,8 +81,10 @@ type echoState struct {
 }
 
 // reply takes reply bytes [from, to) arriving at ts: once they extend what
-// arrived in order, every request they complete is answered.
-func (e *echoState) reply(from, to int64, ts time.Time, samples []Sample) {
+// arrived in order, every request they complete is answered. It reports
+// whether they did (new bytes delivered).
+func (e *echoState) reply(from, to int64, ts time.Time, samples []Sample) bool {
+	before := e.contig
 	e.pending = append(e.pending, [2]int64{from, to})
 	for grew := true; grew; {
 		grew = false
@@ -96,6 +104,7 @@ func (e *echoState) reply(from, to int64, ts time.Time, samples []Sample) {
 			samples[j].Latency = ts.Sub(samples[j].At)
 		}
 	}
+	return e.contig > before
 }
 
 // seqLess compares sequence numbers modulo 2^32.
@@ -115,7 +124,7 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 	c := &Capture{Conns: map[uint16]*ConnStats{}}
 	dirs := map[[2]uint32]*dirState{}
 	lastTx := map[segKey]time.Time{}
-	echoes := map[uint16]*echoState{}
+	streams := map[uint16]*echoState{}
 	icmpSent := map[uint32]int{} // id<<16|seq -> index in Samples
 	for {
 		data, ci, err := pr.ReadPacketData()
@@ -190,6 +199,9 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 			if ds.started && !seqLess(ds.maxEnd, end) { // all of it was sent before
 				cs.Retransmits++
 				c.Retransmits++
+				if toSrv {
+					cs.RetransmitsToServer++
+				}
 				if prev, ok := lastTx[k]; ok && ts.Sub(prev) >= rtoMin {
 					cs.RTORetransmits++
 					c.RTORetransmits++
@@ -203,17 +215,16 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 		if !toSrv && plen > 0 {
 			cs.Arrivals = append(cs.Arrivals, ts)
 		}
-		if sport != echoPort {
-			continue
-		}
-		// Echo: requests are 8 bytes each, echoed in order; a request is
-		// answered once the reply stream holds its bytes in order. By
-		// stream offsets, not payloads: the capture keeps 128 bytes of
-		// each packet, and segments coalesce after a stall.
-		es := echoes[cport]
+		// Every stream by offsets: the server's bytes are delivered when
+		// they extend what arrived in order (a duplicate or a segment
+		// beyond a hole is no progress). Echo requests are 8 bytes each,
+		// echoed in order: a request is answered once the reply stream
+		// holds its bytes. By offsets, not payloads: the capture keeps 128
+		// bytes of each packet, and segments coalesce after a stall.
+		es := streams[cport]
 		if es == nil {
 			es = &echoState{}
-			echoes[cport] = es
+			streams[cport] = es
 		}
 		if tcp.SYN {
 			if toSrv {
@@ -224,6 +235,9 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 			continue
 		}
 		if plen <= 0 || (toSrv && !es.reqKnown) || (!toSrv && !es.repKnown) {
+			continue
+		}
+		if toSrv && sport != echoPort {
 			continue
 		}
 		if toSrv {
@@ -239,7 +253,9 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 			}
 			continue
 		}
-		es.reply(int64(tcp.Seq-es.repBase), int64(tcp.Seq-es.repBase)+int64(plen), ts, c.Samples)
+		if es.reply(int64(tcp.Seq-es.repBase), int64(tcp.Seq-es.repBase)+int64(plen), ts, c.Samples) {
+			cs.Progress = append(cs.Progress, ts)
+		}
 	}
 	sort.SliceStable(c.Samples, func(i, j int) bool { return c.Samples[i].At.Before(c.Samples[j].At) })
 	return c, nil
@@ -257,7 +273,7 @@ func AnalyzeFile(path string, serverPorts map[uint16]bool, echoPort uint16) (*Ca
 
 // Summary is the capture in a few lines (the results' pcap summary).
 func (c *Capture) Summary() string {
-	byServer := map[uint16][5]int{}
+	byServer := map[uint16][6]int{}
 	for _, cs := range c.Conns {
 		v := byServer[cs.ServerPort]
 		v[0]++
@@ -265,6 +281,7 @@ func (c *Capture) Summary() string {
 		v[2] += cs.Retransmits
 		v[3] += cs.RTORetransmits
 		v[4] += cs.Resets
+		v[5] += cs.RetransmitsToServer
 		byServer[cs.ServerPort] = v
 	}
 	var icmp, echo, unanswered int
@@ -287,7 +304,7 @@ func (c *Capture) Summary() string {
 	sort.Ints(sp)
 	for _, p := range sp {
 		v := byServer[uint16(p)]
-		s += fmt.Sprintf("  server port %d: %d connections, %d packets, %d retransmitted (%d by timeout), %d resets\n", p, v[0], v[1], v[2], v[3], v[4])
+		s += fmt.Sprintf("  server port %d: %d connections, %d packets, %d retransmitted (%d by the client, %d by timeout), %d resets\n", p, v[0], v[1], v[2], v[5], v[3], v[4])
 	}
 	return s
 }

@@ -132,6 +132,14 @@ func TestAnalyze(t *testing.T) {
 	if a := c.Conns[40002].Arrivals; len(a) != 1 || !a[0].Equal(b.t0.Add(510*ms)) {
 		t.Errorf("bulk arrivals %v", a)
 	}
+	// New bytes in order: the reply at 70 ms and the big one at 400 ms;
+	// the duplicate at 410 ms is no progress.
+	if p := c.Conns[cp].Progress; len(p) != 2 || !p[0].Equal(b.t0.Add(70*ms)) || !p[1].Equal(b.t0.Add(400*ms)) {
+		t.Errorf("echo progress %v", p)
+	}
+	if c.Conns[cp].RetransmitsToServer != 1 {
+		t.Errorf("client retransmits %d, want 1", c.Conns[cp].RetransmitsToServer)
+	}
 	var echo []time.Duration
 	var icmp []time.Duration
 	for _, s := range c.Samples {

@@ -49,6 +49,7 @@ var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
 
 var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
+	pcapDir                                                 string
 	repeats, conns, ram                                     int
 	giveUp                                                  time.Duration
 	keepPcap                                                int64
@@ -88,6 +89,7 @@ func main() {
 	flag.StringVar(&flags.out, "out", "bench/results", "results directory (a <date>-<scenario> directory is made in it)")
 	flag.StringVar(&flags.labName, "lab", "bench", "lab name")
 	flag.Int64Var(&flags.keepPcap, "keep-pcap-mib", 4, "keep a run's pcap beside the results when it is at most this many MiB")
+	flag.StringVar(&flags.pcapDir, "pcap-dir", "", "also keep every run's pcap in this directory (outside the repository: live runs' are tens of MiB)")
 	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections)")
 	flag.Parse()
 	if err := run(); err != nil {
@@ -326,6 +328,11 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 			d.Capture = c
 			r.PcapSummary = c.Summary()
 			r.samples = c.Samples
+		}
+		if flags.pcapDir != "" {
+			if err := os.MkdirAll(flags.pcapDir, 0o755); err == nil {
+				copyFile(pcap, filepath.Join(flags.pcapDir, fmt.Sprintf("%s-%s-%d.pcap", sc.Name, mode, rep)))
+			}
 		}
 		if st, err := os.Stat(pcap); err == nil && st.Size() <= sc.KeepPcapMiB<<20 {
 			name := fmt.Sprintf("%s-%d.pcap", mode, rep)

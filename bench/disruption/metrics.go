@@ -57,7 +57,32 @@ func compute(d runData) map[string]float64 {
 	var worst labrun.Disruption
 	var longest, sum time.Duration
 	reconnects := 0
-	for _, e := range d.View.Echo {
+	echo := d.View.Echo
+	if d.Capture != nil {
+		// The gaps between deliveries of new reply bytes, in order: a
+		// retransmitted duplicate (the moved VM resending what the client
+		// had, on a connection that is otherwise dead) is no answer.
+		echo = append([]labrun.EchoView(nil), echo...)
+		for i, e := range echo {
+			var arr []time.Time
+			seen := false
+			for _, p := range e.Ports {
+				if cs := d.Capture.Conns[p]; cs != nil {
+					arr = append(arr, cs.Progress...)
+					seen = true
+				}
+			}
+			if !seen {
+				continue
+			}
+			var from time.Time
+			if len(arr) == 0 {
+				from = d.View.Start
+			}
+			echo[i].Disruption = labrun.GapsIn(arr, 10*time.Millisecond, from, d.View.End)
+		}
+	}
+	for _, e := range echo {
 		if e.Disruption.Total >= worst.Total {
 			worst = e.Disruption
 		}
@@ -68,7 +93,7 @@ func compute(d runData) map[string]float64 {
 	m["disruption_total_ms"] = ms(worst.Total)
 	m["disruption_outage_ms"] = ms(worst.Outage)
 	m["echo_gap_longest_ms"] = ms(longest)
-	if n := len(d.View.Echo); n > 0 {
+	if n := len(echo); n > 0 {
 		m["echo_gap_total_mean_ms"] = ms(sum) / float64(n)
 	}
 	m["echo_reconnects"] = float64(reconnects)
@@ -90,7 +115,7 @@ func compute(d runData) map[string]float64 {
 		var arr []time.Time
 		for _, p := range d.Bulk {
 			if cs := c.Conns[p]; cs != nil {
-				arr = append(arr, cs.Arrivals...)
+				arr = append(arr, cs.Progress...)
 			}
 		}
 		if len(d.Bulk) > 0 {
