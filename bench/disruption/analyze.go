@@ -50,14 +50,19 @@ type Capture struct {
 	Retransmits    int
 	RTORetransmits int
 	Resets         int
-	Conns          map[uint16]*ConnStats // by client port
-	Samples        []Sample              // echo and ICMP, by send time
+	Conns          map[ConnKey]*ConnStats
+	Samples        []Sample // echo and ICMP, by send time
 	First, Last    time.Time
 }
+
+// ConnKey names a connection at the client: its port and the server's
+// (the client uses one port towards two server ports at once).
+type ConnKey struct{ Client, Server uint16 }
 
 // segKey is a TCP segment's start in one direction of one connection.
 type segKey struct {
 	port   uint16 // client port
+	sport  uint16
 	toSrv  bool
 	seq    uint32
 	isSync bool
@@ -80,24 +85,50 @@ type echoState struct {
 	pending            [][2]int64
 }
 
+// maxJump bounds how far beyond what is known a segment may start: a
+// segment of an earlier connection on a reused client port (or a capture
+// that missed the handshake) would otherwise be read as gigabytes ahead.
+const maxJump = 64 << 20
+
 // reply takes reply bytes [from, to) arriving at ts: once they extend what
 // arrived in order, every request they complete is answered. It reports
 // whether they did (new bytes delivered).
 func (e *echoState) reply(from, to int64, ts time.Time, samples []Sample) bool {
-	before := e.contig
+	if to <= e.contig || from > e.contig+maxJump {
+		return false // a duplicate, or nothing to do with this stream
+	}
 	e.pending = append(e.pending, [2]int64{from, to})
+	return e.advance(e.contig, ts, samples)
+}
+
+// acked takes the client's cumulative acknowledgement of the reply stream
+// (an offset): the client's TCP holds every byte before it, whether or
+// not the capture saw them arrive (tcpdump drops packets on a busy host).
+func (e *echoState) acked(ack int64, ts time.Time, samples []Sample) bool {
+	if ack <= e.contig || ack > e.contig+maxJump {
+		return false
+	}
+	return e.advance(ack, ts, samples)
+}
+
+// advance moves what arrived in order to at least to, then through the
+// pending segments it reaches, and answers the requests it completes.
+func (e *echoState) advance(to int64, ts time.Time, samples []Sample) bool {
+	before := e.contig
+	e.contig = max(e.contig, to)
 	for grew := true; grew; {
 		grew = false
-		for i, r := range e.pending {
-			if r[0] <= e.contig {
-				if r[1] > e.contig {
-					e.contig = r[1]
-				}
-				e.pending = append(e.pending[:i], e.pending[i+1:]...)
-				grew = true
-				break
+		kept := e.pending[:0]
+		for _, r := range e.pending {
+			switch {
+			case r[1] <= e.contig: // delivered
+			case r[0] <= e.contig:
+				e.contig, grew = r[1], true
+			default:
+				kept = append(kept, r)
 			}
 		}
+		e.pending = kept
 	}
 	for ; e.done < int64(len(e.sent)) && (e.done+1)*8 <= e.contig; e.done++ {
 		if j := e.sent[e.done]; j >= 0 && samples[j].Latency < 0 {
@@ -121,10 +152,10 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 	if err != nil {
 		return nil, fmt.Errorf("pcap: %w", err)
 	}
-	c := &Capture{Conns: map[uint16]*ConnStats{}}
-	dirs := map[[2]uint32]*dirState{}
+	c := &Capture{Conns: map[ConnKey]*ConnStats{}}
+	dirs := map[[3]uint32]*dirState{}
 	lastTx := map[segKey]time.Time{}
-	streams := map[uint16]*echoState{}
+	streams := map[ConnKey]*echoState{}
 	icmpSent := map[uint32]int{} // id<<16|seq -> index in Samples
 	for {
 		data, ci, err := pr.ReadPacketData()
@@ -169,11 +200,12 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 			}
 			cport, sport, server = uint16(tcp.DstPort), uint16(tcp.SrcPort), ip.SrcIP
 		}
-		cs := c.Conns[cport]
+		key := ConnKey{cport, sport}
+		cs := c.Conns[key]
 		if cs == nil {
 			a, _ := netip.AddrFromSlice(server.To4())
 			cs = &ConnStats{ServerPort: sport, ClientPort: cport, Server: a}
-			c.Conns[cport] = cs
+			c.Conns[key] = cs
 		}
 		cs.Packets++
 		cs.WireBytes += int64(ci.Length)
@@ -187,14 +219,14 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 		if tcp.SYN || tcp.FIN {
 			seqLen++
 		}
-		dk := [2]uint32{uint32(cport), map[bool]uint32{true: 1, false: 0}[toSrv]}
+		dk := [3]uint32{uint32(cport), uint32(sport), map[bool]uint32{true: 1, false: 0}[toSrv]}
 		ds := dirs[dk]
 		if ds == nil {
 			ds = &dirState{}
 			dirs[dk] = ds
 		}
 		if seqLen > 0 {
-			k := segKey{port: cport, toSrv: toSrv, seq: tcp.Seq, isSync: tcp.SYN}
+			k := segKey{port: cport, sport: sport, toSrv: toSrv, seq: tcp.Seq, isSync: tcp.SYN}
 			end := tcp.Seq + seqLen
 			if ds.started && !seqLess(ds.maxEnd, end) { // all of it was sent before
 				cs.Retransmits++
@@ -221,18 +253,25 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 		// echoed in order: a request is answered once the reply stream
 		// holds its bytes. By offsets, not payloads: the capture keeps 128
 		// bytes of each packet, and segments coalesce after a stall.
-		es := streams[cport]
+		es := streams[key]
 		if es == nil {
 			es = &echoState{}
-			streams[cport] = es
+			streams[key] = es
 		}
 		if tcp.SYN {
 			if toSrv {
+				if es.reqKnown && es.reqBase != tcp.Seq+1 { // a new connection on a reused port
+					es = &echoState{}
+					streams[key] = es
+				}
 				es.reqBase, es.reqKnown = tcp.Seq+1, true
 			} else {
 				es.repBase, es.repKnown = tcp.Seq+1, true
 			}
 			continue
+		}
+		if toSrv && tcp.ACK && es.repKnown && es.acked(int64(int32(tcp.Ack-es.repBase)), ts, c.Samples) {
+			cs.Progress = append(cs.Progress, ts)
 		}
 		if plen <= 0 || (toSrv && !es.reqKnown) || (!toSrv && !es.repKnown) {
 			continue
@@ -241,7 +280,10 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 			continue
 		}
 		if toSrv {
-			off := int64(tcp.Seq - es.reqBase)
+			off := int64(int32(tcp.Seq - es.reqBase))
+			if off < 0 || off > int64(len(es.sent))*8+maxJump {
+				continue
+			}
 			for k := (off + 7) / 8; (k+1)*8 <= off+int64(plen); k++ {
 				for int64(len(es.sent)) <= k {
 					es.sent = append(es.sent, -1)
@@ -253,7 +295,8 @@ func Analyze(r io.Reader, serverPorts map[uint16]bool, echoPort uint16) (*Captur
 			}
 			continue
 		}
-		if es.reply(int64(tcp.Seq-es.repBase), int64(tcp.Seq-es.repBase)+int64(plen), ts, c.Samples) {
+		from := int64(int32(tcp.Seq - es.repBase))
+		if es.reply(from, from+int64(plen), ts, c.Samples) {
 			cs.Progress = append(cs.Progress, ts)
 		}
 	}
@@ -305,6 +348,31 @@ func (c *Capture) Summary() string {
 	for _, p := range sp {
 		v := byServer[uint16(p)]
 		s += fmt.Sprintf("  server port %d: %d connections, %d packets, %d retransmitted (%d by the client, %d by timeout), %d resets\n", p, v[0], v[1], v[2], v[5], v[3], v[4])
+	}
+	return s
+}
+
+// Deliveries lists the connections to port (by first delivery): the
+// server, the first and last delivery of new bytes in order and of any
+// payload (duplicates included) since the capture began, and the longest
+// gap between deliveries of new bytes.
+func (c *Capture) Deliveries(port uint16) string {
+	var conns []*ConnStats
+	for k, cs := range c.Conns {
+		if k.Server == port && len(cs.Progress) > 0 {
+			conns = append(conns, cs)
+		}
+	}
+	sort.Slice(conns, func(i, j int) bool { return conns[i].Progress[0].Before(conns[j].Progress[0]) })
+	rel := func(t time.Time) string { return t.Sub(c.First).Round(time.Millisecond).String() }
+	s := fmt.Sprintf("connections to port %d: first and last new bytes, last payload (duplicates included), longest gap between new bytes\n", port)
+	for _, cs := range conns {
+		var longest time.Duration
+		for i := 1; i < len(cs.Progress); i++ {
+			longest = max(longest, cs.Progress[i].Sub(cs.Progress[i-1]))
+		}
+		s += fmt.Sprintf("  %d -> %s: new bytes %s..%s, last payload %s, longest gap %s\n", cs.ClientPort, cs.Server,
+			rel(cs.Progress[0]), rel(cs.Progress[len(cs.Progress)-1]), rel(cs.Arrivals[len(cs.Arrivals)-1]), longest.Round(time.Millisecond))
 	}
 	return s
 }

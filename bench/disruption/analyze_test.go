@@ -126,19 +126,19 @@ func TestAnalyze(t *testing.T) {
 	if c.Retransmits != 2 || c.RTORetransmits != 1 || c.Resets != 1 {
 		t.Errorf("retransmits %d (by timeout %d), resets %d; want 2 (1), 1", c.Retransmits, c.RTORetransmits, c.Resets)
 	}
-	if cs := c.Conns[cp]; cs.Retransmits != 2 || cs.ServerPort != 7 || cs.Server.String() != "10.1.0.10" {
+	if cs := c.Conns[ConnKey{cp, 7}]; cs.Retransmits != 2 || cs.ServerPort != 7 || cs.Server.String() != "10.1.0.10" {
 		t.Errorf("echo conn %+v", cs)
 	}
-	if a := c.Conns[40002].Arrivals; len(a) != 1 || !a[0].Equal(b.t0.Add(510*ms)) {
+	if a := c.Conns[ConnKey{40002, 80}].Arrivals; len(a) != 1 || !a[0].Equal(b.t0.Add(510*ms)) {
 		t.Errorf("bulk arrivals %v", a)
 	}
 	// New bytes in order: the reply at 70 ms and the big one at 400 ms;
 	// the duplicate at 410 ms is no progress.
-	if p := c.Conns[cp].Progress; len(p) != 2 || !p[0].Equal(b.t0.Add(70*ms)) || !p[1].Equal(b.t0.Add(400*ms)) {
+	if p := c.Conns[ConnKey{cp, 7}].Progress; len(p) != 2 || !p[0].Equal(b.t0.Add(70*ms)) || !p[1].Equal(b.t0.Add(400*ms)) {
 		t.Errorf("echo progress %v", p)
 	}
-	if c.Conns[cp].RetransmitsToServer != 1 {
-		t.Errorf("client retransmits %d, want 1", c.Conns[cp].RetransmitsToServer)
+	if c.Conns[ConnKey{cp, 7}].RetransmitsToServer != 1 {
+		t.Errorf("client retransmits %d, want 1", c.Conns[ConnKey{cp, 7}].RetransmitsToServer)
 	}
 	var echo []time.Duration
 	var icmp []time.Duration

@@ -49,7 +49,7 @@ var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
 
 var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
-	pcapDir                                                 string
+	pcapDir, analyze                                        string
 	repeats, conns, ram                                     int
 	giveUp                                                  time.Duration
 	keepPcap                                                int64
@@ -90,6 +90,7 @@ func main() {
 	flag.StringVar(&flags.labName, "lab", "bench", "lab name")
 	flag.Int64Var(&flags.keepPcap, "keep-pcap-mib", 4, "keep a run's pcap beside the results when it is at most this many MiB")
 	flag.StringVar(&flags.pcapDir, "pcap-dir", "", "also keep every run's pcap in this directory (outside the repository: live runs' are tens of MiB)")
+	flag.StringVar(&flags.analyze, "analyze", "", "only analyze this pcap (a client capture) and print its summary and each connection's deliveries")
 	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections)")
 	flag.Parse()
 	if err := run(); err != nil {
@@ -163,6 +164,14 @@ func (sc *scenario) describe() Scenario {
 }
 
 func run() error {
+	if flags.analyze != "" {
+		c, err := AnalyzeFile(flags.analyze, serverPorts, labrun.EchoPort)
+		if err != nil {
+			return err
+		}
+		fmt.Print(c.Summary(), c.Deliveries(labrun.EchoPort))
+		return nil
+	}
 	sc, err := parse()
 	if err != nil {
 		return err

@@ -67,7 +67,7 @@ func compute(d runData) map[string]float64 {
 			var arr []time.Time
 			seen := false
 			for _, p := range e.Ports {
-				if cs := d.Capture.Conns[p]; cs != nil {
+				if cs := d.Capture.Conns[ConnKey{p, labrun.EchoPort}]; cs != nil {
 					arr = append(arr, cs.Progress...)
 					seen = true
 				}
@@ -114,7 +114,7 @@ func compute(d runData) map[string]float64 {
 		// first byte to the end of the load.
 		var arr []time.Time
 		for _, p := range d.Bulk {
-			if cs := c.Conns[p]; cs != nil {
+			if cs := c.Conns[ConnKey{p, 80}]; cs != nil {
 				arr = append(arr, cs.Progress...)
 			}
 		}

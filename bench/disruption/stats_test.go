@@ -71,8 +71,8 @@ func TestCompute(t *testing.T) {
 		HTTP: labrun.HTTPView{Failed: 3, FailWindow: 700 * ms, NewAddrAt: 4 * time.Second},
 		Ping: labrun.PingView{Lost: 7},
 		Bulk: labrun.BulkView{Bytes: 1 << 20, Conns: []labrun.BulkConn{{Port: 41000}}}}
-	c := &Capture{Retransmits: 9, RTORetransmits: 2, Resets: 1, WireBytes: 5000, Conns: map[uint16]*ConnStats{
-		41000: {Progress: []time.Time{t0, t0.Add(10 * ms), t0.Add(2 * time.Second), t0.Add(10 * time.Second)},
+	c := &Capture{Retransmits: 9, RTORetransmits: 2, Resets: 1, WireBytes: 5000, Conns: map[ConnKey]*ConnStats{
+		{41000, 80}: {Progress: []time.Time{t0, t0.Add(10 * ms), t0.Add(2 * time.Second), t0.Add(10 * time.Second)},
 			Arrivals: []time.Time{t0, t0.Add(5 * time.Second)}}}}
 	d := runData{Start: t0, Stopped: t0.Add(2 * time.Second), Pause: 150 * ms, Total: 20 * time.Second, View: v,
 		MigrationWire: 1 << 30, Capture: c, Bulk: bulkPorts(v)}
@@ -91,8 +91,8 @@ func TestCompute(t *testing.T) {
 	// deliveries of new bytes on the connection's ports (a reconnect
 	// joins two), from the first delivery to the end of the load.
 	v.Echo[0].Ports = []uint16{42000, 42001}
-	c.Conns[42000] = &ConnStats{Progress: []time.Time{t0, t0.Add(10 * ms)}, Arrivals: []time.Time{t0.Add(time.Second)}}
-	c.Conns[42001] = &ConnStats{Progress: []time.Time{t0.Add(3010 * ms), t0.Add(10 * time.Second)}}
+	c.Conns[ConnKey{42000, 7}] = &ConnStats{Progress: []time.Time{t0, t0.Add(10 * ms)}, Arrivals: []time.Time{t0.Add(time.Second)}}
+	c.Conns[ConnKey{42001, 7}] = &ConnStats{Progress: []time.Time{t0.Add(3010 * ms), t0.Add(10 * time.Second)}}
 	d.View = v
 	m = compute(d)
 	if m["echo_gap_longest_ms"] != 7000-10 || m["disruption_total_ms"] != 7000-10-10+3000-10 {
