@@ -74,11 +74,17 @@ demo: build guest
 demo-down:
 	bin/vmhop-lab down --name demo
 
-# Disruption benchmark (root, ~15 min): vmhop vs freeze-and-copy, side by
-# side in one run, measured by packet capture at the lab's client.
+# Disruption benchmark (root, ~25 min with the defaults): freeze-and-copy,
+# live migration with DNS only, vmhop (eBPF redirect), vmhop (userspace
+# fallback), each BENCH_REPEATS times under the same load, decomposed from
+# a packet capture at the client; results, tables and plots in
+# bench/results/<date>-<scenario>/. BENCH_FLAGS adds -disk, -fill, -modes,
+# -scale, ... (go run ./bench/disruption -h).
+BENCH_REPEATS ?= 3
+BENCH_FLAGS ?=
 bench: guest
 	mkdir -p bench/results
-	$(GO) run ./bench/disruption -out bench/results/disruption.txt
+	$(GO) run ./bench/disruption -repeats $(BENCH_REPEATS) -out bench/results $(BENCH_FLAGS)
 
 # Datapath throughput (root, ~1 min): iperf3 over plain routing, the eBPF
 # redirect, the new address (NAT) and the userspace fallback, in one run.

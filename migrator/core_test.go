@@ -361,3 +361,26 @@ func TestPlanChecked(t *testing.T) {
 		t.Fatalf("a refused plan acted: %v", ev)
 	}
 }
+
+// TestRunNoRedirect: with NoRedirect the VM still moves and DNS flips, but
+// the source's redirect is never switched on (the benchmark's DNS-only
+// mode), and the disk is still proven inside the pause.
+func TestRunNoRedirect(t *testing.T) {
+	w := newWorld(t, "web1")
+	w.plan.NoRedirect = true
+	rep, err := Run(context.Background(), w.plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range w.ev.get() {
+		if e == "source: redirect on=true" {
+			t.Fatalf("redirect switched on with NoRedirect: %v", w.ev.get())
+		}
+	}
+	if w.src.redirect == "on" || !rep.DigestMatch {
+		t.Fatalf("redirect %q, digest match %v", w.src.redirect, rep.DigestMatch)
+	}
+	if !slices.Contains(w.ev.get(), "dns: flip") {
+		t.Fatalf("dns not flipped: %v", w.ev.get())
+	}
+}

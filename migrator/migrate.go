@@ -58,6 +58,13 @@ type Plan struct {
 
 	DrainIdle, DrainTimeout time.Duration
 
+	// NoRedirect leaves the redirect off at the switch: the VM moves and
+	// DNS flips, but packets for the old address keep going to the source,
+	// where nothing answers them (connections open at the move are lost).
+	// Only for measuring what the redirect is worth (the benchmark's
+	// "DNS only" mode); a real migration never sets it.
+	NoRedirect bool
+
 	// Health, if enabled, must pass after the destination resumes; until
 	// it does, the source VM is kept (paused), DNS is not flipped. A check
 	// that fails makes Run return an error wrapping ErrUnhealthy.
@@ -520,6 +527,15 @@ func (r *run) memory(ctx context.Context) error {
 	res, err := p.Driver.Migrate(ctx, p.Limits, p.Progress, func(ctx context.Context) error {
 		// Packets for the VM go to the destination from now: every one that
 		// reached the stopped source would be lost with it.
+		if p.NoRedirect {
+			p.Log.Warn("redirect left off (NoRedirect): packets for the old address are lost from now")
+			if p.OnSwitch != nil {
+				if err := p.OnSwitch(ctx); err != nil {
+					return err
+				}
+			}
+			return r.diskFinal(ctx)
+		}
 		on := redirect
 		on.On = true
 		if err := p.Source.SetRedirect(ctx, on); err != nil {

@@ -1,55 +1,97 @@
-// Command disruption measures what a client sees when a VM moves between
-// the lab's sites, two ways, side by side in one run:
+// Command disruption is vmhop's benchmark: it moves the lab's guest from
+// site A to site B in several modes, each in every run, under the same
+// scenario and client load, repeats each, and decomposes what the client
+// saw from a packet capture at the client:
 //
-//   - vmhop: live migration (memory, mirrored disk, redirect, DNS flip);
-//   - freeze-and-copy: stop the VM, copy its disk over the WAN (only the
-//     allocated bytes), boot it at site B on its new address, flip DNS; the
-//     client reconnects by name once it notices (1 s without an answer).
+//   - freeze-and-copy: stop the VM, copy its disk's data over the WAN, boot
+//     it at site B on the new address, flip DNS;
+//   - live-dns-only: live migration and the DNS flip, without the redirect;
+//   - vmhop-ebpf: live migration, the eBPF redirect, the DNS flip;
+//   - vmhop-userspace: the same with the userspace fallback redirect
+//     (labrun.RedirectUserspace; "not available" until it is built).
 //
-// In both, a client in the lab sends a request every 10 ms over TCP to the
-// guest's echo service while tcpdump captures its interface; disruption is
-// the time the capture shows no answer (gaps over 30 ms, less the 10 ms
-// interval). Needs root. Writes a text report (bench/results/).
+// The load (labrun.Load): persistent echo connections at 100 Hz, a new
+// HTTP connection by DNS name every 50 ms, ICMP every 10 ms, one bulk
+// download in flight across the move; every client gives up after 2 s of
+// silence and reconnects by name. Outputs under -out/<date>-<scenario>/:
+// results.json (every metric, units in the names), results.md,
+// pcap-summary.txt, the small pcaps, timeline-<mode>.png and bars*.png.
+// Needs root (the lab).
 package main
 
 import (
 	"context"
-	"encoding/binary"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/miekg/dns"
-
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/labrun"
-	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/internal/units"
-	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
-	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
+// captureFilter is what the client's capture keeps: the echo connections,
+// HTTP (new connections and the bulk download) and ICMP.
+const captureFilter = "tcp port 7 or tcp port 80 or icmp"
+
+var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
+
 var flags struct {
-	disk, fill, rate string
-	spec, out        string
+	disk, fill, rate, bulk, spec, out, name, modes, labName string
+	pcapDir, analyze                                        string
+	repeats, conns, ram                                     int
+	giveUp                                                  time.Duration
+	keepPcap                                                int64
+	scale                                                   bool
+}
+
+// scenario is the parsed flags: what every mode moves, under which load.
+type scenario struct {
+	Name        string
+	Disk, Fill  units.ByteSize
+	Rate        units.Bitrate
+	RAMMiB      int
+	Conns       int
+	BulkRate    int64
+	GiveUp      time.Duration
+	Repeats     int
+	Links       map[string]lab.Profile
+	Spec        *config.Migration
+	SpecFile    string
+	Modes       []string
+	KeepPcapMiB int64
 }
 
 func main() {
 	lab.RunChild()
-	flag.StringVar(&flags.disk, "disk", "4GiB", "guest disk size")
-	flag.StringVar(&flags.fill, "fill", "3GiB", "random data written to the disk before boot")
+	flag.StringVar(&flags.name, "scenario", "standard", "scenario name (results go to -out/<date>-<scenario>)")
+	flag.StringVar(&flags.disk, "disk", "2GiB", "guest disk size")
+	flag.StringVar(&flags.fill, "fill", "1GiB", "random data written to the disk before boot (what freeze-and-copy copies)")
 	flag.StringVar(&flags.rate, "rate", "100mbit", "rate of each site's WAN link")
+	flag.IntVar(&flags.ram, "ram", 128, "guest RAM, MiB")
+	flag.IntVar(&flags.conns, "conns", 4, "persistent echo connections at 100 Hz")
+	flag.StringVar(&flags.bulk, "bulk-rate", "8mbit", "pace of the bulk download (the guest sends at it); 0: unpaced")
+	flag.DurationVar(&flags.giveUp, "give-up", 2*time.Second, "clients give up on a silent connection after this and reconnect by name")
+	flag.IntVar(&flags.repeats, "repeats", 3, "runs per mode")
+	flag.StringVar(&flags.modes, "modes", strings.Join([]string{modeFreeze, modeDNSOnly, modeEBPF, modeUserspace}, ","), "modes, comma-separated")
 	flag.StringVar(&flags.spec, "spec", "configs/lab-migration.yaml", "migration spec (limits, DNS)")
-	flag.StringVar(&flags.out, "out", "", "also write the report here")
+	flag.StringVar(&flags.out, "out", "bench/results", "results directory (a <date>-<scenario> directory is made in it)")
+	flag.StringVar(&flags.labName, "lab", "bench", "lab name")
+	flag.Int64Var(&flags.keepPcap, "keep-pcap-mib", 4, "keep a run's pcap beside the results when it is at most this many MiB")
+	flag.StringVar(&flags.pcapDir, "pcap-dir", "", "also keep every run's pcap in this directory (outside the repository: live runs' are tens of MiB)")
+	flag.StringVar(&flags.analyze, "analyze", "", "only analyze this pcap (a client capture) and print its summary and each connection's deliveries")
+	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections)")
 	flag.Parse()
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "disruption:", err)
@@ -57,271 +99,331 @@ func main() {
 	}
 }
 
-func run() error {
-	disk, err := units.ParseByteSize(flags.disk)
-	if err != nil {
-		return fmt.Errorf("-disk: %w", err)
+func parse() (*scenario, error) {
+	sc := &scenario{Name: flags.name, RAMMiB: flags.ram, Conns: flags.conns, GiveUp: flags.giveUp, Repeats: flags.repeats,
+		SpecFile: flags.spec, KeepPcapMiB: flags.keepPcap}
+	var err error
+	if sc.Disk, err = units.ParseByteSize(flags.disk); err != nil {
+		return nil, fmt.Errorf("-disk: %w", err)
 	}
-	fill, err := units.ParseByteSize(flags.fill)
-	if err != nil {
-		return fmt.Errorf("-fill: %w", err)
+	if sc.Fill, err = units.ParseByteSize(flags.fill); err != nil {
+		return nil, fmt.Errorf("-fill: %w", err)
 	}
-	rate, err := units.ParseBitrate(flags.rate)
-	if err != nil {
-		return fmt.Errorf("-rate: %w", err)
+	if sc.Rate, err = units.ParseBitrate(flags.rate); err != nil {
+		return nil, fmt.Errorf("-rate: %w", err)
 	}
-	spec, err := config.LoadMigration(flags.spec)
-	if err != nil {
-		return err
+	if flags.bulk == "0" {
+		sc.BulkRate = -1
+	} else {
+		br, err := units.ParseBitrate(flags.bulk)
+		if err != nil {
+			return nil, fmt.Errorf("-bulk-rate: %w", err)
+		}
+		sc.BulkRate = int64(br.BytesPerSecond())
 	}
-	links := lab.DefaultLinks()
+	if sc.Repeats < 1 {
+		return nil, fmt.Errorf("-repeats %d: want at least 1", sc.Repeats)
+	}
+	for _, m := range strings.Split(flags.modes, ",") {
+		if _, _, err := splitMode(m); err != nil {
+			return nil, fmt.Errorf("-modes: %w", err)
+		}
+		sc.Modes = append(sc.Modes, m)
+	}
+	if sc.Spec, err = config.LoadMigration(flags.spec); err != nil {
+		return nil, err
+	}
+	sc.Links = lab.DefaultLinks()
 	for _, h := range []string{lab.SiteA, lab.SiteB} {
-		p := links[h]
-		p.Rate = rate
-		links[h] = p
+		p := sc.Links[h]
+		p.Rate = sc.Rate
+		sc.Links[h] = p
 	}
-	ctx := context.Background()
-	vmc := lab.VMConfig{DiskSize: disk, Prefill: fill}
-	var rep strings.Builder
-	fmt.Fprintf(&rep, "vmhop disruption benchmark, %s\n", time.Now().UTC().Format(time.RFC3339))
-	fmt.Fprintf(&rep, "setup: guest 128 MiB RAM (QEMU 7.2 TCG), disk %s with %s of data, disk writer 20 records/s;\n", disk, fill)
-	fmt.Fprintf(&rep, "       site links %s and %v one way each (site to site RTT %v); client probe every 10 ms over TCP\n",
-		rate, links[lab.SiteA].Delay, 4*links[lab.SiteA].Delay)
-	fmt.Fprintf(&rep, "host: %d cores, %s\n\n", runtime.NumCPU(), kernel())
+	return sc, nil
+}
 
-	// 1. vmhop live migration.
-	l, err := lab.Up(ctx, lab.Config{Name: "benchlv", Links: links})
-	if err != nil {
-		return err
-	}
-	defer l.Down()
-	vm, err := l.StartVM(ctx, vmc)
-	if err != nil {
-		return err
-	}
-	if err := l.WaitGuest(ctx, vm.IP, 120*time.Second); err != nil {
-		return err
-	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	// The same client as freeze-and-copy's below: one echo connection at
-	// 100 Hz, nothing else, so the two are measured under the same load.
-	out, err := labrun.MigrateUnder(ctx, l, spec, log, &labrun.Load{Conns: 1, HTTPEvery: -1, PingEvery: -1})
-	if err != nil {
-		return fmt.Errorf("live migration: %w", err)
-	}
-	fmt.Fprintf(&rep, "== vmhop live migration\n")
-	out.Print(&rep)
-	_, worst := out.Worst()
-	live, liveOut := worst.Disruption.Total, worst.Disruption.Outage
-	l.Down()
+// load is the client load every mode runs under.
+func (sc *scenario) load(l *lab.Lab, addr netip.Addr, spec *config.Migration) *labrun.Load {
+	return &labrun.Load{L: l, Addr: addr, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
+		Conns: sc.Conns, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+}
 
-	// 2. Freeze-and-copy.
-	fc, fcOut, err := freezeAndCopy(ctx, links, vmc, spec, &rep)
+func (sc *scenario) shape() *labrun.Load {
+	return &labrun.Load{Conns: sc.Conns, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+}
+
+func (sc *scenario) describe() Scenario {
+	a := sc.Links[lab.SiteA]
+	return Scenario{Name: sc.Name, Repeats: sc.Repeats, GuestRAMMiB: sc.RAMMiB, DiskMiB: int64(sc.Disk) >> 20, DiskDataMiB: int64(sc.Fill) >> 20,
+		SiteLinkBitS: float64(sc.Rate), SiteRTTMs: float64(4*a.Delay) / float64(time.Millisecond),
+		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, EchoConns: sc.Conns, EchoEveryMs: 10, HTTPEveryMs: 50, PingEveryMs: 10,
+		BulkRateBytesS: sc.BulkRate, ClientGiveUpMs: float64(sc.GiveUp) / float64(time.Millisecond),
+		DownTimeLimitMs: float64(sc.Spec.Limits.Downtime) / float64(time.Millisecond), DiskRecordsPerS: 20, VMsMovedAtOnce: 1,
+		SpecFile: sc.SpecFile, DiskStorageMode: sc.Spec.Storage.Mode, CaptureFilter: captureFilter,
+		FreezeReconnects: fmt.Sprintf("the same load; clients give up after %s of silence and reconnect by name", sc.GiveUp)}
+}
+
+func run() error {
+	if flags.analyze != "" {
+		c, err := AnalyzeFile(flags.analyze, serverPorts, labrun.EchoPort)
+		if err != nil {
+			return err
+		}
+		fmt.Print(c.Summary(), c.Deliveries(labrun.EchoPort))
+		return nil
+	}
+	sc, err := parse()
 	if err != nil {
-		return fmt.Errorf("freeze-and-copy: %w", err)
+		return err
 	}
-	fmt.Fprintf(&rep, "\n== result\n")
-	fmt.Fprintf(&rep, "client-visible disruption (gaps over 30 ms): vmhop %s, freeze-and-copy %s: %.0f-fold less with vmhop (reference: 358-fold)\n",
-		live.Round(time.Millisecond), fc.Round(time.Millisecond), float64(fc)/float64(live))
-	fmt.Fprintf(&rep, "outages (gaps over 100 ms):                vmhop %s, freeze-and-copy %s: %.0f-fold less with vmhop\n",
-		liveOut.Round(time.Millisecond), fcOut.Round(time.Millisecond), float64(fcOut)/float64(liveOut))
-	fmt.Print(rep.String())
-	if flags.out != "" {
-		return os.WriteFile(flags.out, []byte(rep.String()), 0o644)
+	if flags.scale {
+		return scaling(sc)
 	}
+	t0 := time.Now()
+	dir := filepath.Join(flags.out, t0.UTC().Format("2006-01-02")+"-"+sc.Name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	res := &Results{Date: t0.UTC().Format(time.RFC3339), Commit: commit(), Host: host(), Scenario: sc.describe(), Metrics: metrics}
+	byMode := map[string]*ModeResult{}
+	for _, mi := range modeInfo {
+		for _, m := range sc.Modes {
+			base, budget, _ := splitMode(m)
+			if base != mi.name {
+				continue
+			}
+			what := mi.what
+			if budget > 0 {
+				what += fmt.Sprintf("; migration budget %s instead of the spec's", budget)
+			}
+			res.Modes = append(res.Modes, ModeResult{Mode: m, What: what, Available: true})
+		}
+	}
+	for i := range res.Modes {
+		byMode[res.Modes[i].Mode] = &res.Modes[i]
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	// Modes interleaved, repeat by repeat: the machine's load drifts, and
+	// each mode sees the same drift.
+	for rep := 1; rep <= sc.Repeats; rep++ {
+		for i := range res.Modes {
+			m := &res.Modes[i]
+			if !m.Available {
+				continue
+			}
+			fmt.Fprintf(os.Stderr, "== %s, run %d of %d (%s since start)\n", m.Mode, rep, sc.Repeats, time.Since(t0).Round(time.Second))
+			r, err := runOne(context.Background(), sc, m.Mode, rep, dir, log)
+			if err != nil && strings.Contains(err.Error(), labrun.ErrUnavailable.Error()) {
+				m.Available, m.Unavailable = false, err.Error()
+				fmt.Fprintf(os.Stderr, "   %s: %v\n", m.Mode, err)
+				continue
+			}
+			if err != nil {
+				r.Err = err.Error()
+				fmt.Fprintf(os.Stderr, "   FAILED: %v\n", err)
+			}
+			fmt.Fprintf(os.Stderr, "   pause %.0f ms, disruption %.0f ms, longest echo gap %.0f ms, move %.1f s\n", r.Metrics["vm_pause_ms"],
+				r.Metrics["disruption_total_ms"], r.Metrics["echo_gap_longest_ms"], r.Metrics["total_move_ms"]/1000)
+			m.Runs = append(m.Runs, r)
+		}
+	}
+	for i := range res.Modes {
+		res.Modes[i].Stats = Aggregate(res.Modes[i].Runs)
+	}
+	if fc, vm := byMode[modeFreeze], byMode[modeEBPF]; fc != nil && vm != nil {
+		res.RatioFreezeOverVmhop = Ratios(fc.Stats, vm.Stats)
+	}
+	res.Took = time.Since(t0).Round(time.Second).String()
+	res.Notes = append(res.Notes, "Rerun: `sudo make bench` (or `go run ./bench/disruption -repeats 3 -disk "+flags.disk+" -fill "+flags.fill+"`).")
+	if err := res.Write(dir); err != nil {
+		return err
+	}
+	if err := plots(dir, res); err != nil {
+		return err
+	}
+	fmt.Print(res.Markdown())
+	fmt.Fprintf(os.Stderr, "results in %s\n", dir)
 	return nil
 }
 
-func kernel() string {
-	var u unix.Utsname
-	unix.Uname(&u)
-	return "Linux " + unix.ByteSliceToString(u.Release[:])
-}
+// barMetrics are the decomposed metrics the bar charts show.
+var barMetrics = []string{"vm_pause_ms", "disruption_total_ms", "echo_gap_longest_ms", "bulk_gap_longest_ms", "tcp_rto_retransmits",
+	"http_fail_window_ms", "new_addr_after_stop_ms", "ping_lost", "total_move_ms"}
 
-func freezeAndCopy(ctx context.Context, links map[string]lab.Profile, vmc lab.VMConfig, spec *config.Migration, rep io.Writer) (time.Duration, time.Duration, error) {
-	l, err := lab.Up(ctx, lab.Config{Name: "benchfc", Links: links})
-	if err != nil {
-		return 0, 0, err
-	}
-	defer l.Down()
-	vm, err := l.StartVM(ctx, vmc)
-	if err != nil {
-		return 0, 0, err
-	}
-	if err := l.WaitGuest(ctx, vm.IP, 120*time.Second); err != nil {
-		return 0, 0, err
-	}
-	const port = 7
-	capture, err := labrun.StartCapture(l, l.Path("client.pcap"), port)
-	if err != nil {
-		return 0, 0, err
-	}
-	probe := &labrun.Probe{L: l, Target: netip.AddrPortFrom(vm.IP, port), Interval: 10 * time.Millisecond, GiveUp: time.Second,
-		Resolve: func(ctx context.Context) (netip.Addr, error) {
-			r, err := l.QueryDNS(lab.Client, lab.SvcName, dns.TypeA)
-			if err != nil || len(r.Answer) == 0 {
-				return netip.Addr{}, fmt.Errorf("resolve: %v", err)
+// plots draws each mode's first good run's timeline and the bar charts
+// (all modes; the live modes alone, on their own scale).
+func plots(dir string, res *Results) error {
+	var live []ModeResult
+	for _, m := range res.Modes {
+		if m.Mode != modeFreeze {
+			live = append(live, m)
+		}
+		for _, r := range m.Runs {
+			if r.Err != "" || len(r.samples) == 0 {
+				continue
 			}
-			a, _ := netip.AddrFromSlice(r.Answer[0].(*dns.A).A.To4())
-			return a, nil
-		}}
-	pctx, stop := context.WithCancel(ctx)
-	defer stop()
-	done := make(chan struct{})
-	go func() { probe.Run(pctx); close(done) }()
-	time.Sleep(2 * time.Second)
-
-	t0 := time.Now()
-	// Freeze: stop the guest, then its QEMU (the image is consistent).
-	mon, err := dialQMP(ctx, vm.Machine.QMPSocket)
-	if err != nil {
-		return 0, 0, err
-	}
-	mon.Execute(ctx, "stop", nil, nil)
-	mon.Execute(ctx, "quit", nil, nil)
-	mon.Close()
-	tStopped := time.Since(t0)
-	// Copy: the allocated extents, over the WAN, as a sparse-aware copy would.
-	dst, err := l.MachineFor(lab.VMConfig{Host: lab.SiteB})
-	if err != nil {
-		return 0, 0, err
-	}
-	n, err := copyOverWAN(ctx, l, vm.Machine.Disk, dst.Disk)
-	if err != nil {
-		return 0, 0, err
-	}
-	tCopied := time.Since(t0)
-	// Flip DNS, boot at site B on the new address.
-	k, _ := ddns.LoadKey(l.KeyFile())
-	dc := &ddns.Client{Server: spec.DNS.Server, Key: k, Timeout: spec.DNS.Timeout, Dial: l.Dialer(lab.SiteA)}
-	if _, err := dc.Flip(ctx, lab.Zone, lab.SvcName, []netip.Addr{lab.OldIP}, []netip.Addr{lab.NewIP}, spec.DNS.TTL); err != nil {
-		return 0, 0, err
-	}
-	if _, err := l.StartVM(ctx, lab.VMConfig{Host: lab.SiteB, IP: lab.NewIP, Gateway: lab.GatewayB, DiskSize: vmc.DiskSize, ExistingDisk: true}); err != nil {
-		return 0, 0, err
-	}
-	if err := l.WaitGuest(ctx, lab.NewIP, 120*time.Second); err != nil {
-		return 0, 0, err
-	}
-	tBooted := time.Since(t0)
-	// Until the client is back.
-	for i := 0; i < 600; i++ {
-		_, got, _, d := probe.Result()
-		if d.Samples > 0 && got > 0 && time.Since(t0) > tBooted && lastReplyAfter(probe, t0.Add(tBooted)) {
+			title := fmt.Sprintf("%s, run %d: reply latency per probe, phases shaded", m.Mode, r.Repeat)
+			if err := Timeline(filepath.Join(dir, "timeline-"+m.Mode+".png"), title, r.start, r.samples, r.Phases); err != nil {
+				return err
+			}
 			break
 		}
-		time.Sleep(100 * time.Millisecond)
 	}
-	time.Sleep(2 * time.Second)
-	stop()
-	<-done
-	arrivals, total, err := capture.Stop(port)
-	if err != nil {
-		return 0, 0, err
+	if err := Bars(filepath.Join(dir, "bars.png"), res.Modes, barMetrics); err != nil {
+		return err
 	}
-	d := labrun.Gaps(arrivals, probe.Interval)
-	sent, got, reconnects, _ := probe.Result()
-	fmt.Fprintf(rep, "\n== freeze-and-copy\n")
-	fmt.Fprintf(rep, "stopped after %s; copied %d MiB over the WAN by %s (%.1f Mbit/s); booted at site B, answering by %s\n",
-		tStopped.Round(time.Millisecond), n>>20, tCopied.Round(time.Millisecond), float64(n)*8/(tCopied-tStopped).Seconds()/1e6, tBooted.Round(time.Millisecond))
-	fmt.Fprintf(rep, "client probe: %d requests, %d answered, %d reconnects\n", sent, got, reconnects)
-	fmt.Fprintf(rep, "client-visible disruption (packet capture, %d packets): %s in %d gaps, longest %s\n",
-		total, d.Total.Round(time.Millisecond), d.Gaps, d.Longest.Round(time.Millisecond))
-	return d.Total, d.Outage, nil
+	return Bars(filepath.Join(dir, "bars-live.png"), live, barMetrics)
 }
 
-func dialQMP(ctx context.Context, path string) (*qemu.Monitor, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	return qemu.Dial(ctx, path)
+// runOne makes one move in mode in a lab of its own.
+func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string, log *slog.Logger) (RunResult, error) {
+	r := RunResult{Repeat: rep, Metrics: map[string]float64{}}
+	var redirect labrun.Redirect
+	base, budget, err := splitMode(mode)
+	if err != nil {
+		return r, err
+	}
+	spec := *sc.Spec
+	if budget > 0 {
+		spec.Limits.Bandwidth = budget
+	}
+	switch base {
+	case modeDNSOnly:
+		redirect = labrun.RedirectNone
+	case modeEBPF:
+		redirect = labrun.RedirectEBPF
+	case modeUserspace:
+		redirect = labrun.RedirectUserspace
+		// Refused before a lab is built while the fallback is not there.
+		if _, err := labrun.MigrateWith(ctx, nil, &spec, log, sc.shape(), labrun.Options{Redirect: redirect}); err != nil &&
+			strings.Contains(err.Error(), labrun.ErrUnavailable.Error()) {
+			return r, err
+		}
+	}
+	l, err := lab.Up(ctx, lab.Config{Name: flags.labName, Links: sc.Links})
+	if err != nil {
+		return r, err
+	}
+	defer l.Down()
+	vm, err := l.StartVM(ctx, lab.VMConfig{MemMiB: sc.RAMMiB, DiskSize: sc.Disk, Prefill: sc.Fill})
+	if err != nil {
+		return r, err
+	}
+	if err := l.WaitGuest(ctx, vm.IP, 180*time.Second); err != nil {
+		return r, err
+	}
+	var d runData
+	var pcap string
+	var merr error
+	if base == modeFreeze {
+		d, pcap, merr = freezeAndCopy(ctx, l, vm, &spec, sc)
+		r.Guest = "booted anew at site B (a new boot: its RAM is lost by design)"
+	} else {
+		var out labrun.Outcome
+		out, merr = labrun.MigrateWith(ctx, l, &spec, log, sc.shape(), labrun.Options{Redirect: redirect, Capture: captureFilter})
+		d = live(out)
+		pcap = out.Pcap
+		g := out.Guest
+		r.Guest = fmt.Sprintf("same boot %v; RAM verifier %d lost, %d corrupt in %d checks; disk %s", g.SameBoot, g.MemLost, g.MemCorrupt, g.MemCycles, g.Disk)
+		if g.Problem != "" {
+			r.Guest += "; PROBLEM: " + g.Problem
+		}
+	}
+	if pcap != "" {
+		c, err := AnalyzeFile(pcap, serverPorts, labrun.EchoPort)
+		if err != nil {
+			merr = fmt.Errorf("%v; capture: %w", merr, err)
+		} else {
+			d.Capture = c
+			r.PcapSummary = c.Summary()
+			r.samples = c.Samples
+		}
+		if flags.pcapDir != "" {
+			if err := os.MkdirAll(flags.pcapDir, 0o755); err == nil {
+				copyFile(pcap, filepath.Join(flags.pcapDir, fmt.Sprintf("%s-%s-%d.pcap", sc.Name, mode, rep)))
+			}
+		}
+		if st, err := os.Stat(pcap); err == nil && st.Size() <= sc.KeepPcapMiB<<20 {
+			name := fmt.Sprintf("%s-%d.pcap", mode, rep)
+			if copyFile(pcap, filepath.Join(dir, name)) == nil {
+				r.Pcap = name
+			}
+		}
+	}
+	d.Bulk = bulkPorts(d.View)
+	r.Metrics = compute(d)
+	r.start = d.Start
+	for _, s := range d.Phases {
+		r.Phases = append(r.Phases, PhaseMs{Name: s.Name, FromMs: msSince(d.Start, s.From), ToMs: msSince(d.Start, s.To)})
+	}
+	return r, merr
 }
 
-func lastReplyAfter(p *labrun.Probe, t time.Time) bool { return p.LastReply().After(t) }
+// splitMode splits a mode "BASE" or "BASE@BUDGET" (a live mode with the
+// migration's bandwidth budget set to BUDGET, e.g. vmhop-ebpf@70mbit:
+// how much the migration yields to the VM's own traffic).
+func splitMode(m string) (string, units.Bitrate, error) {
+	base, b, hasBudget := strings.Cut(m, "@")
+	known := false
+	for _, mi := range modeInfo {
+		known = known || mi.name == base
+	}
+	if !known {
+		return "", 0, fmt.Errorf("unknown mode %q", base)
+	}
+	if !hasBudget {
+		return base, 0, nil
+	}
+	if base == modeFreeze {
+		return "", 0, fmt.Errorf("mode %q: freeze-and-copy has no budget", m)
+	}
+	budget, err := units.ParseBitrate(b)
+	if err != nil || budget <= 0 {
+		return "", 0, fmt.Errorf("mode %q: budget: %v", m, err)
+	}
+	return base, budget, nil
+}
 
-// copyOverWAN sends the data extents of the image at src (site A) to dst
-// (site B) through the lab's WAN over TCP, and returns the bytes sent.
-func copyOverWAN(ctx context.Context, l *lab.Lab, src, dst string) (int64, error) {
-	ln, err := netns.Listen(l.NS(lab.SiteB), "tcp", lab.HostB.String()+":9911")
+// live is a live migration's outcome as a run.
+func live(out labrun.Outcome) runData {
+	d := runData{Start: out.Start, Total: out.Report.Total, Pause: out.Report.Pause, Phases: out.Spans(), View: out.Client,
+		MigrationWire: int64(out.Report.Runtime.Transferred) + out.Report.DiskWire}
+	for _, s := range d.Phases {
+		if s.Name == "memory" {
+			d.Resumed = s.To
+			d.Stopped = s.To.Add(-out.Report.Pause)
+		}
+	}
+	return d
+}
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
 	if err != nil {
-		return 0, err
+		return err
 	}
-	defer ln.Close()
-	st, err := os.Stat(src)
+	defer in.Close()
+	out, err := os.Create(dst)
 	if err != nil {
-		return 0, err
+		return err
 	}
-	recvErr := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			recvErr <- err
-			return
-		}
-		defer c.Close()
-		f, err := os.Create(dst)
-		if err != nil {
-			recvErr <- err
-			return
-		}
-		defer f.Close()
-		f.Truncate(st.Size())
-		hdr := make([]byte, 16)
-		buf := make([]byte, 1<<20)
-		for {
-			if _, err := io.ReadFull(c, hdr); err != nil {
-				recvErr <- err
-				return
-			}
-			off, n := int64(binary.BigEndian.Uint64(hdr)), int64(binary.BigEndian.Uint64(hdr[8:]))
-			if n == 0 {
-				recvErr <- f.Sync()
-				return
-			}
-			for n > 0 {
-				k := min(n, int64(len(buf)))
-				if _, err := io.ReadFull(c, buf[:k]); err != nil {
-					recvErr <- err
-					return
-				}
-				f.WriteAt(buf[:k], off)
-				off, n = off+k, n-k
-			}
-		}
-	}()
-	c, err := l.DialTCP(ctx, lab.SiteA, netip.AddrPortFrom(lab.HostB, 9911))
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+func commit() string {
+	b, err := exec.Command("git", "describe", "--always", "--dirty").Output()
 	if err != nil {
-		return 0, err
+		return "unknown"
 	}
-	defer c.Close()
-	f, err := os.Open(src)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	var sent int64
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < st.Size(); {
-		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
-		if err != nil {
-			break // no data after off
-		}
-		hole, err := unix.Seek(int(f.Fd()), data, unix.SEEK_HOLE)
-		if err != nil {
-			return sent, err
-		}
-		hdr := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(data)), uint64(hole-data))
-		c.Write(hdr)
-		for p := data; p < hole; {
-			k := min(hole-p, int64(len(buf)))
-			f.ReadAt(buf[:k], p)
-			if _, err := c.Write(buf[:k]); err != nil {
-				return sent, err
-			}
-			p += k
-			sent += k
-		}
-		off = hole
-	}
-	c.Write(make([]byte, 16))
-	return sent, <-recvErr
+	return strings.TrimSpace(string(b))
+}
+
+func host() string {
+	var u unix.Utsname
+	unix.Uname(&u)
+	return fmt.Sprintf("%d cores, Linux %s", runtime.NumCPU(), unix.ByteSliceToString(u.Release[:]))
 }

@@ -288,6 +288,8 @@ func (a *Agent) serveHTTP(ctx context.Context) error {
 		}
 		json.NewEncoder(w).Encode(rep)
 	})
+	// /download?rate=R&bytes=N streams a bulk download (Download).
+	mux.HandleFunc("GET /download", Download)
 	// /dirty?mib=N&mibps=R keeps rewriting an N MiB buffer at R MiB/s, so
 	// pre-copy has work to do; mibps=0 stops.
 	mux.HandleFunc("POST /dirty", func(w http.ResponseWriter, r *http.Request) {

@@ -24,8 +24,15 @@ type Capture struct {
 
 // StartCapture captures TCP port port on the client's eth0 into file.
 func StartCapture(l *lab.Lab, file string, port int) (*Capture, error) {
+	return StartCaptureFilter(l, file, fmt.Sprintf("tcp port %d", port))
+}
+
+// StartCaptureFilter captures what filter (tcpdump's syntax) lets through
+// on the client's eth0 into file: 128 bytes of each packet (headers and
+// the echo payloads), with the packet's length on the wire.
+func StartCaptureFilter(l *lab.Lab, file, filter string) (*Capture, error) {
 	cmd := netns.Command(context.Background(), l.NS(lab.Client), "tcpdump", "-i", "eth0", "-U", "-n", "-s", "128",
-		"-w", file, fmt.Sprintf("tcp port %d", port))
+		"-w", file, filter)
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("tcpdump: %w", err)
 	}

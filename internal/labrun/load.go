@@ -35,6 +35,16 @@ type Load struct {
 	EchoEvery time.Duration  // default 10 ms
 	HTTPEvery time.Duration  // default 50 ms; negative disables
 	PingEvery time.Duration  // default 10 ms; negative disables
+	// GiveUp, if set, is a client's patience: an echo connection (or the
+	// bulk download) that gets nothing back for this long is closed and
+	// made anew to Name's address, resolved again (as a client whose
+	// server went away would). 0: echo connections wait forever.
+	GiveUp time.Duration
+	// BulkRate, if not 0, keeps one bulk TCP download in flight across the
+	// move: GET /download from Name's address (resolved through DNS), paced
+	// by the guest at BulkRate bytes/s (negative: as fast as TCP goes),
+	// read until the load ends; remade by name when it breaks.
+	BulkRate int64
 
 	Echo []*Probe
 
@@ -43,6 +53,7 @@ type Load struct {
 	pingSent map[uint16]time.Time
 	pingGot  []time.Time
 	pingErr  string // why the pings did not run, if they did not
+	bulk     BulkView
 	start    time.Time
 	end      time.Time
 }
@@ -84,6 +95,9 @@ func (ld *Load) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	for range ld.Conns {
 		p := &Probe{L: ld.L, Target: netip.AddrPortFrom(ld.Addr, EchoPort), Interval: ld.EchoEvery}
+		if ld.GiveUp > 0 {
+			p.GiveUp, p.Resolve = ld.GiveUp, ld.resolve
+		}
 		ld.Echo = append(ld.Echo, p)
 	}
 	for _, p := range ld.Echo {
@@ -94,6 +108,9 @@ func (ld *Load) Run(ctx context.Context) {
 	}
 	if ld.PingEvery > 0 {
 		wg.Go(func() { ld.runPing(ctx) })
+	}
+	if ld.BulkRate != 0 {
+		wg.Go(func() { ld.runBulk(ctx) })
 	}
 	// The load ends when it stops asking: answers still in flight may
 	// arrive after, but waiting for them is not an outage.
@@ -109,6 +126,83 @@ func (ld *Load) resolver() *net.Resolver {
 	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 		return dial(ctx, network, ld.DNS.String())
 	}}
+}
+
+// resolve is Name's first IPv4 address, asked of DNS from the client.
+func (ld *Load) resolve(ctx context.Context) (netip.Addr, error) {
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	addrs, err := ld.resolver().LookupNetIP(rctx, "ip4", ld.Name)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("resolve: %w", err)
+	}
+	if len(addrs) == 0 {
+		return netip.Addr{}, errors.New("resolve: no address")
+	}
+	return addrs[0], nil
+}
+
+// BulkView is the bulk download: bytes received and its connections.
+type BulkView struct {
+	Bytes      int64
+	Reconnects int        // connections remade after one broke or went silent
+	Conns      []BulkConn // in order
+}
+
+// BulkConn is one connection of the bulk download.
+type BulkConn struct {
+	Port  uint16     // the client's port (to find it in the capture)
+	Addr  netip.Addr // the address DNS gave
+	Bytes int64
+	Err   string `json:",omitempty"` // why it ended, if not with the load
+}
+
+// runBulk keeps one download in flight until ctx ends.
+func (ld *Load) runBulk(ctx context.Context) {
+	patience := ld.GiveUp
+	if patience == 0 {
+		patience = 3 * time.Second
+	}
+	rate := max(ld.BulkRate, 0)
+	for ctx.Err() == nil {
+		addr, err := ld.resolve(ctx)
+		if err != nil {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		c, err := ld.L.DialTCP(ctx, lab.Client, netip.AddrPortFrom(addr, 80))
+		if err != nil {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		bc := BulkConn{Addr: addr}
+		if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+			bc.Port = uint16(a.Port)
+		}
+		stop := context.AfterFunc(ctx, func() { c.Close() })
+		_, err = fmt.Fprintf(c, "GET /download?rate=%d HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", rate, addr)
+		buf := make([]byte, 64<<10)
+		for err == nil {
+			c.SetReadDeadline(time.Now().Add(patience))
+			var n int
+			n, err = c.Read(buf)
+			bc.Bytes += int64(n)
+			ld.mu.Lock()
+			ld.bulk.Bytes += int64(n)
+			ld.mu.Unlock()
+		}
+		stop()
+		c.Close()
+		if ctx.Err() == nil {
+			bc.Err = err.Error()
+		}
+		ld.mu.Lock()
+		ld.bulk.Conns = append(ld.bulk.Conns, bc)
+		if ctx.Err() == nil {
+			ld.bulk.Reconnects++
+		}
+		ld.mu.Unlock()
+	}
 }
 
 func (ld *Load) runHTTP(ctx context.Context) {
@@ -223,6 +317,7 @@ type ClientView struct {
 	Echo       []EchoView
 	HTTP       HTTPView
 	Ping       PingView
+	Bulk       BulkView // the bulk download (Load.BulkRate), if any
 }
 
 // EchoView is one persistent connection.
@@ -231,6 +326,7 @@ type EchoView struct {
 	Unanswered int // sent and never echoed
 	Reconnects int // the connection broke (reset, timeout) and was made anew
 	Disruption Disruption
+	Ports      []uint16 // its connections' client ports, in order (to find them in the capture)
 }
 
 // HTTPView counts the new connections by name.
@@ -273,9 +369,11 @@ func (ld *Load) View(captured map[uint16][]time.Time) ClientView {
 			}
 		}
 		v.Echo = append(v.Echo, EchoView{Sent: sent, Got: got, Unanswered: sent - got, Reconnects: rec,
-			Disruption: GapsIn(arrivals, p.Interval, ld.from(arrivals), ld.end)})
+			Disruption: GapsIn(arrivals, p.Interval, ld.from(arrivals), ld.end), Ports: ports})
 	}
 	v.HTTP = httpView(ld.http, ld.Addr, ld.start)
+	v.Bulk = ld.bulk
+	v.Bulk.Conns = append([]BulkConn(nil), ld.bulk.Conns...)
 	v.Ping = PingView{Sent: len(ld.pingGot) + len(ld.pingSent), Answered: len(ld.pingGot), Lost: len(ld.pingSent), Err: ld.pingErr}
 	if ld.PingEvery > 0 {
 		v.Ping.Disruption = GapsIn(append([]time.Time(nil), ld.pingGot...), ld.PingEvery, ld.from(ld.pingGot), ld.end)

@@ -30,6 +30,9 @@ type Outcome struct {
 	Preflight migrator.Preflight // what migrator.Check found before the move
 	Drained   time.Duration
 	Start     time.Time // when the migration started
+	// Pcap is the client's packet capture (in the lab's directory: copy it
+	// before the lab goes down).
+	Pcap string `json:",omitempty"`
 	// Err is the migration's error, if any, with its exit code.
 	Err  string `json:",omitempty"`
 	Exit int
@@ -54,6 +57,22 @@ func (g GuestCheck) OK() bool { return g.Problem == "" }
 type span struct {
 	name     string
 	from, to time.Time
+}
+
+// Span is a phase's place in time (wall clock).
+type Span struct {
+	Name     string
+	From, To time.Time
+}
+
+// Spans places the migration's phases in time; dns-prepare runs beside
+// the disk phases.
+func (o Outcome) Spans() []Span {
+	var out []Span
+	for _, s := range o.spans() {
+		out = append(out, Span{s.name, s.from, s.to})
+	}
+	return out
 }
 
 // spans places the phases in time. Phases run one after the other, except
@@ -205,7 +224,8 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 		return out, err
 	}
 	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
-		Conns: shape.Conns, EchoEvery: shape.EchoEvery, HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery}
+		Conns: shape.Conns, EchoEvery: shape.EchoEvery, HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery,
+		GiveUp: shape.GiveUp, BulkRate: shape.BulkRate}
 	lctx, stop := context.WithCancel(ctx)
 	loadDone := make(chan struct{})
 	go func() { load.Run(lctx); close(loadDone) }()
@@ -273,6 +293,119 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 	}
 	if err == nil && !out.Guest.OK() {
 		err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
+	}
+	if err != nil {
+		out.Err = err.Error()
+	}
+	out.Exit = migrator.ExitCode(err)
+	return out, err
+}
+
+// Redirect is how packets for the old address reach the moved VM.
+type Redirect string
+
+const (
+	// RedirectEBPF is vmhop's eBPF/TC redirect (the default).
+	RedirectEBPF Redirect = "ebpf"
+	// RedirectNone leaves the redirect off (migrator.Plan.NoRedirect):
+	// live migration with the DNS flip only.
+	RedirectNone Redirect = "none"
+	// RedirectUserspace is the packet-level userspace fallback: not
+	// available yet (ErrUnavailable).
+	RedirectUserspace Redirect = "userspace"
+)
+
+// ErrUnavailable: the option asked for is not built yet.
+var ErrUnavailable = errors.New("not available")
+
+// Options are a benchmark's changes to a lab migration.
+type Options struct {
+	Redirect Redirect // "" is RedirectEBPF
+	// Capture is the client capture's tcpdump filter; "" captures the echo
+	// port only ("tcp port 7"). The echo analysis follows port 7 whatever
+	// else is captured.
+	Capture string
+}
+
+// MigrateWith is the benchmark's migration: like MigrateUnder, but run
+// in this process (Plan, migrator.Run: the same migration core and data
+// paths vmhopd runs, one process driving both hosts, no peer API), so
+// that opt can change how the network moves; vmhopd has no such switch.
+// An option that is not built yet fails with ErrUnavailable before the
+// lab is touched.
+func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load, opt Options) (Outcome, error) {
+	var out Outcome
+	switch opt.Redirect {
+	case "", RedirectEBPF, RedirectNone:
+	case RedirectUserspace:
+		return out, fmt.Errorf("redirect %q: the packet-level userspace fallback is %w yet", opt.Redirect, ErrUnavailable)
+	default:
+		return out, fmt.Errorf("redirect %q: want %q, %q or %q", opt.Redirect, RedirectEBPF, RedirectNone, RedirectUserspace)
+	}
+	filter := opt.Capture
+	if filter == "" {
+		filter = fmt.Sprintf("tcp port %d", EchoPort)
+	}
+	var vm *lab.VM
+	for _, v := range l.State.VMs {
+		if v.Host == lab.SiteA {
+			vm = v
+		}
+	}
+	if vm == nil {
+		return out, fmt.Errorf("lab %s has no VM at site A (start one: vmhop-lab vm start --name %s)", l.Name, l.Name)
+	}
+	if err := l.WaitGuest(ctx, vm.IP, 10*time.Second); err != nil {
+		return out, fmt.Errorf("guest at site A does not answer: %w", err)
+	}
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		return out, fmt.Errorf("guest status at site A: %w", err)
+	}
+	p, err := Plan(ctx, l, vm, spec, log)
+	if err != nil {
+		return out, err
+	}
+	p.NoRedirect = opt.Redirect == RedirectNone
+	if out.Preflight, err = migrator.Check(ctx, p); err != nil {
+		return out, err
+	}
+	out.Pcap = l.Path("client.pcap")
+	capture, err := StartCaptureFilter(l, out.Pcap, filter)
+	if err != nil {
+		return out, err
+	}
+	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
+		Conns: shape.Conns, EchoEvery: shape.EchoEvery, HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery,
+		GiveUp: shape.GiveUp, BulkRate: shape.BulkRate}
+	lctx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { load.Run(lctx); close(done) }()
+	time.Sleep(time.Second)
+
+	out.Start = time.Now()
+	out.Report, err = migrator.Run(ctx, p)
+	time.Sleep(3 * time.Second) // the clients keep talking to the moved VM
+	stop()
+	<-done
+	byPort, total, cerr := capture.StopByPort(EchoPort)
+	out.Captured = total
+	out.Client = load.View(byPort)
+	if err == nil && cerr != nil {
+		err = cerr
+	}
+	if err == nil || errors.Is(err, migrator.ErrUnhealthy) {
+		out.Guest = CheckGuest(ctx, l, lab.NewIP, before)
+		if err == nil && !out.Guest.OK() {
+			err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
+		}
+	}
+	if err == nil {
+		l.MoveVM(vm.Machine.Name, QEMU(p).DestMachine(), lab.SiteB)
+		out.Drained, err = migrator.Drain(ctx, p)
+		if err != nil {
+			err = fmt.Errorf("%w: drain: %w", migrator.ErrFollowUp, err)
+		}
 	}
 	if err != nil {
 		out.Err = err.Error()

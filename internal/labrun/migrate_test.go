@@ -1,6 +1,8 @@
 package labrun
 
 import (
+	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -56,5 +58,19 @@ func TestSwitchGap(t *testing.T) {
 	}
 	if got := o.SwitchGap(); got != 500*ms {
 		t.Fatalf("SwitchGap = %s, want 500ms", got)
+	}
+}
+
+// TestMigrateWithUnavailable: the userspace fallback redirect is refused
+// as not available, and an unknown redirect as a bad option, before the
+// lab is touched (a nil lab would panic).
+func TestMigrateWithUnavailable(t *testing.T) {
+	_, err := MigrateWith(context.Background(), nil, nil, nil, &Load{}, Options{Redirect: RedirectUserspace})
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("userspace: %v, want ErrUnavailable", err)
+	}
+	_, err = MigrateWith(context.Background(), nil, nil, nil, &Load{}, Options{Redirect: "tc"})
+	if err == nil || errors.Is(err, ErrUnavailable) {
+		t.Fatalf("unknown redirect: %v, want a refusal", err)
 	}
 }

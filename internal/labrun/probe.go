@@ -61,6 +61,12 @@ func (p *Probe) Run(ctx context.Context) {
 			p.mu.Lock()
 			p.reconnects++
 			p.mu.Unlock()
+			// Reconnect where the name points now (it may have moved).
+			if p.Resolve != nil {
+				if a, err := p.Resolve(ctx); err == nil {
+					target = netip.AddrPortFrom(a, target.Port())
+				}
+			}
 		}
 	}
 }

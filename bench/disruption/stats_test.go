@@ -1,0 +1,203 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmhop/vmhop/internal/labrun"
+)
+
+func TestSummarize(t *testing.T) {
+	for _, c := range []struct {
+		in   []float64
+		want Stat
+	}{
+		{[]float64{3, 1, 2}, Stat{N: 3, Min: 1, Median: 2, Max: 3}},
+		{[]float64{4, 1, 2, 3}, Stat{N: 4, Min: 1, Median: 2.5, Max: 4}},
+		{[]float64{math.NaN(), 5}, Stat{N: 1, Min: 5, Median: 5, Max: 5}},
+		{nil, Stat{}},
+	} {
+		if got := Summarize(c.in); got != c.want {
+			t.Errorf("Summarize(%v) = %+v, want %+v", c.in, got, c.want)
+		}
+	}
+}
+
+// TestAggregateRatios: failed runs count in no statistic, a metric a run
+// did not measure only in its own; ratios are of medians, where the
+// denominator is not 0.
+func TestAggregateRatios(t *testing.T) {
+	runs := []RunResult{
+		{Metrics: map[string]float64{"vm_pause_ms": 100, "ping_lost": 0, "new_addr_after_stop_ms": 900}},
+		{Metrics: map[string]float64{"vm_pause_ms": 300, "ping_lost": 0}},
+		{Metrics: map[string]float64{"vm_pause_ms": 200, "ping_lost": 0, "new_addr_after_stop_ms": 700}},
+		{Err: "boom", Metrics: map[string]float64{"vm_pause_ms": 1e9}},
+	}
+	st := Aggregate(runs)
+	if st["vm_pause_ms"] != (Stat{N: 3, Min: 100, Median: 200, Max: 300}) {
+		t.Errorf("vm_pause_ms %+v", st["vm_pause_ms"])
+	}
+	if st["new_addr_after_stop_ms"] != (Stat{N: 2, Min: 700, Median: 800, Max: 900}) {
+		t.Errorf("new_addr_after_stop_ms %+v", st["new_addr_after_stop_ms"])
+	}
+	if _, ok := st["tcp_resets"]; ok {
+		t.Error("a metric no run measured has statistics")
+	}
+	fc := map[string]Stat{"vm_pause_ms": {N: 3, Median: 30000}, "ping_lost": {N: 3, Median: 2000}}
+	r := Ratios(fc, st)
+	if r["vm_pause_ms"] != 150 {
+		t.Errorf("ratio %v, want 150", r["vm_pause_ms"])
+	}
+	if _, ok := r["ping_lost"]; ok {
+		t.Error("ratio over a zero median")
+	}
+}
+
+// TestCompute: a run's metrics from the client's view and its capture.
+func TestCompute(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	ms := time.Millisecond
+	v := labrun.ClientView{Start: t0.Add(-time.Second), End: t0.Add(10 * time.Second),
+		Echo: []labrun.EchoView{
+			{Reconnects: 1, Disruption: labrun.Disruption{Total: 500 * ms, Outage: 400 * ms, Longest: 410 * ms}},
+			{Disruption: labrun.Disruption{Total: 100 * ms, Outage: 0, Longest: 60 * ms}},
+		},
+		HTTP: labrun.HTTPView{Failed: 3, FailWindow: 700 * ms, NewAddrAt: 4 * time.Second},
+		Ping: labrun.PingView{Lost: 7},
+		Bulk: labrun.BulkView{Bytes: 1 << 20, Conns: []labrun.BulkConn{{Port: 41000}}}}
+	c := &Capture{Retransmits: 9, RTORetransmits: 2, Resets: 1, WireBytes: 5000, Conns: map[ConnKey]*ConnStats{
+		{41000, 80}: {Progress: []time.Time{t0, t0.Add(10 * ms), t0.Add(2 * time.Second), t0.Add(10 * time.Second)},
+			Arrivals: []time.Time{t0, t0.Add(5 * time.Second)}}}}
+	d := runData{Start: t0, Stopped: t0.Add(2 * time.Second), Pause: 150 * ms, Total: 20 * time.Second, View: v,
+		MigrationWire: 1 << 30, Capture: c, Bulk: bulkPorts(v)}
+	m := compute(d)
+	want := map[string]float64{"vm_pause_ms": 150, "disruption_total_ms": 500, "disruption_outage_ms": 400, "echo_gap_longest_ms": 410,
+		"echo_gap_total_mean_ms": 300, "echo_reconnects": 1, "http_failed": 3, "http_fail_window_ms": 700,
+		"new_addr_after_stop_ms": 1000, "ping_lost": 7, "bulk_received_bytes": 1 << 20, "tcp_retransmits": 9,
+		"tcp_rto_retransmits": 2, "tcp_resets": 1, "client_wire_bytes": 5000, "migration_wire_bytes": 1 << 30,
+		"total_move_ms": 20000, "bulk_gap_longest_ms": 8000}
+	for k, w := range want {
+		if m[k] != w {
+			t.Errorf("%s = %v, want %v", k, m[k], w)
+		}
+	}
+	// With the capture's echo connections, gaps are the capture's:
+	// deliveries of new bytes on the connection's ports (a reconnect
+	// joins two), from the first delivery to the end of the load.
+	v.Echo[0].Ports = []uint16{42000, 42001}
+	c.Conns[ConnKey{42000, 7}] = &ConnStats{Progress: []time.Time{t0, t0.Add(10 * ms)}, Arrivals: []time.Time{t0.Add(time.Second)}}
+	c.Conns[ConnKey{42001, 7}] = &ConnStats{Progress: []time.Time{t0.Add(3010 * ms), t0.Add(10 * time.Second)}}
+	d.View = v
+	m = compute(d)
+	if m["echo_gap_longest_ms"] != 7000-10 || m["disruption_total_ms"] != 7000-10-10+3000-10 {
+		t.Errorf("from the capture: longest %v, total %v; want 6990, 9970", m["echo_gap_longest_ms"], m["disruption_total_ms"])
+	}
+	for k := range m {
+		found := false
+		for _, mt := range metrics {
+			found = found || mt.Name == k
+		}
+		if !found {
+			t.Errorf("metric %s is not in the list (no description)", k)
+		}
+	}
+}
+
+func sampleResults() *Results {
+	st := map[string]Stat{"vm_pause_ms": {N: 3, Min: 90, Median: 100, Max: 180}, "migration_wire_bytes": {N: 3, Min: 1 << 30, Median: 1 << 30, Max: 1 << 30}}
+	fc := map[string]Stat{"vm_pause_ms": {N: 3, Min: 30000, Median: 31000, Max: 35000}}
+	return &Results{Date: "2026-11-30T00:00:00Z", Commit: "abc", Host: "2 cores",
+		Scenario: Scenario{Name: "standard", Repeats: 3, EchoEveryMs: 10, GuestRAMMiB: 128},
+		Metrics:  metrics,
+		Modes: []ModeResult{
+			{Mode: modeFreeze, Available: true, Stats: fc, Runs: []RunResult{{Repeat: 1, PcapSummary: "10 packets\n"}}},
+			{Mode: modeEBPF, Available: true, Stats: st, Runs: []RunResult{{Repeat: 1}, {Repeat: 2, Err: "boom"}}},
+			{Mode: modeUserspace, Unavailable: "not built"},
+		},
+		RatioFreezeOverVmhop: Ratios(fc, st)}
+}
+
+// TestMarkdownAndWrite: the table gives median (min-max) with units, the
+// ratio, "not available" for a mode that is not, failed runs; the JSON
+// carries every metric's name with its unit.
+func TestMarkdownAndWrite(t *testing.T) {
+	r := sampleResults()
+	md := r.Markdown()
+	for _, want := range []string{
+		"| `vm_pause_ms` | 31.0 s (30.0 s-35.0 s) | 100 ms (90 ms-180 ms) | not available | **310-fold** |",
+		"| `migration_wire_bytes` | - | 1024.0 MiB | not available | - |",
+		"(not available: not built)",
+		"(1 of 2 runs failed, left out of the statistics)",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	dir := t.TempDir()
+	if err := r.Write(dir); err != nil {
+		t.Fatal(err)
+	}
+	var back map[string]any
+	j, _ := os.ReadFile(filepath.Join(dir, "results.json"))
+	if err := json.Unmarshal(j, &back); err != nil {
+		t.Fatal(err)
+	}
+	ratio := back["ratio_freeze_over_vmhop_median"].(map[string]any)
+	if ratio["vm_pause_ms"].(float64) != 310 {
+		t.Errorf("ratio in json: %v", ratio)
+	}
+	ps, _ := os.ReadFile(filepath.Join(dir, "pcap-summary.txt"))
+	if !strings.Contains(string(ps), "== freeze-and-copy, run 1\n10 packets") || !strings.Contains(string(ps), "FAILED: boom") {
+		t.Errorf("pcap summary:\n%s", ps)
+	}
+}
+
+// TestPlots: the timeline and the bar chart are PNG images.
+func TestPlots(t *testing.T) {
+	dir := t.TempDir()
+	t0 := time.Unix(1000, 0)
+	var s []Sample
+	for i := range 500 {
+		lat := time.Duration(30+i%50) * time.Millisecond
+		if i%97 == 0 {
+			lat = -1
+		}
+		s = append(s, Sample{At: t0.Add(time.Duration(i) * 10 * time.Millisecond), Latency: lat, Kind: []string{"echo", "icmp"}[i%2]})
+	}
+	ph := []PhaseMs{{Name: "disk-bulk", FromMs: 0, ToMs: 2000}, {Name: "memory", FromMs: 2000, ToMs: 4500}}
+	tl := filepath.Join(dir, "t.png")
+	if err := Timeline(tl, "test", t0, s, ph); err != nil {
+		t.Fatal(err)
+	}
+	bars := filepath.Join(dir, "b.png")
+	if err := Bars(bars, sampleResults().Modes, barMetrics); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{tl, bars} {
+		b, err := os.ReadFile(f)
+		if err != nil || !bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) || len(b) < 5000 {
+			t.Errorf("%s: %d bytes, err %v, not a PNG image", f, len(b), err)
+		}
+	}
+}
+
+func TestSplitMode(t *testing.T) {
+	base, b, err := splitMode("vmhop-ebpf@70mbit")
+	if err != nil || base != modeEBPF || b.BytesPerSecond() != 70e6/8 {
+		t.Errorf("vmhop-ebpf@70mbit: %q %v %v", base, b, err)
+	}
+	if base, b, err := splitMode(modeFreeze); err != nil || base != modeFreeze || b != 0 {
+		t.Errorf("freeze: %q %v %v", base, b, err)
+	}
+	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "vmhop-ebpf@70mb", "vmhop-ebpf@"} {
+		if _, _, err := splitMode(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
