@@ -140,6 +140,14 @@ func (s *incomingSlot) cleanup() {
 	}
 }
 
+// arriving says whether an incoming migration has started here and its
+// VM does not run here yet.
+func (s *incomingSlot) arriving() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cur != nil && !s.landed
+}
+
 func (s *incomingSlot) current() (*qemu.LocalIncoming, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

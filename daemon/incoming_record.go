@@ -181,8 +181,12 @@ func (d recordingDest) CreateImage(ctx context.Context, req migrator.ImageCreate
 }
 
 func (d recordingDest) AttachVM(ctx context.Context, req migrator.VMAttach) error {
-	if err := d.w.record(func(r *incomingRecord) { r.OldIP, r.NewIP = req.OldIP, req.NewIP }); err != nil {
-		return err
+	// Recorded while the VM is on its way here; the drain's AttachVM (the
+	// VM runs here, its entry loses the tunnel) is the VM's own, not undo.
+	if d.w.in.arriving() {
+		if err := d.w.record(func(r *incomingRecord) { r.OldIP, r.NewIP = req.OldIP, req.NewIP }); err != nil {
+			return err
+		}
 	}
 	return d.w.Host.AttachVM(ctx, req)
 }

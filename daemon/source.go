@@ -198,6 +198,9 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 	if err != nil {
 		return nil, cleanup, err
 	}
+	// The source's QMP socket takes one client at a time: let go of it
+	// when the job ends, whatever the outcome.
+	closers = append(closers, func() { drv.Close() })
 	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	dest := RemoteDestination{Peer: peer}
 	disks := RemoteDiskServer{Peer: peer}
