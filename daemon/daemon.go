@@ -39,6 +39,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmhop/vmhop/daemon/journal"
 	"github.com/vmhop/vmhop/daemon/metrics"
 	"github.com/vmhop/vmhop/internal/config"
 )
@@ -81,6 +82,9 @@ type Daemon struct {
 	secrets Secrets
 	migs    migrations
 	metrics *metrics.Metrics
+	journal *journal.Store // state_dir/journal: the migrations this host coordinates
+
+	recoverMu sync.Mutex // one Recover at a time
 
 	mu     sync.RWMutex // guards cfg.Peers, cfg.LogLevel, peers, reload (Reload changes them)
 	cfg    config.Daemon
@@ -110,7 +114,7 @@ func New(cfg config.Daemon, opts Options) (*Daemon, error) {
 		opts.Metrics = metrics.New()
 	}
 	d := &Daemon{cfg: cfg, opts: opts, log: opts.Log, peers: map[string]*PeerClient{}, metrics: opts.Metrics,
-		secrets: Secrets{dir: filepath.Join(cfg.StateDir, "migrations")}}
+		secrets: Secrets{dir: filepath.Join(cfg.StateDir, "migrations")}, journal: journal.NewStore(journalDir(cfg.StateDir))}
 	if cfg.TLS.Cert != "" {
 		t, err := loadTLS(&cfg)
 		if err != nil {

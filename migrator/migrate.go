@@ -80,6 +80,9 @@ type Plan struct {
 	Log *slog.Logger
 	// Progress, if set, gets memory-migration progress.
 	Progress chan<- hypervisor.Progress
+	// DiskProgress, if set, gets each report of the disk's bulk copy
+	// (called from the copy's goroutine: it must not block).
+	DiskProgress func(storage.BulkProgress)
 	// OnSwitch, if set, runs in the switchover hook before the disk's final
 	// step: the source is paused, the redirect on, the destination not yet
 	// running (tests send packets here that must wait in the destination's
@@ -434,6 +437,9 @@ func (r *run) diskBulk(ctx context.Context) error {
 	var logged time.Time
 	err := p.Disk.Bulk(ctx, r.diskLimit, func(pr storage.BulkProgress) {
 		r.rep.DiskBytes = max(r.rep.DiskBytes, pr.Done)
+		if p.DiskProgress != nil {
+			p.DiskProgress(pr)
+		}
 		if time.Since(logged) > 5*time.Second {
 			logged = time.Now()
 			p.Log.Info("disk bulk copy", "strategy", p.Disk.Name(), "round", pr.Round, "done", pr.Done, "total", pr.Total,

@@ -114,3 +114,18 @@ var (
 	ErrSwitchover        = errors.New("switchover hook failed")
 	ErrDestinationFailed = errors.New("destination failed")
 )
+
+// Recoverable is a Driver a restarted vmhopd can use on a migration its
+// predecessor left (the journal's recovery): reconnect to the source,
+// ask whether the source's migration completed (the destination then
+// holds the VM: go forward), and cancel one that did not.
+type Recoverable interface {
+	// ConnectSource reconnects to the source hypervisor (idempotent).
+	ConnectSource(ctx context.Context) error
+	// SourceMigrated says whether the source's last migration completed
+	// (QEMU: query-migrate "completed", or the run state "postmigrate").
+	SourceMigrated(ctx context.Context) (bool, error)
+	// CancelMigration cancels the source's migration if one runs or waits
+	// (QEMU: migrate_cancel); none running is not an error.
+	CancelMigration(ctx context.Context) error
+}
