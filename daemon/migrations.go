@@ -65,8 +65,31 @@ type Result struct {
 	OK       bool            `json:"ok"`
 	ExitCode int             `json:"exit_code"` // migrator.ExitCode of the error: what `vmhop migrate` exits with
 	Error    string          `json:"error,omitempty"`
-	Duration time.Duration   `json:"duration_ns"`
+	Duration time.Duration   `json:"-"`                // encoded as duration_ms
 	Report   json.RawMessage `json:"report,omitempty"` // the Migrator's report
+}
+
+type resultPlain Result
+
+type resultJSON struct {
+	resultPlain
+	DurationMS float64 `json:"duration_ms"` // start to end, in milliseconds
+}
+
+// MarshalJSON encodes a result with its duration as duration_ms.
+func (r Result) MarshalJSON() ([]byte, error) {
+	return json.Marshal(resultJSON{resultPlain(r), float64(r.Duration.Microseconds()) / 1000})
+}
+
+// UnmarshalJSON decodes what MarshalJSON encodes.
+func (r *Result) UnmarshalJSON(b []byte) error {
+	var j resultJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	*r = Result(j.resultPlain)
+	r.Duration = time.Duration(j.DurationMS * float64(time.Millisecond))
+	return nil
 }
 
 // MigrationStatus is a migration as the status verb lists it.

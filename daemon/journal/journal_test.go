@@ -273,7 +273,10 @@ func (d *fakeDriver) PrepareDestination(context.Context) error { return nil }
 func (d *fakeDriver) Migrate(context.Context, hypervisor.Options, chan<- hypervisor.Progress, hypervisor.Switchover) (hypervisor.Result, error) {
 	return hypervisor.Result{}, errors.New("not here")
 }
-func (d *fakeDriver) ResumeSource(context.Context) error { d.c.add("driver: resume source"); return nil }
+func (d *fakeDriver) ResumeSource(context.Context) error {
+	d.c.add("driver: resume source")
+	return nil
+}
 func (d *fakeDriver) AbortDestination(context.Context) error {
 	d.c.add("driver: abort destination")
 	return nil
