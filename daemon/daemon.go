@@ -68,8 +68,16 @@ type Options struct {
 	// READY=1); nil: nothing.
 	Ready func()
 	// PeerCheckInterval is how often Serve greets every peer to update
-	// the vmhop_peer_* gauges; 0 means 30 s, < 0 never.
+	// the vmhop_peer_* gauges (the greeting renews this host's leases on
+	// its peers); 0 means 30 s, < 0 never.
 	PeerCheckInterval time.Duration
+	// LeaseTTL is how long a source peer may stay silent before this
+	// host, as its destination, undoes what the peer's migrations made
+	// here (Leases); 0 means DefaultLeaseTTL. Keep it above
+	// PeerCheckInterval.
+	LeaseTTL time.Duration
+	// Now is the leases' clock; nil: time.Now (tests move it).
+	Now func() time.Time
 }
 
 // Daemon is one host's vmhopd: its peer API (with tls set), its local API,
@@ -125,7 +133,7 @@ func New(cfg config.Daemon, opts Options) (*Daemon, error) {
 			d.peers[p.Name] = newPeerClient(t, p, opts.PeerDial)
 		}
 	}
-	d.peerAPI = &PeerAPI{tls: d.tls, methods: map[string]http.HandlerFunc{}}
+	d.peerAPI = &PeerAPI{tls: d.tls, methods: map[string]http.HandlerFunc{}, leases: newLeases(opts.LeaseTTL, opts.Now, opts.Log)}
 	Handle(d.peerAPI, "hello", func(ctx context.Context, from string, h Hello) (Hello, error) {
 		if err := checkHello(h, from); err != nil {
 			return Hello{}, err
@@ -284,6 +292,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer bg.Wait()
 	if d.tls != nil && d.opts.PeerCheckInterval > 0 {
 		bg.Go(func() { d.checkPeersEvery(base, d.opts.PeerCheckInterval) })
+	}
+	if d.tls != nil {
+		bg.Go(func() { d.peerAPI.runLeases(base) })
 	}
 	var err error
 	select {
