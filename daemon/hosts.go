@@ -31,11 +31,13 @@ const (
 	MethodStopChunked     = "disk.stop-chunked"
 	MethodServeRelay      = "disk.serve-relay"
 	MethodStopRelay       = "disk.stop-relay"
+	MethodChunkedError    = "disk.chunked-error"
 )
 
 func init() {
 	RegisterError("image_exists", CodeAlreadyExists, migrator.ErrImageExists)
 	RegisterError("migration_in_progress", CodeAlreadyExists, migrator.ErrInProgress)
+	RegisterError("no_space", CodeFailedPrecondition, storage.ErrNoSpace)
 }
 
 // handle registers a method whose handler returns only an error.
@@ -142,6 +144,11 @@ func ServeDiskServer(a *PeerAPI, ds storage.DiskServer) {
 	handle(a, MethodStopChunked, ds.StopChunked)
 	handle(a, MethodServeRelay, ds.ServeRelay)
 	handle(a, MethodStopRelay, ds.StopRelay)
+	if rep, ok := ds.(storage.RoundErrorReporter); ok {
+		Handle(a, MethodChunkedError, func(ctx context.Context, _ string, req storage.ChunkedStop) (storage.RoundError, error) {
+			return rep.ChunkedError(ctx, req)
+		})
+	}
 }
 
 // RemoteDiskServer is storage.DiskServer on the peer behind Peer.
@@ -163,6 +170,18 @@ func (r RemoteDiskServer) StopChunked(ctx context.Context, req storage.ChunkedSt
 func (r RemoteDiskServer) ServeRelay(ctx context.Context, req storage.RelayServe) error {
 	return call(ctx, r.Peer, MethodServeRelay, req)
 }
+
+// ChunkedError implements storage.RoundErrorReporter; the error names
+// the peer (the destination host).
+func (r RemoteDiskServer) ChunkedError(ctx context.Context, req storage.ChunkedStop) (storage.RoundError, error) {
+	re, err := Call[storage.ChunkedStop, storage.RoundError](ctx, r.Peer, MethodChunkedError, req)
+	if re.Error != "" {
+		re.Error = r.Peer.Name + ": " + re.Error
+	}
+	return re, err
+}
+
+var _ storage.RoundErrorReporter = RemoteDiskServer{}
 
 // StopRelay implements storage.DiskServer.
 func (r RemoteDiskServer) StopRelay(ctx context.Context, req storage.RelayStop) error {

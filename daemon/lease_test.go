@@ -6,12 +6,14 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+	"github.com/vmhop/vmhop/migrator/storage"
 )
 
 // fakeClock is the leases' clock, moved by the test.
@@ -130,5 +132,17 @@ func TestLeaseEndsWithTheSourcesUndo(t *testing.T) {
 	l.touch("b") // no lease: nothing made
 	if len(l.List()) != 0 {
 		t.Fatal("touch made a lease")
+	}
+}
+
+// TestNoSpaceCrossesThePeerAPI: a destination without room for the image
+// refuses it as storage.ErrNoSpace on the source's side, naming the
+// destination host and the path.
+func TestNoSpaceCrossesThePeerAPI(t *testing.T) {
+	dest := RemoteDestination{Peer: hostsPair(t)}
+	img := filepath.Join(t.TempDir(), "web1.raw")
+	err := dest.CreateImage(context.Background(), migrator.ImageCreate{Path: img, Size: 1 << 60})
+	if !errors.Is(err, storage.ErrNoSpace) || !strings.Contains(err.Error(), "site-b") || !strings.Contains(err.Error(), img) {
+		t.Fatalf("err = %v", err)
 	}
 }

@@ -407,7 +407,7 @@ func (r *run) destination(ctx context.Context) error {
 		return err
 	}
 	abort := DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk}
-	if err := p.Dest.CreateImage(ctx, ImageCreate{Path: p.DestDisk, Size: img.Size}); err != nil {
+	if err := p.Dest.CreateImage(ctx, ImageCreate{Path: p.DestDisk, Size: img.Size, Need: max(img.Allocated, 1)}); err != nil {
 		return err
 	}
 	r.onFailure(func(ctx context.Context) error { return p.Dest.Abort(ctx, abort) })
