@@ -238,6 +238,10 @@ func (d *fakeDriver) Migrate(ctx context.Context, _ hypervisor.Options, progress
 	return hypervisor.Result{Downtime: 5 * time.Millisecond}, nil
 }
 
+// ReportsBytes: the fake's progress carries bytes (the stall watchdog
+// watches it).
+func (d *fakeDriver) ReportsBytes() bool { return true }
+
 func (d *fakeDriver) ResumeSource(context.Context) error {
 	d.ev.add("driver: resume source")
 	d.source = "running"

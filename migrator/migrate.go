@@ -103,8 +103,8 @@ type Plan struct {
 	// undoes) when the hypervisor reports no progress for this long
 	// outside the switchover hook: a cut WAN in pre-copy or in the device
 	// phase. 0 means DefaultStallTimeout; < 0 never. Armed by the
-	// driver's first progress report (a driver that reports none is not
-	// watched).
+	// driver's first progress report; only drivers whose reports carry
+	// the bytes sent (hypervisor.ByteReporter: QEMU) are watched.
 	StallTimeout time.Duration
 
 	// Token is the migration's tunnel token (datapath.Tunnel): 0 makes

@@ -109,6 +109,9 @@ func (r *run) newWatchdog(parent context.Context) *watchdog {
 	if limit == 0 {
 		limit = DefaultStallTimeout
 	}
+	if br, ok := p.Driver.(hypervisor.ByteReporter); !ok || !br.ReportsBytes() {
+		limit = -1 // coarse progress (VirtualBox's 10% steps): no watchdog
+	}
 	go w.run(limit, p.Progress)
 	return w
 }

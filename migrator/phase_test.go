@@ -146,6 +146,26 @@ func TestStallWatchdog(t *testing.T) {
 	}
 }
 
+// coarseDriver reports progress without bytes (as VirtualBox's percent
+// steps): not a ByteReporter.
+type coarseDriver struct{ hypervisor.Driver }
+
+// TestStallWatchdogOnlyWatchesByteReporters: a driver whose progress
+// does not carry bytes is not aborted however long it reports the same.
+func TestStallWatchdogOnlyWatchesByteReporters(t *testing.T) {
+	w := newWorld(t, "web1")
+	w.drv.stall = true
+	w.plan.StallTimeout = 50 * time.Millisecond
+	w.plan.DNS = nil
+	w.plan.Driver = coarseDriver{w.drv}
+	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
+	defer cancel()
+	_, err := Run(ctx, w.plan)
+	if errors.Is(err, ErrStalled) || !errors.Is(err, hypervisor.ErrCancelled) {
+		t.Fatalf("err = %v, want the caller's cancel, not a stall", err)
+	}
+}
+
 // TestStallWatchdogSparesTheHook: a switchover hook longer than the
 // stall timeout is not a stall (the driver reports nothing meanwhile).
 func TestStallWatchdogSparesTheHook(t *testing.T) {

@@ -129,3 +129,12 @@ type Recoverable interface {
 	// (QEMU: migrate_cancel); none running is not an error.
 	CancelMigration(ctx context.Context) error
 }
+
+// ByteReporter is a Driver whose progress reports carry the bytes sent,
+// at least every few seconds while the stream runs (QEMU's do; a
+// VirtualBox teleport reports 10% steps only). The migrator's stall
+// watchdog (migrator.Plan.StallTimeout) watches only such drivers: for
+// them, reports without new bytes mean the stream stalled.
+type ByteReporter interface {
+	ReportsBytes() bool
+}

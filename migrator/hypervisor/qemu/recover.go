@@ -41,3 +41,9 @@ func (d *Driver) CancelMigration(ctx context.Context) error {
 	}
 	return nil
 }
+
+var _ hypervisor.ByteReporter = (*Driver)(nil)
+
+// ReportsBytes implements hypervisor.ByteReporter: query-migrate's
+// ram.transferred, every poll.
+func (d *Driver) ReportsBytes() bool { return true }
