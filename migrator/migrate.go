@@ -172,15 +172,16 @@ type Phase struct {
 }
 
 type run struct {
-	p         *Plan
-	tracked   bool // both images hashed after the bulk copy; the pause re-hashes written chunks
-	rep       Report
-	mu        sync.Mutex                    // undo and rep.Phases: dns-prepare adds to them beside the disk phases
-	undo      []func(context.Context) error // LIFO, run on failure
-	dnsPre    *ddns.Result
-	dnsPreAt  time.Time     // when prepare lowered the TTL
-	diskLimit *rate.Limiter // the disk stream's share of Limits.Bandwidth
-	committed bool          // the VM runs at the destination (guarded by mu)
+	p           *Plan
+	tracked     bool // both images hashed after the bulk copy; the pause re-hashes written chunks
+	rep         Report
+	mu          sync.Mutex                    // undo and rep.Phases: dns-prepare adds to them beside the disk phases
+	undo        []func(context.Context) error // LIFO, run on failure
+	dnsPre      *ddns.Result
+	dnsPreAt    time.Time     // when prepare lowered the TTL
+	diskLimit   *rate.Limiter // the disk stream's share of Limits.Bandwidth
+	committed   bool          // the VM runs at the destination (guarded by mu)
+	dnsShownTTL uint32        // the record's TTL read before dns-prepare (guarded by mu)
 }
 
 func (r *run) step(ctx context.Context, name string, fn func(context.Context) error) error {
@@ -289,6 +290,13 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		return r.rep, err
 	}
 	if p.DNS != nil {
+		// The TTL before prepare, read before dns-prepare's hook: the
+		// journal holds it before the TTL is lowered.
+		if st, err := p.DNS.Show(ctx, p.Zone, p.DNSName); err == nil {
+			r.mu.Lock()
+			r.dnsShownTTL = st.MaxTTL()
+			r.mu.Unlock()
+		}
 		// Lowering the TTL and waiting it out runs beside the disk copy.
 		go func() { dnsDone <- r.step(ctx, "dns-prepare", r.dnsPrepare) }()
 	} else {

@@ -30,8 +30,9 @@ type PhaseEvent struct {
 	Committed bool
 	// Token is the migration's tunnel token (Plan.Token), never 0.
 	Token uint64
-	// DNSTTLBefore is the record's TTL before dns-prepare lowered it, in
-	// seconds (0: not lowered, or not known yet): what a rollback restores.
+	// DNSTTLBefore is the record's TTL before dns-prepare lowers it, in
+	// seconds, from dns-prepare's start on (read just before; 0: not
+	// lowered, or DNS could not be read): what a rollback restores.
 	DNSTTLBefore uint32
 	// DNSCachedUntil is, after dns-flip, until when resolvers may hold the
 	// old address (the drain keeps the redirect until then).
@@ -61,8 +62,11 @@ func (r *run) hook(ctx context.Context, name string, end bool, err error, took t
 	r.mu.Lock()
 	ev := PhaseEvent{Phase: name, End: end, Duration: took, Committed: r.committed, Token: r.p.Token,
 		DNSCachedUntil: r.p.dnsCachedUntil}
-	if r.dnsPre != nil && r.dnsPre.Changed {
+	switch {
+	case r.dnsPre != nil && r.dnsPre.Changed:
 		ev.DNSTTLBefore = r.dnsPre.Before.MaxTTL()
+	case r.dnsPre == nil && r.dnsShownTTL > r.p.TTL:
+		ev.DNSTTLBefore = r.dnsShownTTL // read before prepare: what it will lower
 	}
 	r.mu.Unlock()
 	if err != nil {

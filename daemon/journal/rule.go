@@ -164,6 +164,17 @@ func Recover(ctx context.Context, s *Store, rec *Record, plan *migrator.Plan) (R
 	}
 	if rc.Direction == DirNone || rc.Direction == DirOperator {
 		rec.Recovery = &rc
+		if rc.Direction == DirNone && rec.Open() {
+			// Left open with nothing to do: nothing was done yet, or the
+			// drain ended before the job could record its outcome.
+			now := time.Now().UTC()
+			o := Outcome{OK: rec.Done.Committed, Ended: now, Recovered: true,
+				DurationMS: float64(now.Sub(rec.Started).Microseconds()) / 1000}
+			if !o.OK {
+				o.ExitCode, o.Error = migrator.ExitAborted, "vmhopd stopped before the migration changed anything"
+			}
+			rec.Close(o)
+		}
 		return rc, s.Write(rec)
 	}
 	rec.Recovery = &rc
