@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vmhop/vmhop/daemon/journal"
+	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor"
 	"github.com/vmhop/vmhop/migrator/storage"
@@ -293,6 +294,22 @@ func (d *Daemon) recoverable() ([]*journal.Record, error) {
 		}
 	}
 	return out, err
+}
+
+// refuseUnrecovered refuses a migration of a VM whose earlier migration
+// the journal holds unfinished (a recovery failed or needs an operator):
+// moving it again first would act on a VM in an unknown state.
+func (d *Daemon) refuseUnrecovered(spec *config.Migration) error {
+	recs, _ := d.recoverable()
+	vm := vmKey(spec)
+	for _, r := range recs {
+		if r.VM == vm {
+			rc := journal.Rule(r, journal.Facts{})
+			return Errorf(CodeFailedPrecondition, "VM %s has an unfinished migration %q in the journal (%s: %s): see vmhop recover",
+				vm, r.ID, r.State, rc.Direction)
+		}
+	}
+	return nil
 }
 
 // ErrNoRecoverer: the Migrator cannot rebuild plans from the journal, so

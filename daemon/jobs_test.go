@@ -182,6 +182,14 @@ func TestRecoverLeftRecords(t *testing.T) {
 	if err != nil || len(out) != 1 || !strings.Contains(out[0].Error, "RecoveryPlanner") {
 		t.Fatalf("recover verb: %+v %v", out, err)
 	}
+	// The VM may not move again while its last migration is unfinished.
+	spec := strings.Replace(string(readSpec(t)), "/run/vmhop/web1.qmp", "/run/web1.qmp", 1)
+	if _, err := lc.Migrate(context.Background(), []byte(spec)); CodeOf(err) != CodeFailedPrecondition || !strings.Contains(err.Error(), left.ID) {
+		t.Fatalf("migrate a VM with an unfinished journal record: %v", err)
+	}
+	if _, err := lc.Migrate(context.Background(), readSpec(t)); err != nil {
+		t.Fatalf("migrate another VM: %v", err)
+	}
 }
 
 // preflighter is a Migrator with a preflight that refuses web1's VM

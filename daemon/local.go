@@ -168,6 +168,10 @@ func (d *Daemon) serveMigrate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, Errorf(CodeUnavailable, "this vmhopd cannot run migrations yet: no migrator is wired in"))
 		return
 	}
+	if err := d.refuseUnrecovered(mspec); err != nil {
+		writeError(w, err)
+		return
+	}
 	caller := callerOf(r.Context())
 	m, err := d.migs.start(mspec, caller, func(ctx context.Context, m *migration) (any, error) {
 		// The record exists before anything is done: a vmhopd killed from
