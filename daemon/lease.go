@@ -59,6 +59,9 @@ func newLeases(ttl time.Duration, now func() time.Time, log *slog.Logger) *Lease
 	if now == nil {
 		now = time.Now
 	}
+	if log == nil {
+		log = slog.Default()
+	}
 	return &Leases{ttl: ttl, now: now, log: log, byPeer: map[string]*Lease{}}
 }
 
