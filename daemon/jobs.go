@@ -208,7 +208,14 @@ func (d *Daemon) closeJournal(m *migration, err error) {
 	if err != nil {
 		o.Error = err.Error()
 	}
-	m.jr.Close(o)
+	if errors.Is(err, migrator.ErrUndo) {
+		// Some undo failed: the record stays open, so recovery (at the
+		// next start, or vmhop recover --apply) takes it back again.
+		d.log.Error("migration failed and could not be fully undone: left for recovery", "id", m.id, "err", err)
+		m.jr.Outcome = nil
+	} else {
+		m.jr.Close(o)
+	}
 	if werr := d.journal.Write(m.jr); werr != nil {
 		d.log.Error("journal: the outcome was not written", "id", m.id, "err", werr)
 	}

@@ -280,3 +280,36 @@ func TestAttachProgress(t *testing.T) {
 		t.Errorf("disk data\n  %s\nwant\n  %s", raw[0], want)
 	}
 }
+
+// TestFailedUndoLeavesTheRecordOpen: a migration whose undo failed (a
+// host unreachable) stays open in the journal, for recovery, and the VM
+// may not move again until it is recovered.
+func TestFailedUndoLeavesTheRecordOpen(t *testing.T) {
+	cfg := localOnly(t)
+	m := MigratorFunc(func(ctx context.Context, job *Job) (any, error) {
+		job.OnPhase(ctx, migrator.PhaseEvent{Phase: "datapath", Token: 3})
+		job.OnPhase(ctx, migrator.PhaseEvent{Phase: "datapath", End: true, Token: 3})
+		job.OnPhase(ctx, migrator.PhaseEvent{Phase: "destination"})
+		job.OnPhase(ctx, migrator.PhaseEvent{Phase: "destination", End: true, Err: "site-b: unreachable"})
+		return nil, errors.Join(errors.New("destination: site-b: unreachable"), fmt.Errorf("%w: dest.abort: site-b: unreachable", migrator.ErrUndo))
+	})
+	start(t, cfg, Options{Migrator: m}, nil)
+	lc := NewLocalClient(cfg.Socket)
+	id, err := lc.Migrate(context.Background(), readSpec(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, res, err := follow(t, lc, id); err != nil || res.ExitCode != migrator.ExitAborted {
+		t.Fatalf("result: %+v %v", res, err)
+	}
+	p, err := lc.RecoveryPlan(context.Background())
+	if err != nil || len(p) != 1 || p[0].ID != id || p[0].Recovery.Direction != journal.DirRollBack {
+		t.Fatalf("recovery plan: %+v %v", p, err)
+	}
+	if h, _ := lc.History(context.Background()); len(h) != 0 {
+		t.Errorf("an unfinished migration in the history: %+v", h)
+	}
+	if _, err := lc.Migrate(context.Background(), readSpec(t)); CodeOf(err) != CodeFailedPrecondition {
+		t.Fatalf("migrate again: %v", err)
+	}
+}

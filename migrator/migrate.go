@@ -130,6 +130,11 @@ type DNSUpdater interface {
 
 var _ DNSUpdater = (*ddns.Client)(nil)
 
+// ErrUndo wraps what could not be undone after a failure before the
+// commit point (a host or DNS unreachable): the journal keeps such a
+// migration open, so recovery tries the undo again.
+var ErrUndo = errors.New("undo")
+
 // ErrInProgress refuses a migration of a VM that is already migrating.
 var ErrInProgress = errors.New("a migration of this vm is already running")
 
@@ -273,7 +278,7 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 			for i := len(r.undo) - 1; i >= 0; i-- {
 				if uerr := r.undo[i](bg); uerr != nil {
 					p.Log.Error("undo", "err", uerr)
-					err = errors.Join(err, fmt.Errorf("undo: %w", uerr))
+					err = errors.Join(err, fmt.Errorf("%w: %w", ErrUndo, uerr))
 				}
 			}
 		}
