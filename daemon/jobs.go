@@ -40,7 +40,9 @@ type Preflighter interface {
 // can be asked whether its migration completed) and DNS; its disk
 // strategy is not used.
 type RecoveryPlanner interface {
-	RecoveryPlan(ctx context.Context, rec *journal.Record) (*migrator.Plan, error)
+	// RecoveryPlan's cleanup removes what building the plan made; it is
+	// called once the recovery ended (never nil when err is nil).
+	RecoveryPlan(ctx context.Context, rec *journal.Record) (plan *migrator.Plan, cleanup func(), err error)
 }
 
 // journalKeep is how many closed records the journal keeps (history).
@@ -95,6 +97,19 @@ func (j *Job) OnPhase(_ context.Context, ev migrator.PhaseEvent) error {
 // (call it after Run and Drain returned).
 func (j *Job) Attach(plan *migrator.Plan) (stop func()) {
 	plan.OnPhase = j.OnPhase
+	if j.m != nil && j.m.jr != nil {
+		j.m.jmu.Lock()
+		if len(plan.VMMAC) > 0 {
+			j.m.jr.VMMAC = plan.VMMAC.String()
+		}
+		if len(plan.GatewayMAC) > 0 {
+			j.m.jr.GatewayMAC = plan.GatewayMAC.String()
+		}
+		if err := j.Daemon.journal.Write(j.m.jr); err != nil {
+			j.Daemon.log.Warn("journal: the plan's MACs were not written", "id", j.ID, "err", err)
+		}
+		j.m.jmu.Unlock()
+	}
 	ch := make(chan hypervisor.Progress, 16)
 	plan.Progress = ch
 	var diskMu sync.Mutex
@@ -345,13 +360,19 @@ func (d *Daemon) Recover(ctx context.Context) ([]RecoveryEntry, error) {
 		var rerr error
 		if !ok {
 			e.Recovery, rerr = journal.Rule(r, journal.Facts{}), ErrNoRecoverer
-		} else if plan, perr := rp.RecoveryPlan(ctx, r); perr != nil {
+		} else if plan, cleanup, perr := rp.RecoveryPlan(ctx, r); perr != nil {
 			e.Recovery, rerr = journal.Rule(r, journal.Facts{}), fmt.Errorf("rebuild the plan: %w", perr)
+			if cleanup != nil {
+				cleanup()
+			}
 		} else {
 			if plan.Log == nil {
 				plan.Log = d.log.With("recover", r.ID)
 			}
 			e.Recovery, rerr = journal.Recover(ctx, d.journal, r, plan)
+			if cleanup != nil {
+				cleanup()
+			}
 		}
 		e.State, e.Done = r.State, r.Done
 		if rerr != nil {

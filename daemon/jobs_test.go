@@ -135,8 +135,8 @@ func TestAbortRefusedPastCommit(t *testing.T) {
 // planner is a Migrator whose RecoveryPlan fails.
 type planner struct{ fakeMigrator }
 
-func (p *planner) RecoveryPlan(context.Context, *journal.Record) (*migrator.Plan, error) {
-	return nil, errors.New("spec names an unknown peer")
+func (p *planner) RecoveryPlan(context.Context, *journal.Record) (*migrator.Plan, func(), error) {
+	return nil, nil, errors.New("spec names an unknown peer")
 }
 
 // TestRecoverLeftRecords: records a killed vmhopd left are listed with

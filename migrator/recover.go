@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
+	"syscall"
 	"time"
 
 	"github.com/vmhop/vmhop/migrator/hypervisor"
@@ -142,6 +144,12 @@ func (p *Plan) recoverOne(ctx context.Context, a RecoveryAction, st RecoveryStat
 		}
 		return err
 	case ActStopSource:
+		if rc, ok := p.Driver.(hypervisor.Recoverable); ok {
+			if err := rc.ConnectSource(ctx); errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+				p.Log.Info("recover: the source VM is gone already (its QMP socket does not answer)", "err", err)
+				return nil
+			}
+		}
 		return p.Driver.StopSource(ctx)
 	case ActFinishDrain:
 		_, err := Drain(ctx, p)

@@ -88,6 +88,10 @@ type Record struct {
 	Phases []PhaseRecord `json:"phases"`
 	// Token is the migration's tunnel token (migrator.Plan.Token).
 	Token uint64 `json:"token,omitempty"`
+	// VMMAC and GatewayMAC are the plan's (recovery rebuilds a plan from
+	// them when the source VM is gone and cannot be adopted again).
+	VMMAC      string `json:"vm_mac,omitempty"`
+	GatewayMAC string `json:"gateway_mac,omitempty"`
 	// DNSTTLBeforeS is the record's TTL before dns-prepare lowered it, in
 	// seconds: what a rollback restores (0: not lowered or not known).
 	DNSTTLBeforeS uint32 `json:"dns_ttl_before_s,omitempty"`
