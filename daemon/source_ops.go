@@ -30,12 +30,16 @@ type PreflightReport struct {
 	DiskStrategy string             `json:"disk_strategy"` // "qemu-mirror" or "chunked"
 	VMMAC        string             `json:"vm_mac"`
 	GatewayMAC   string             `json:"gateway_mac"`
+	// DNSKeyProven: the primary accepted a signed UPDATE with only
+	// prerequisites (ddns.Client.ProveKey): the flip's key works.
+	DNSKeyProven bool `json:"dns_key_proven"`
 }
 
 // Preflight implements Preflighter: the plan Migrate would follow (the
 // spec's hosts checked, the peer greeted, the running VM adopted through
-// its QMP socket, the gateway's MAC, the TSIG key file read) and
-// migrator.Check (every address on both hosts, the DNS name). Nothing is
+// its QMP socket, the gateway's MAC, the TSIG key file read),
+// migrator.Check (every address on both hosts, the DNS name) and the DNS
+// key proven by a signed prerequisite-only UPDATE. Nothing is
 // changed on either host: the migration's state directory the plan makes
 // is removed again.
 func (s *SourceMigrator) Preflight(ctx context.Context, job *Job) (any, error) {
@@ -52,8 +56,16 @@ func (s *SourceMigrator) Preflight(ctx context.Context, job *Job) (any, error) {
 		return rep, fmt.Errorf("preflight: %w", err)
 	}
 	rep.ImageBytes, rep.AllocBytes = img.Size, img.Allocated
-	rep.Preflight, err = migrator.Check(ctx, p)
-	return rep, err
+	if rep.Preflight, err = migrator.Check(ctx, p); err != nil {
+		return rep, err
+	}
+	if c, ok := p.DNS.(*ddns.Client); ok {
+		if err := c.ProveKey(ctx, p.Zone, p.DNSName); err != nil {
+			return rep, fmt.Errorf("preflight: dns key (migration.dns.tsig_key_file): %w", err)
+		}
+		rep.DNSKeyProven = true
+	}
+	return rep, nil
 }
 
 // RecoveryPlan implements RecoveryPlanner: the plan from the record's
@@ -113,7 +125,7 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 		SourceWAN: spec.Source.Address, DestWAN: spec.Destination.Address,
 		Driver:   qemu.New(qemu.Config{SourceQMP: spec.VM.QMPSocket, Incoming: in}),
 		DestDisk: spec.Destination.Disk, DestTap: spec.Destination.Tap,
-		OldIP:    spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
+		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
 		VMMAC: vmMAC, GatewayMAC: gwMAC,
 		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL,
 		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
