@@ -89,3 +89,24 @@ func (r *Report) UnmarshalJSON(b []byte) error {
 		SourceKept: j.SourceKept}
 	return nil
 }
+
+type preflightJSON struct {
+	DNSWaitMS      float64 `json:"dns_wait_ms"`
+	DNSCachedForMS float64 `json:"dns_cached_for_ms"`
+}
+
+// MarshalJSON encodes the preflight's findings (dns_wait_ms, dns_cached_for_ms).
+func (p Preflight) MarshalJSON() ([]byte, error) {
+	return json.Marshal(preflightJSON{DNSWaitMS: ms(p.DNSWait), DNSCachedForMS: ms(p.DNSCachedFor)})
+}
+
+// UnmarshalJSON decodes what MarshalJSON encodes.
+func (p *Preflight) UnmarshalJSON(b []byte) error {
+	var j preflightJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	d := func(v float64) time.Duration { return time.Duration(v * float64(time.Millisecond)) }
+	*p = Preflight{DNSWait: d(j.DNSWaitMS), DNSCachedFor: d(j.DNSCachedForMS)}
+	return nil
+}

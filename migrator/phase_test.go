@@ -257,6 +257,9 @@ func TestReportJSON(t *testing.T) {
 		back.Phases[0].Name != "datapath" || back.DNSBefore[0] != rep.DNSBefore[0] {
 		t.Errorf("decoded %+v, want %+v", back, rep)
 	}
+	if b, _ := json.Marshal(Preflight{DNSWait: 300 * time.Second, DNSCachedFor: 5 * time.Second}); string(b) != `{"dns_wait_ms":300000,"dns_cached_for_ms":5000}` {
+		t.Errorf("preflight JSON %s", b)
+	}
 	pb, _ := json.Marshal(hypervisor.Progress{Status: "active", Elapsed: 1500 * time.Millisecond, Transferred: 7, Throughput: 8e6})
 	if want := `{"status":"active","elapsed_ms":1500,"transferred_bytes":7,"remaining_bytes":0,"total_bytes":0,"dirty_bytes_per_s":0,"iteration":0,"throughput_bits_per_s":8000000,"expected_downtime_ms":0,"throttle_percent":0}`; string(pb) != want {
 		t.Errorf("progress JSON\n  %s\nwant\n  %s", pb, want)
