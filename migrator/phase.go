@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -177,5 +178,19 @@ func (w *watchdog) explain(err error) error {
 	if errors.Is(err, ErrStalled) {
 		return err
 	}
-	return fmt.Errorf("%w (%w)", cause, err)
+	msg := err.Error()
+	if !strings.Contains(msg, cause.Error()) {
+		msg = cause.Error() + " (" + msg + ")"
+	}
+	return stalledError{msg: msg, errs: []error{cause, err}}
 }
+
+// stalledError is the driver's error after the watchdog fired: it is
+// ErrStalled and the driver's error, said once.
+type stalledError struct {
+	msg  string
+	errs []error
+}
+
+func (e stalledError) Error() string   { return e.msg }
+func (e stalledError) Unwrap() []error { return e.errs }
