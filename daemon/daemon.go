@@ -39,6 +39,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmhop/vmhop/daemon/journal"
 	"github.com/vmhop/vmhop/daemon/metrics"
 	"github.com/vmhop/vmhop/internal/config"
 )
@@ -67,8 +68,16 @@ type Options struct {
 	// READY=1); nil: nothing.
 	Ready func()
 	// PeerCheckInterval is how often Serve greets every peer to update
-	// the vmhop_peer_* gauges; 0 means 30 s, < 0 never.
+	// the vmhop_peer_* gauges (the greeting renews this host's leases on
+	// its peers); 0 means 30 s, < 0 never.
 	PeerCheckInterval time.Duration
+	// LeaseTTL is how long a source peer may stay silent before this
+	// host, as its destination, undoes what the peer's migrations made
+	// here (Leases); 0 means DefaultLeaseTTL. Keep it above
+	// PeerCheckInterval.
+	LeaseTTL time.Duration
+	// Now is the leases' clock; nil: time.Now (tests move it).
+	Now func() time.Time
 }
 
 // Daemon is one host's vmhopd: its peer API (with tls set), its local API,
@@ -81,6 +90,9 @@ type Daemon struct {
 	secrets Secrets
 	migs    migrations
 	metrics *metrics.Metrics
+	journal *journal.Store // state_dir/journal: the migrations this host coordinates
+
+	recoverMu sync.Mutex // one Recover at a time
 
 	mu     sync.RWMutex // guards cfg.Peers, cfg.LogLevel, peers, reload (Reload changes them)
 	cfg    config.Daemon
@@ -110,7 +122,7 @@ func New(cfg config.Daemon, opts Options) (*Daemon, error) {
 		opts.Metrics = metrics.New()
 	}
 	d := &Daemon{cfg: cfg, opts: opts, log: opts.Log, peers: map[string]*PeerClient{}, metrics: opts.Metrics,
-		secrets: Secrets{dir: filepath.Join(cfg.StateDir, "migrations")}}
+		secrets: Secrets{dir: filepath.Join(cfg.StateDir, "migrations")}, journal: journal.NewStore(journalDir(cfg.StateDir))}
 	if cfg.TLS.Cert != "" {
 		t, err := loadTLS(&cfg)
 		if err != nil {
@@ -121,7 +133,7 @@ func New(cfg config.Daemon, opts Options) (*Daemon, error) {
 			d.peers[p.Name] = newPeerClient(t, p, opts.PeerDial)
 		}
 	}
-	d.peerAPI = &PeerAPI{tls: d.tls, methods: map[string]http.HandlerFunc{}}
+	d.peerAPI = &PeerAPI{tls: d.tls, methods: map[string]http.HandlerFunc{}, leases: newLeases(opts.LeaseTTL, opts.Now, opts.Log)}
 	Handle(d.peerAPI, "hello", func(ctx context.Context, from string, h Hello) (Hello, error) {
 		if err := checkHello(h, from); err != nil {
 			return Hello{}, err
@@ -280,6 +292,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer bg.Wait()
 	if d.tls != nil && d.opts.PeerCheckInterval > 0 {
 		bg.Go(func() { d.checkPeersEvery(base, d.opts.PeerCheckInterval) })
+	}
+	if d.tls != nil {
+		bg.Go(func() { d.peerAPI.runLeases(base) })
 	}
 	var err error
 	select {

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"sync"
 
 	"github.com/vmhop/vmhop/migrator"
@@ -30,11 +31,13 @@ const (
 	MethodStopChunked     = "disk.stop-chunked"
 	MethodServeRelay      = "disk.serve-relay"
 	MethodStopRelay       = "disk.stop-relay"
+	MethodChunkedError    = "disk.chunked-error"
 )
 
 func init() {
 	RegisterError("image_exists", CodeAlreadyExists, migrator.ErrImageExists)
 	RegisterError("migration_in_progress", CodeAlreadyExists, migrator.ErrInProgress)
+	RegisterError("no_space", CodeFailedPrecondition, storage.ErrNoSpace)
 }
 
 // handle registers a method whose handler returns only an error.
@@ -44,13 +47,44 @@ func handle[Req any](a *PeerAPI, method string, fn func(context.Context, Req) er
 	})
 }
 
-// ServeDestination registers dest's methods on a (before Serve).
+// handleLeased registers a method whose handler returns only an error;
+// once it succeeded, lease changes the calling peer's lease (lease.go).
+func handleLeased[Req any](a *PeerAPI, method string, fn func(context.Context, Req) error, lease func(*Lease, Req)) {
+	Handle(a, method, func(ctx context.Context, from string, req Req) (Empty, error) {
+		if err := fn(ctx, req); err != nil {
+			return Empty{}, err
+		}
+		a.leases.track(from, func(l *Lease) { lease(l, req) })
+		return Empty{}, nil
+	})
+}
+
+// ServeDestination registers dest's methods on a (before Serve). What
+// they make is held in the calling peer's lease: undone through dest if
+// the peer vanishes before the VM runs here.
 func ServeDestination(a *PeerAPI, dest migrator.Destination) {
-	handle(a, MethodDestPrepare, dest.PrepareDestination)
-	handle(a, MethodDestCreateImage, dest.CreateImage)
-	handle(a, MethodDestAttachVM, dest.AttachVM)
-	handle(a, MethodDestAbort, dest.Abort)
-	handle(a, MethodDestRetire, dest.RetireTunnel)
+	a.mu.Lock()
+	a.dest = dest
+	a.mu.Unlock()
+	handleLeased(a, MethodDestPrepare, dest.PrepareDestination, func(l *Lease, req migrator.DestPrepare) {
+		l.Tunnels = append(l.Tunnels, req.Tunnel)
+	})
+	handleLeased(a, MethodDestCreateImage, dest.CreateImage, func(l *Lease, req migrator.ImageCreate) {
+		l.Images = append(l.Images, req.Path)
+	})
+	handleLeased(a, MethodDestAttachVM, dest.AttachVM, func(l *Lease, req migrator.VMAttach) {
+		l.VMs = slices.DeleteFunc(l.VMs, func(v migrator.VMAttach) bool { return v.OldIP == req.OldIP })
+		l.VMs = append(l.VMs, req)
+	})
+	handleLeased(a, MethodDestAbort, dest.Abort, func(l *Lease, req migrator.DestAbort) {
+		l.VMs = slices.DeleteFunc(l.VMs, func(v migrator.VMAttach) bool { return v.OldIP == req.OldIP })
+		if !req.KeepImage {
+			l.Images = slices.DeleteFunc(l.Images, func(p string) bool { return p == req.Image })
+		}
+	})
+	handleLeased(a, MethodDestRetire, dest.RetireTunnel, func(l *Lease, req migrator.Tunnel) {
+		l.Tunnels = slices.DeleteFunc(l.Tunnels, func(t migrator.Tunnel) bool { return t == req })
+	})
 	Handle(a, MethodDestHashImage, func(ctx context.Context, _ string, req migrator.HashRequest) (migrator.Digests, error) {
 		return dest.HashImage(ctx, req)
 	})
@@ -110,6 +144,11 @@ func ServeDiskServer(a *PeerAPI, ds storage.DiskServer) {
 	handle(a, MethodStopChunked, ds.StopChunked)
 	handle(a, MethodServeRelay, ds.ServeRelay)
 	handle(a, MethodStopRelay, ds.StopRelay)
+	if rep, ok := ds.(storage.RoundErrorReporter); ok {
+		Handle(a, MethodChunkedError, func(ctx context.Context, _ string, req storage.ChunkedStop) (storage.RoundError, error) {
+			return rep.ChunkedError(ctx, req)
+		})
+	}
 }
 
 // RemoteDiskServer is storage.DiskServer on the peer behind Peer.
@@ -131,6 +170,18 @@ func (r RemoteDiskServer) StopChunked(ctx context.Context, req storage.ChunkedSt
 func (r RemoteDiskServer) ServeRelay(ctx context.Context, req storage.RelayServe) error {
 	return call(ctx, r.Peer, MethodServeRelay, req)
 }
+
+// ChunkedError implements storage.RoundErrorReporter; the error names
+// the peer (the destination host).
+func (r RemoteDiskServer) ChunkedError(ctx context.Context, req storage.ChunkedStop) (storage.RoundError, error) {
+	re, err := Call[storage.ChunkedStop, storage.RoundError](ctx, r.Peer, MethodChunkedError, req)
+	if re.Error != "" {
+		re.Error = r.Peer.Name + ": " + re.Error
+	}
+	return re, err
+}
+
+var _ storage.RoundErrorReporter = RemoteDiskServer{}
 
 // StopRelay implements storage.DiskServer.
 func (r RemoteDiskServer) StopRelay(ctx context.Context, req storage.RelayStop) error {
@@ -157,11 +208,16 @@ type QEMUExit struct {
 // streams until the destination QEMU exits (one QEMUExit) or the caller
 // goes.
 func ServeIncoming(a *PeerAPI, in qemu.Incoming) {
-	handle(a, MethodQEMUStart, in.Start)
+	a.mu.Lock()
+	a.in = in
+	a.mu.Unlock()
+	handleLeased(a, MethodQEMUStart, in.Start, func(l *Lease, _ qemu.IncomingStart) { l.Incoming, l.Committed = true, false })
 	handle(a, MethodQEMUExportDisk, in.ExportDisk)
-	handle(a, MethodQEMUWaitRunning, in.WaitRunning)
+	// Once the guest runs here, a vanished source leaves it running.
+	handleLeased(a, MethodQEMUWaitRunning, in.WaitRunning, func(l *Lease, _ qemu.RunningWait) { l.Committed = true })
 	handle(a, MethodQEMUUnexportDisk, func(ctx context.Context, _ Empty) error { return in.UnexportDisk(ctx) })
-	handle(a, MethodQEMUStop, func(ctx context.Context, _ Empty) error { return in.Stop(ctx) })
+	handleLeased(a, MethodQEMUStop, func(ctx context.Context, _ Empty) error { return in.Stop(ctx) },
+		func(l *Lease, _ Empty) { l.Incoming, l.Committed = false, false })
 	Handle(a, MethodQEMUQuery, func(ctx context.Context, _ string, req qemu.Query) (json.RawMessage, error) {
 		return in.Query(ctx, req)
 	})

@@ -3,12 +3,15 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -24,6 +27,12 @@ import (
 //	GET  /localapi/v0/peers                      -> []PeerStatus (each peer dialled and greeted)
 //	POST /localapi/v0/migrate   (a spec's YAML)  -> MigrateResponse
 //	GET  /localapi/v0/migrations/{id}/progress   -> stream of Event, the last one with its Result
+//	GET  /localapi/v0/migrations/{id}            -> MigrationStatus
+//	POST /localapi/v0/migrations/{id}/abort      -> MigrationStatus (the migration undoes)
+//	GET  /localapi/v0/history                    -> []HistoryEntry (the journal's finished migrations)
+//	GET  /localapi/v0/recover                    -> []RecoveryEntry (what the journal says, what recovery will do)
+//	POST /localapi/v0/recover                    -> []RecoveryEntry (recovery run now)
+//	POST /localapi/v0/preflight (a spec's YAML)  -> PreflightResponse (changes nothing)
 //
 // Errors are {"error": {"code", "message"}} as on the peer API.
 const localPrefix = "/localapi/v0/"
@@ -69,6 +78,12 @@ func (d *Daemon) localHandler() http.Handler {
 		{"peers", "GET " + localPrefix + "peers", d.servePeers},
 		{"migrate", "POST " + localPrefix + "migrate", d.serveMigrate},
 		{"progress", "GET " + localPrefix + "migrations/{id}/progress", d.serveProgress},
+		{"migration", "GET " + localPrefix + "migrations/{id}", d.serveMigration},
+		{"abort", "POST " + localPrefix + "migrations/{id}/abort", d.serveAbort},
+		{"history", "GET " + localPrefix + "history", d.serveHistory},
+		{"recover-plan", "GET " + localPrefix + "recover", d.serveRecoverPlan},
+		{"recover", "POST " + localPrefix + "recover", d.serveRecover},
+		{"preflight", "POST " + localPrefix + "preflight", d.servePreflight},
 	} {
 		mux.Handle(v.pattern, d.metrics.LocalAPI(v.verb, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			c := callerOf(r.Context())
@@ -127,29 +142,50 @@ func (d *Daemon) checkPeer(ctx context.Context, p config.Peer) PeerStatus {
 	return st
 }
 
-func (d *Daemon) serveMigrate(w http.ResponseWriter, r *http.Request) {
+// readSpecBody reads and validates a migration spec from a request body.
+func readSpecBody(w http.ResponseWriter, r *http.Request) ([]byte, *config.Migration, error) {
 	spec, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRequest))
 	if err != nil {
-		writeError(w, Errorf(CodeInvalidArgument, "read spec: %v", err))
-		return
+		return nil, nil, Errorf(CodeInvalidArgument, "read spec: %v", err)
 	}
 	f, err := config.Parse(spec)
 	if err != nil {
-		writeError(w, Errorf(CodeInvalidArgument, "migration spec:\n%v", err))
-		return
+		return nil, nil, Errorf(CodeInvalidArgument, "migration spec:\n%v", err)
 	}
 	if f.Migration == nil {
-		writeError(w, Errorf(CodeInvalidArgument, "migration spec: is a %s config", f.Kind()))
+		return nil, nil, Errorf(CodeInvalidArgument, "migration spec: is a %s config", f.Kind())
+	}
+	return spec, f.Migration, nil
+}
+
+func (d *Daemon) serveMigrate(w http.ResponseWriter, r *http.Request) {
+	spec, mspec, err := readSpecBody(w, r)
+	if err != nil {
+		writeError(w, err)
 		return
 	}
 	if d.opts.Migrator == nil {
 		writeError(w, Errorf(CodeUnavailable, "this vmhopd cannot run migrations yet: no migrator is wired in"))
 		return
 	}
+	if err := d.refuseUnrecovered(mspec); err != nil {
+		writeError(w, err)
+		return
+	}
 	caller := callerOf(r.Context())
-	m, err := d.migs.start(f.Migration, caller, func(ctx context.Context, m *migration) (any, error) {
+	m, err := d.migs.start(mspec, caller, func(ctx context.Context, m *migration) (any, error) {
+		// The record exists before anything is done: a vmhopd killed from
+		// here on finds it at its next start (Recover).
+		if err := d.openJournal(m, spec); err != nil {
+			d.log.Error("migration refused: its journal cannot be written", "id", m.id, "err", err)
+			return nil, fmt.Errorf("vmhopd.state_dir: %w", err)
+		}
 		d.log.Info("migration started", "id", m.id, "vm", m.vm, "uid", caller.UID, "pid", caller.PID)
-		rep, err := d.opts.Migrator.Migrate(ctx, &Job{ID: m.id, Spec: f.Migration, Caller: m.caller, Daemon: d, m: m})
+		rep, err := d.opts.Migrator.Migrate(ctx, &Job{ID: m.id, Spec: mspec, Caller: m.caller, Daemon: d, m: m})
+		if err != nil && m.status().AbortRequested {
+			err = fmt.Errorf("aborted by vmhop abort: %w", err)
+		}
+		d.closeJournal(m, err)
 		d.log.Info("migration ended", "id", m.id, "err", err)
 		return rep, err
 	})
@@ -158,6 +194,91 @@ func (d *Daemon) serveMigrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, MigrateResponse{ID: m.id})
+}
+
+func (d *Daemon) serveMigration(w http.ResponseWriter, r *http.Request) {
+	m, err := d.migs.get(r.PathValue("id"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, m.fullStatus())
+}
+
+func (d *Daemon) serveAbort(w http.ResponseWriter, r *http.Request) {
+	m, err := d.migs.get(r.PathValue("id"))
+	if err == nil {
+		err = m.abort()
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	c := callerOf(r.Context())
+	d.log.Warn("migration abort requested", "id", m.id, "uid", c.UID, "pid", c.PID)
+	writeJSON(w, m.fullStatus())
+}
+
+func (d *Daemon) serveHistory(w http.ResponseWriter, r *http.Request) {
+	h, err := d.History()
+	if err != nil && len(h) == 0 {
+		writeError(w, Errorf(CodeInternal, "%v", err))
+		return
+	}
+	writeJSON(w, h)
+}
+
+func (d *Daemon) serveRecoverPlan(w http.ResponseWriter, r *http.Request) {
+	p, err := d.RecoveryPlan()
+	if err != nil && len(p) == 0 {
+		writeError(w, Errorf(CodeInternal, "%v", err))
+		return
+	}
+	writeJSON(w, p)
+}
+
+// serveRecover runs the recovery now; each entry carries its own error.
+func (d *Daemon) serveRecover(w http.ResponseWriter, r *http.Request) {
+	out, err := d.Recover(r.Context())
+	if err != nil {
+		d.log.Warn("recover verb", "err", err)
+	}
+	writeJSON(w, out)
+}
+
+// PreflightResponse is the preflight verb's answer: the migration would
+// be refused when OK is false (Error says why). Nothing was changed.
+type PreflightResponse struct {
+	OK     bool            `json:"ok"`
+	Error  string          `json:"error,omitempty"`
+	Report json.RawMessage `json:"report,omitempty"` // the Preflighter's report
+}
+
+func (d *Daemon) servePreflight(w http.ResponseWriter, r *http.Request) {
+	_, mspec, err := readSpecBody(w, r)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	pf, ok := d.opts.Migrator.(Preflighter)
+	if !ok {
+		writeError(w, Errorf(CodeUnavailable, "this vmhopd cannot run a preflight: its migrator has none"))
+		return
+	}
+	var rnd [4]byte
+	rand.Read(rnd[:])
+	job := &Job{ID: mspec.Name + "-dryrun-" + hex.EncodeToString(rnd[:]), Spec: mspec, Caller: callerOf(r.Context()), Daemon: d}
+	rep, perr := pf.Preflight(r.Context(), job)
+	resp := PreflightResponse{OK: perr == nil}
+	if perr != nil {
+		resp.Error = perr.Error()
+	}
+	if rep != nil {
+		if b, jerr := json.Marshal(rep); jerr == nil {
+			resp.Report = b
+		}
+	}
+	writeJSON(w, resp)
 }
 
 func (d *Daemon) serveProgress(w http.ResponseWriter, r *http.Request) {
@@ -261,6 +382,44 @@ func (c *LocalClient) Peers(ctx context.Context) ([]PeerStatus, error) {
 func (c *LocalClient) Migrate(ctx context.Context, spec []byte) (string, error) {
 	var r MigrateResponse
 	return r.ID, c.call(ctx, http.MethodPost, "migrate", bytes.NewReader(spec), "application/yaml", &r)
+}
+
+// Migration calls the migration verb: one migration's status.
+func (c *LocalClient) Migration(ctx context.Context, id string) (MigrationStatus, error) {
+	var s MigrationStatus
+	return s, c.call(ctx, http.MethodGet, "migrations/"+url.PathEscape(id), nil, "", &s)
+}
+
+// Abort calls the abort verb: the migration is cancelled and undoes what
+// it did (refused past its commit point).
+func (c *LocalClient) Abort(ctx context.Context, id string) (MigrationStatus, error) {
+	var s MigrationStatus
+	return s, c.call(ctx, http.MethodPost, "migrations/"+url.PathEscape(id)+"/abort", nil, "", &s)
+}
+
+// History calls the history verb: finished migrations, newest first.
+func (c *LocalClient) History(ctx context.Context) ([]HistoryEntry, error) {
+	var h []HistoryEntry
+	return h, c.call(ctx, http.MethodGet, "history", nil, "", &h)
+}
+
+// RecoveryPlan calls the recover verb without applying: what the journal
+// says and what recovery would do.
+func (c *LocalClient) RecoveryPlan(ctx context.Context) ([]RecoveryEntry, error) {
+	var p []RecoveryEntry
+	return p, c.call(ctx, http.MethodGet, "recover", nil, "", &p)
+}
+
+// Recover calls the recover verb, applying the recovery now.
+func (c *LocalClient) Recover(ctx context.Context) ([]RecoveryEntry, error) {
+	var p []RecoveryEntry
+	return p, c.call(ctx, http.MethodPost, "recover", nil, "", &p)
+}
+
+// Preflight hands a spec to vmhopd's preflight: nothing is changed.
+func (c *LocalClient) Preflight(ctx context.Context, spec []byte) (PreflightResponse, error) {
+	var r PreflightResponse
+	return r, c.call(ctx, http.MethodPost, "preflight", bytes.NewReader(spec), "application/yaml", &r)
 }
 
 // Follow hands every progress event of migration id to recv, from its

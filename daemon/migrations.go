@@ -6,9 +6,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
+	"github.com/vmhop/vmhop/daemon/journal"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/migrator"
 )
@@ -40,7 +43,11 @@ type Job struct {
 // Emit publishes a progress event to everyone following the migration
 // (its Time is set if zero). Events are kept until the daemon stops, so a
 // late follower sees them all.
-func (j *Job) Emit(ev Event) { j.m.add(ev) }
+func (j *Job) Emit(ev Event) {
+	if j.m != nil {
+		j.m.add(ev)
+	}
+}
 
 // Event is one line of a migration's progress stream.
 type Event struct {
@@ -58,8 +65,31 @@ type Result struct {
 	OK       bool            `json:"ok"`
 	ExitCode int             `json:"exit_code"` // migrator.ExitCode of the error: what `vmhop migrate` exits with
 	Error    string          `json:"error,omitempty"`
-	Duration time.Duration   `json:"duration_ns"`
+	Duration time.Duration   `json:"-"`                // encoded as duration_ms
 	Report   json.RawMessage `json:"report,omitempty"` // the Migrator's report
+}
+
+type resultPlain Result
+
+type resultJSON struct {
+	resultPlain
+	DurationMS float64 `json:"duration_ms"` // start to end, in milliseconds
+}
+
+// MarshalJSON encodes a result with its duration as duration_ms.
+func (r Result) MarshalJSON() ([]byte, error) {
+	return json.Marshal(resultJSON{resultPlain(r), float64(r.Duration.Microseconds()) / 1000})
+}
+
+// UnmarshalJSON decodes what MarshalJSON encodes.
+func (r *Result) UnmarshalJSON(b []byte) error {
+	var j resultJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	*r = Result(j.resultPlain)
+	r.Duration = time.Duration(j.DurationMS * float64(time.Millisecond))
+	return nil
 }
 
 // MigrationStatus is a migration as the status verb lists it.
@@ -71,6 +101,15 @@ type MigrationStatus struct {
 	State   string    `json:"state"`  // "running", "succeeded" or "failed"
 	Started time.Time `json:"started"`
 	Error   string    `json:"error,omitempty"`
+	// Phase is the phase last started or ended (from the journal hook).
+	Phase string `json:"phase,omitempty"`
+	// Journal is the journal's state of the migration (journal.State).
+	Journal string `json:"journal,omitempty"`
+	// Progress is the last progress report of each stream, by kind
+	// ("disk", "memory").
+	Progress map[string]ProgressData `json:"progress,omitempty"`
+	// AbortRequested: vmhop abort asked for it; the migration undoes.
+	AbortRequested bool `json:"abort_requested,omitempty"`
 }
 
 // migration is a running or finished migration and its event log.
@@ -80,10 +119,41 @@ type migration struct {
 	started      time.Time
 	cancel       context.CancelFunc
 
-	mu      sync.Mutex
-	events  []Event
-	changed chan struct{} // closed and replaced on every event
-	result  *Result
+	mu       sync.Mutex
+	events   []Event
+	changed  chan struct{} // closed and replaced on every event
+	result   *Result
+	phase    string
+	progress map[string]ProgressData
+	aborted  bool
+
+	jmu sync.Mutex      // guards jr
+	jr  *journal.Record // the migration's journal record; nil before it is written
+}
+
+func (m *migration) setPhase(ph string) {
+	m.mu.Lock()
+	m.phase = ph
+	m.mu.Unlock()
+}
+
+func (m *migration) setProgress(d ProgressData) {
+	m.mu.Lock()
+	if m.progress == nil {
+		m.progress = map[string]ProgressData{}
+	}
+	m.progress[d.Kind] = d
+	m.mu.Unlock()
+}
+
+// journalState is the journal's state of m ("" before it is written).
+func (m *migration) journalState() journal.State {
+	m.jmu.Lock()
+	defer m.jmu.Unlock()
+	if m.jr == nil {
+		return ""
+	}
+	return m.jr.State
 }
 
 func (m *migration) add(ev Event) {
@@ -130,7 +200,8 @@ func (m *migration) follow(ctx context.Context, send func(Event) error) error {
 func (m *migration) status() MigrationStatus {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s := MigrationStatus{ID: m.id, Name: m.name, VM: m.vm, Caller: m.caller, State: "running", Started: m.started}
+	s := MigrationStatus{ID: m.id, Name: m.name, VM: m.vm, Caller: m.caller, State: "running", Started: m.started,
+		Phase: m.phase, Progress: maps.Clone(m.progress), AbortRequested: m.aborted}
 	if r := m.result; r != nil {
 		s.State, s.Error = "succeeded", r.Error
 		if !r.OK {
@@ -244,12 +315,38 @@ func (ms *migrations) get(id string) (*migration, error) {
 
 func (ms *migrations) list() []MigrationStatus {
 	ms.mu.Lock()
-	defer ms.mu.Unlock()
-	out := make([]MigrationStatus, 0, len(ms.all))
-	for _, m := range ms.all {
-		out = append(out, m.status())
+	all := slices.Clone(ms.all)
+	ms.mu.Unlock()
+	out := make([]MigrationStatus, 0, len(all))
+	for _, m := range all {
+		out = append(out, m.fullStatus())
 	}
 	return out
+}
+
+// fullStatus is status with the journal's state.
+func (m *migration) fullStatus() MigrationStatus {
+	s := m.status()
+	s.Journal = string(m.journalState())
+	return s
+}
+
+// abort cancels a running migration (it undoes what it did). Refused
+// once it finished, and once the VM runs at the destination (the
+// journal's committed states): nothing is left to undo then.
+func (m *migration) abort() error {
+	if m.status().State != "running" {
+		return Errorf(CodeFailedPrecondition, "migration %q has ended", m.id)
+	}
+	switch st := m.journalState(); st {
+	case journal.StateCommitted, journal.StateKept, journal.StateFlipped, journal.StateDraining, journal.StateDrained:
+		return Errorf(CodeFailedPrecondition, "migration %q is past its commit point (journal: %s): the VM runs at the destination; nothing to undo", m.id, st)
+	}
+	m.mu.Lock()
+	m.aborted = true
+	m.mu.Unlock()
+	m.cancel()
+	return nil
 }
 
 // stop refuses new migrations, cancels the running ones and waits for

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 )
 
 // ProtocolVersion is the peer API's version. Two daemons talk only if
@@ -37,6 +39,9 @@ type PeerAPI struct {
 	tls     *hostTLS
 	mu      sync.RWMutex
 	methods map[string]http.HandlerFunc
+	leases  *Leases              // what each source peer made here (lease.go)
+	dest    migrator.Destination // from ServeDestination: expired leases are undone through it
+	in      qemu.Incoming        // from ServeIncoming
 }
 
 type peerKey struct{}
@@ -116,6 +121,7 @@ func (a *PeerAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			peer.Name, v, ProtocolVersion, Version))
 		return
 	}
+	a.leases.touch(peer.Name) // any call from the peer renews its lease
 	method := r.PathValue("method")
 	a.mu.RLock()
 	h := a.methods[method]

@@ -181,6 +181,7 @@ type fakeDriver struct {
 	hold    chan struct{} // if set, Migrate waits for it before the pause
 	inMig   chan struct{} // closed when Migrate starts
 	memory  time.Duration // pre-copy time before the pause
+	stall   bool          // Migrate reports progress that never advances until cancelled
 	mu      sync.Mutex
 	bwCalls []uint64
 }
@@ -198,11 +199,23 @@ func (d *fakeDriver) PrepareDestination(context.Context) error {
 	return nil
 }
 
-func (d *fakeDriver) Migrate(ctx context.Context, _ hypervisor.Options, _ chan<- hypervisor.Progress, hook hypervisor.Switchover) (hypervisor.Result, error) {
+func (d *fakeDriver) Migrate(ctx context.Context, _ hypervisor.Options, progress chan<- hypervisor.Progress, hook hypervisor.Switchover) (hypervisor.Result, error) {
 	d.ev.add("driver: migrate")
 	close(d.inMig)
 	if d.hold != nil {
 		<-d.hold
+	}
+	for i := 0; d.stall; i++ {
+		select {
+		case progress <- hypervisor.Progress{Status: "active", Transferred: 1 << 20, Total: 4 << 20, Iteration: 1}:
+		default:
+		}
+		select {
+		case <-ctx.Done():
+			d.ev.add("driver: cancelled, source running")
+			return hypervisor.Result{}, fmt.Errorf("%w: %v", hypervisor.ErrCancelled, context.Cause(ctx))
+		case <-time.After(5 * time.Millisecond):
+		}
 	}
 	time.Sleep(d.memory)
 	if err := d.fail.check("migrate"); err != nil {
@@ -224,6 +237,10 @@ func (d *fakeDriver) Migrate(ctx context.Context, _ hypervisor.Options, _ chan<-
 	d.ev.add("driver: destination running")
 	return hypervisor.Result{Downtime: 5 * time.Millisecond}, nil
 }
+
+// ReportsBytes: the fake's progress carries bytes (the stall watchdog
+// watches it).
+func (d *fakeDriver) ReportsBytes() bool { return true }
 
 func (d *fakeDriver) ResumeSource(context.Context) error {
 	d.ev.add("driver: resume source")

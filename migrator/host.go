@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vmhop/vmhop/internal/netns"
@@ -118,13 +120,18 @@ type ImageRef struct {
 
 // ImageInfo describes an image.
 type ImageInfo struct {
-	Size int64 `json:"size"` // bytes
+	Size      int64 `json:"size"`                // bytes
+	Allocated int64 `json:"allocated,omitempty"` // bytes the filesystem holds for it (holes are free)
 }
 
 // ImageCreate asks for an empty image of Size bytes at Path.
 type ImageCreate struct {
 	Path string `json:"path"`
 	Size int64  `json:"size"`
+	// Need is how many bytes the copy will write (the source image's
+	// allocated bytes; 0: Size): less free space is refused
+	// (storage.ErrNoSpace), before anything is copied.
+	Need int64 `json:"need,omitempty"`
 }
 
 // DestPrepare readies the destination host (Destination.PrepareDestination).
@@ -288,7 +295,11 @@ func (h *Host) StatImage(_ context.Context, req ImageRef) (ImageInfo, error) {
 	if err != nil {
 		return ImageInfo{}, fmt.Errorf("%s: %w", h.Name, err)
 	}
-	return ImageInfo{Size: st.Size()}, nil
+	info := ImageInfo{Size: st.Size()}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		info.Allocated = sys.Blocks * 512
+	}
+	return info, nil
 }
 
 // HashImage implements SourceHost and Destination.
@@ -329,6 +340,9 @@ func (h *Host) PrepareDestination(_ context.Context, req DestPrepare) error {
 // CreateImage implements Destination: O_EXCL, so an existing file (a
 // migration of the same VM under way, or a VM living there) is refused.
 func (h *Host) CreateImage(_ context.Context, req ImageCreate) error {
+	if err := h.checkSpace(req); err != nil {
+		return err
+	}
 	f, err := os.OpenFile(req.Path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("%s: create image %q: %w", h.Name, req.Path, ErrImageExists)
@@ -362,6 +376,35 @@ func (h *Host) MarkCreated(path string) {
 		h.created = map[string]bool{}
 	}
 	h.created[path] = true
+}
+
+// freeBytes is the space an unprivileged writer has on the filesystem
+// holding dir (tests replace it).
+var freeBytes = func(dir string) (int64, error) {
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		return 0, err
+	}
+	return int64(fs.Bavail) * fs.Bsize, nil
+}
+
+// checkSpace refuses an image the filesystem has no room for, naming the
+// host, the path and both sizes.
+func (h *Host) checkSpace(req ImageCreate) error {
+	need := req.Need
+	if need <= 0 {
+		need = req.Size
+	}
+	dir := filepath.Dir(req.Path)
+	free, err := freeBytes(dir)
+	if err != nil {
+		return fmt.Errorf("%s: create image %q: free space of %s: %w", h.Name, req.Path, dir, err)
+	}
+	if free < need {
+		return fmt.Errorf("%s: create image %q: %w: the copy needs %d MiB, %s has %d MiB free",
+			h.Name, req.Path, storage.ErrNoSpace, (need+1<<20-1)>>20, dir, free>>20)
+	}
+	return nil
 }
 
 // AttachVM implements Destination.

@@ -1,11 +1,18 @@
 package migrator
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/vmhop/vmhop/migrator/storage"
 )
 
 // TestHostCallsAreJSON: every argument and result of SourceHost and
@@ -45,5 +52,28 @@ func TestHostCallsAreJSON(t *testing.T) {
 		if !reflect.DeepEqual(v, back) {
 			t.Errorf("%T: %s came back as %+v", v, j, back)
 		}
+	}
+}
+
+// TestCreateImageNoSpace: an image the destination's filesystem has no
+// room for is refused before anything is made, naming the host, the path
+// and both sizes (storage.ErrNoSpace).
+func TestCreateImageNoSpace(t *testing.T) {
+	orig := freeBytes
+	freeBytes = func(string) (int64, error) { return 100 << 20, nil }
+	t.Cleanup(func() { freeBytes = orig })
+	h := &Host{Name: "site-b"}
+	img := filepath.Join(t.TempDir(), "web1.raw")
+	err := h.CreateImage(context.Background(), ImageCreate{Path: img, Size: 1 << 30, Need: 300 << 20})
+	if !errors.Is(err, storage.ErrNoSpace) || !strings.Contains(err.Error(), "site-b") || !strings.Contains(err.Error(), img) ||
+		!strings.Contains(err.Error(), "needs 300 MiB") || !strings.Contains(err.Error(), "100 MiB free") {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := os.Stat(img); !os.IsNotExist(err) {
+		t.Fatalf("image made anyway: %v", err)
+	}
+	// Enough room for what the copy writes (a sparse image): made.
+	if err := h.CreateImage(context.Background(), ImageCreate{Path: img, Size: 1 << 30, Need: 50 << 20}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -80,6 +80,9 @@ type Plan struct {
 	Log *slog.Logger
 	// Progress, if set, gets memory-migration progress.
 	Progress chan<- hypervisor.Progress
+	// DiskProgress, if set, gets each report of the disk's bulk copy
+	// (called from the copy's goroutine: it must not block).
+	DiskProgress func(storage.BulkProgress)
 	// OnSwitch, if set, runs in the switchover hook before the disk's final
 	// step: the source is paused, the redirect on, the destination not yet
 	// running (tests send packets here that must wait in the destination's
@@ -89,14 +92,30 @@ type Plan struct {
 	// the health check (tests stop the guest here).
 	OnResumed func(context.Context) error
 
-	// token is the migration's tunnel token (datapath.Tunnel), made by the
-	// datapath phase; Drain retires it.
-	token uint64
+	// OnPhase, if set, is called before each phase starts and after it
+	// ends (PhaseEvent), Drain's included: vmhopd's journal writes each
+	// transition durably here. An error before a phase keeps the phase
+	// from acting; an error after one fails it (Run then undoes, or after
+	// the commit point reports a follow-up failure). dns-prepare runs
+	// beside the disk phases: calls may come from two goroutines at once.
+	OnPhase func(ctx context.Context, ev PhaseEvent) error
+	// StallTimeout aborts the memory stream (the source resumes, Run
+	// undoes) when the hypervisor reports no progress for this long
+	// outside the switchover hook: a cut WAN in pre-copy or in the device
+	// phase. 0 means DefaultStallTimeout; < 0 never. Armed by the
+	// driver's first progress report; only drivers whose reports carry
+	// the bytes sent (hypervisor.ByteReporter: QEMU) are watched.
+	StallTimeout time.Duration
+
+	// Token is the migration's tunnel token (datapath.Tunnel): 0 makes
+	// Run draw one before the datapath phase (the journal records it
+	// then); Drain retires it. Recovery sets the journal's.
+	Token uint64
 }
 
 // tunnel is this migration's tunnel towards the host at peer (a WAN
 // address).
-func (p *Plan) tunnel(peer netip.Addr) Tunnel { return Tunnel{Peer: peer, Token: p.token} }
+func (p *Plan) tunnel(peer netip.Addr) Tunnel { return Tunnel{Peer: peer, Token: p.Token} }
 
 // DNSUpdater changes the VM's name's address records (RFC 2136 updates;
 // *ddns.Client implements it): Show reads them (the preflight), Prepare
@@ -110,6 +129,11 @@ type DNSUpdater interface {
 }
 
 var _ DNSUpdater = (*ddns.Client)(nil)
+
+// ErrUndo wraps what could not be undone after a failure before the
+// commit point (a host or DNS unreachable): the journal keeps such a
+// migration open, so recovery tries the undo again.
+var ErrUndo = errors.New("undo")
 
 // ErrInProgress refuses a migration of a VM that is already migrating.
 var ErrInProgress = errors.New("a migration of this vm is already running")
@@ -153,20 +177,28 @@ type Phase struct {
 }
 
 type run struct {
-	p         *Plan
-	tracked   bool // both images hashed after the bulk copy; the pause re-hashes written chunks
-	rep       Report
-	mu        sync.Mutex                    // undo and rep.Phases: dns-prepare adds to them beside the disk phases
-	undo      []func(context.Context) error // LIFO, run on failure
-	dnsPre    *ddns.Result
-	dnsPreAt  time.Time     // when prepare lowered the TTL
-	diskLimit *rate.Limiter // the disk stream's share of Limits.Bandwidth
+	p           *Plan
+	tracked     bool // both images hashed after the bulk copy; the pause re-hashes written chunks
+	rep         Report
+	mu          sync.Mutex                    // undo and rep.Phases: dns-prepare adds to them beside the disk phases
+	undo        []func(context.Context) error // LIFO, run on failure
+	dnsPre      *ddns.Result
+	dnsPreAt    time.Time     // when prepare lowered the TTL
+	diskLimit   *rate.Limiter // the disk stream's share of Limits.Bandwidth
+	committed   bool          // the VM runs at the destination (guarded by mu)
+	dnsShownTTL uint32        // the record's TTL read before dns-prepare (guarded by mu)
 }
 
 func (r *run) step(ctx context.Context, name string, fn func(context.Context) error) error {
 	t0 := time.Now()
 	r.p.Log.Info("phase", "name", name)
-	err := fn(ctx)
+	err := r.hook(ctx, name, false, nil, 0)
+	if err == nil {
+		err = fn(ctx)
+		if herr := r.hook(ctx, name, true, err, time.Since(t0)); err == nil {
+			err = herr
+		}
+	}
 	ph := Phase{Name: name, Duration: time.Since(t0)}
 	if err != nil {
 		ph.Err = err.Error()
@@ -227,6 +259,13 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 	defer running.Delete(p.VM)
 	r := &run{p: p}
 	r.rep.DiskStrategy = p.Disk.Name()
+	if p.Token == 0 {
+		// Drawn before the datapath phase's hook, so the journal holds
+		// the token before any host accepts it.
+		if p.Token, err = datapath.NewToken(); err != nil {
+			return Report{}, err
+		}
+	}
 	start := time.Now()
 	committed := false
 	defer func() {
@@ -239,7 +278,7 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 			for i := len(r.undo) - 1; i >= 0; i-- {
 				if uerr := r.undo[i](bg); uerr != nil {
 					p.Log.Error("undo", "err", uerr)
-					err = errors.Join(err, fmt.Errorf("undo: %w", uerr))
+					err = errors.Join(err, fmt.Errorf("%w: %w", ErrUndo, uerr))
 				}
 			}
 		}
@@ -256,6 +295,13 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		return r.rep, err
 	}
 	if p.DNS != nil {
+		// The TTL before prepare, read before dns-prepare's hook: the
+		// journal holds it before the TTL is lowered.
+		if st, err := p.DNS.Show(ctx, p.Zone, p.DNSName); err == nil {
+			r.mu.Lock()
+			r.dnsShownTTL = st.MaxTTL()
+			r.mu.Unlock()
+		}
 		// Lowering the TTL and waiting it out runs beside the disk copy.
 		go func() { dnsDone <- r.step(ctx, "dns-prepare", r.dnsPrepare) }()
 	} else {
@@ -282,6 +328,7 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 		return r.rep, err
 	}
 	committed = true // the VM runs at the destination: from here on, go forward
+	r.setCommitted()
 	if err := r.step(ctx, "disk-release", r.diskRelease); err != nil {
 		p.Log.Warn("disk teardown", "err", err)
 	}
@@ -313,10 +360,6 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 
 func (r *run) datapath(ctx context.Context) error {
 	p := r.p
-	var err error
-	if p.token, err = datapath.NewToken(); err != nil {
-		return err
-	}
 	// Installed off: switching it on inside the pause is one map write.
 	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, MAC: p.VMMAC.String()}); err != nil {
 		return err
@@ -336,7 +379,9 @@ func (r *run) dnsPrepare(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	r.mu.Lock()
 	r.dnsPre = &res
+	r.mu.Unlock()
 	r.rep.DNSBefore = res.Before.Records
 	if res.Changed {
 		r.onFailure(func(ctx context.Context) error {
@@ -375,7 +420,7 @@ func (r *run) destination(ctx context.Context) error {
 		return err
 	}
 	abort := DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk}
-	if err := p.Dest.CreateImage(ctx, ImageCreate{Path: p.DestDisk, Size: img.Size}); err != nil {
+	if err := p.Dest.CreateImage(ctx, ImageCreate{Path: p.DestDisk, Size: img.Size, Need: max(img.Allocated, 1)}); err != nil {
 		return err
 	}
 	r.onFailure(func(ctx context.Context) error { return p.Dest.Abort(ctx, abort) })
@@ -405,6 +450,9 @@ func (r *run) diskBulk(ctx context.Context) error {
 	var logged time.Time
 	err := p.Disk.Bulk(ctx, r.diskLimit, func(pr storage.BulkProgress) {
 		r.rep.DiskBytes = max(r.rep.DiskBytes, pr.Done)
+		if p.DiskProgress != nil {
+			p.DiskProgress(pr)
+		}
 		if time.Since(logged) > 5*time.Second {
 			logged = time.Now()
 			p.Log.Info("disk bulk copy", "strategy", p.Disk.Name(), "round", pr.Round, "done", pr.Done, "total", pr.Total,
@@ -524,7 +572,11 @@ func (r *run) memory(ctx context.Context) error {
 		go func() { r.shareBandwidth(sctx, bs, p.Disk.Sent, shareInterval); close(shared) }()
 		defer func() { stop(); <-shared }()
 	}
-	res, err := p.Driver.Migrate(ctx, p.Limits, p.Progress, func(ctx context.Context) error {
+	wd := r.newWatchdog(ctx)
+	defer wd.stop()
+	res, err := p.Driver.Migrate(wd.ctx, p.Limits, wd.progress, func(ctx context.Context) error {
+		wd.hook(true)
+		defer wd.hook(false)
 		// Packets for the VM go to the destination from now: every one that
 		// reached the stopped source would be lost with it.
 		if p.NoRedirect {
@@ -551,6 +603,7 @@ func (r *run) memory(ctx context.Context) error {
 	})
 	r.rep.Runtime = res
 	r.rep.Pause = res.Downtime
+	err = wd.explain(err)
 	if err == nil {
 		// The flows host A saw before the switch, for host B's NAT (so no
 		// new client flow gets a tuple the guest still holds). Only
@@ -695,8 +748,20 @@ func (r *run) sourceCleanup(ctx context.Context) error {
 // sending the VM's traffic back through the tunnel; both hosts then stop
 // accepting the migration's tunnel token (a peer whose last migration
 // drained is forgotten).
-func Drain(ctx context.Context, p *Plan) (time.Duration, error) {
+func Drain(ctx context.Context, p *Plan) (d time.Duration, err error) {
 	t0 := time.Now()
+	if err := p.phase(ctx, PhaseEvent{Phase: "drain", Token: p.Token, Committed: true}); err != nil {
+		return 0, fmt.Errorf("drain: %w", err)
+	}
+	defer func() {
+		ev := PhaseEvent{Phase: "drain", End: true, Token: p.Token, Committed: true, Duration: time.Since(t0)}
+		if err != nil {
+			ev.Err = err.Error()
+		}
+		if herr := p.phase(ctx, ev); err == nil && herr != nil {
+			err = fmt.Errorf("drain: %w", herr)
+		}
+	}()
 	a, b := p.Source, p.Dest
 	for {
 		st, err := a.RedirectState(ctx, RedirectQuery{OldIP: p.OldIP})

@@ -17,12 +17,26 @@ func newStatusCmd() *cobra.Command {
 	var socket string
 	var asJSON bool
 	c := &cobra.Command{
-		Use:   "status",
-		Short: "Show this host's vmhopd: its name, version, peers and migrations",
-		Args:  cobra.NoArgs,
+		Use:   "status [ID]",
+		Short: "Show this host's vmhopd (name, version, peers, migrations), or one migration",
+		Long: "Without ID: this host's vmhopd, its peers and its running and recent migrations.\n" +
+			"With ID: that migration's state, phase, journal state and last progress of each stream.\n\n" +
+			"Exit codes: 0 shown; 1 vmhopd cannot be reached or has no such migration; 2 bad flags.",
+		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := cli.SignalContext()
 			defer stop()
+			if len(args) == 1 {
+				m, err := daemon.NewLocalClient(socket).Migration(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return printJSON(cmd, m)
+				}
+				printMigration(cmd.OutOrStdout(), m)
+				return nil
+			}
 			s, err := daemon.NewLocalClient(socket).Status(ctx)
 			if err != nil {
 				return err
@@ -40,9 +54,9 @@ func newStatusCmd() *cobra.Command {
 				fmt.Fprintf(out, "last config reload refused at %s (running config kept):\n%s\n", s.Reload.At.Format(time.RFC3339), s.Reload.Error)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "MIGRATION\tVM\tSTATE\tSTARTED\tBY UID\tERROR")
+			fmt.Fprintln(tw, "MIGRATION\tVM\tSTATE\tSTARTED\tBY UID\tPHASE\tERROR")
 			for _, m := range s.Migrations {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", m.ID, m.VM, m.State, m.Started.Format("2006-01-02 15:04:05"), m.Caller.UID, m.Error)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", m.ID, m.VM, m.State, m.Started.Format("2006-01-02 15:04:05"), m.Caller.UID, dash(m.Phase), m.Error)
 			}
 			return tw.Flush()
 		},

@@ -17,6 +17,6 @@ func main() {
 		Use:   "vmhop",
 		Short: "Move a running VM between sites while its IP address changes",
 	}
-	root.AddCommand(newMigrateCmd(), newStatusCmd(), newPeersCmd(), newCertsCmd(), newConfigCmd(), newDNSCmd())
+	root.AddCommand(newMigrateCmd(), newStatusCmd(), newAbortCmd(), newHistoryCmd(), newRecoverCmd(), newVersionCmd(), newPeersCmd(), newCertsCmd(), newConfigCmd(), newDNSCmd())
 	cli.Main(root, "vmhop", migrator.ExitUsage)
 }

@@ -114,3 +114,27 @@ var (
 	ErrSwitchover        = errors.New("switchover hook failed")
 	ErrDestinationFailed = errors.New("destination failed")
 )
+
+// Recoverable is a Driver a restarted vmhopd can use on a migration its
+// predecessor left (the journal's recovery): reconnect to the source,
+// ask whether the source's migration completed (the destination then
+// holds the VM: go forward), and cancel one that did not.
+type Recoverable interface {
+	// ConnectSource reconnects to the source hypervisor (idempotent).
+	ConnectSource(ctx context.Context) error
+	// SourceMigrated says whether the source's last migration completed
+	// (QEMU: query-migrate "completed", or the run state "postmigrate").
+	SourceMigrated(ctx context.Context) (bool, error)
+	// CancelMigration cancels the source's migration if one runs or waits
+	// (QEMU: migrate_cancel); none running is not an error.
+	CancelMigration(ctx context.Context) error
+}
+
+// ByteReporter is a Driver whose progress reports carry the bytes sent,
+// at least every few seconds while the stream runs (QEMU's do; a
+// VirtualBox teleport reports 10% steps only). The migrator's stall
+// watchdog (migrator.Plan.StallTimeout) watches only such drivers: for
+// them, reports without new bytes mean the stream stalled.
+type ByteReporter interface {
+	ReportsBytes() bool
+}

@@ -346,8 +346,8 @@ func (d *ChunkedDest) Serve(conn io.ReadWriter) error {
 					return fail(fmt.Errorf("chunk %d: bad LZ4 block (%d bytes out, want %d): %v", i, got, k, err))
 				}
 			}
-			if _, err := f.WriteAt(buf[:k], off); err != nil {
-				return fail(err)
+			if _, err := writeAt(f, buf[:k], off); err != nil {
+				return fail(noSpace(d.Path, err))
 			}
 		case recCopy:
 			ref := make([]byte, 24)
@@ -364,8 +364,8 @@ func (d *ChunkedDest) Serve(conn io.ReadWriter) error {
 			if sum := xxh3.Hash128(buf).Bytes(); !bytes.Equal(sum[:], ref[8:]) {
 				return fail(fmt.Errorf("chunk %d: copy from chunk %d, which does not hold the hash the source expects", i, j))
 			}
-			if _, err := f.WriteAt(buf, off); err != nil {
-				return fail(err)
+			if _, err := writeAt(f, buf, off); err != nil {
+				return fail(noSpace(d.Path, err))
 			}
 		default:
 			return fail(fmt.Errorf("chunk %d: unknown record kind %d", i, hdr[0]))
@@ -379,7 +379,7 @@ func (d *ChunkedDest) Serve(conn io.ReadWriter) error {
 		}
 	}
 	if err := f.Sync(); err != nil {
-		return err
+		return noSpace(d.Path, err)
 	}
 	// End to end: what the image holds now is read back and must match
 	// the manifest the reply is computed over.

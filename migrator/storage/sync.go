@@ -173,6 +173,9 @@ type chunkedServing struct {
 	mu    sync.Mutex
 	cur   net.Conn
 	done  chan struct{}
+	// lastErr is why the last round ended, if the destination ended it
+	// for a local reason (guarded by mu; ChunkedError reports it).
+	lastErr error
 }
 
 // ServeChunked implements DiskServer.
@@ -243,8 +246,14 @@ func (s *chunkedServing) serve() {
 		}
 		go func() {
 			defer close(done)
-			if err := s.dest.Serve(&stallConn{Conn: c, d: s.stall}); err != nil {
+			err := s.dest.Serve(&stallConn{Conn: c, d: s.stall})
+			if err != nil {
 				s.log.Warn("chunked sync: destination round ended", "err", err)
+			}
+			if errors.Is(err, ErrNoSpace) {
+				s.mu.Lock()
+				s.lastErr = err
+				s.mu.Unlock()
 			}
 			c.Close()
 		}()
@@ -355,6 +364,9 @@ func (s *ChunkedSync) Converge(ctx context.Context, progress func(SyncProgress))
 				return fmt.Errorf("chunked sync: round %d: the destination end refused this host's identity (or this host refused its): %w", n, err)
 			}
 			s.cuts.Add(1)
+			if derr := s.destFailure(ctx, n); derr != nil {
+				return derr
+			}
 			if cutSince.IsZero() {
 				cutSince = time.Now()
 			}
@@ -378,6 +390,9 @@ func (s *ChunkedSync) Final(ctx context.Context) (RoundStats, error) {
 	st, err := s.round(ctx, s.Source)
 	if err != nil {
 		s.cuts.Add(1)
+		if derr := s.destFailure(ctx, int(s.rounds.Load())+1); derr != nil {
+			return st, derr
+		}
 		return st, fmt.Errorf("chunked sync: final round: %w", err)
 	}
 	return st, nil

@@ -201,3 +201,27 @@ func TestFlipDeduplicates(t *testing.T) {
 		t.Fatalf("UPDATEs %v, want one: delete the A RRset, add %s once", u, newIP)
 	}
 }
+
+// TestProveKey: the proof is one signed UPDATE with the name's records as
+// prerequisites and nothing to change; a primary that answers with
+// another key's signature fails it.
+func TestProveKey(t *testing.T) {
+	f := startFakePrimary(t, testSecret)
+	if err := testClient(f.Addr).ProveKey(context.Background(), "example.", "svc.example."); err != nil {
+		t.Fatal(err)
+	}
+	u := f.updates()
+	if len(u) != 1 || len(u[0].msg.Ns) != 0 || len(u[0].msg.Answer) != 1 || u[0].msg.IsTsig() == nil {
+		t.Fatalf("UPDATEs: %+v, want one signed, prerequisites only", u)
+	}
+	f.mu.Lock()
+	a := f.a
+	f.mu.Unlock()
+	if len(a) != 1 || a[0].Header().Ttl != 300 {
+		t.Fatalf("records changed: %v", a)
+	}
+	bad := startFakePrimary(t, otherSecret)
+	if err := testClient(bad.Addr).ProveKey(context.Background(), "example.", "svc.example."); err == nil {
+		t.Fatal("a primary signing with another key proved the key")
+	}
+}

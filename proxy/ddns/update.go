@@ -323,3 +323,16 @@ func (c *Client) Restore(ctx context.Context, zone, name string, ttl uint32) (Re
 		return withTTL(cur.Records, ttl), nil
 	})
 }
+
+// ProveKey proves, changing nothing, that the primary accepts this
+// client's key for name: it reads the name's records and sends a signed
+// UPDATE whose prerequisites are exactly those records and whose update
+// section is empty (RFC 2136 §3.2), as `vmhop migrate --dry-run` does. An
+// error says whether the key, the server or the records were refused.
+func (c *Client) ProveKey(ctx context.Context, zone, name string) error {
+	st, err := c.Show(ctx, zone, name)
+	if err != nil {
+		return err
+	}
+	return c.prove(ctx, zone, name, st.Records)
+}

@@ -1,0 +1,143 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+
+	"github.com/vmhop/vmhop/daemon/journal"
+	"github.com/vmhop/vmhop/internal/config"
+	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+	"github.com/vmhop/vmhop/proxy/ddns"
+)
+
+// SourceMigrator's job control: the preflight alone (`vmhop migrate
+// --dry-run`) and the plan recovery rebuilds from a journal record.
+
+var (
+	_ Preflighter     = (*SourceMigrator)(nil)
+	_ RecoveryPlanner = (*SourceMigrator)(nil)
+)
+
+// PreflightReport is what SourceMigrator.Preflight found.
+type PreflightReport struct {
+	Peer         string             `json:"peer"`          // the destination's vmhopd, greeted (mutual TLS + hello)
+	Preflight    migrator.Preflight `json:"preflight"`     // addresses on both hosts, DNS
+	SourceDisk   string             `json:"source_disk"`   // the adopted VM's disk
+	ImageBytes   int64              `json:"image_bytes"`   // its size
+	AllocBytes   int64              `json:"alloc_bytes"`   // what the copy writes at the destination
+	DiskStrategy string             `json:"disk_strategy"` // "qemu-mirror" or "chunked"
+	VMMAC        string             `json:"vm_mac"`
+	GatewayMAC   string             `json:"gateway_mac"`
+	// DNSKeyProven: the primary accepted a signed UPDATE with only
+	// prerequisites (ddns.Client.ProveKey): the flip's key works.
+	DNSKeyProven bool `json:"dns_key_proven"`
+}
+
+// Preflight implements Preflighter: the plan Migrate would follow (the
+// spec's hosts checked, the peer greeted, the running VM adopted through
+// its QMP socket, the gateway's MAC, the TSIG key file read),
+// migrator.Check (every address on both hosts, the DNS name) and the DNS
+// key proven by a signed prerequisite-only UPDATE. Nothing is
+// changed on either host: the migration's state directory the plan makes
+// is removed again.
+func (s *SourceMigrator) Preflight(ctx context.Context, job *Job) (any, error) {
+	rep := &PreflightReport{}
+	p, cleanup, err := s.Plan(ctx, job, s.D.log.With("preflight", job.ID))
+	defer cleanup()
+	if err != nil {
+		return rep, err
+	}
+	rep.Peer, rep.SourceDisk, rep.DiskStrategy = p.Label, p.SourceDisk, p.Disk.Name()
+	rep.VMMAC, rep.GatewayMAC = p.VMMAC.String(), p.GatewayMAC.String()
+	img, err := p.Source.StatImage(ctx, migrator.ImageRef{Path: p.SourceDisk})
+	if err != nil {
+		return rep, fmt.Errorf("preflight: %w", err)
+	}
+	rep.ImageBytes, rep.AllocBytes = img.Size, img.Allocated
+	if rep.Preflight, err = migrator.Check(ctx, p); err != nil {
+		return rep, err
+	}
+	if c, ok := p.DNS.(*ddns.Client); ok {
+		if err := c.ProveKey(ctx, p.Zone, p.DNSName); err != nil {
+			return rep, fmt.Errorf("preflight: dns key (migration.dns.tsig_key_file): %w", err)
+		}
+		rep.DNSKeyProven = true
+	}
+	return rep, nil
+}
+
+// RecoveryPlan implements RecoveryPlanner: the plan from the record's
+// spec, as Migrate builds it; if the VM cannot be adopted again (its
+// source QEMU quit: the record is past the commit point), a plan with
+// what recovery's actions need: this host's work, the peer's, a QEMU
+// driver on the source's QMP socket, DNS, and the MACs the journal kept.
+func (s *SourceMigrator) RecoveryPlan(ctx context.Context, rec *journal.Record) (*migrator.Plan, func(), error) {
+	f, err := config.Parse([]byte(rec.Spec))
+	if err != nil || f.Migration == nil {
+		return nil, nil, fmt.Errorf("journal %s: its spec does not parse: %v", rec.ID, err)
+	}
+	job := &Job{ID: rec.ID, Spec: f.Migration, Daemon: s.D, Caller: Caller{UID: -1, GID: -1}}
+	log := s.D.log.With("recover", rec.ID)
+	p, cleanup, err := s.Plan(ctx, job, log)
+	if err == nil {
+		return p, cleanup, nil
+	}
+	cleanup()
+	if !rec.Done.Committed {
+		// Before the commit point the source VM must be there to resume.
+		return nil, nil, err
+	}
+	log.Warn("recover: the VM cannot be adopted again; a plan from the journal", "err", err)
+	return s.journalPlan(ctx, rec, f.Migration)
+}
+
+// journalPlan is a plan for a migration past its commit point whose
+// source VM is gone: enough for the forward actions (DNS, stop the
+// source, drain).
+func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, spec *config.Migration) (*migrator.Plan, func(), error) {
+	cfg := s.D.Config()
+	peerName := ""
+	for _, pc := range cfg.Peers {
+		if pc.Address == spec.Destination.Daemon {
+			peerName = pc.Name
+		}
+	}
+	peer, err := s.D.Peer(peerName)
+	if err != nil {
+		return nil, nil, fmt.Errorf("migration.destination.daemon %q: %w", spec.Destination.Daemon, err)
+	}
+	vmMAC, err := net.ParseMAC(rec.VMMAC)
+	if err != nil {
+		return nil, nil, fmt.Errorf("journal %s: vm_mac %q: %w", rec.ID, rec.VMMAC, err)
+	}
+	gwMAC, err := net.ParseMAC(rec.GatewayMAC)
+	if err != nil {
+		if gwMAC, err = neighbourMAC(ctx, spec.Network.Gateway); err != nil {
+			return nil, nil, fmt.Errorf("migration.network.gateway %s: %w", spec.Network.Gateway, err)
+		}
+	}
+	in := &RemoteIncoming{Peer: peer}
+	p := &migrator.Plan{
+		Label: peerName, VM: spec.VM.QMPSocket,
+		Source: s.Work.Host, Dest: RemoteDestination{Peer: peer},
+		SourceWAN: spec.Source.Address, DestWAN: spec.Destination.Address,
+		Driver:   qemu.New(qemu.Config{SourceQMP: spec.VM.QMPSocket, Incoming: in}),
+		DestDisk: spec.Destination.Disk, DestTap: spec.Destination.Tap,
+		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
+		VMMAC: vmMAC, GatewayMAC: gwMAC,
+		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL,
+		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
+		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
+			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline},
+		SourceQMP: spec.VM.QMPSocket,
+		Log:       s.D.log.With("recover", rec.ID),
+	}
+	if k, err := ddns.LoadKey(spec.DNS.TSIGKeyFile); err == nil {
+		p.DNS = &ddns.Client{Server: spec.DNS.Server, Key: k, Timeout: spec.DNS.Timeout}
+	} else {
+		return nil, nil, fmt.Errorf("migration.dns.tsig_key_file: %w", err)
+	}
+	return p, in.Close, nil
+}

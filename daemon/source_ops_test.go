@@ -1,0 +1,49 @@
+package daemon
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vmhop/vmhop/daemon/journal"
+	"github.com/vmhop/vmhop/migrator"
+)
+
+// TestRecoveryPlanFromTheJournal: a record past its commit point whose
+// source VM cannot be adopted again gets a plan from the spec and the
+// journal (the peer, the addresses, the MACs it kept, DNS); before the
+// commit point the adoption's error stands (the VM must be there to
+// resume); a spec that does not parse is said.
+func TestRecoveryPlanFromTheJournal(t *testing.T) {
+	ca := newTestCA(t)
+	cfg := ca.config(t, "site-a", "site-b=10.2.0.2:7710")
+	d, err := New(cfg, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &SourceMigrator{D: d, Work: &HostWork{Host: &migrator.Host{Name: "site-a"}}}
+	key := filepath.Join(t.TempDir(), "tsig.key")
+	os.WriteFile(key, []byte(`key "vmhop." { algorithm hmac-sha256; secret "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"; };`+"\n"), 0o600)
+	spec := strings.Replace(string(readSpec(t)), "/etc/vmhop/tsig.key", key, 1)
+	rec := &journal.Record{ID: "web1-0000abcd", Spec: spec, VMMAC: "52:54:00:12:34:56", GatewayMAC: "52:54:00:00:00:01"}
+	rec.Done.Committed = true
+	p, cleanup, err := s.RecoveryPlan(context.Background(), rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cleanup()
+	if p.Label != "site-b" || p.VMMAC.String() != rec.VMMAC || p.GatewayMAC.String() != rec.GatewayMAC || p.DNS == nil ||
+		p.OldIP.String() != "10.1.0.10" || p.DestWAN.String() != "10.2.0.2" || p.Driver == nil {
+		t.Fatalf("plan from the journal: %+v", p)
+	}
+	rec.Done.Committed = false
+	if _, _, err := s.RecoveryPlan(context.Background(), rec); err == nil || !strings.Contains(err.Error(), "migration.source.address") {
+		t.Fatalf("before the commit point: %v", err)
+	}
+	rec.Spec = "nonsense: ["
+	if _, _, err := s.RecoveryPlan(context.Background(), rec); err == nil || !strings.Contains(err.Error(), "does not parse") {
+		t.Fatalf("bad spec: %v", err)
+	}
+}
