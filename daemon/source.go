@@ -76,19 +76,10 @@ func (s *SourceMigrator) Migrate(ctx context.Context, job *Job) (any, error) {
 		return rep, err
 	}
 	log.Info("preflight passed", "dns_wait", rep.Preflight.DNSWait, "cached_after_flip", rep.Preflight.DNSCachedFor)
-	progress := make(chan hypervisor.Progress, 16)
-	p.Progress = progress
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for pr := range progress {
-			b, _ := json.Marshal(pr)
-			job.Emit(Event{Phase: "memory", Message: pr.String(), Data: b})
-		}
-	}()
+	// The journal (each phase, before it acts), progress events, abort.
+	stop := job.Attach(p)
+	defer stop()
 	rep.Migration, err = migrator.Run(ctx, p)
-	close(progress)
-	<-done
 	if err != nil {
 		return rep, err
 	}

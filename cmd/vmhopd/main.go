@@ -121,6 +121,13 @@ func run() error {
 		d.Metrics().SetDatapath(string(sc.Mode), nil)
 	}
 	log.Info("vmhopd started", "name", cfg.Name, "uplink", cfg.Uplink, "address", cfg.Address, "continuity", sc.Mode)
+	// Migrations a killed vmhopd left in the journal: roll back or finish
+	// them (beside serving: finishing a drain can take minutes).
+	go func() {
+		if out, err := d.Recover(ctx); len(out) > 0 || err != nil {
+			log.Warn("recovered migrations a previous vmhopd left", "n", len(out), "err", err)
+		}
+	}()
 	go watchdog(ctx, log)
 	go reloadOnHangup(ctx, d, log)
 	err = d.Serve(ctx)
