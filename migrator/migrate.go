@@ -50,7 +50,11 @@ type Plan struct {
 	Limits hypervisor.Options
 
 	OldIP, NewIP, Gateway netip.Addr
-	VMMAC, GatewayMAC     net.HardwareAddr
+	// OldIP6, NewIP6, Gateway6 are a dual-stack VM's IPv6 side (all
+	// invalid for an IPv4-only VM): the DNS flip replaces A and AAAA
+	// together, from OldAddrs to NewAddrs.
+	OldIP6, NewIP6, Gateway6 netip.Addr
+	VMMAC, GatewayMAC        net.HardwareAddr
 
 	DNS           DNSUpdater // nil: no DNS flip (a *ddns.Client)
 	Zone, DNSName string
@@ -92,6 +96,24 @@ type Plan struct {
 	// token is the migration's tunnel token (datapath.Tunnel), made by the
 	// datapath phase; Drain retires it.
 	token uint64
+}
+
+// OldAddrs is the VM's addresses at the source site: OldIP, and OldIP6
+// when set; what the DNS name holds before the flip.
+func (p *Plan) OldAddrs() []netip.Addr { return validAddrs(p.OldIP, p.OldIP6) }
+
+// NewAddrs is the VM's addresses at the destination site: NewIP, and
+// NewIP6 when set; what the DNS name holds after the flip.
+func (p *Plan) NewAddrs() []netip.Addr { return validAddrs(p.NewIP, p.NewIP6) }
+
+func validAddrs(as ...netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range as {
+		if a.IsValid() {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // tunnel is this migration's tunnel towards the host at peer (a WAN
@@ -607,7 +629,7 @@ func MemoryShare(total uint64, diskRate float64) uint64 {
 
 func (r *run) dnsFlip(ctx context.Context) error {
 	p := r.p
-	res, err := p.DNS.Flip(ctx, p.Zone, p.DNSName, []netip.Addr{p.OldIP}, []netip.Addr{p.NewIP}, p.TTL)
+	res, err := p.DNS.Flip(ctx, p.Zone, p.DNSName, p.OldAddrs(), p.NewAddrs(), p.TTL)
 	r.rep.DNSAfter = res.After.Records
 	// Resolvers may hold the old address for the TTL it had at the flip,
 	// and no less than what is left of the TTL before prepare.
