@@ -340,11 +340,13 @@ func (r *run) datapath(ctx context.Context) error {
 		return err
 	}
 	// Installed off: switching it on inside the pause is one map write.
-	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, MAC: p.VMMAC.String()}); err != nil {
+	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, OldIP6: p.OldIP6, MAC: p.VMMAC.String()}); err != nil {
 		return err
 	}
 	r.onFailure(func(ctx context.Context) error { return p.Source.RetireTunnel(ctx, p.tunnel(p.DestWAN)) })
-	r.onFailure(func(ctx context.Context) error { return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}) })
+	r.onFailure(func(ctx context.Context) error {
+		return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP, OldIP6: p.OldIP6})
+	})
 	if err := p.Dest.PrepareDestination(ctx, DestPrepare{Tunnel: p.tunnel(p.SourceWAN)}); err != nil {
 		return err
 	}
@@ -385,6 +387,7 @@ func (r *run) dnsPrepare(ctx context.Context) error {
 // back to the source (invalid once drained).
 func (p *Plan) vmAttach(t Tunnel) VMAttach {
 	return VMAttach{Tap: p.DestTap, OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway,
+		OldIP6: p.OldIP6, NewIP6: p.NewIP6, Gateway6: p.Gateway6,
 		GatewayMAC: p.GatewayMAC.String(), MAC: p.VMMAC.String(), Tunnel: t}
 }
 
@@ -396,7 +399,7 @@ func (r *run) destination(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	abort := DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk}
+	abort := DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, OldIP6: p.OldIP6, NewIP6: p.NewIP6, Image: p.DestDisk}
 	if err := p.Dest.CreateImage(ctx, ImageCreate{Path: p.DestDisk, Size: img.Size}); err != nil {
 		return err
 	}
@@ -532,7 +535,7 @@ func (r *run) diskRelease(ctx context.Context) error {
 // disk and proves it by digest.
 func (r *run) memory(ctx context.Context) error {
 	p := r.p
-	redirect := RedirectSwitch{OldIP: p.OldIP, Tunnel: p.tunnel(p.DestWAN), MAC: p.VMMAC.String()}
+	redirect := RedirectSwitch{OldIP: p.OldIP, OldIP6: p.OldIP6, Tunnel: p.tunnel(p.DestWAN), MAC: p.VMMAC.String()}
 	var redirectOn bool
 	r.onFailure(func(ctx context.Context) error {
 		if redirectOn {
@@ -666,9 +669,9 @@ func (r *run) health(ctx context.Context) error {
 func Fallback(ctx context.Context, p *Plan) error {
 	var errs []error
 	errs = append(errs, p.Driver.AbortDestination(ctx))
-	errs = append(errs, p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}))
+	errs = append(errs, p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP, OldIP6: p.OldIP6}))
 	// The image stays: it holds what the destination VM wrote after resume.
-	errs = append(errs, p.Dest.Abort(ctx, DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk, KeepImage: true}))
+	errs = append(errs, p.Dest.Abort(ctx, DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, OldIP6: p.OldIP6, NewIP6: p.NewIP6, Image: p.DestDisk, KeepImage: true}))
 	errs = append(errs, p.Driver.ResumeSource(ctx))
 	return errors.Join(errs...)
 }
@@ -734,7 +737,7 @@ func Drain(ctx context.Context, p *Plan) (time.Duration, error) {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-	if err := a.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}); err != nil {
+	if err := a.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP, OldIP6: p.OldIP6}); err != nil {
 		return time.Since(t0), err
 	}
 	if err := b.AttachVM(ctx, p.vmAttach(Tunnel{})); err != nil {
