@@ -59,18 +59,15 @@ func TestParseErrorsNameKeyAndValue(t *testing.T) {
 				`migration.network.new_ip: "2001:db8:2::10" is IPv6`}},
 		{"ipv6 host", `"10.2.0.2:7710", address: 10.2.0.2`, `"[2001:db8::2]:7710", address: '2001:db8::2'`,
 			[]string{`migration.destination.address: "2001:db8::2" is IPv6: the tunnel between the hosts is IPv4`}},
-		// The dual-stack keys: all three or none, IPv6 each; refused by
-		// name while migrations do not carry IPv6 (IPv6Datapath).
-		{"dual stack not carried yet", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10', new_ip6: 'fd00:2::10', gateway6: 'fe80::1'}",
-			[]string{`migration.network.old_ip6: "fd00:1::10": IPv6 is not carried by migrations yet`}},
+		// The dual-stack keys: all three or none, IPv6 each.
+		{"dual stack", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10', new_ip6: 'fd00:2::10', gateway6: 'fe80::1'}", nil},
 		{"dual stack needs all three", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10'}",
-			[]string{`migration.network.new_ip6: required with the other IPv6 keys`, `migration.network.gateway6: required with the other IPv6 keys`,
-				`migration.network.old_ip6: "fd00:1::10": IPv6 is not carried`}},
-		{"ipv4 in an ipv6 key", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: '::ffff:10.1.0.10', new_ip6: 'fe80::10', gateway6: 'fd00:2::10'}",
+			[]string{`migration.network.new_ip6: required with the other IPv6 keys`, `migration.network.gateway6: required with the other IPv6 keys`}},
+		{"ipv4 in an ipv6 key", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: '::ffff:10.1.0.10', new_ip6: 'fe80::10', gateway6: 'fd00:2::11'}",
 			[]string{`migration.network.old_ip6: "10.1.0.10" is IPv4: old_ip6 takes the VM's IPv6 address at the source site (the IPv4 side is old_ip)`,
 				`migration.network.new_ip6: "fe80::10" is link-local`}},
 		{"ipv6 gateway is the vm", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10', new_ip6: 'fd00:2::10', gateway6: 'fd00:2::10'}",
-			[]string{`migration.network.gateway6: "fd00:2::10" is the VM's own address`, `migration.network.old_ip6: "fd00:1::10": IPv6 is not carried`}},
+			[]string{`migration.network.gateway6: "fd00:2::10" is the VM's own address`}},
 		{"unknown key", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, gatway: 1}",
 			[]string{`migration.network.gatway: unknown key`}},
 		{"unknown top key", "migration:", "extra: 1\nmigration:",
@@ -327,12 +324,9 @@ func TestMarshalMigrationRoundTrips(t *testing.T) {
 	}
 }
 
-// TestDualStackSpec: once migrations carry IPv6, a spec with the three
-// IPv6 keys is valid and its address lists (the DNS flip's from and to)
-// hold both families.
+// TestDualStackSpec: a spec with the three IPv6 keys is valid and its
+// address lists (the DNS flip's from and to) hold both families.
 func TestDualStackSpec(t *testing.T) {
-	defer func(v bool) { IPv6Datapath = v }(IPv6Datapath)
-	IPv6Datapath = true
 	text := strings.Replace(base, "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10', new_ip6: 'fd00:2::10', gateway6: 'fe80::1'}", 1)
 	f, err := Parse([]byte(text))
 	if err != nil {

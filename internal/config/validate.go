@@ -287,11 +287,6 @@ func checkIPv4Only(key string, a netip.Addr, errs *Errors) {
 	}
 }
 
-// IPv6Datapath says whether migrations carry a VM's IPv6 side end to end
-// (redirect, NAT66, the AAAA flip). Until they do, network.old_ip6 is
-// refused by name rather than accepted and then not carried.
-var IPv6Datapath = false
-
 // checkIPv6 checks the dual-stack keys: all three or none, each of them
 // IPv6, old_ip6 and new_ip6 global unicast addresses that differ, the
 // gateway neither of them.
@@ -324,9 +319,6 @@ func (nw Network) checkIPv6(n string, errs *Errors) {
 	}
 	if g := nw.Gateway6; g.IsValid() && (g == nw.OldIP6 || g == nw.NewIP6) {
 		errs.add(n+".gateway6", "%q is the VM's own address: the VM cannot be its own gateway", g)
-	}
-	if !IPv6Datapath && nw.OldIP6.IsValid() {
-		errs.add(n+".old_ip6", "%q: IPv6 is not carried by migrations yet (the AAAA flip is; the redirect and NAT66 are not wired into the migration): see docs/architecture.md, Known limits", nw.OldIP6)
 	}
 }
 
