@@ -336,6 +336,14 @@ func TestDualStackSpec(t *testing.T) {
 	if got := fmt.Sprint(n.OldAddrs(), n.NewAddrs(), n.Gateway6); got != "[10.1.0.10 fd00:1::10] [10.2.0.10 fd00:2::10] fe80::1" {
 		t.Errorf("addresses = %s", got)
 	}
+	// vmhopd hands the spec on as MarshalMigration writes it.
+	b, err := MarshalMigration(f.Migration)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back, err := Parse(b); err != nil || back.Migration.Network != n {
+		t.Errorf("round trip: %+v, %v\n%s", back, err, b)
+	}
 	f, err = Parse([]byte(base))
 	if err != nil {
 		t.Fatal(err)
