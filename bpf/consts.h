@@ -5,10 +5,15 @@
 #define IPV4_HLEN 20
 #define ETH_P_IP_ 0x0800
 #define ETH_P_ARP_ 0x0806
+#define ETH_P_IPV6_ 0x86DD
+#define IPV6_HLEN 40
 
 /* Kernel 6.3+ uapi; Debian 12's 6.1 headers lack it. */
 #ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+#endif
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
 #endif
 
 /* The WAN MTU the tunnel must fit in. */
@@ -29,6 +34,8 @@
 /* Largest inner packet that fits the tunnel, and the MSS that fills it. */
 #define TUNNEL_INNER_MTU (TUNNEL_MTU - TUNNEL_OVERHEAD)
 #define TUNNEL_MSS (TUNNEL_INNER_MTU - IPV4_HLEN - 20)
+/* The same for an inner IPv6 packet (the outer stays IPv4). */
+#define TUNNEL_MSS6 (TUNNEL_INNER_MTU - IPV6_HLEN - 20)
 /* A too-big packet without DF is sent as two fragments: the first carries
  * this much payload (a multiple of 8 that fits), the second the rest, at
  * most FRAG_TAIL_MAX bytes (a 1500-byte packet leaves less than that). */

@@ -16,10 +16,14 @@
  *     connections leave with source new_ip; everything else goes back
  *     through the tunnel while the VM has a peer, so connections made
  *     before the move keep their address end to end.
- * Anything not understood (not IPv4, IP options, truncated) is passed on
- * untouched. Fragments follow their datagram (nat.h: frag_ports). */
+ * IPv6 (a dual-stack VM's IPv6 side) takes the same paths inside the IPv4
+ * tunnel, with neighbour discovery in place of ARP (ipv6.h).
+ * Anything not understood (IPv4 options, IPv6 extension headers at the
+ * NAT, truncated) is passed on untouched. Fragments follow their datagram
+ * (nat.h: frag_ports). */
 #include "encap.h"
 #include "nat.h"
+#include "ipv6.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -101,6 +105,23 @@ static __always_inline int tunnel_icmp_error(struct __sk_buff *skb, struct pkt *
 static __always_inline int from_peer(struct __sk_buff *skb, struct pkt *outer)
 {
 	__u32 len = skb->len;
+	/* The inner packet's version: IPv6 for a dual-stack VM's IPv6 side. */
+	__u8 ver;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 *inner = data + ETH_HLEN_ + TUNNEL_OVERHEAD;
+	if ((void *)(inner + 1) <= data_end)
+		ver = *inner;
+	else if (bpf_skb_load_bytes(skb, ETH_HLEN_ + TUNNEL_OVERHEAD, &ver, 1))
+		return TC_ACT_SHOT;
+	if ((ver >> 4) == 6) {
+		__be16 proto = bpf_htons(ETH_P_IPV6_);
+		if (bpf_skb_adjust_room(skb, -TUNNEL_OVERHEAD, BPF_ADJ_ROOM_MAC,
+					BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV6) ||
+		    bpf_skb_store_bytes(skb, 12, &proto, 2, 0))
+			return TC_ACT_SHOT;
+		return from_peer6(skb, len);
+	}
 	if (decap(skb))
 		return TC_ACT_SHOT;
 	struct pkt p;
@@ -197,7 +218,7 @@ int uplink_ingress(struct __sk_buff *skb)
 		return uplink_arp(skb);
 	struct pkt p;
 	if (!parse_ipv4(skb, &p))
-		return TC_ACT_OK;
+		return uplink6(skb);
 	if (p.proto == IPPROTO_UDP && p.dport == bpf_htons(TUNNEL_PORT) && p.daddr == local_ip) {
 		int t = tunnel_check(skb, &p);
 		if (t == TUNNEL_OK)
@@ -312,7 +333,7 @@ int vm_ingress(struct __sk_buff *skb)
 
 	struct pkt p;
 	if (!parse_ipv4(skb, &p))
-		return TC_ACT_OK;
+		return vm6(skb);
 	struct vm *v = bpf_map_lookup_elem(&vms, &p.saddr);
 	if (!v)
 		return TC_ACT_OK;

@@ -28,6 +28,17 @@ type DatapathFlow struct {
 	Pad        uint32
 }
 
+type DatapathFlow6Key struct {
+	_          structs.HostLayout
+	VmIp       DatapathIn6
+	RemoteIp   DatapathIn6
+	VmPort     uint16
+	RemotePort uint16
+	Proto      uint8
+	Via        uint8
+	Pad        [2]uint8
+}
+
 type DatapathFlowKey struct {
 	_          structs.HostLayout
 	VmIp       uint32
@@ -54,6 +65,11 @@ type DatapathFragPorts struct {
 	Dport uint16
 }
 
+type DatapathIn6 struct {
+	_ structs.HostLayout
+	A [4]uint32
+}
+
 type DatapathPeerKey struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -70,6 +86,17 @@ type DatapathRedirect struct {
 	Token uint64
 }
 
+type DatapathRedirect6 struct {
+	_        structs.HostLayout
+	Peer     uint32
+	Mode     uint32
+	Mac      [6]uint8
+	Pad      [2]uint8
+	Token    uint64
+	StatsKey uint32
+	Pad2     uint32
+}
+
 type DatapathVm struct {
 	_       structs.HostLayout
 	NewIp   uint32
@@ -82,19 +109,37 @@ type DatapathVm struct {
 	Token   uint64
 }
 
+type DatapathVm6 struct {
+	_        structs.HostLayout
+	NewIp    DatapathIn6
+	GwIp     DatapathIn6
+	Peer     uint32
+	Ifindex  uint32
+	VmMac    [6]uint8
+	GwMac    [6]uint8
+	StatsKey uint32
+	Token    uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	DatapathMapEgressPorts    = "egress_ports"
 	DatapathMapFlows          = "flows"
+	DatapathMapFlows6         = "flows6"
 	DatapathMapFrags          = "frags"
 	DatapathMapNat            = "nat"
+	DatapathMapNat6           = "nat6"
 	DatapathMapNatPorts       = "nat_ports"
+	DatapathMapNatPorts6      = "nat_ports6"
 	DatapathMapPeers          = "peers"
 	DatapathMapRedirects      = "redirects"
+	DatapathMapRedirects6     = "redirects6"
 	DatapathMapStats          = "stats"
+	DatapathMapTaps6          = "taps6"
 	DatapathMapVms            = "vms"
+	DatapathMapVms6           = "vms6"
 	DatapathProgUplinkIngress = "uplink_ingress"
 	DatapathProgVmIngress     = "vm_ingress"
 	DatapathVarLocalIp        = "local_ip"
@@ -152,13 +197,19 @@ type DatapathProgramSpecs struct {
 type DatapathMapSpecs struct {
 	EgressPorts *ebpf.MapSpec `ebpf:"egress_ports"`
 	Flows       *ebpf.MapSpec `ebpf:"flows"`
+	Flows6      *ebpf.MapSpec `ebpf:"flows6"`
 	Frags       *ebpf.MapSpec `ebpf:"frags"`
 	Nat         *ebpf.MapSpec `ebpf:"nat"`
+	Nat6        *ebpf.MapSpec `ebpf:"nat6"`
 	NatPorts    *ebpf.MapSpec `ebpf:"nat_ports"`
+	NatPorts6   *ebpf.MapSpec `ebpf:"nat_ports6"`
 	Peers       *ebpf.MapSpec `ebpf:"peers"`
 	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
+	Redirects6  *ebpf.MapSpec `ebpf:"redirects6"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
+	Taps6       *ebpf.MapSpec `ebpf:"taps6"`
 	Vms         *ebpf.MapSpec `ebpf:"vms"`
+	Vms6        *ebpf.MapSpec `ebpf:"vms6"`
 }
 
 // DatapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -190,26 +241,38 @@ func (o *DatapathObjects) Close() error {
 type DatapathMaps struct {
 	EgressPorts *ebpf.Map `ebpf:"egress_ports"`
 	Flows       *ebpf.Map `ebpf:"flows"`
+	Flows6      *ebpf.Map `ebpf:"flows6"`
 	Frags       *ebpf.Map `ebpf:"frags"`
 	Nat         *ebpf.Map `ebpf:"nat"`
+	Nat6        *ebpf.Map `ebpf:"nat6"`
 	NatPorts    *ebpf.Map `ebpf:"nat_ports"`
+	NatPorts6   *ebpf.Map `ebpf:"nat_ports6"`
 	Peers       *ebpf.Map `ebpf:"peers"`
 	Redirects   *ebpf.Map `ebpf:"redirects"`
+	Redirects6  *ebpf.Map `ebpf:"redirects6"`
 	Stats       *ebpf.Map `ebpf:"stats"`
+	Taps6       *ebpf.Map `ebpf:"taps6"`
 	Vms         *ebpf.Map `ebpf:"vms"`
+	Vms6        *ebpf.Map `ebpf:"vms6"`
 }
 
 func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
 		m.EgressPorts,
 		m.Flows,
+		m.Flows6,
 		m.Frags,
 		m.Nat,
+		m.Nat6,
 		m.NatPorts,
+		m.NatPorts6,
 		m.Peers,
 		m.Redirects,
+		m.Redirects6,
 		m.Stats,
+		m.Taps6,
 		m.Vms,
+		m.Vms6,
 	)
 }
 

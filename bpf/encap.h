@@ -170,7 +170,7 @@ static __always_inline int encap_to(struct __sk_buff *skb, struct pkt *p, __u32 
 		return encap_fragments(skb, p, key, peer, token);
 	}
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_))
-		clamp_mss(skb, key, TUNNEL_MSS);
+		clamp_mss(skb, key, L4_OFF, TUNNEL_MSS);
 	if (encap(skb, peer, token, p->tos, TUNNEL_ENCAP_FLAGS))
 		return drop(key, C_DROP_ERROR);
 	return fib_redirect(skb, key, local_ip, peer);

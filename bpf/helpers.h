@@ -131,17 +131,18 @@ static __always_inline int rewrite_addr(struct __sk_buff *skb, struct pkt *p, in
 	return 0;
 }
 
-/* clamp_mss lowers the MSS option of a TCP SYN to max_mss, fixing the TCP
- * checksum. Packets without the option are left alone. */
-static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 key, __u16 max_mss)
+/* clamp_mss lowers the MSS option of a TCP SYN whose TCP header is at
+ * l4_off to max_mss, fixing the TCP checksum. Packets without the option
+ * are left alone. */
+static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 key, __u32 l4_off, __u16 max_mss)
 {
 	__u8 doff;
-	if (bpf_skb_load_bytes(skb, L4_OFF + 12, &doff, 1))
+	if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1))
 		return;
-	__u32 end = L4_OFF + (doff >> 4) * 4;
-	__u32 off = L4_OFF + 20;
+	__u32 end = l4_off + (doff >> 4) * 4;
+	__u32 off = l4_off + 20;
 	for (int i = 0; i < MAX_TCP_OPTIONS; i++) {
-		if (off + 2 > end || off > L4_OFF + 60)
+		if (off + 2 > end || off > l4_off + 60)
 			return;
 		__u8 opt[2];
 		if (bpf_skb_load_bytes(skb, off, opt, 1))
@@ -162,10 +163,10 @@ static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 key, __u16 ma
 				__u16 nmss = bpf_htons(max_mss);
 				/* The checksum sums aligned 16-bit words: a field at an
 				 * odd offset enters it byte-swapped. */
-				int odd = (off + 2 - L4_OFF) & 1;
+				int odd = (off + 2 - l4_off) & 1;
 				__u16 cf = odd ? __builtin_bswap16(mss) : mss;
 				__u16 ct = odd ? __builtin_bswap16(nmss) : nmss;
-				if (bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct tcphdr, check), cf, ct, 2) ||
+				if (bpf_l4_csum_replace(skb, l4_off + offsetof(struct tcphdr, check), cf, ct, 2) ||
 				    bpf_skb_store_bytes(skb, off + 2, &nmss, 2, 0))
 					return;
 				count(key, C_MSS_CLAMPED, 1);

@@ -96,3 +96,58 @@ struct {
 	__type(value, struct frag_ports);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } frags SEC(".maps");
+
+/* IPv6 (struct in6 keys): old address -> redirect (old host). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS);
+	__type(key, struct in6);
+	__type(value, struct redirect6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} redirects6 SEC(".maps");
+
+/* IPv6 old address -> local VM (new host). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS);
+	__type(key, struct in6);
+	__type(value, struct vm6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vms6 SEC(".maps");
+
+/* IPv6 new address -> old address (NAT66, 1:1). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS);
+	__type(key, struct in6);
+	__type(value, struct in6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nat6 SEC(".maps");
+
+/* A VM's tap (ifindex) -> its old IPv6 address: the guest's neighbour
+ * solicitations come from its link-local address, not old_ip6. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VMS);
+	__type(key, __u32);
+	__type(value, struct in6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} taps6 SEC(".maps");
+
+/* IPv6 guest 4-tuples in use (as flows). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow6_key);
+	__type(value, struct flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} flows6 SEC(".maps");
+
+/* IPv6 client side -> the port the guest sees (as nat_ports). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow6_key);
+	__type(value, __u16);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nat_ports6 SEC(".maps");

@@ -71,3 +71,45 @@ struct frag_key {
 struct frag_ports {
 	__u16 sport, dport;
 };
+
+/* IPv6: a dual-stack VM's IPv6 side. Addresses as 16 bytes in network
+ * order; counters go to the VM's IPv4 old address (stats_key), so one
+ * entry in stats (and its drain signal) covers both families. */
+struct in6 {
+	__u32 a[4];
+};
+
+/* redirects6: on the old host, packets for an old IPv6 address go to a
+ * peer (the tunnel stays IPv4 between the hosts). */
+struct redirect6 {
+	__u32 peer;      /* tunnel endpoint (host B), IPv4, network order */
+	__u32 mode;      /* REDIRECT_OFF or REDIRECT_ON */
+	__u8 mac[6];     /* answered for the old address in neighbour advertisements once on */
+	__u8 pad[2];
+	__u64 token;
+	__u32 stats_key; /* the VM's IPv4 old address: its counters */
+	__u32 pad2;
+};
+
+/* vms6: a VM this host delivers to, keyed by its old IPv6 address. */
+struct vm6 {
+	struct in6 new_ip; /* all zero: none */
+	struct in6 gw_ip;  /* the guest's IPv6 gateway (link-local or global), advertised on the tap */
+	__u32 peer;        /* the old host (IPv4); 0: none */
+	__u32 ifindex;     /* the VM's tap */
+	__u8 vm_mac[6];
+	__u8 gw_mac[6];
+	__u32 stats_key;   /* the VM's IPv4 old address: its counters */
+	__u64 token;
+};
+
+/* A flow of a local VM's IPv6 side (as struct flow_key). */
+struct flow6_key {
+	struct in6 vm_ip;
+	struct in6 remote_ip;
+	__u16 vm_port;
+	__u16 remote_port;
+	__u8 proto;
+	__u8 via;
+	__u8 pad[2];
+};

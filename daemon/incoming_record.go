@@ -29,6 +29,8 @@ type incomingRecord struct {
 	Image   string            `json:"image,omitempty"` // created here (CreateImage)
 	OldIP   netip.Addr        `json:"old_ip,omitzero"` // the VM entry (AttachVM)
 	NewIP   netip.Addr        `json:"new_ip,omitzero"`
+	OldIP6  netip.Addr        `json:"old_ip6,omitzero"` // its IPv6 side, if any
+	NewIP6  netip.Addr        `json:"new_ip6,omitzero"`
 	Tunnels []migrator.Tunnel `json:"tunnels,omitempty"`
 }
 
@@ -131,7 +133,7 @@ func (w *HostWork) RecoverIncoming(ctx context.Context) ([]string, error) {
 		if r.Image != "" {
 			w.Host.MarkCreated(r.Image) // the record has it only if CreateImage made it here
 		}
-		if err := w.Host.Abort(ctx, migrator.DestAbort{OldIP: r.OldIP, NewIP: r.NewIP, Image: r.Image}); err != nil {
+		if err := w.Host.Abort(ctx, migrator.DestAbort{OldIP: r.OldIP, NewIP: r.NewIP, OldIP6: r.OldIP6, NewIP6: r.NewIP6, Image: r.Image}); err != nil {
 			errs = append(errs, err)
 		} else {
 			done = append(done, fmt.Sprintf("removed the VM entry %s/%s and image %q", r.OldIP, r.NewIP, r.Image))
@@ -184,7 +186,9 @@ func (d recordingDest) AttachVM(ctx context.Context, req migrator.VMAttach) erro
 	// Recorded while the VM is on its way here; the drain's AttachVM (the
 	// VM runs here, its entry loses the tunnel) is the VM's own, not undo.
 	if d.w.in.arriving() {
-		if err := d.w.record(func(r *incomingRecord) { r.OldIP, r.NewIP = req.OldIP, req.NewIP }); err != nil {
+		if err := d.w.record(func(r *incomingRecord) {
+			r.OldIP, r.NewIP, r.OldIP6, r.NewIP6 = req.OldIP, req.NewIP, req.OldIP6, req.NewIP6
+		}); err != nil {
 			return err
 		}
 	}
@@ -212,5 +216,7 @@ func (d recordingDest) Abort(ctx context.Context, req migrator.DestAbort) error 
 	if err := d.w.Host.Abort(ctx, req); err != nil {
 		return err
 	}
-	return d.w.record(func(r *incomingRecord) { r.Image, r.OldIP, r.NewIP = "", netip.Addr{}, netip.Addr{} })
+	return d.w.record(func(r *incomingRecord) {
+		r.Image, r.OldIP, r.NewIP, r.OldIP6, r.NewIP6 = "", netip.Addr{}, netip.Addr{}, netip.Addr{}, netip.Addr{}
+	})
 }

@@ -224,6 +224,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			MaxIterations: spec.Limits.MaxIterations, Deadline: spec.Limits.Deadline,
 		},
 		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
+		OldIP6: spec.Network.OldIP6, NewIP6: spec.Network.NewIP6, Gateway6: spec.Network.Gateway6,
 		VMMAC: vmMAC, GatewayMAC: gwMAC,
 		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL,
 		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,

@@ -85,11 +85,15 @@ type SourcePrepare struct {
 	Tunnel Tunnel     `json:"tunnel"` // to the destination
 	OldIP  netip.Addr `json:"old_ip"` // the VM's address at the source
 	MAC    string     `json:"mac"`    // the VM's MAC, "52:54:00:..."
+	// OldIP6 is a dual-stack VM's IPv6 address at the source (redirected
+	// with OldIP, counted as OldIP); invalid: none.
+	OldIP6 netip.Addr `json:"old_ip6,omitzero"`
 }
 
 // RedirectSwitch turns the old address's redirect on or off.
 type RedirectSwitch struct {
 	OldIP  netip.Addr `json:"old_ip"`
+	OldIP6 netip.Addr `json:"old_ip6,omitzero"` // switched with OldIP
 	Tunnel Tunnel     `json:"tunnel"`
 	MAC    string     `json:"mac"`
 	On     bool       `json:"on"`
@@ -97,7 +101,8 @@ type RedirectSwitch struct {
 
 // RedirectRemove removes the old address's redirect.
 type RedirectRemove struct {
-	OldIP netip.Addr `json:"old_ip"`
+	OldIP  netip.Addr `json:"old_ip"`
+	OldIP6 netip.Addr `json:"old_ip6,omitzero"` // removed with OldIP
 }
 
 // RedirectQuery names the redirect to read.
@@ -147,6 +152,10 @@ type VMAttach struct {
 	Gateway    netip.Addr `json:"gateway"`
 	GatewayMAC string     `json:"gateway_mac"`
 	MAC        string     `json:"mac"`
+	// A dual-stack VM's IPv6 side (datapath.VM); invalid: none.
+	OldIP6   netip.Addr `json:"old_ip6,omitzero"`
+	NewIP6   netip.Addr `json:"new_ip6,omitzero"`
+	Gateway6 netip.Addr `json:"gateway6,omitzero"`
 	// Tunnel carries the VM's old flows back to the source; zero once
 	// drained.
 	Tunnel Tunnel `json:"tunnel"`
@@ -171,9 +180,11 @@ type Digests struct {
 
 // DestAbort names what Destination.Abort removes.
 type DestAbort struct {
-	OldIP netip.Addr `json:"old_ip"`
-	NewIP netip.Addr `json:"new_ip"`
-	Image string     `json:"image"`
+	OldIP  netip.Addr `json:"old_ip"`
+	NewIP  netip.Addr `json:"new_ip"`
+	OldIP6 netip.Addr `json:"old_ip6,omitzero"`
+	NewIP6 netip.Addr `json:"new_ip6,omitzero"`
+	Image  string     `json:"image"`
 	// KeepImage keeps the image even if CreateImage made it (a fallback
 	// after the destination ran: it holds the destination VM's writes).
 	KeepImage bool `json:"keep_image,omitempty"`
@@ -243,7 +254,13 @@ func (h *Host) PrepareSource(_ context.Context, req SourcePrepare) error {
 	if err := a.SetPeer(req.Tunnel.datapath(), true); err != nil {
 		return err
 	}
-	return a.SetRedirect(req.OldIP, req.Tunnel.datapath(), mac, false)
+	if err := a.SetRedirect(req.OldIP, req.Tunnel.datapath(), mac, false); err != nil {
+		return err
+	}
+	if req.OldIP6.IsValid() {
+		return a.SetRedirect6(req.OldIP6, req.OldIP, req.Tunnel.datapath(), mac, false)
+	}
+	return nil
 }
 
 // SetRedirect implements SourceHost.
@@ -255,7 +272,13 @@ func (h *Host) SetRedirect(_ context.Context, req RedirectSwitch) error {
 	if h.dp == nil {
 		return fmt.Errorf("%s: set redirect: datapath not loaded", h.Name)
 	}
-	return h.dp.SetRedirect(req.OldIP, req.Tunnel.datapath(), mac, req.On)
+	if err := h.dp.SetRedirect(req.OldIP, req.Tunnel.datapath(), mac, req.On); err != nil {
+		return err
+	}
+	if req.OldIP6.IsValid() {
+		return h.dp.SetRedirect6(req.OldIP6, req.OldIP, req.Tunnel.datapath(), mac, req.On)
+	}
+	return nil
 }
 
 // RemoveRedirect implements SourceHost.
@@ -263,7 +286,11 @@ func (h *Host) RemoveRedirect(_ context.Context, req RedirectRemove) error {
 	if h.dp == nil {
 		return nil
 	}
-	return h.dp.RemoveRedirect(req.OldIP)
+	err := h.dp.RemoveRedirect(req.OldIP)
+	if req.OldIP6.IsValid() {
+		err = errors.Join(err, h.dp.RemoveRedirect(req.OldIP6))
+	}
+	return err
 }
 
 // RetireTunnel implements SourceHost and Destination.
@@ -432,7 +459,8 @@ func (h *Host) AttachVM(_ context.Context, req VMAttach) error {
 		return fmt.Errorf("%s: attach vm: %w", h.Name, err)
 	}
 	return h.dp.SetVM(datapath.VM{OldIP: req.OldIP, NewIP: req.NewIP, Gateway: req.Gateway, GatewayMAC: gwMAC,
-		MAC: mac, Tap: idx, Peer: req.Tunnel.Peer, Token: req.Tunnel.Token})
+		MAC: mac, Tap: idx, Peer: req.Tunnel.Peer, Token: req.Tunnel.Token,
+		OldIP6: req.OldIP6, NewIP6: req.NewIP6, Gateway6: req.Gateway6})
 }
 
 // Abort implements Destination.
@@ -440,6 +468,9 @@ func (h *Host) Abort(_ context.Context, req DestAbort) error {
 	var errs []error
 	if h.dp != nil && req.OldIP.IsValid() {
 		errs = append(errs, h.dp.RemoveVM(req.OldIP, req.NewIP))
+	}
+	if h.dp != nil && req.OldIP6.IsValid() {
+		errs = append(errs, h.dp.RemoveVM(req.OldIP6, req.NewIP6))
 	}
 	h.mu.Lock()
 	made := h.created[req.Image] && !req.KeepImage

@@ -50,7 +50,11 @@ type Plan struct {
 	Limits hypervisor.Options
 
 	OldIP, NewIP, Gateway netip.Addr
-	VMMAC, GatewayMAC     net.HardwareAddr
+	// OldIP6, NewIP6, Gateway6 are a dual-stack VM's IPv6 side (all
+	// invalid for an IPv4-only VM): the DNS flip replaces A and AAAA
+	// together, from OldAddrs to NewAddrs.
+	OldIP6, NewIP6, Gateway6 netip.Addr
+	VMMAC, GatewayMAC        net.HardwareAddr
 
 	DNS           DNSUpdater // nil: no DNS flip (a *ddns.Client)
 	Zone, DNSName string
@@ -111,6 +115,24 @@ type Plan struct {
 	// Run draw one before the datapath phase (the journal records it
 	// then); Drain retires it. Recovery sets the journal's.
 	Token uint64
+}
+
+// OldAddrs is the VM's addresses at the source site: OldIP, and OldIP6
+// when set; what the DNS name holds before the flip.
+func (p *Plan) OldAddrs() []netip.Addr { return validAddrs(p.OldIP, p.OldIP6) }
+
+// NewAddrs is the VM's addresses at the destination site: NewIP, and
+// NewIP6 when set; what the DNS name holds after the flip.
+func (p *Plan) NewAddrs() []netip.Addr { return validAddrs(p.NewIP, p.NewIP6) }
+
+func validAddrs(as ...netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range as {
+		if a.IsValid() {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // tunnel is this migration's tunnel towards the host at peer (a WAN
@@ -361,11 +383,13 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 func (r *run) datapath(ctx context.Context) error {
 	p := r.p
 	// Installed off: switching it on inside the pause is one map write.
-	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, MAC: p.VMMAC.String()}); err != nil {
+	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, OldIP6: p.OldIP6, MAC: p.VMMAC.String()}); err != nil {
 		return err
 	}
 	r.onFailure(func(ctx context.Context) error { return p.Source.RetireTunnel(ctx, p.tunnel(p.DestWAN)) })
-	r.onFailure(func(ctx context.Context) error { return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}) })
+	r.onFailure(func(ctx context.Context) error {
+		return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP, OldIP6: p.OldIP6})
+	})
 	if err := p.Dest.PrepareDestination(ctx, DestPrepare{Tunnel: p.tunnel(p.SourceWAN)}); err != nil {
 		return err
 	}
@@ -408,6 +432,7 @@ func (r *run) dnsPrepare(ctx context.Context) error {
 // back to the source (invalid once drained).
 func (p *Plan) vmAttach(t Tunnel) VMAttach {
 	return VMAttach{Tap: p.DestTap, OldIP: p.OldIP, NewIP: p.NewIP, Gateway: p.Gateway,
+		OldIP6: p.OldIP6, NewIP6: p.NewIP6, Gateway6: p.Gateway6,
 		GatewayMAC: p.GatewayMAC.String(), MAC: p.VMMAC.String(), Tunnel: t}
 }
 
@@ -419,7 +444,7 @@ func (r *run) destination(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	abort := DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk}
+	abort := DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, OldIP6: p.OldIP6, NewIP6: p.NewIP6, Image: p.DestDisk}
 	if err := p.Dest.CreateImage(ctx, ImageCreate{Path: p.DestDisk, Size: img.Size, Need: max(img.Allocated, 1)}); err != nil {
 		return err
 	}
@@ -558,7 +583,7 @@ func (r *run) diskRelease(ctx context.Context) error {
 // disk and proves it by digest.
 func (r *run) memory(ctx context.Context) error {
 	p := r.p
-	redirect := RedirectSwitch{OldIP: p.OldIP, Tunnel: p.tunnel(p.DestWAN), MAC: p.VMMAC.String()}
+	redirect := RedirectSwitch{OldIP: p.OldIP, OldIP6: p.OldIP6, Tunnel: p.tunnel(p.DestWAN), MAC: p.VMMAC.String()}
 	var redirectOn bool
 	r.onFailure(func(ctx context.Context) error {
 		if redirectOn {
@@ -660,7 +685,7 @@ func MemoryShare(total uint64, diskRate float64) uint64 {
 
 func (r *run) dnsFlip(ctx context.Context) error {
 	p := r.p
-	res, err := p.DNS.Flip(ctx, p.Zone, p.DNSName, []netip.Addr{p.OldIP}, []netip.Addr{p.NewIP}, p.TTL)
+	res, err := p.DNS.Flip(ctx, p.Zone, p.DNSName, p.OldAddrs(), p.NewAddrs(), p.TTL)
 	r.rep.DNSAfter = res.After.Records
 	// Resolvers may hold the old address for the TTL it had at the flip,
 	// and no less than what is left of the TTL before prepare.
@@ -697,9 +722,9 @@ func (r *run) health(ctx context.Context) error {
 func Fallback(ctx context.Context, p *Plan) error {
 	var errs []error
 	errs = append(errs, p.Driver.AbortDestination(ctx))
-	errs = append(errs, p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}))
+	errs = append(errs, p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP, OldIP6: p.OldIP6}))
 	// The image stays: it holds what the destination VM wrote after resume.
-	errs = append(errs, p.Dest.Abort(ctx, DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk, KeepImage: true}))
+	errs = append(errs, p.Dest.Abort(ctx, DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, OldIP6: p.OldIP6, NewIP6: p.NewIP6, Image: p.DestDisk, KeepImage: true}))
 	errs = append(errs, p.Driver.ResumeSource(ctx))
 	return errors.Join(errs...)
 }
@@ -777,7 +802,7 @@ func Drain(ctx context.Context, p *Plan) (d time.Duration, err error) {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-	if err := a.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}); err != nil {
+	if err := a.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP, OldIP6: p.OldIP6}); err != nil {
 		return time.Since(t0), err
 	}
 	if err := b.AttachVM(ctx, p.vmAttach(Tunnel{})); err != nil {

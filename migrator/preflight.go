@@ -27,8 +27,9 @@ type Preflight struct {
 //     host B (with new_ip on host B, its NAT would send the host's own SSH
 //     into the VM); each host must hold its WAN address (Plan.SourceWAN,
 //     Plan.DestWAN), each host saying what it holds (AddressHolder);
-//   - the DNS name must hold old_ip (or new_ip, a flip already done):
-//     otherwise the flip, after the commit point, would fail.
+//   - the DNS name must hold exactly the VM's old addresses (OldAddrs: A,
+//     and AAAA for a dual-stack VM), or its new ones (a flip already
+//     done): otherwise the flip, after the commit point, would fail.
 //
 // It says how long the DNS steps will take (Preflight). Config validation
 // (internal/config) checks the same addresses against each other; this
@@ -46,8 +47,9 @@ func Check(ctx context.Context, p *Plan) (Preflight, error) {
 		for _, vm := range []struct {
 			name string
 			a    netip.Addr
-		}{{"old_ip", p.OldIP}, {"new_ip", p.NewIP}, {"gateway", p.Gateway}} {
-			if slices.Contains(held.Addrs, vm.a) {
+		}{{"old_ip", p.OldIP}, {"new_ip", p.NewIP}, {"gateway", p.Gateway},
+			{"old_ip6", p.OldIP6}, {"new_ip6", p.NewIP6}, {"gateway6", p.Gateway6}} {
+			if vm.a.IsValid() && slices.Contains(held.Addrs, vm.a) {
 				return pf, fmt.Errorf("preflight: %s %s is an address of %s itself: traffic for the host would go to the VM", vm.name, vm.a, held.Name)
 			}
 		}
@@ -62,12 +64,20 @@ func Check(ctx context.Context, p *Plan) (Preflight, error) {
 	if err != nil {
 		return pf, fmt.Errorf("preflight: dns: %w", err)
 	}
-	if addrs := s.Addrs(); !slices.Equal(addrs, []netip.Addr{p.OldIP}) && !slices.Equal(addrs, []netip.Addr{p.NewIP}) {
-		return pf, fmt.Errorf("preflight: dns: %s holds %v, not old_ip %s: the flip after the move would fail", p.DNSName, addrs, p.OldIP)
+	if addrs := s.Addrs(); !sameAddrs(addrs, p.OldAddrs()) && !sameAddrs(addrs, p.NewAddrs()) {
+		return pf, fmt.Errorf("preflight: dns: %s holds %v, not the VM's old addresses %v (A and AAAA): the flip after the move would fail", p.DNSName, addrs, p.OldAddrs())
 	}
 	pf.DNSWait = time.Duration(s.MaxTTL()) * time.Second
 	pf.DNSCachedFor = time.Duration(min(s.MaxTTL(), p.TTL)) * time.Second
 	return pf, nil
+}
+
+// sameAddrs reports whether a and b hold the same addresses, in any order.
+func sameAddrs(a, b []netip.Addr) bool {
+	a, b = slices.Clone(a), slices.Clone(b)
+	slices.SortFunc(a, netip.Addr.Compare)
+	slices.SortFunc(b, netip.Addr.Compare)
+	return slices.Equal(a, b)
 }
 
 // AddressHolder says which addresses a host's interfaces hold (both

@@ -17,19 +17,25 @@ import (
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
-// authServer is a primary for example. holding svc.example.'s A RRset (at
-// first rr, zone text), on 127.0.0.1 over UDP. It takes UPDATEs signed
-// with testKey, applies their deletes and adds (prerequisites unchecked)
-// and signs its answers to them.
-func authServer(t *testing.T, rr string) string {
+// authServer is a primary for example. holding svc.example.'s A and AAAA
+// RRsets (at first rrs, zone text), on 127.0.0.1 over UDP. It takes
+// UPDATEs signed with testKey, applies their deletes (by type) and adds
+// (prerequisites unchecked) and signs its answers to them.
+func authServer(t *testing.T, rrs ...string) string {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	var mu sync.Mutex
-	first, _ := dns.NewRR(rr)
-	rrset := []dns.RR{first}
+	var rrset []dns.RR
+	for _, s := range rrs {
+		rr, err := dns.NewRR(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rrset = append(rrset, rr)
+	}
 	handler := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
 		mu.Lock()
 		defer mu.Unlock()
@@ -37,10 +43,11 @@ func authServer(t *testing.T, rr string) string {
 		r.SetReply(q)
 		if q.Opcode == dns.OpcodeUpdate {
 			for _, u := range q.Ns {
-				if u.Header().Class == dns.ClassANY {
-					rrset = nil
-				} else if a, ok := u.(*dns.A); ok {
-					rrset = append(rrset, dns.Copy(a))
+				switch {
+				case u.Header().Class == dns.ClassANY:
+					rrset = slices.DeleteFunc(rrset, func(rr dns.RR) bool { return rr.Header().Rrtype == u.Header().Rrtype })
+				case u.Header().Rrtype == dns.TypeA || u.Header().Rrtype == dns.TypeAAAA:
+					rrset = append(rrset, dns.Copy(u))
 				}
 			}
 			if tsig := q.IsTsig(); tsig != nil {
@@ -49,9 +56,13 @@ func authServer(t *testing.T, rr string) string {
 			w.WriteMsg(r)
 			return
 		}
-		switch q.Question[0].Qtype {
-		case dns.TypeA:
-			r.Answer = append(r.Answer, rrset...)
+		switch qt := q.Question[0].Qtype; qt {
+		case dns.TypeA, dns.TypeAAAA:
+			for _, rr := range rrset {
+				if rr.Header().Rrtype == qt {
+					r.Answer = append(r.Answer, rr)
+				}
+			}
 		case dns.TypeSOA:
 			soa, _ := dns.NewRR("example. 300 IN SOA ns.example. h.example. 7 1 1 1 1")
 			r.Answer = append(r.Answer, soa)
@@ -99,7 +110,7 @@ func TestCheck(t *testing.T) {
 		{"wan address not held", func(p *Plan) { p.DestWAN = netip.MustParseAddr("203.0.113.1") }, "host B does not hold its WAN address 203.0.113.1"},
 		{"dns holds something else", func(p *Plan) {
 			p.DNS = dnsClient(authServer(t, "svc.example. 60 IN A 192.0.2.99"))
-		}, "svc.example. holds [192.0.2.99], not old_ip 192.0.2.10: the flip after the move would fail"},
+		}, "svc.example. holds [192.0.2.99], not the VM's old addresses [192.0.2.10] (A and AAAA): the flip after the move would fail"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			if _, err := Check(ctx, plan(tt.edit)); err == nil || !strings.Contains(err.Error(), tt.want) {
@@ -175,5 +186,53 @@ func TestDNSTTLSteps(t *testing.T) {
 	want := []ddns.Record{{Addr: p.NewIP, TTL: 2}}
 	if !slices.Equal(r.rep.DNSAfter, want) {
 		t.Fatalf("after the move: %v, want %v (the original TTL)", r.rep.DNSAfter, want)
+	}
+}
+
+// TestDNSDualStack: a dual-stack plan needs the name to hold both old
+// addresses (A and AAAA) before the move, and its flip replaces both in one
+// change; prepare and restore carry both records' TTLs.
+func TestDNSDualStack(t *testing.T) {
+	ctx := context.Background()
+	lo := netip.MustParseAddr("127.0.0.1")
+	old4, new4 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("198.51.100.10")
+	old6, new6 := netip.MustParseAddr("2001:db8:1::10"), netip.MustParseAddr("2001:db8:2::10")
+	plan := func(server string) *Plan {
+		return &Plan{
+			Source: &Host{Name: "host A", Address: lo}, Dest: &Host{Name: "host B", Address: lo}, SourceWAN: lo, DestWAN: lo,
+			OldIP: old4, NewIP: new4, Gateway: netip.MustParseAddr("192.0.2.1"),
+			OldIP6: old6, NewIP6: new6, Gateway6: netip.MustParseAddr("fe80::1"),
+			DNS: dnsClient(server), Zone: "example.", DNSName: "svc.example.", TTL: 1,
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		}
+	}
+	// Only the A record: the flip to [new4, new6] would find no old AAAA.
+	if _, err := Check(ctx, plan(authServer(t, "svc.example. 2 IN A 192.0.2.10"))); err == nil ||
+		!strings.Contains(err.Error(), "holds [192.0.2.10], not the VM's old addresses [192.0.2.10 2001:db8:1::10]") {
+		t.Fatalf("Check with no AAAA: %v", err)
+	}
+	p := plan(authServer(t, "svc.example. 2 IN A 192.0.2.10", "svc.example. 2 IN AAAA 2001:db8:1::10"))
+	if pf, err := Check(ctx, p); err != nil || pf.DNSWait != 2*time.Second {
+		t.Fatalf("Check = %+v, %v", pf, err)
+	}
+	r := &run{p: p}
+	if err := r.dnsPrepare(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.dnsFlip(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.dnsRestore(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := []ddns.Record{{Addr: new4, TTL: 2}, {Addr: new6, TTL: 2}}
+	got := slices.Clone(r.rep.DNSAfter)
+	slices.SortFunc(got, func(a, b ddns.Record) int { return a.Addr.Compare(b.Addr) })
+	if !slices.Equal(got, want) {
+		t.Fatalf("after the move: %v, want %v (A and AAAA flipped, the original TTL back)", got, want)
+	}
+	st, err := p.DNS.Show(ctx, p.Zone, p.DNSName)
+	if err != nil || !slices.Equal(st.Addrs(), []netip.Addr{new4, new6}) {
+		t.Fatalf("the server serves %v, %v", st.Addrs(), err)
 	}
 }

@@ -184,10 +184,14 @@ func (f *dnsFlags) resolve(cmd *cobra.Command) (*ddns.Client, error) {
 			f.timeout = m.DNS.Timeout
 		}
 		if len(f.old) == 0 {
-			f.old = []string{m.Network.OldIP.String()}
+			for _, a := range m.Network.OldAddrs() { // A, and AAAA for a dual-stack spec
+				f.old = append(f.old, a.String())
+			}
 		}
 		if len(f.new) == 0 {
-			f.new = []string{m.Network.NewIP.String()}
+			for _, a := range m.Network.NewAddrs() {
+				f.new = append(f.new, a.String())
+			}
 		}
 	}
 	if f.ttl == 0 && !cmd.Flags().Changed("ttl") {

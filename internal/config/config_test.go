@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"reflect"
 	"strings"
@@ -52,12 +53,21 @@ func TestParseErrorsNameKeyAndValue(t *testing.T) {
 		{"same ips", "new_ip: 10.2.0.10", "new_ip: 10.1.0.10",
 			[]string{`migration.network.new_ip: "10.1.0.10" equals old_ip`}},
 		{"mixed family", "new_ip: 10.2.0.10", "new_ip: '2001:db8::10'",
-			[]string{`migration.network.new_ip: "2001:db8::10" is not the same IP family`}},
+			[]string{`migration.network.new_ip: "2001:db8::10" is IPv6: new_ip is the VM's IPv4 side; put its IPv6 address in new_ip6`}},
 		{"ipv6 vm", "old_ip: 10.1.0.10, new_ip: 10.2.0.10", "old_ip: '2001:db8:1::10', new_ip: '2001:db8:2::10'",
-			[]string{`migration.network.old_ip: "2001:db8:1::10" is IPv6: the network datapath is IPv4 only for now`,
+			[]string{`migration.network.old_ip: "2001:db8:1::10" is IPv6: old_ip is the VM's IPv4 side; put its IPv6 address in old_ip6 (a VM without IPv4 is not supported)`,
 				`migration.network.new_ip: "2001:db8:2::10" is IPv6`}},
 		{"ipv6 host", `"10.2.0.2:7710", address: 10.2.0.2`, `"[2001:db8::2]:7710", address: '2001:db8::2'`,
-			[]string{`migration.destination.address: "2001:db8::2" is IPv6`}},
+			[]string{`migration.destination.address: "2001:db8::2" is IPv6: the tunnel between the hosts is IPv4`}},
+		// The dual-stack keys: all three or none, IPv6 each.
+		{"dual stack", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10', new_ip6: 'fd00:2::10', gateway6: 'fe80::1'}", nil},
+		{"dual stack needs all three", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10'}",
+			[]string{`migration.network.new_ip6: required with the other IPv6 keys`, `migration.network.gateway6: required with the other IPv6 keys`}},
+		{"ipv4 in an ipv6 key", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: '::ffff:10.1.0.10', new_ip6: 'fe80::10', gateway6: 'fd00:2::11'}",
+			[]string{`migration.network.old_ip6: "10.1.0.10" is IPv4: old_ip6 takes the VM's IPv6 address at the source site (the IPv4 side is old_ip)`,
+				`migration.network.new_ip6: "fe80::10" is link-local`}},
+		{"ipv6 gateway is the vm", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10', new_ip6: 'fd00:2::10', gateway6: 'fd00:2::10'}",
+			[]string{`migration.network.gateway6: "fd00:2::10" is the VM's own address`}},
 		{"unknown key", "gateway: 10.1.0.1}", "gateway: 10.1.0.1, gatway: 1}",
 			[]string{`migration.network.gatway: unknown key`}},
 		{"unknown top key", "migration:", "extra: 1\nmigration:",
@@ -311,5 +321,34 @@ func TestMarshalMigrationRoundTrips(t *testing.T) {
 	}
 	if !reflect.DeepEqual(back.Migration, m) {
 		t.Errorf("round trip:\n%+v\nwant\n%+v\nfile:\n%s", back.Migration, m, b)
+	}
+}
+
+// TestDualStackSpec: a spec with the three IPv6 keys is valid and its
+// address lists (the DNS flip's from and to) hold both families.
+func TestDualStackSpec(t *testing.T) {
+	text := strings.Replace(base, "gateway: 10.1.0.1}", "gateway: 10.1.0.1, old_ip6: 'fd00:1::10', new_ip6: 'fd00:2::10', gateway6: 'fe80::1'}", 1)
+	f, err := Parse([]byte(text))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	n := f.Migration.Network
+	if got := fmt.Sprint(n.OldAddrs(), n.NewAddrs(), n.Gateway6); got != "[10.1.0.10 fd00:1::10] [10.2.0.10 fd00:2::10] fe80::1" {
+		t.Errorf("addresses = %s", got)
+	}
+	// vmhopd hands the spec on as MarshalMigration writes it.
+	b, err := MarshalMigration(f.Migration)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back, err := Parse(b); err != nil || back.Migration.Network != n {
+		t.Errorf("round trip: %+v, %v\n%s", back, err, b)
+	}
+	f, err = Parse([]byte(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(f.Migration.Network.OldAddrs(), f.Migration.Network.NewAddrs()); got != "[10.1.0.10] [10.2.0.10]" {
+		t.Errorf("IPv4-only addresses = %s", got)
 	}
 }

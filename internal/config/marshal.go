@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"net/netip"
 	"reflect"
 
 	"go.yaml.in/yaml/v3"
@@ -24,6 +25,9 @@ func marshalValue(v reflect.Value) any {
 		out := map[string]any{}
 		for i := 0; i < v.NumField(); i++ {
 			if name := v.Type().Field(i).Tag.Get("key"); name != "" {
+				if a, ok := v.Field(i).Interface().(netip.Addr); ok && !a.IsValid() {
+					continue // unset (old_ip6 of an IPv4-only VM): absent, as it was read
+				}
 				out[name] = marshalValue(v.Field(i))
 			}
 		}

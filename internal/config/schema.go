@@ -148,11 +148,38 @@ type Network struct {
 	// Gateway is the guest's default gateway at the source site; the destination
 	// host answers for it on the VM's tap so the guest needs no change.
 	Gateway netip.Addr `key:"gateway"`
+	// OldIP6, NewIP6 and Gateway6 are a dual-stack VM's IPv6 side, set all
+	// three or none: its IPv6 address at the source site (kept by the
+	// guest), the one it is reached at from the destination site on, and
+	// its IPv6 default gateway there (link-local allowed: host B answers
+	// neighbour solicitations for it on the tap). OldIP, NewIP and Gateway
+	// are then the IPv4 side; the DNS flip replaces A and AAAA together.
+	OldIP6   netip.Addr `key:"old_ip6"`
+	NewIP6   netip.Addr `key:"new_ip6"`
+	Gateway6 netip.Addr `key:"gateway6"`
 	// DrainTimeout bounds how long the redirect stays after the switch while old
 	// flows are still active.
 	DrainTimeout time.Duration `key:"drain_timeout"`
 	// DrainIdle removes the redirect early once no redirected packet has been seen for this long.
 	DrainIdle time.Duration `key:"drain_idle"`
+}
+
+// OldAddrs is the VM's addresses at the source site: old_ip, and old_ip6
+// when set (the name's A and AAAA records before the flip).
+func (n Network) OldAddrs() []netip.Addr { return addrs(n.OldIP, n.OldIP6) }
+
+// NewAddrs is the VM's addresses at the destination site: new_ip, and
+// new_ip6 when set (the name's records after the flip).
+func (n Network) NewAddrs() []netip.Addr { return addrs(n.NewIP, n.NewIP6) }
+
+func addrs(as ...netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range as {
+		if a.IsValid() {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // DNS is the Dynamic DNS record to flip.

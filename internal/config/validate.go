@@ -156,16 +156,15 @@ func (m *Migration) validate(p string, errs *Errors) {
 	for _, a := range []struct {
 		key  string
 		addr netip.Addr
-	}{{n + ".old_ip", m.Network.OldIP}, {n + ".new_ip", m.Network.NewIP}, {n + ".gateway", m.Network.Gateway}} {
-		checkIPv4Only(a.key, a.addr, errs)
-	}
-	if m.Network.OldIP.IsValid() && m.Network.NewIP.IsValid() {
-		if m.Network.OldIP == m.Network.NewIP {
-			errs.add(n+".new_ip", "%q equals old_ip: nothing to move", m.Network.NewIP)
-		} else if m.Network.OldIP.Is4() != m.Network.NewIP.Is4() {
-			errs.add(n+".new_ip", "%q is not the same IP family as old_ip %q", m.Network.NewIP, m.Network.OldIP)
+	}{{"old_ip", m.Network.OldIP}, {"new_ip", m.Network.NewIP}, {"gateway", m.Network.Gateway}} {
+		if a.addr.IsValid() && !a.addr.Is4() {
+			errs.add(n+"."+a.key, "%q is IPv6: %s is the VM's IPv4 side; put its IPv6 address in %s6 (a VM without IPv4 is not supported)", a.addr, a.key, a.key)
 		}
 	}
+	if m.Network.OldIP.IsValid() && m.Network.NewIP.IsValid() && m.Network.OldIP == m.Network.NewIP {
+		errs.add(n+".new_ip", "%q equals old_ip: nothing to move", m.Network.NewIP)
+	}
+	m.Network.checkIPv6(n, errs)
 	m.checkAddresses(p, errs)
 	checkPositive(n+".drain_timeout", m.Network.DrainTimeout, errs)
 	if m.Network.DrainIdle <= 0 || m.Network.DrainIdle > m.Network.DrainTimeout {
@@ -239,9 +238,6 @@ func (m *Migration) checkAddresses(p string, errs *Errors) {
 		case n.NewIP:
 			errs.add(p+".network.gateway", "%q equals new_ip: the VM's gateway cannot be its new address", g)
 		}
-		if n.OldIP.IsValid() && g.Is4() != n.OldIP.Is4() {
-			errs.add(p+".network.gateway", "%q is not the same IP family as old_ip %q", g, n.OldIP)
-		}
 	}
 }
 
@@ -282,12 +278,47 @@ func checkAddr(key string, a netip.Addr, errs *Errors) {
 	}
 }
 
-// checkIPv4Only refuses an IPv6 address where the datapath needs IPv4: it
-// tunnels, redirects and translates IPv4 only (IPv6 packets pass it
-// untouched), so a VM or host reached over IPv6 would lose its connections.
+// checkIPv4Only refuses an IPv6 address for a host: the tunnel between the
+// hosts is IPv4 (it carries the VM's IPv6 packets inside), so a host is
+// reached at an IPv4 address.
 func checkIPv4Only(key string, a netip.Addr, errs *Errors) {
 	if a.IsValid() && !a.Unmap().Is4() {
-		errs.add(key, "%q is IPv6: the network datapath is IPv4 only for now (docs/architecture.md, Known limits)", a)
+		errs.add(key, "%q is IPv6: the tunnel between the hosts is IPv4 (it carries the VM's IPv6 inside); give the host's IPv4 address", a)
+	}
+}
+
+// checkIPv6 checks the dual-stack keys: all three or none, each of them
+// IPv6, old_ip6 and new_ip6 global unicast addresses that differ, the
+// gateway neither of them.
+func (nw Network) checkIPv6(n string, errs *Errors) {
+	set := nw.OldIP6.IsValid() || nw.NewIP6.IsValid() || nw.Gateway6.IsValid()
+	if !set {
+		return
+	}
+	for _, a := range []struct {
+		key  string
+		addr netip.Addr
+		what string
+	}{{"old_ip6", nw.OldIP6, "the VM's IPv6 address at the source site"},
+		{"new_ip6", nw.NewIP6, "its IPv6 address at the destination site"},
+		{"gateway6", nw.Gateway6, "its IPv6 default gateway at the source site"}} {
+		k := n + "." + a.key
+		switch {
+		case !a.addr.IsValid():
+			errs.add(k, "required with the other IPv6 keys (old_ip6, new_ip6, gateway6: all or none): %s", a.what)
+		case a.addr.Is4():
+			errs.add(k, "%q is IPv4: %s takes %s (the IPv4 side is %s)", a.addr, a.key, a.what, strings.TrimSuffix(a.key, "6"))
+		case a.addr.IsUnspecified() || a.addr.IsMulticast() || a.addr.IsLoopback():
+			errs.add(k, "%q is not a unicast host address", a.addr)
+		case a.key != "gateway6" && a.addr.IsLinkLocalUnicast():
+			errs.add(k, "%q is link-local: clients elsewhere cannot reach it; give a global address", a.addr)
+		}
+	}
+	if nw.OldIP6.IsValid() && nw.OldIP6 == nw.NewIP6 {
+		errs.add(n+".new_ip6", "%q equals old_ip6: nothing to move", nw.NewIP6)
+	}
+	if g := nw.Gateway6; g.IsValid() && (g == nw.OldIP6 || g == nw.NewIP6) {
+		errs.add(n+".gateway6", "%q is the VM's own address: the VM cannot be its own gateway", g)
 	}
 }
 

@@ -46,13 +46,26 @@ var (
 	GatewayB = netip.MustParseAddr("10.2.0.1")  // site B's router
 	OldIP    = netip.MustParseAddr("10.1.0.10") // the VM's public address at site A
 	NewIP    = netip.MustParseAddr("10.2.0.10") // its address once at site B
+
+	// IPv6: every lab is dual-stack; each LAN has a /64 (fd00:N:: for
+	// 10.N.0.0/24; the client's is fd00:10::), the router at ::1. The
+	// tunnel between the hosts stays IPv4.
+	ClientIP6 = netip.MustParseAddr("fd00:10::2")
+	HostA6    = netip.MustParseAddr("fd00:1::2")
+	HostB6    = netip.MustParseAddr("fd00:2::2")
+	GatewayA6 = netip.MustParseAddr("fd00:1::1")  // site A's router: the guest's IPv6 gateway
+	OldIP6    = netip.MustParseAddr("fd00:1::10") // the VM's IPv6 address at site A
+	NewIP6    = netip.MustParseAddr("fd00:2::10") // its IPv6 address once at site B
 )
 
 // DNS names the lab's BIND serves.
 const (
 	Zone    = "example."
 	SvcName = "svc.example."
-	KeyName = "vmhop-lab."
+	// Svc6Name is the dual-stack VM's name: A OldIP and AAAA OldIP6, TTL
+	// SvcTTL (svc has no AAAA, so IPv4-only migrations flip it alone).
+	Svc6Name = "svc6.example."
+	KeyName  = "vmhop-lab."
 	// SvcTTL is svc's TTL in the lab's zone, in seconds. A migration waits
 	// it out after lowering it (dns-prepare), so it is short, like a
 	// service's TTL kept low by an operator who moves it; the rest of the

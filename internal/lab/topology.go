@@ -10,6 +10,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	vns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmhop/vmhop/internal/lab/wanem"
 	"github.com/vmhop/vmhop/internal/netns"
@@ -22,13 +23,19 @@ type access struct {
 	router   netip.Prefix // router's address on that LAN
 	hostIP   netip.Prefix
 	bridged  bool // sites put their uplink in br0, so VM taps join the LAN
+	// The LAN's IPv6 /64: the router's and the host's addresses (none
+	// for the DNS host: the lab's DNS is reached over IPv4).
+	router6, hostIP6 netip.Prefix
 }
 
 var accesses = []access{
-	{Client, "c0", netip.MustParsePrefix("10.0.0.1/24"), netip.PrefixFrom(ClientIP, 24), false},
-	{DNS, "d0", netip.MustParsePrefix("10.0.3.1/24"), netip.PrefixFrom(DNSIP, 24), false},
-	{SiteA, "a0", netip.PrefixFrom(GatewayA, 24), netip.PrefixFrom(HostA, 24), true},
-	{SiteB, "b0", netip.PrefixFrom(GatewayB, 24), netip.PrefixFrom(HostB, 24), true},
+	{Client, "c0", netip.MustParsePrefix("10.0.0.1/24"), netip.PrefixFrom(ClientIP, 24), false,
+		netip.MustParsePrefix("fd00:10::1/64"), netip.PrefixFrom(ClientIP6, 64)},
+	{DNS, "d0", netip.MustParsePrefix("10.0.3.1/24"), netip.PrefixFrom(DNSIP, 24), false, netip.Prefix{}, netip.Prefix{}},
+	{SiteA, "a0", netip.PrefixFrom(GatewayA, 24), netip.PrefixFrom(HostA, 24), true,
+		netip.PrefixFrom(GatewayA6, 64), netip.PrefixFrom(HostA6, 64)},
+	{SiteB, "b0", netip.PrefixFrom(GatewayB, 24), netip.PrefixFrom(HostB, 24), true,
+		netip.MustParsePrefix("fd00:2::1/64"), netip.PrefixFrom(HostB6, 64)},
 }
 
 // LANIf is the interface carrying a host's own address: br0 on the sites, eth0 elsewhere.
@@ -81,6 +88,9 @@ func (h *handle) addr(dev string, p netip.Prefix) error {
 		return fmt.Errorf("%s: lookup %q: %w", h.name, dev, err)
 	}
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+	if p.Addr().Is6() {
+		a.Flags = unix.IFA_F_NODAD // usable at once: the lab has no duplicates
+	}
 	if err := h.AddrAdd(link, a); err != nil {
 		return fmt.Errorf("%s: add %s to %q: %w", h.name, p, dev, err)
 	}
@@ -154,6 +164,9 @@ func (l *Lab) buildTopology(ctx context.Context) error {
 	if err := l.sysctl(WAN, "net/ipv4/ip_forward", "1"); err != nil {
 		return err
 	}
+	if err := l.sysctl(WAN, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+		return err
+	}
 	for _, a := range accesses {
 		if p, ok := l.State.Links[a.host]; ok && p != (wanem.Profile{}) {
 			// host:eth0 <-> wire:<r>h ... emulator ... wire:<r>w <-> wan:<r>
@@ -204,6 +217,14 @@ func (l *Lab) buildTopology(ctx context.Context) error {
 			if err := l.sysctl(a.host, "net/ipv4/ip_forward", "1"); err != nil {
 				return err
 			}
+			// IPv6 forwarding on every interface, taps made later too:
+			// the datapath's IPv6 FIB lookups need it on the device a
+			// packet came in on.
+			for _, k := range []string{"net/ipv6/conf/all/forwarding", "net/ipv6/conf/default/forwarding"} {
+				if err := l.sysctl(a.host, k, "1"); err != nil {
+					return err
+				}
+			}
 		}
 		if err := h.addr(lan, a.hostIP); err != nil {
 			return err
@@ -213,6 +234,17 @@ func (l *Lab) buildTopology(ctx context.Context) error {
 		}
 		if err := h.defaultVia(a.router.Addr()); err != nil {
 			return err
+		}
+		if a.router6.IsValid() {
+			if err := hs[WAN].addr(a.routerIf, a.router6); err != nil {
+				return err
+			}
+			if err := h.addr(lan, a.hostIP6); err != nil {
+				return err
+			}
+			if err := h.defaultVia(a.router6.Addr()); err != nil {
+				return err
+			}
 		}
 	}
 	// Hosts resolve through the lab's BIND (ip netns exec bind-mounts this file).

@@ -33,6 +33,8 @@ type VMConfig struct {
 	Format   string         // "raw" (default) or "qcow2"
 	IP       netip.Addr     // default OldIP; the guest keeps it wherever it runs
 	Gateway  netip.Addr     // default GatewayA
+	IP6      netip.Addr     // the guest's IPv6 address (a /64); default OldIP6
+	Gateway6 netip.Addr     // its IPv6 default gateway; default GatewayA6
 	Rate     float64        // disk records per second; default 20, negative disables
 	// Prefill writes this many bytes of random data into the image after the
 	// guest's record log before boot: a disk with content worth copying.
@@ -77,6 +79,12 @@ func (l *Lab) fillVMDefaults(c *VMConfig) {
 	if !c.Gateway.IsValid() {
 		c.Gateway = GatewayA
 	}
+	if !c.IP6.IsValid() {
+		c.IP6 = OldIP6
+	}
+	if !c.Gateway6.IsValid() {
+		c.Gateway6 = GatewayA6
+	}
 	if c.Rate == 0 {
 		c.Rate = 20
 	}
@@ -113,8 +121,8 @@ func (l *Lab) MachineFor(c VMConfig) (qemu.Machine, error) {
 		Name:   id,
 		MemKiB: c.MemMiB<<10 + pad,
 		Kernel: kernel, Initrd: initrd,
-		Append: fmt.Sprintf("console=ttyS0 quiet panic=-1 vmhop.ip=%s/24 vmhop.gw=%s vmhop.rate=%s",
-			c.IP, c.Gateway, strconv.FormatFloat(rate, 'f', -1, 64)),
+		Append: fmt.Sprintf("console=ttyS0 quiet panic=-1 vmhop.ip=%s/24 vmhop.gw=%s vmhop.ip6=%s/64 vmhop.gw6=%s vmhop.rate=%s",
+			c.IP, c.Gateway, c.IP6, c.Gateway6, strconv.FormatFloat(rate, 'f', -1, 64)),
 		Disk: l.Path(id + "." + c.Format), DiskFormat: c.Format,
 		Tap: "tap-" + c.Name,
 		// Same MAC on both hosts: it is the guest's NIC, which moves.

@@ -53,13 +53,29 @@ type Datapath struct {
 var ErrUnsupported = errors.New("datapath: eBPF not available")
 
 // be32 is a as the programs hold it: the bytes as they sit in the packet.
-// The datapath is IPv4 only: anything else is an error (never a panic).
+// Anything but IPv4 is an error (never a panic): a VM's IPv6 side has calls
+// of its own (SetRedirect6, VM.OldIP6), and the tunnel between hosts is
+// IPv4.
 func be32(a netip.Addr) (uint32, error) {
 	if !a.Is4() {
-		return 0, fmt.Errorf("address %q: want IPv4 (the datapath has no IPv6 yet)", a)
+		return 0, fmt.Errorf("address %q: want IPv4 here (a VM's IPv6 side goes through SetRedirect6 and VM.OldIP6; hosts are IPv4)", a)
 	}
 	b := a.As4()
 	return binary.NativeEndian.Uint32(b[:]), nil
+}
+
+// in6 is an IPv6 address as the programs hold it (struct in6: the 16
+// bytes as they sit in the packet). Anything but IPv6 is an error.
+func in6(a netip.Addr) (bpf.DatapathIn6, error) {
+	var o bpf.DatapathIn6
+	if !a.Is6() || a.Is4In6() {
+		return o, fmt.Errorf("address %q: want IPv6", a)
+	}
+	b := a.As16()
+	for i := range o.A {
+		o.A[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return o, nil
 }
 
 // Load loads the programs and maps (reusing pinned maps from an earlier run).
@@ -381,8 +397,45 @@ func (d *Datapath) SetRedirect(oldIP netip.Addr, t Tunnel, mac net.HardwareAddr,
 	return d.objs.Redirects.Put(old, r)
 }
 
-// RemoveRedirect stops redirecting oldIP.
+// SetRedirect6 is SetRedirect for a dual-stack VM's IPv6 side: packets
+// for oldIP6 (any IPv6 packet: extension headers too) go through t's
+// tunnel, which stays IPv4 between the hosts; once on, this host answers
+// neighbour solicitations for oldIP6 with mac. Its counters and drain
+// signal are those of the VM's IPv4 address countAs (Stats, Idle), so one
+// drain covers both families.
+func (d *Datapath) SetRedirect6(oldIP6, countAs netip.Addr, t Tunnel, mac net.HardwareAddr, on bool) error {
+	old, err := in6(oldIP6)
+	if err != nil {
+		return fmt.Errorf("datapath: redirect: %w", err)
+	}
+	key, err := be32(countAs)
+	if err != nil {
+		return fmt.Errorf("datapath: redirect %s: counted as: %w", oldIP6, err)
+	}
+	peer, err := be32(t.Peer)
+	if err != nil {
+		return fmt.Errorf("datapath: redirect %s: peer: %w", oldIP6, err)
+	}
+	if err := d.ensureStats(key); err != nil {
+		return err
+	}
+	r := bpf.DatapathRedirect6{Peer: peer, Token: t.Token, StatsKey: key}
+	if on {
+		r.Mode = 1
+	}
+	copy(r.Mac[:], mac)
+	return d.objs.Redirects6.Put(old, r)
+}
+
+// RemoveRedirect stops redirecting oldIP (IPv4, or a VM's IPv6 side).
 func (d *Datapath) RemoveRedirect(oldIP netip.Addr) error {
+	if oldIP.Is6() && !oldIP.Is4In6() {
+		old, err := in6(oldIP)
+		if err != nil {
+			return err
+		}
+		return ignoreNotExist(d.objs.Redirects6.Delete(old))
+	}
 	old, err := be32(oldIP)
 	if err != nil {
 		return fmt.Errorf("datapath: remove redirect: %w", err)
@@ -400,6 +453,12 @@ type VM struct {
 	Tap        int              // ifindex of the VM's tap
 	Peer       netip.Addr       // the old host; invalid: no tunnel back
 	Token      uint64           // the migration's tunnel token (Tunnel), for packets back to Peer
+	// A dual-stack VM's IPv6 side (OldIP6 invalid: none): its address,
+	// kept by the guest; where clients reach it here (NAT66; invalid: no
+	// NAT); its IPv6 gateway (link-local or global), whose neighbour
+	// solicitations this host answers on the tap with GatewayMAC. Its
+	// counters are OldIP's.
+	OldIP6, NewIP6, Gateway6 netip.Addr
 }
 
 // SetVM installs or updates v, and the NAT entry for its new address.
@@ -431,6 +490,10 @@ func (d *Datapath) SetVM(v VM) error {
 	}
 	copy(val.VmMac[:], v.MAC)
 	copy(val.GwMac[:], v.GatewayMAC)
+	old6, val6, err := vm6(v, val, old) // checked before anything is written
+	if err != nil {
+		return err
+	}
 	if err := d.ensureStats(old); err != nil {
 		return err
 	}
@@ -438,20 +501,100 @@ func (d *Datapath) SetVM(v VM) error {
 		return fmt.Errorf("datapath: vm %s: %w", v.OldIP, err)
 	}
 	if v.NewIP.IsValid() {
-		return d.objs.Nat.Put(val.NewIp, old)
+		if err := d.objs.Nat.Put(val.NewIp, old); err != nil {
+			return fmt.Errorf("datapath: vm %s: nat: %w", v.OldIP, err)
+		}
+	}
+	if v.OldIP6.IsValid() {
+		return d.setVM6(v, old6, val6)
 	}
 	return nil
 }
 
-// RemoveVM removes the VM and its NAT entry.
+// vm6 is v's IPv6 side as the programs hold it, counted as old.
+func vm6(v VM, val bpf.DatapathVm, old uint32) (old6 bpf.DatapathIn6, val6 bpf.DatapathVm6, err error) {
+	if !v.OldIP6.IsValid() {
+		return old6, val6, nil
+	}
+	if old6, err = in6(v.OldIP6); err != nil {
+		return old6, val6, fmt.Errorf("datapath: vm %s: old IPv6 address: %w", v.OldIP, err)
+	}
+	val6 = bpf.DatapathVm6{Peer: val.Peer, Ifindex: val.Ifindex, VmMac: val.VmMac, GwMac: val.GwMac, StatsKey: old, Token: val.Token}
+	if val6.GwIp, err = in6(v.Gateway6); err != nil {
+		return old6, val6, fmt.Errorf("datapath: vm %s: IPv6 gateway: %w", v.OldIP6, err)
+	}
+	if v.NewIP6.IsValid() {
+		if val6.NewIp, err = in6(v.NewIP6); err != nil {
+			return old6, val6, fmt.Errorf("datapath: vm %s: new IPv6 address: %w", v.OldIP6, err)
+		}
+	}
+	return old6, val6, nil
+}
+
+// setVM6 installs v's IPv6 side (vms6, nat6, taps6).
+func (d *Datapath) setVM6(v VM, old6 bpf.DatapathIn6, val6 bpf.DatapathVm6) error {
+	if err := d.objs.Vms6.Put(old6, val6); err != nil {
+		return fmt.Errorf("datapath: vm %s: %w", v.OldIP6, err)
+	}
+	if err := d.objs.Taps6.Put(uint32(v.Tap), old6); err != nil {
+		return fmt.Errorf("datapath: vm %s: tap: %w", v.OldIP6, err)
+	}
+	if v.NewIP6.IsValid() {
+		return d.objs.Nat6.Put(val6.NewIp, old6)
+	}
+	return nil
+}
+
+// RemoveVM removes the VM and its NAT entry; given a VM's IPv6 side
+// (old and new IPv6 addresses), its IPv6 entries.
 func (d *Datapath) RemoveVM(oldIP, newIP netip.Addr) error {
+	if oldIP.Is6() && !oldIP.Is4In6() {
+		return d.removeVM6(oldIP, newIP)
+	}
 	old, err := be32(oldIP)
 	if err != nil {
 		return fmt.Errorf("datapath: remove vm: %w", err)
 	}
+	var n uint32
+	if newIP.IsValid() {
+		if n, err = be32(newIP); err != nil {
+			return fmt.Errorf("datapath: remove vm %s: new address: %w", oldIP, err)
+		}
+	}
 	err = ignoreNotExist(d.objs.Vms.Delete(old))
-	if n, nerr := be32(newIP); newIP.IsValid() && nerr == nil {
+	if newIP.IsValid() {
 		err = errors.Join(err, ignoreNotExist(d.objs.Nat.Delete(n)))
+	}
+	return err
+}
+
+func (d *Datapath) removeVM6(oldIP6, newIP6 netip.Addr) error {
+	old, err := in6(oldIP6)
+	if err != nil {
+		return fmt.Errorf("datapath: remove vm: %w", err)
+	}
+	var n bpf.DatapathIn6
+	if newIP6.IsValid() {
+		if n, err = in6(newIP6); err != nil {
+			return fmt.Errorf("datapath: remove vm %s: new address: %w", oldIP6, err)
+		}
+	}
+	err = ignoreNotExist(d.objs.Vms6.Delete(old))
+	if newIP6.IsValid() {
+		err = errors.Join(err, ignoreNotExist(d.objs.Nat6.Delete(n)))
+	}
+	var tap uint32
+	var a bpf.DatapathIn6
+	var taps []uint32
+	it := d.objs.Taps6.Iterate()
+	for it.Next(&tap, &a) {
+		if a == old {
+			taps = append(taps, tap)
+		}
+	}
+	err = errors.Join(err, it.Err())
+	for _, t := range taps {
+		err = errors.Join(err, ignoreNotExist(d.objs.Taps6.Delete(t)))
 	}
 	return err
 }

@@ -1138,7 +1138,7 @@ func TestIPv6Refused(t *testing.T) {
 		"SetVM":            a.dp.SetVM(VM{OldIP: v6, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC}),
 		"SetVM new":        a.dp.SetVM(VM{OldIP: oldIP, NewIP: v6, Gateway: gwA, GatewayMAC: gwMAC, MAC: vmMAC}),
 		"SetPeer":          a.dp.SetPeer(Tunnel{Peer: v6, Token: 1}, true),
-		"RemoveVM":         a.dp.RemoveVM(v6, netip.Addr{}),
+		"RemoveVM new":     a.dp.RemoveVM(oldIP, v6),
 	} {
 		if err == nil || !strings.Contains(err.Error(), `"2001:db8::10": want IPv4`) {
 			t.Errorf("%s: %v, want an error naming the IPv6 address", name, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -28,8 +29,8 @@ type fakeUpdate struct {
 
 // fakePrimary is a small authoritative server for example. whose answers
 // to UPDATEs are as bad as a test wants: unsigned, or signed with a secret
-// other than the client's. It holds svc.example.'s A RRset (at first
-// 10.1.0.10, TTL 300) and applies the deletes and adds of every UPDATE
+// other than the client's. It holds svc.example.'s A and AAAA RRsets (at
+// first A 10.1.0.10, TTL 300; more with extra) and applies the deletes and adds of every UPDATE
 // without checking prerequisites, keeping one record per address as real
 // servers do; SOA serial 7. Queries are answered unsigned, as real servers
 // answer unsigned queries.
@@ -42,7 +43,7 @@ type fakePrimary struct {
 
 // startFakePrimary serves on 127.0.0.1 (UDP and TCP, one port). sign is how
 // it signs its UPDATE answers: "" not at all, else with this secret.
-func startFakePrimary(t *testing.T, sign string) *fakePrimary {
+func startFakePrimary(t *testing.T, sign string, extra ...string) *fakePrimary {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -55,6 +56,13 @@ func startFakePrimary(t *testing.T, sign string) *fakePrimary {
 	}
 	first, _ := dns.NewRR("svc.example. 300 IN A 10.1.0.10")
 	f := &fakePrimary{Addr: pc.LocalAddr().String(), a: []dns.RR{first}}
+	for _, x := range extra {
+		rr, err := dns.NewRR(x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.a = append(f.a, rr)
+	}
 	handler := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
 		r := new(dns.Msg)
 		r.SetReply(q)
@@ -76,9 +84,13 @@ func startFakePrimary(t *testing.T, sign string) *fakePrimary {
 			return
 		}
 		switch q.Question[0].Qtype {
-		case dns.TypeA:
+		case dns.TypeA, dns.TypeAAAA:
 			f.mu.Lock()
-			r.Answer = append(r.Answer, f.a...)
+			for _, rr := range f.a {
+				if rr.Header().Rrtype == q.Question[0].Qtype {
+					r.Answer = append(r.Answer, rr)
+				}
+			}
 			f.mu.Unlock()
 		case dns.TypeSOA:
 			rr, _ := dns.NewRR("example. 300 IN SOA ns.example. h.example. 7 1 1 1 1")
@@ -97,20 +109,24 @@ func startFakePrimary(t *testing.T, sign string) *fakePrimary {
 	return f
 }
 
-// apply runs an UPDATE's update section on the A RRset (f.mu held).
+// apply runs an UPDATE's update section on the A and AAAA RRsets (f.mu
+// held): deletes by type, adds without duplicates.
 func (f *fakePrimary) apply(ns []dns.RR) {
 	for _, rr := range ns {
-		a, ok := rr.(*dns.A)
-		switch {
-		case rr.Header().Class == dns.ClassANY && rr.Header().Rrtype == dns.TypeA:
-			f.a = nil
-		case ok && rr.Header().Class == dns.ClassINET:
+		h := rr.Header()
+		if h.Rrtype != dns.TypeA && h.Rrtype != dns.TypeAAAA {
+			continue
+		}
+		switch h.Class {
+		case dns.ClassANY:
+			f.a = slices.DeleteFunc(f.a, func(have dns.RR) bool { return have.Header().Rrtype == h.Rrtype })
+		case dns.ClassINET:
 			dup := false
 			for _, have := range f.a {
-				dup = dup || have.(*dns.A).A.Equal(a.A)
+				dup = dup || dns.IsDuplicate(have, rr)
 			}
 			if !dup {
-				f.a = append(f.a, dns.Copy(a))
+				f.a = append(f.a, dns.Copy(rr))
 			}
 		}
 	}
@@ -223,5 +239,77 @@ func TestProveKey(t *testing.T) {
 	bad := startFakePrimary(t, otherSecret)
 	if err := testClient(bad.Addr).ProveKey(context.Background(), "example.", "svc.example."); err == nil {
 		t.Fatal("a primary signing with another key proved the key")
+	}
+}
+
+// TestDualStackCycle: a name with A and AAAA records (a dual-stack VM)
+// goes through prepare, flip, rollback, flip and restore; each change is
+// one UPDATE that pins and replaces both RRsets, and each step leaves
+// exactly the records asked for. A name's AAAA alone (the IPv6 side) flips
+// without touching A.
+func TestDualStackCycle(t *testing.T) {
+	ctx := context.Background()
+	old6, new6 := netip.MustParseAddr("2001:db8:1::10"), netip.MustParseAddr("2001:db8:2::10")
+	f := startFakePrimary(t, testSecret, "svc.example. 300 IN AAAA 2001:db8:1::10")
+	c := testClient(f.Addr)
+	c.Servers = []string{f.Addr}
+	zone, name := "example.", "svc.example."
+	show := func(want ...Record) {
+		t.Helper()
+		s, err := c.Show(ctx, zone, name)
+		if err != nil || !sameRecords(s.Records, want) {
+			t.Fatalf("records = %v, %v; want %v", s.Records, err, want)
+		}
+	}
+	prep, err := c.Prepare(ctx, zone, name, 5)
+	if err != nil || !prep.Changed || prep.Wait != Seconds(300*time.Second) {
+		t.Fatalf("prepare: %+v, %v", prep, err)
+	}
+	show(Record{oldIP, 5}, Record{old6, 5})
+	flip, err := c.Flip(ctx, zone, name, []netip.Addr{old6, oldIP}, []netip.Addr{newIP, new6}, 5)
+	if err != nil || !flip.Changed {
+		t.Fatalf("flip: %+v, %v", flip, err)
+	}
+	show(Record{newIP, 5}, Record{new6, 5})
+	u := f.updates()
+	last := u[len(u)-1].msg
+	if got, want := sectionStrings(last.Answer), []string{"svc.example. 0 IN A 10.1.0.10", "svc.example. 0 IN AAAA 2001:db8:1::10"}; strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Errorf("flip prerequisites %q, want %q", got, want)
+	}
+	if got, want := sectionStrings(last.Ns), []string{"svc.example. 0 CLASS255 A", "svc.example. 0 CLASS255 AAAA",
+		"svc.example. 5 IN A 10.2.0.10", "svc.example. 5 IN AAAA 2001:db8:2::10"}; strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Errorf("flip updates %q, want %q", got, want)
+	}
+	// Flipping from the wrong old set (the AAAA forgotten) is refused.
+	if _, err := c.Flip(ctx, zone, name, []netip.Addr{newIP}, []netip.Addr{oldIP}, 5); !errors.Is(err, ErrPrerequisite) {
+		t.Fatalf("flip from [new4] only: %v, want ErrPrerequisite", err)
+	}
+	if _, err := c.Rollback(ctx, zone, name, flip.Before.Records, []netip.Addr{newIP, new6}); err != nil {
+		t.Fatalf("rollback: %v", err)
+	}
+	show(Record{oldIP, 5}, Record{old6, 5})
+	if _, err := c.Flip(ctx, zone, name, []netip.Addr{oldIP, old6}, []netip.Addr{newIP, new6}, 5); err != nil {
+		t.Fatalf("flip again: %v", err)
+	}
+	if _, err := c.Restore(ctx, zone, name, 300); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	show(Record{newIP, 300}, Record{new6, 300})
+
+	// The AAAA alone: A is neither pinned nor touched.
+	g := startFakePrimary(t, testSecret)
+	g.mu.Lock()
+	g.a = nil
+	g.apply([]dns.RR{&dns.AAAA{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: 60}, AAAA: old6.AsSlice()}})
+	g.mu.Unlock()
+	c = testClient(g.Addr)
+	c.Servers = []string{g.Addr}
+	if _, err := c.Flip(ctx, zone, name, []netip.Addr{old6}, []netip.Addr{new6}, 5); err != nil {
+		t.Fatalf("flip AAAA: %v", err)
+	}
+	show(Record{new6, 5})
+	u = g.updates()
+	if got := sectionStrings(u[len(u)-1].msg.Ns); strings.Join(got, "|") != "svc.example. 0 CLASS255 AAAA|svc.example. 5 IN AAAA 2001:db8:2::10" {
+		t.Errorf("AAAA flip updates %q", got)
 	}
 }
