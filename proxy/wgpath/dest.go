@@ -1,0 +1,218 @@
+package wgpath
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+)
+
+// VM is a moved VM's entry on the destination host.
+type VM struct {
+	OldIP, NewIP netip.Addr
+	// GatewayMAC is the old gateway's MAC: the tap's host side takes it,
+	// so the frames the VM sends to its cached gateway reach this host.
+	GatewayMAC net.HardwareAddr
+	MAC        net.HardwareAddr // the VM's
+	Tap        string           // the VM's tap on this host, on no bridge
+	// Token is the migration's tunnel back to the source (OpenTunnel);
+	// 0: none (drained), the VM's traffic is all NATed.
+	Token uint64
+}
+
+type vmEntry struct {
+	VM
+	origMAC net.HardwareAddr // the tap's before SetVM
+	uplink  string           // where new_ip is answered for
+	rule    *netlink.Rule    // fwmark -> the tunnel's table, while Token != 0
+	held    []string         // sysctls held
+}
+
+// SetVM installs or updates the VM's entry: old_ip/32 routed to the tap
+// (a permanent neighbour entry at the VM's MAC), the tap's host side at
+// the old gateway's MAC and answering ARP for every address routed
+// elsewhere (proxy ARP, no delay), new_ip answered for on the uplink
+// (proxy neighbour; a /32 route to the tap makes it not on-link there)
+// and NATed to old_ip, and with a Token, the VM's packets that are not
+// NAT flows policy-routed into the tunnel. Calling it again with Token 0
+// (the drain) removes the tunnel part only.
+func (p *Path) SetVM(v VM) error {
+	if !v.OldIP.Is4() || !v.NewIP.Is4() {
+		return fmt.Errorf("wgpath: vm %s -> %s: IPv4 only", v.OldIP, v.NewIP)
+	}
+	if len(v.MAC) != 6 || len(v.GatewayMAC) != 6 {
+		return fmt.Errorf("wgpath: vm %s: want 6-byte VM and gateway MACs", v.OldIP)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var t *tunnel
+	if v.Token != 0 {
+		if t = p.tunnels[v.Token]; t == nil {
+			return fmt.Errorf("wgpath: vm %s: no tunnel %s", v.OldIP, TunnelName(v.Token))
+		}
+	}
+	h, err := p.handle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	e := p.vms[v.OldIP]
+	fresh := e == nil
+	if fresh {
+		e = &vmEntry{VM: v}
+		p.vms[v.OldIP] = e
+	} else if e.Tap != v.Tap {
+		return fmt.Errorf("wgpath: vm %s: on tap %s already, not %s", v.OldIP, e.Tap, v.Tap)
+	}
+	e.VM = v
+	if err := p.setVM(h, e, t, fresh); err != nil {
+		if fresh {
+			p.removeVM(h, e)
+			delete(p.vms, v.OldIP)
+		}
+		return fmt.Errorf("wgpath: vm %s: %w", v.OldIP, err)
+	}
+	return nil
+}
+
+func (p *Path) setVM(h *netlink.Handle, e *vmEntry, t *tunnel, fresh bool) error {
+	tap, err := h.LinkByName(e.Tap)
+	if err != nil {
+		return fmt.Errorf("tap %s: %w", e.Tap, err)
+	}
+	if fresh {
+		up, err := p.uplink(h)
+		if err != nil {
+			return err
+		}
+		e.uplink = up.Attrs().Name
+		e.origMAC = tap.Attrs().HardwareAddr
+		if err := h.LinkSetHardwareAddr(tap, e.GatewayMAC); err != nil {
+			return fmt.Errorf("tap %s: gateway MAC: %w", e.Tap, err)
+		}
+		for _, s := range []struct{ path, v string }{
+			{"net/ipv4/conf/" + e.Tap + "/forwarding", "1"},
+			{"net/ipv4/conf/" + e.Tap + "/proxy_arp", "1"},
+			{"net/ipv4/neigh/" + e.Tap + "/proxy_delay", "0"},
+			{"net/ipv4/conf/" + e.uplink + "/forwarding", "1"},
+			{"net/ipv4/neigh/" + e.uplink + "/proxy_delay", "0"},
+		} {
+			if err := p.hold(s.path, s.v); err != nil {
+				return err
+			}
+			e.held = append(e.held, s.path)
+		}
+		for _, ip := range []netip.Addr{e.OldIP, e.NewIP} {
+			if err := h.RouteReplace(&netlink.Route{Dst: host32(ip), LinkIndex: tap.Attrs().Index, Scope: netlink.SCOPE_LINK}); err != nil {
+				return fmt.Errorf("route %s to %s: %w", ip, e.Tap, err)
+			}
+		}
+		if err := h.NeighSet(&netlink.Neigh{LinkIndex: tap.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+			IP: net.IP(ip4(e.OldIP)), HardwareAddr: e.MAC}); err != nil {
+			return fmt.Errorf("neighbour %s on %s: %w", e.OldIP, e.Tap, err)
+		}
+		if err := h.NeighSet(&netlink.Neigh{LinkIndex: up.Attrs().Index, Family: netlink.FAMILY_V4, Flags: netlink.NTF_PROXY,
+			IP: net.IP(ip4(e.NewIP))}); err != nil {
+			return fmt.Errorf("answer ARP for %s on %s: %w", e.NewIP, e.uplink, err)
+		}
+		if err := p.garp(e.uplink, e.NewIP, up.Attrs().HardwareAddr); err != nil {
+			p.opts.Log.Warn("userspace continuity: gratuitous ARP", "addr", e.NewIP, "dev", e.uplink, "err", err)
+		}
+	}
+	tunName, mark := "", uint32(0)
+	if t != nil {
+		tunName, mark = t.name, t.mark
+	}
+	if err := p.withNft(func(c *nftables.Conn) error {
+		return setVMTable(c, vmTable(e.OldIP), buildVMRules(e.VM, tunName, mark), !fresh)
+	}); err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	return p.setVMRule(h, e, t)
+}
+
+// setVMRule points the tunnel's mark at its table (default route into
+// the TUN), or removes the rule without a tunnel.
+func (p *Path) setVMRule(h *netlink.Handle, e *vmEntry, t *tunnel) error {
+	if e.rule != nil && (t == nil || e.rule.Mark != t.mark) {
+		if err := h.RuleDel(e.rule); err != nil && !isNotFound(err) {
+			return fmt.Errorf("rule fwmark %#x: %w", e.rule.Mark, err)
+		}
+		h.RouteDel(&netlink.Route{Dst: &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, Table: e.rule.Table})
+		e.rule = nil
+	}
+	if t == nil || e.rule != nil {
+		return nil
+	}
+	if err := h.RouteReplace(&netlink.Route{Dst: &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)},
+		LinkIndex: t.index, Scope: netlink.SCOPE_LINK, Table: int(t.mark)}); err != nil {
+		return fmt.Errorf("table %#x: default into %s: %w", t.mark, t.name, err)
+	}
+	r := netlink.NewRule()
+	r.Family = netlink.FAMILY_V4
+	r.Mark = t.mark
+	mask := uint32(0xffffffff)
+	r.Mask = &mask
+	r.Table = int(t.mark)
+	r.Priority = RulePriority
+	if err := h.RuleAdd(r); err != nil {
+		return fmt.Errorf("rule fwmark %#x: %w", t.mark, err)
+	}
+	e.rule = r
+	return nil
+}
+
+// RulePriority is the priority of the policy rules that send a VM's
+// marked packets into its tunnel (before the main table's 32766).
+const RulePriority = 1000
+
+// RemoveVM removes the VM's entry (a VM not installed is no error).
+func (p *Path) RemoveVM(old netip.Addr) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e := p.vms[old]
+	if e == nil {
+		return nil
+	}
+	delete(p.vms, old)
+	h, err := p.handle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	return p.removeVM(h, e)
+}
+
+func (p *Path) removeVM(h *netlink.Handle, e *vmEntry) error {
+	var errs []error
+	errs = append(errs, p.setVMRule(h, e, nil))
+	errs = append(errs, p.withNft(func(c *nftables.Conn) error { return delTable(c, vmTable(e.OldIP)) }))
+	for _, ip := range []netip.Addr{e.OldIP, e.NewIP} {
+		if err := h.RouteDel(&netlink.Route{Dst: host32(ip), Scope: netlink.SCOPE_LINK}); err != nil && !isNotFound(err) {
+			errs = append(errs, fmt.Errorf("route %s: %w", ip, err))
+		}
+	}
+	if tap, err := h.LinkByName(e.Tap); err == nil {
+		if err := h.NeighDel(&netlink.Neigh{LinkIndex: tap.Attrs().Index, Family: netlink.FAMILY_V4,
+			IP: net.IP(ip4(e.OldIP))}); err != nil && !isNotFound(err) {
+			errs = append(errs, fmt.Errorf("neighbour %s: %w", e.OldIP, err))
+		}
+		if len(e.origMAC) == 6 {
+			errs = append(errs, h.LinkSetHardwareAddr(tap, e.origMAC))
+		}
+	}
+	if up, err := h.LinkByName(e.uplink); err == nil {
+		if err := h.NeighDel(&netlink.Neigh{LinkIndex: up.Attrs().Index, Family: netlink.FAMILY_V4, Flags: netlink.NTF_PROXY,
+			IP: net.IP(ip4(e.NewIP))}); err != nil && !isNotFound(err) {
+			errs = append(errs, fmt.Errorf("proxy neighbour %s: %w", e.NewIP, err))
+		}
+	}
+	for i := len(e.held) - 1; i >= 0; i-- {
+		errs = append(errs, p.release(e.held[i]))
+	}
+	e.held = nil
+	return errors.Join(errs...)
+}
