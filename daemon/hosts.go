@@ -46,7 +46,9 @@ func handle[Req any](a *PeerAPI, method string, fn func(context.Context, Req) er
 
 // ServeDestination registers dest's methods on a (before Serve).
 func ServeDestination(a *PeerAPI, dest migrator.Destination) {
-	handle(a, MethodDestPrepare, dest.PrepareDestination)
+	Handle(a, MethodDestPrepare, func(ctx context.Context, _ string, req migrator.DestPrepare) (migrator.TunnelEnd, error) {
+		return dest.PrepareDestination(ctx, req)
+	})
 	handle(a, MethodDestCreateImage, dest.CreateImage)
 	handle(a, MethodDestAttachVM, dest.AttachVM)
 	handle(a, MethodDestAbort, dest.Abort)
@@ -70,8 +72,8 @@ func call[Req any](ctx context.Context, c *PeerClient, method string, req Req) e
 }
 
 // PrepareDestination implements migrator.Destination.
-func (r RemoteDestination) PrepareDestination(ctx context.Context, req migrator.DestPrepare) error {
-	return call(ctx, r.Peer, MethodDestPrepare, req)
+func (r RemoteDestination) PrepareDestination(ctx context.Context, req migrator.DestPrepare) (migrator.TunnelEnd, error) {
+	return Call[migrator.DestPrepare, migrator.TunnelEnd](ctx, r.Peer, MethodDestPrepare, req)
 }
 
 // CreateImage implements migrator.Destination.

@@ -92,11 +92,21 @@ type Plan struct {
 	// token is the migration's tunnel token (datapath.Tunnel), made by the
 	// datapath phase; Drain retires it.
 	token uint64
+	// srcEnd, dstEnd are the hosts' ends of the tunnel, as their prepare
+	// calls answered them (mode; userspace: WireGuard key and port).
+	srcEnd, dstEnd TunnelEnd
 }
 
 // tunnel is this migration's tunnel towards the host at peer (a WAN
-// address).
-func (p *Plan) tunnel(peer netip.Addr) Tunnel { return Tunnel{Peer: peer, Token: p.token} }
+// address): the source's end when peer is SourceWAN, else the
+// destination's.
+func (p *Plan) tunnel(peer netip.Addr) Tunnel {
+	end := p.dstEnd
+	if peer == p.SourceWAN {
+		end = p.srcEnd
+	}
+	return Tunnel{Peer: peer, Token: p.token, Continuity: end.Continuity, Key: end.Key, Port: end.Port}
+}
 
 // DNSUpdater changes the VM's name's address records (RFC 2136 updates;
 // *ddns.Client implements it): Show reads them (the preflight), Prepare
@@ -317,16 +327,20 @@ func (r *run) datapath(ctx context.Context) error {
 	if p.token, err = datapath.NewToken(); err != nil {
 		return err
 	}
-	// Installed off: switching it on inside the pause is one map write.
-	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, MAC: p.VMMAC.String()}); err != nil {
+	// The destination first: its end of the tunnel (in userspace mode a
+	// WireGuard key and port) is the source's peer; the source's end
+	// reaches the destination with AttachVM.
+	if p.dstEnd, err = p.Dest.PrepareDestination(ctx, DestPrepare{Tunnel: p.tunnel(p.SourceWAN)}); err != nil {
+		return err
+	}
+	r.onFailure(func(ctx context.Context) error { return p.Dest.RetireTunnel(ctx, p.tunnel(p.SourceWAN)) })
+	// Installed off: switching it on inside the pause is one map write
+	// (userspace: a route, a proxy neighbour and a gratuitous ARP).
+	if p.srcEnd, err = p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, MAC: p.VMMAC.String()}); err != nil {
 		return err
 	}
 	r.onFailure(func(ctx context.Context) error { return p.Source.RetireTunnel(ctx, p.tunnel(p.DestWAN)) })
 	r.onFailure(func(ctx context.Context) error { return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP}) })
-	if err := p.Dest.PrepareDestination(ctx, DestPrepare{Tunnel: p.tunnel(p.SourceWAN)}); err != nil {
-		return err
-	}
-	r.onFailure(func(ctx context.Context) error { return p.Dest.RetireTunnel(ctx, p.tunnel(p.SourceWAN)) })
 	return nil
 }
 
