@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
@@ -106,7 +107,7 @@ func (p *Path) setVM(h *netlink.Handle, e *vmEntry, t *tunnel, fresh bool) error
 			e.held = append(e.held, s.path)
 		}
 		for _, ip := range []netip.Addr{e.OldIP, e.NewIP} {
-			if err := h.RouteReplace(&netlink.Route{Dst: host32(ip), LinkIndex: tap.Attrs().Index, Scope: netlink.SCOPE_LINK}); err != nil {
+			if err := h.RouteReplace(&netlink.Route{Dst: host32(ip), LinkIndex: tap.Attrs().Index, Scope: netlink.SCOPE_LINK, Protocol: RouteProtocol}); err != nil {
 				return fmt.Errorf("route %s to %s: %w", ip, e.Tap, err)
 			}
 		}
@@ -148,7 +149,7 @@ func (p *Path) setVMRule(h *netlink.Handle, e *vmEntry, t *tunnel) error {
 		return nil
 	}
 	if err := h.RouteReplace(&netlink.Route{Dst: &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)},
-		LinkIndex: t.index, Scope: netlink.SCOPE_LINK, Table: int(t.mark)}); err != nil {
+		LinkIndex: t.index, Scope: netlink.SCOPE_LINK, Table: int(t.mark), Protocol: RouteProtocol}); err != nil {
 		return fmt.Errorf("table %#x: default into %s: %w", t.mark, t.name, err)
 	}
 	r := netlink.NewRule()
@@ -215,4 +216,75 @@ func (p *Path) removeVM(h *netlink.Handle, e *vmEntry) error {
 	}
 	e.held = nil
 	return errors.Join(errs...)
+}
+
+// RouteProtocol marks the routes this package adds (ip route's "proto
+// 118"), so Sweep finds them.
+const RouteProtocol = 118
+
+// Sweep removes what a Path in a process that died left in namespace ns
+// ("": this process's): the nftables tables of its tunnels and VM
+// entries, its policy rules and its routes (by RouteProtocol); its TUN
+// devices went with the process (any left are deleted). Proxy neighbour
+// entries stay unless a swept route names their address (a destination's
+// new_ip), and held sysctls keep their values (the originals went with
+// the process). It
+// answers what it removed. Never call it while a Path of this host runs.
+func Sweep(ns string) ([]string, error) {
+	var gone []string
+	var errs []error
+	errs = append(errs, withNft(ns, func(c *nftables.Conn) error {
+		ts, err := c.ListTablesOfFamily(nftables.TableFamilyIPv4)
+		if err != nil {
+			return err
+		}
+		for _, t := range ts {
+			if strings.HasPrefix(t.Name, "vhwg") || strings.HasPrefix(t.Name, "vmhop_vm_") {
+				c.DelTable(t)
+				gone = append(gone, "nftables table "+t.Name)
+			}
+		}
+		return c.Flush()
+	}))
+	p := New(Options{Netns: ns})
+	h, err := p.handle()
+	if err != nil {
+		return gone, errors.Join(append(errs, err)...)
+	}
+	defer h.Close()
+	rules, err := h.RuleList(netlink.FAMILY_V4)
+	errs = append(errs, err)
+	for _, r := range rules {
+		if r.Priority == RulePriority && r.Mark&0xffff0000 == markBase {
+			rr := r
+			errs = append(errs, h.RuleDel(&rr))
+			gone = append(gone, fmt.Sprintf("rule %d fwmark %#x", r.Priority, r.Mark))
+		}
+	}
+	routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: RouteProtocol}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	errs = append(errs, err)
+	proxies, _ := h.NeighProxyList(0, netlink.FAMILY_V4)
+	for _, r := range routes {
+		rr := r
+		if err := h.RouteDel(&rr); err != nil && !isNotFound(err) {
+			errs = append(errs, err)
+		}
+		gone = append(gone, fmt.Sprintf("route %v table %d", r.Dst, r.Table))
+		for _, n := range proxies { // new_ip's, answered for while routed to a tap
+			if r.Dst != nil && n.IP.Equal(r.Dst.IP) {
+				nn := n
+				errs = append(errs, h.NeighDel(&nn))
+				gone = append(gone, fmt.Sprintf("proxy neighbour %s", n.IP))
+			}
+		}
+	}
+	links, err := h.LinkList()
+	errs = append(errs, err)
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, "vhwg") {
+			errs = append(errs, h.LinkDel(l))
+			gone = append(gone, "link "+l.Attrs().Name)
+		}
+	}
+	return gone, errors.Join(errs...)
 }

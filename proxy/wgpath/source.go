@@ -72,7 +72,7 @@ func (p *Path) redirectOn(r *redirect) error {
 		return err
 	}
 	dev := up.Attrs().Name
-	if err := h.RouteReplace(&netlink.Route{Dst: host32(r.old), LinkIndex: t.index, Scope: netlink.SCOPE_LINK}); err != nil {
+	if err := h.RouteReplace(&netlink.Route{Dst: host32(r.old), LinkIndex: t.index, Scope: netlink.SCOPE_LINK, Protocol: RouteProtocol}); err != nil {
 		return fmt.Errorf("wgpath: route %s into %s: %w", r.old, t.name, err)
 	}
 	r.on, r.dev = true, dev

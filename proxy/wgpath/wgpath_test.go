@@ -144,6 +144,7 @@ func TestTunnelCarriesPackets(t *testing.T) {
 		Allowed: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}, Keepalive: 25 * time.Second}); err != nil {
 		t.Fatal(err)
 	}
+	waitHandshake(t, pa, token)
 	route := func(p *Path, to netip.Addr) {
 		h, err := p.handle()
 		if err != nil {
@@ -240,4 +241,68 @@ func assertClean(t *testing.T, ns string) {
 	if ts, err := Tables(ns); err != nil || len(ts) != 0 {
 		t.Errorf("%s: nftables tables left: %v %v", ns, ts, err)
 	}
+}
+
+// TestSweep: a destination's VM entry and tunnel as a vmhopd that died
+// leaves them (its wireguard-go gone, so its TUN too): Sweep removes
+// the tables, the rule, the routes and new_ip's proxy neighbour.
+func TestSweep(t *testing.T) {
+	ns := labtest.Netns(t)
+	nsh, err := netns.Handle(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for _, name := range []string{"up0", "tap0"} {
+		if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []string{name, name + "p"} {
+			l, _ := h.LinkByName(n)
+			h.LinkSetUp(l)
+		}
+	}
+	up, _ := h.LinkByName("up0")
+	if err := h.AddrAdd(up, &netlink.Addr{IPNet: &net.IPNet{IP: net.IP{192, 0, 2, 2}, Mask: net.CIDRMask(24, 32)}}); err != nil {
+		t.Fatal(err)
+	}
+	p := New(Options{Netns: ns, LocalIP: netip.MustParseAddr("192.0.2.2")})
+	const token = 42
+	if _, _, err := p.OpenTunnel(token); err != nil {
+		t.Fatal(err)
+	}
+	gw, _ := net.ParseMAC("02:00:00:00:00:01")
+	vm, _ := net.ParseMAC("52:54:00:00:00:02")
+	if err := p.SetVM(VM{OldIP: netip.MustParseAddr("10.1.0.10"), NewIP: netip.MustParseAddr("192.0.2.10"),
+		GatewayMAC: gw, MAC: vm, Tap: "tap0", Token: token}); err != nil {
+		t.Fatal(err)
+	}
+	p.tunnels[token].dev.Close() // the process dies: its TUN goes with it
+	gone, err := Sweep(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("swept: %v", gone)
+	if len(gone) < 5 {
+		t.Errorf("swept %v: want 2 tables, the rule, 2 routes and a proxy neighbour", gone)
+	}
+	assertClean(t, ns)
+}
+
+// waitHandshake waits until p's tunnel has made its handshake (B's
+// keepalive starts it; data sent from both ends before it completes can
+// make both start one at once, and WireGuard then waits 5 s to retry).
+func waitHandshake(t *testing.T, p *Path, token uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if hs, err := p.Handshake(token); err == nil && !hs.IsZero() {
+			return
+		}
+	}
+	t.Fatalf("no handshake on %s in 10 s", TunnelName(token))
 }
