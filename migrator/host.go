@@ -220,6 +220,7 @@ type Host struct {
 	// nftables NAT), where eBPF cannot load.
 	Continuity string
 	dp         *datapath.Datapath
+	wgMu       sync.Mutex // guards wg (not mu: an image hash holds mu for long)
 	wg         *wgpath.Path
 
 	mu      sync.Mutex
@@ -291,8 +292,8 @@ func (h *Host) checkPeer(t Tunnel) error {
 
 // Userspace is the host's userspace continuity, made on first use.
 func (h *Host) Userspace() *wgpath.Path {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+	h.wgMu.Lock()
+	defer h.wgMu.Unlock()
 	if h.wg == nil {
 		h.wg = wgpath.New(wgpath.Options{Netns: h.Netns, LocalIP: h.Address})
 	}
@@ -605,10 +606,10 @@ func (h *Host) Abort(_ context.Context, req DestAbort) error {
 // routes, rules, nftables tables, VM entries).
 func (h *Host) RemoveDatapath() error {
 	var errs []error
-	h.mu.Lock()
+	h.wgMu.Lock()
 	wg := h.wg
 	h.wg = nil
-	h.mu.Unlock()
+	h.wgMu.Unlock()
 	if wg != nil {
 		errs = append(errs, wg.Close())
 	}
