@@ -584,7 +584,7 @@ func (h *Host) Abort(_ context.Context, req DestAbort) error {
 		errs = append(errs, h.dp.RemoveVM(req.OldIP, req.NewIP))
 	}
 	if h.Continuity == ContinuityUserspace && req.OldIP.IsValid() {
-		errs = append(errs, h.Userspace().RemoveVM(req.OldIP))
+		errs = append(errs, h.Userspace().RemoveVM(req.OldIP, req.NewIP))
 	}
 	h.mu.Lock()
 	made := h.created[req.Image] && !req.KeepImage

@@ -38,6 +38,7 @@ import (
 	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/datapath"
 	"github.com/vmhop/vmhop/proxy/sidecar"
+	"github.com/vmhop/vmhop/proxy/wgpath"
 )
 
 // flags are vmhopd's command line.
@@ -110,6 +111,12 @@ func run() error {
 	work.Register(d.PeerAPI())
 	if sc.DP != nil {
 		host.UseDatapath(sc.DP)
+	}
+	host.Continuity = string(sc.Mode) // "userspace": proxy/wgpath per migration
+	if sc.Mode == sidecar.Userspace { // tunnels of a vmhopd that stopped died with it
+		if gone, err := wgpath.Sweep("", false); len(gone) > 0 || err != nil {
+			log.Warn("removed what the previous vmhopd's tunnels left", "removed", gone, "err", err)
+		}
 	}
 	// An incoming migration a killed vmhopd left: remove what it made here.
 	if undone, err := work.RecoverIncoming(ctx); len(undone) > 0 || err != nil {

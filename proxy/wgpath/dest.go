@@ -170,21 +170,52 @@ func (p *Path) setVMRule(h *netlink.Handle, e *vmEntry, t *tunnel) error {
 // marked packets into its tunnel (before the main table's 32766).
 const RulePriority = 1000
 
-// RemoveVM removes the VM's entry (a VM not installed is no error).
-func (p *Path) RemoveVM(old netip.Addr) error {
+// RemoveVM removes the VM's entry (old_ip, new_ip). An entry this Path
+// did not make (a vmhopd that stopped made it: the kernel kept it, the
+// VM ran on) is removed by name and mark: its table, its routes to
+// old_ip and new_ip (RouteProtocol), new_ip's proxy neighbour and the
+// rules of its tunnel; the tap keeps the gateway's MAC and its sysctls.
+// None at all is no error.
+func (p *Path) RemoveVM(old, new netip.Addr) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	e := p.vms[old]
-	if e == nil {
-		return nil
-	}
-	delete(p.vms, old)
 	h, err := p.handle()
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	e := p.vms[old]
+	if e == nil {
+		return p.removeUnknownVM(h, old, new)
+	}
+	delete(p.vms, old)
 	return p.removeVM(h, e)
+}
+
+func (p *Path) removeUnknownVM(h *netlink.Handle, old, new netip.Addr) error {
+	var errs []error
+	errs = append(errs, p.withNft(func(c *nftables.Conn) error { return delTable(c, vmTable(old)) }))
+	routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+	errs = append(errs, err)
+	for _, r := range routes {
+		if r.Dst == nil || (!r.Dst.IP.Equal(net.IP(ip4(old))) && (!new.IsValid() || !r.Dst.IP.Equal(net.IP(ip4(new))))) {
+			continue
+		}
+		rr := r
+		if err := h.RouteDel(&rr); err != nil && !isNotFound(err) {
+			errs = append(errs, err)
+		}
+	}
+	if new.IsValid() {
+		proxies, _ := h.NeighProxyList(0, netlink.FAMILY_V4)
+		for _, n := range proxies {
+			if n.IP.Equal(net.IP(ip4(new))) {
+				nn := n
+				errs = append(errs, h.NeighDel(&nn))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (p *Path) removeVM(h *netlink.Handle, e *vmEntry) error {
@@ -223,14 +254,16 @@ func (p *Path) removeVM(h *netlink.Handle, e *vmEntry) error {
 const RouteProtocol = 118
 
 // Sweep removes what a Path in a process that died left in namespace ns
-// ("": this process's): the nftables tables of its tunnels and VM
-// entries, its policy rules and its routes (by RouteProtocol); its TUN
-// devices went with the process (any left are deleted). Proxy neighbour
-// entries stay unless a swept route names their address (a destination's
-// new_ip), and held sysctls keep their values (the originals went with
-// the process). It
+// ("": this process's): with vmEntries, everything: the nftables tables of
+// its tunnels and VM entries, its policy rules and its routes (by
+// RouteProtocol), and a destination's proxy neighbour for new_ip;
+// without, only what belonged to its tunnels (their tables, rules and
+// routing tables), which died with it, leaving the entries of VMs that
+// moved in and run on (a restarted vmhopd calls it so). Its TUN devices
+// went with the process (any left are deleted). A source's proxy
+// neighbour for old_ip and held sysctls carry no mark and stay. It
 // answers what it removed. Never call it while a Path of this host runs.
-func Sweep(ns string) ([]string, error) {
+func Sweep(ns string, vmEntries bool) ([]string, error) {
 	var gone []string
 	var errs []error
 	errs = append(errs, withNft(ns, func(c *nftables.Conn) error {
@@ -239,7 +272,7 @@ func Sweep(ns string) ([]string, error) {
 			return err
 		}
 		for _, t := range ts {
-			if strings.HasPrefix(t.Name, "vhwg") || strings.HasPrefix(t.Name, "vmhop_vm_") {
+			if strings.HasPrefix(t.Name, "vhwg") || (vmEntries && strings.HasPrefix(t.Name, "vmhop_vm_")) {
 				c.DelTable(t)
 				gone = append(gone, "nftables table "+t.Name)
 			}
@@ -265,6 +298,9 @@ func Sweep(ns string) ([]string, error) {
 	errs = append(errs, err)
 	proxies, _ := h.NeighProxyList(0, netlink.FAMILY_V4)
 	for _, r := range routes {
+		if !vmEntries && uint32(r.Table)&0xffff0000 != markBase {
+			continue // a VM entry's route to its tap
+		}
 		rr := r
 		if err := h.RouteDel(&rr); err != nil && !isNotFound(err) {
 			errs = append(errs, err)

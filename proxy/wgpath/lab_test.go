@@ -249,7 +249,7 @@ func TestContinuityAcrossMove(t *testing.T) {
 	must(t, err)
 	must(t, echo(nu, "new address after the drain"))
 	nu.Close()
-	must(t, b.RemoveVM(lab.OldIP))
+	must(t, b.RemoveVM(lab.OldIP, lab.NewIP))
 	assertClean(t, l.NS(lab.SiteA))
 	assertClean(t, l.NS(lab.SiteB))
 }

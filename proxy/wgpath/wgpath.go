@@ -472,16 +472,17 @@ func (p *Path) closeTunnel(t *tunnel) error {
 func (p *Path) Close() error {
 	var errs []error
 	p.mu.Lock()
-	var vms, rds []netip.Addr
-	for ip := range p.vms {
-		vms = append(vms, ip)
+	var vms [][2]netip.Addr
+	var rds []netip.Addr
+	for ip, e := range p.vms {
+		vms = append(vms, [2]netip.Addr{ip, e.NewIP})
 	}
 	for ip := range p.redirects {
 		rds = append(rds, ip)
 	}
 	p.mu.Unlock()
-	for _, ip := range vms {
-		errs = append(errs, p.RemoveVM(ip))
+	for _, v := range vms {
+		errs = append(errs, p.RemoveVM(v[0], v[1]))
 	}
 	for _, ip := range rds {
 		errs = append(errs, p.RemoveRedirect(ip))

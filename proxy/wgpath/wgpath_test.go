@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -283,13 +284,24 @@ func TestSweep(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.tunnels[token].dev.Close() // the process dies: its TUN goes with it
-	gone, err := Sweep(ns)
+	// The restarted vmhopd sweeps what its tunnels left; the VM that
+	// moved in keeps its entry.
+	gone, err := Sweep(ns, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("swept: %v", gone)
-	if len(gone) < 5 {
-		t.Errorf("swept %v: want 2 tables, the rule, 2 routes and a proxy neighbour", gone)
+	t.Logf("swept at a restart: %v", gone)
+	if ts := mustTables(t, ns); len(gone) != 2 || !slices.Equal(ts, []string{"vmhop_vm_10_1_0_10"}) {
+		t.Errorf("swept %v, left %v: want the tunnel's table and rule gone, the VM's table kept", gone, ts)
+	}
+	// A new process (the restarted vmhopd's undo of an incoming
+	// migration) removes the VM entry it never made, by name and mark.
+	if err := New(Options{Netns: ns, LocalIP: netip.MustParseAddr("192.0.2.2")}).RemoveVM(
+		netip.MustParseAddr("10.1.0.10"), netip.MustParseAddr("192.0.2.10")); err != nil {
+		t.Fatal(err)
+	}
+	if gone, err := Sweep(ns, true); err != nil || len(gone) != 0 {
+		t.Errorf("swept after RemoveVM: %v, %v; want nothing left", gone, err)
 	}
 	assertClean(t, ns)
 }
@@ -305,4 +317,13 @@ func waitHandshake(t *testing.T, p *Path, token uint64) {
 		}
 	}
 	t.Fatalf("no handshake on %s in 10 s", TunnelName(token))
+}
+
+func mustTables(t *testing.T, ns string) []string {
+	t.Helper()
+	ts, err := Tables(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ts
 }
