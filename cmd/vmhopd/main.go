@@ -2,8 +2,9 @@
 // It serves the peer API other hosts' daemons call (mutual TLS, key
 // "listen"; only the configured peers get in), the local API the vmhop CLI
 // calls (unix socket, key "socket"), and owns the host's network-continuity
-// datapath (eBPF/TC on Linux >= 6.6 with TCX, or the userspace proxy
-// fallback). Needs root (CAP_NET_ADMIN, CAP_BPF).
+// datapath (eBPF/TC on Linux >= 6.6 with TCX, or userspace continuity:
+// proxy/wgpath, a WireGuard tunnel per migration in this process). Needs
+// root (CAP_NET_ADMIN, CAP_BPF).
 //
 // Under systemd (configs/vmhopd.service, Type=notify) it sends READY=1
 // once its listeners serve, WATCHDOG=1 every half WatchdogSec, and
