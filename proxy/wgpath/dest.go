@@ -84,6 +84,11 @@ func (p *Path) setVM(h *netlink.Handle, e *vmEntry, t *tunnel, fresh bool) error
 	if err != nil {
 		return fmt.Errorf("tap %s: %w", e.Tap, err)
 	}
+	if fresh && tap.Attrs().MasterIndex != 0 {
+		// Bridged, its packets never reach this host's routing: the
+		// entry routes to the tap and answers ARP on it.
+		return fmt.Errorf("tap %s is on a bridge: userspace continuity needs the VM's tap on none (destination.tap without destination.bridge)", e.Tap)
+	}
 	if fresh {
 		up, err := p.uplink(h)
 		if err != nil {
