@@ -66,8 +66,13 @@ func ServeDestination(a *PeerAPI, dest migrator.Destination) {
 	a.mu.Lock()
 	a.dest = dest
 	a.mu.Unlock()
-	handleLeased(a, MethodDestPrepare, dest.PrepareDestination, func(l *Lease, req migrator.DestPrepare) {
-		l.Tunnels = append(l.Tunnels, req.Tunnel)
+	Handle(a, MethodDestPrepare, func(ctx context.Context, from string, req migrator.DestPrepare) (migrator.TunnelEnd, error) {
+		end, err := dest.PrepareDestination(ctx, req)
+		if err != nil {
+			return end, err
+		}
+		a.leases.track(from, func(l *Lease) { l.Tunnels = append(l.Tunnels, req.Tunnel) })
+		return end, nil
 	})
 	handleLeased(a, MethodDestCreateImage, dest.CreateImage, func(l *Lease, req migrator.ImageCreate) {
 		l.Images = append(l.Images, req.Path)
@@ -83,7 +88,7 @@ func ServeDestination(a *PeerAPI, dest migrator.Destination) {
 		}
 	})
 	handleLeased(a, MethodDestRetire, dest.RetireTunnel, func(l *Lease, req migrator.Tunnel) {
-		l.Tunnels = slices.DeleteFunc(l.Tunnels, func(t migrator.Tunnel) bool { return t == req })
+		l.Tunnels = slices.DeleteFunc(l.Tunnels, func(t migrator.Tunnel) bool { return t.Peer == req.Peer && t.Token == req.Token })
 	})
 	Handle(a, MethodDestHashImage, func(ctx context.Context, _ string, req migrator.HashRequest) (migrator.Digests, error) {
 		return dest.HashImage(ctx, req)
@@ -104,8 +109,8 @@ func call[Req any](ctx context.Context, c *PeerClient, method string, req Req) e
 }
 
 // PrepareDestination implements migrator.Destination.
-func (r RemoteDestination) PrepareDestination(ctx context.Context, req migrator.DestPrepare) error {
-	return call(ctx, r.Peer, MethodDestPrepare, req)
+func (r RemoteDestination) PrepareDestination(ctx context.Context, req migrator.DestPrepare) (migrator.TunnelEnd, error) {
+	return Call[migrator.DestPrepare, migrator.TunnelEnd](ctx, r.Peer, MethodDestPrepare, req)
 }
 
 // CreateImage implements migrator.Destination.

@@ -168,9 +168,9 @@ type recordingDest struct{ w *HostWork }
 
 var _ migrator.Destination = recordingDest{}
 
-func (d recordingDest) PrepareDestination(ctx context.Context, req migrator.DestPrepare) error {
+func (d recordingDest) PrepareDestination(ctx context.Context, req migrator.DestPrepare) (migrator.TunnelEnd, error) {
 	if err := d.w.record(func(r *incomingRecord) { r.Tunnels = append(r.Tunnels, req.Tunnel) }); err != nil {
-		return err
+		return migrator.TunnelEnd{}, err
 	}
 	return d.w.Host.PrepareDestination(ctx, req)
 }
@@ -208,7 +208,9 @@ func (d recordingDest) RetireTunnel(ctx context.Context, req migrator.Tunnel) er
 		return err
 	}
 	return d.w.record(func(r *incomingRecord) {
-		r.Tunnels = slices.DeleteFunc(r.Tunnels, func(t migrator.Tunnel) bool { return t == req })
+		// By peer and token: the retiring request carries the source's
+		// end of the tunnel (userspace mode), which the prepare did not.
+		r.Tunnels = slices.DeleteFunc(r.Tunnels, func(t migrator.Tunnel) bool { return t.Peer == req.Peer && t.Token == req.Token })
 	})
 }
 

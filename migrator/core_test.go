@@ -22,8 +22,8 @@ func discardLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard,
 
 // forward is every call of a migration that succeeds, in order.
 var forward = []string{
-	"source: prepare (peer 192.0.2.2, 10.1.0.10)",
 	"dest: prepare",
+	"source: prepare (peer 192.0.2.2, 10.1.0.10)",
 	"dns: prepare ttl 5",
 	"dest: create image",
 	"driver: prepare destination",
@@ -110,10 +110,10 @@ func TestRunUndoAtEachPhase(t *testing.T) {
 		last  string // the last forward event before the undo
 		undo  []string
 	}{
+		{"destination datapath", func(w *fakeWorld) { w.dst.fail["dest-prepare"] = nil }, errInjected,
+			"dest: prepare", nil},
 		{"source datapath", func(w *fakeWorld) { w.src.fail["source-prepare"] = nil }, errInjected,
 			"source: prepare (peer 192.0.2.2, 10.1.0.10)", nil},
-		{"destination datapath", func(w *fakeWorld) { w.dst.fail["dest-prepare"] = nil }, errInjected,
-			"dest: prepare", []string{"source: redirect removed"}},
 		{"destination hypervisor", func(w *fakeWorld) { w.drv.fail["driver-prepare"] = nil }, errInjected,
 			"driver: prepare destination", []string{"dest: abort", "dns: restore ttl 300", "source: redirect removed"}},
 		{"destination tap", func(w *fakeWorld) { w.dst.fail["dest-attach"] = nil }, errInjected,

@@ -67,16 +67,19 @@ type fakeSource struct {
 	tunnels  int    // accepted, not retired
 }
 
-func (s *fakeSource) PrepareSource(_ context.Context, req SourcePrepare) error {
+func (s *fakeSource) PrepareSource(_ context.Context, req SourcePrepare) (TunnelEnd, error) {
 	s.ev.add("source: prepare (peer %s, %s)", req.Tunnel.Peer, req.OldIP)
 	if err := s.fail.check("source-prepare"); err != nil {
-		return err
+		return TunnelEnd{}, err
 	}
 	if req.Tunnel.Token == 0 {
-		return errors.New("source: tunnel without a token")
+		return TunnelEnd{}, errors.New("source: tunnel without a token")
+	}
+	if req.Tunnel.Key != "dest-key" || req.Tunnel.Port != 2 {
+		return TunnelEnd{}, fmt.Errorf("source: the destination's end not passed on: %+v", req.Tunnel)
 	}
 	s.redirect, s.tunnels = "off", s.tunnels+1
-	return nil
+	return TunnelEnd{Continuity: "test", Key: "source-key", Port: 1}, nil
 }
 
 func (s *fakeSource) RetireTunnel(context.Context, Tunnel) error {
@@ -125,16 +128,16 @@ type fakeDest struct {
 	tunnels int        // accepted, not retired
 }
 
-func (d *fakeDest) PrepareDestination(_ context.Context, req DestPrepare) error {
+func (d *fakeDest) PrepareDestination(_ context.Context, req DestPrepare) (TunnelEnd, error) {
 	d.ev.add("dest: prepare")
 	if err := d.fail.check("dest-prepare"); err != nil {
-		return err
+		return TunnelEnd{}, err
 	}
 	if req.Tunnel.Token == 0 {
-		return errors.New("dest: tunnel without a token")
+		return TunnelEnd{}, errors.New("dest: tunnel without a token")
 	}
 	d.tunnels++
-	return nil
+	return TunnelEnd{Continuity: "test", Key: "dest-key", Port: 2}, nil
 }
 
 func (d *fakeDest) CreateImage(ctx context.Context, req ImageCreate) error {
@@ -146,6 +149,9 @@ func (d *fakeDest) AttachVM(_ context.Context, req VMAttach) error {
 	d.ev.add("dest: attach vm (peer %v)", req.Tunnel.Peer.IsValid())
 	if err := d.fail.check("dest-attach"); err != nil {
 		return err
+	}
+	if req.Tunnel.Peer.IsValid() && (req.Tunnel.Key != "source-key" || req.Tunnel.Port != 1 || req.Tunnel.Continuity != "test") {
+		return fmt.Errorf("dest: the source's end not passed on: %+v", req.Tunnel)
 	}
 	d.vm, d.peer = true, req.Tunnel.Peer
 	return nil

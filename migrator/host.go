@@ -15,6 +15,7 @@ import (
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/datapath"
+	"github.com/vmhop/vmhop/proxy/wgpath"
 )
 
 // SourceHost is the source host's own work in a migration, as the core
@@ -24,8 +25,12 @@ import (
 type SourceHost interface {
 	// PrepareSource loads the host's datapath on its uplink, accepts the
 	// destination as a tunnel peer, and installs the redirect for the
-	// VM's old address, off (switching it on later is one map write).
-	PrepareSource(ctx context.Context, req SourcePrepare) error
+	// VM's old address, off (switching it on later is one map write). It
+	// answers its end of the tunnel (its continuity mode; in userspace
+	// mode its WireGuard public key and port), which the destination
+	// gets in VMAttach.Tunnel. A destination whose mode (req.Tunnel's
+	// Continuity) is not this host's is refused.
+	PrepareSource(ctx context.Context, req SourcePrepare) (TunnelEnd, error)
 	// SetRedirect switches the old address's redirect on or off.
 	SetRedirect(ctx context.Context, req RedirectSwitch) error
 	// RemoveRedirect removes the redirect (undo; the end of the drain).
@@ -47,8 +52,10 @@ type SourceHost interface {
 // Arguments and results encode to JSON, like SourceHost's.
 type Destination interface {
 	// PrepareDestination loads the host's datapath on its uplink and
-	// accepts the source as a tunnel peer.
-	PrepareDestination(ctx context.Context, req DestPrepare) error
+	// accepts the source as a tunnel peer (userspace mode: opens the
+	// migration's WireGuard device, its peer set by AttachVM). It answers
+	// its end of the tunnel, which the source gets in SourcePrepare.
+	PrepareDestination(ctx context.Context, req DestPrepare) (TunnelEnd, error)
 	// CreateImage creates the destination image, empty (sparse) and of
 	// the source's size. An existing file is refused (ErrImageExists):
 	// never truncated.
@@ -72,11 +79,35 @@ var ErrImageExists = errors.New("destination image exists")
 
 // Tunnel is one migration's tunnel to the other host (datapath.Tunnel):
 // its WAN address and the migration's token, the same on both hosts (a
-// secret: packets from the peer's address without it are dropped).
+// secret: packets from the peer's address without it are dropped). In
+// userspace continuity the token names the migration's WireGuard device
+// and Key and Port are the peer's end of it (TunnelEnd).
 type Tunnel struct {
 	Peer  netip.Addr `json:"peer"`
 	Token uint64     `json:"token"`
+	// Continuity is the peer's mode ("ebpf", "userspace"; "": ebpf or
+	// not known yet); a host refuses a peer of another mode.
+	Continuity string `json:"continuity,omitempty"`
+	Key        string `json:"key,omitempty"`  // the peer's WireGuard public key (base64)
+	Port       uint16 `json:"port,omitempty"` // the peer's WireGuard UDP port on Peer
 }
+
+// TunnelEnd is a host's end of a migration's tunnel, answered by
+// PrepareSource and PrepareDestination: its continuity mode and, in
+// userspace mode, the public key of the key pair it made for this
+// migration (base64; the private key never leaves the host) and the UDP
+// port its WireGuard device listens on (all addresses).
+type TunnelEnd struct {
+	Continuity string `json:"continuity"`
+	Key        string `json:"key,omitempty"`
+	Port       uint16 `json:"port,omitempty"`
+}
+
+// Continuity modes (Host.Continuity, TunnelEnd.Continuity).
+const (
+	ContinuityEBPF      = "ebpf"
+	ContinuityUserspace = "userspace"
+)
 
 func (t Tunnel) datapath() datapath.Tunnel { return datapath.Tunnel{Peer: t.Peer, Token: t.Token} }
 
@@ -191,7 +222,8 @@ type DestAbort struct {
 }
 
 // Host is one end of a migration run in this process: its continuity
-// datapath, in its network namespace, and its images on the local
+// datapath (Continuity: the eBPF datapath, or the userspace packet path
+// of proxy/wgpath), in its network namespace, and its images on the local
 // filesystem. It implements SourceHost and Destination (a vmhopd is the
 // source of some migrations and the destination of others); in the lab,
 // each host is a namespace on this machine.
@@ -201,7 +233,13 @@ type Host struct {
 	Address netip.Addr // WAN address: tunnel endpoint, migration streams
 	Uplink  string     // WAN-facing interface the datapath attaches to
 	PinDir  string     // bpffs directory for the datapath's pins
-	dp      *datapath.Datapath
+	// Continuity is "ebpf" (or "") for the eBPF datapath on Uplink, or
+	// "userspace" for proxy/wgpath (WireGuard tunnel, routes, proxy ARP,
+	// nftables NAT), where eBPF cannot load.
+	Continuity string
+	dp         *datapath.Datapath
+	wgMu       sync.Mutex // guards wg (not mu: an image hash holds mu for long)
+	wg         *wgpath.Path
 
 	mu      sync.Mutex
 	hashes  map[string]*storage.Hashes // per image path, from the last Whole hash
@@ -241,26 +279,121 @@ func (h *Host) Datapath() (*datapath.Datapath, error) {
 	return dp, nil
 }
 
+// userspace says whether the host runs proxy/wgpath, or refuses an
+// unknown mode.
+func (h *Host) userspace() (bool, error) {
+	switch h.Continuity {
+	case "", ContinuityEBPF:
+		return false, nil
+	case ContinuityUserspace:
+		return true, nil
+	}
+	return false, fmt.Errorf("%s: continuity %q: want %q or %q", h.Name, h.Continuity, ContinuityEBPF, ContinuityUserspace)
+}
+
+func (h *Host) mode() string {
+	if us, _ := h.userspace(); us {
+		return ContinuityUserspace
+	}
+	return ContinuityEBPF
+}
+
+// checkPeer refuses a peer whose continuity mode is known and not this
+// host's: an eBPF tunnel and a WireGuard one do not meet.
+func (h *Host) checkPeer(t Tunnel) error {
+	if t.Continuity != "" && t.Continuity != h.mode() {
+		return fmt.Errorf("%s: continuity is %s here, %s on the peer %s: both hosts must use the same (vmhopd's datapath key)",
+			h.Name, h.mode(), t.Continuity, t.Peer)
+	}
+	return nil
+}
+
+// Userspace is the host's userspace continuity, made on first use.
+func (h *Host) Userspace() *wgpath.Path {
+	h.wgMu.Lock()
+	defer h.wgMu.Unlock()
+	if h.wg == nil {
+		h.wg = wgpath.New(wgpath.Options{Netns: h.Netns, LocalIP: h.Address})
+	}
+	return h.wg
+}
+
+// openTunnel opens the migration's WireGuard device (userspace mode).
+func (h *Host) openTunnel(t Tunnel) (TunnelEnd, error) {
+	key, port, err := h.Userspace().OpenTunnel(t.Token)
+	if err != nil {
+		return TunnelEnd{}, fmt.Errorf("%s: %w", h.Name, err)
+	}
+	return TunnelEnd{Continuity: ContinuityUserspace, Key: key.String(), Port: port}, nil
+}
+
+// wgPeer is the WireGuard peer a Tunnel names: allowed, the inner
+// addresses accepted from it and routed to it; keepalive starts the
+// handshake at once.
+func wgPeer(t Tunnel, allowed netip.Prefix, keepalive time.Duration) (wgpath.Peer, error) {
+	k, err := wgpath.ParseKey(t.Key)
+	if err != nil {
+		return wgpath.Peer{}, fmt.Errorf("tunnel to %s: %w", t.Peer, err)
+	}
+	if t.Port == 0 {
+		return wgpath.Peer{}, fmt.Errorf("tunnel to %s: no WireGuard port", t.Peer)
+	}
+	return wgpath.Peer{Key: k, Endpoint: netip.AddrPortFrom(t.Peer, t.Port), Allowed: []netip.Prefix{allowed}, Keepalive: keepalive}, nil
+}
+
+// Keepalive is the WireGuard keepalive the destination sends while a
+// migration's tunnel lasts: its first starts the handshake as soon as
+// AttachVM knows the source, so the switch finds the session made.
+const Keepalive = 25 * time.Second
+
 // PrepareSource implements SourceHost.
-func (h *Host) PrepareSource(_ context.Context, req SourcePrepare) error {
+func (h *Host) PrepareSource(_ context.Context, req SourcePrepare) (TunnelEnd, error) {
 	mac, err := parseMAC("mac", req.MAC)
 	if err != nil {
-		return err
+		return TunnelEnd{}, err
+	}
+	us, err := h.userspace()
+	if err != nil {
+		return TunnelEnd{}, err
+	}
+	if err := h.checkPeer(req.Tunnel); err != nil {
+		return TunnelEnd{}, err
+	}
+	if us {
+		peer, err := wgPeer(req.Tunnel, netip.PrefixFrom(req.OldIP, 32), 0)
+		if err != nil {
+			return TunnelEnd{}, fmt.Errorf("%s: %w", h.Name, err)
+		}
+		end, err := h.openTunnel(req.Tunnel)
+		if err != nil {
+			return end, err
+		}
+		wg := h.Userspace()
+		err = wg.SetPeer(req.Tunnel.Token, peer)
+		if err == nil {
+			err = wg.SetRedirect(req.OldIP, req.Tunnel.Token, mac, false)
+		}
+		if err != nil { // the core undoes only what was answered
+			return end, errors.Join(err, wg.RemoveRedirect(req.OldIP), wg.CloseTunnel(req.Tunnel.Token))
+		}
+		return end, nil
 	}
 	a, err := h.Datapath()
 	if err != nil {
-		return err
+		return TunnelEnd{}, err
 	}
 	if err := a.SetPeer(req.Tunnel.datapath(), true); err != nil {
-		return err
+		return TunnelEnd{}, err
 	}
 	if err := a.SetRedirect(req.OldIP, req.Tunnel.datapath(), mac, false); err != nil {
-		return err
+		return TunnelEnd{}, err
 	}
 	if req.OldIP6.IsValid() {
-		return a.SetRedirect6(req.OldIP6, req.OldIP, req.Tunnel.datapath(), mac, false)
+		if err := a.SetRedirect6(req.OldIP6, req.OldIP, req.Tunnel.datapath(), mac, false); err != nil {
+			return TunnelEnd{}, err
+		}
 	}
-	return nil
+	return TunnelEnd{Continuity: ContinuityEBPF}, nil
 }
 
 // SetRedirect implements SourceHost.
@@ -268,6 +401,9 @@ func (h *Host) SetRedirect(_ context.Context, req RedirectSwitch) error {
 	mac, err := parseMAC("mac", req.MAC)
 	if err != nil {
 		return err
+	}
+	if h.Continuity == ContinuityUserspace {
+		return h.Userspace().SetRedirect(req.OldIP, req.Tunnel.Token, mac, req.On)
 	}
 	if h.dp == nil {
 		return fmt.Errorf("%s: set redirect: datapath not loaded", h.Name)
@@ -283,6 +419,9 @@ func (h *Host) SetRedirect(_ context.Context, req RedirectSwitch) error {
 
 // RemoveRedirect implements SourceHost.
 func (h *Host) RemoveRedirect(_ context.Context, req RedirectRemove) error {
+	if h.Continuity == ContinuityUserspace {
+		return h.Userspace().RemoveRedirect(req.OldIP)
+	}
 	if h.dp == nil {
 		return nil
 	}
@@ -295,6 +434,12 @@ func (h *Host) RemoveRedirect(_ context.Context, req RedirectRemove) error {
 
 // RetireTunnel implements SourceHost and Destination.
 func (h *Host) RetireTunnel(_ context.Context, req Tunnel) error {
+	if h.Continuity == ContinuityUserspace {
+		if req.Token == 0 {
+			return nil
+		}
+		return h.Userspace().CloseTunnel(req.Token)
+	}
 	if h.dp == nil || req.Token == 0 {
 		return nil
 	}
@@ -304,6 +449,10 @@ func (h *Host) RetireTunnel(_ context.Context, req Tunnel) error {
 // RedirectState implements SourceHost.
 func (h *Host) RedirectState(_ context.Context, req RedirectQuery) (RedirectState, error) {
 	var st RedirectState
+	if h.Continuity == ContinuityUserspace {
+		c, idle, seen, err := h.Userspace().RedirectStats(req.OldIP)
+		return RedirectState{Counters: datapath.Counters(c), Idle: idle, Seen: seen}, err
+	}
 	if h.dp == nil {
 		return st, fmt.Errorf("%s: redirect state: datapath not loaded", h.Name)
 	}
@@ -356,12 +505,22 @@ func (h *Host) HashImage(_ context.Context, req HashRequest) (Digests, error) {
 }
 
 // PrepareDestination implements Destination.
-func (h *Host) PrepareDestination(_ context.Context, req DestPrepare) error {
+func (h *Host) PrepareDestination(_ context.Context, req DestPrepare) (TunnelEnd, error) {
+	us, err := h.userspace()
+	if err != nil {
+		return TunnelEnd{}, err
+	}
+	if err := h.checkPeer(req.Tunnel); err != nil {
+		return TunnelEnd{}, err
+	}
+	if us {
+		return h.openTunnel(req.Tunnel)
+	}
 	b, err := h.Datapath()
 	if err != nil {
-		return err
+		return TunnelEnd{}, err
 	}
-	return b.SetPeer(req.Tunnel.datapath(), true)
+	return TunnelEnd{Continuity: ContinuityEBPF}, b.SetPeer(req.Tunnel.datapath(), true)
 }
 
 // CreateImage implements Destination: O_EXCL, so an existing file (a
@@ -444,6 +603,9 @@ func (h *Host) AttachVM(_ context.Context, req VMAttach) error {
 	if err != nil {
 		return err
 	}
+	if h.Continuity == ContinuityUserspace {
+		return h.attachUserspace(req, mac, gwMAC)
+	}
 	if h.dp == nil {
 		return fmt.Errorf("%s: attach vm: datapath not loaded", h.Name)
 	}
@@ -463,6 +625,31 @@ func (h *Host) AttachVM(_ context.Context, req VMAttach) error {
 		OldIP6: req.OldIP6, NewIP6: req.NewIP6, Gateway6: req.Gateway6})
 }
 
+// attachUserspace is AttachVM in userspace mode: the tunnel's peer (the
+// source; allowed IPs 0.0.0.0/0: the VM's replies go to any client),
+// then the VM's entry (wgpath.SetVM); without a tunnel (the drain), the
+// entry without its tunnel part.
+func (h *Host) attachUserspace(req VMAttach, mac, gwMAC net.HardwareAddr) error {
+	if err := h.checkPeer(req.Tunnel); err != nil {
+		return err
+	}
+	wg := h.Userspace()
+	if req.Tunnel.Token != 0 {
+		peer, err := wgPeer(req.Tunnel, netip.MustParsePrefix("0.0.0.0/0"), Keepalive)
+		if err != nil {
+			return fmt.Errorf("%s: attach vm: %w", h.Name, err)
+		}
+		if err := wg.SetPeer(req.Tunnel.Token, peer); err != nil {
+			return fmt.Errorf("%s: attach vm: %w", h.Name, err)
+		}
+	}
+	if err := wg.SetVM(wgpath.VM{OldIP: req.OldIP, NewIP: req.NewIP, GatewayMAC: gwMAC, MAC: mac, Tap: req.Tap,
+		Token: req.Tunnel.Token}); err != nil {
+		return fmt.Errorf("%s: attach vm: %w", h.Name, err)
+	}
+	return nil
+}
+
 // Abort implements Destination.
 func (h *Host) Abort(_ context.Context, req DestAbort) error {
 	var errs []error
@@ -471,6 +658,9 @@ func (h *Host) Abort(_ context.Context, req DestAbort) error {
 	}
 	if h.dp != nil && req.OldIP6.IsValid() {
 		errs = append(errs, h.dp.RemoveVM(req.OldIP6, req.NewIP6))
+	}
+	if h.Continuity == ContinuityUserspace && req.OldIP.IsValid() {
+		errs = append(errs, h.Userspace().RemoveVM(req.OldIP, req.NewIP))
 	}
 	h.mu.Lock()
 	made := h.created[req.Image] && !req.KeepImage
@@ -487,14 +677,23 @@ func (h *Host) Abort(_ context.Context, req DestAbort) error {
 	return errors.Join(errs...)
 }
 
-// RemoveDatapath detaches and unpins everything this host's datapath holds.
+// RemoveDatapath detaches and unpins everything this host's datapath
+// holds, and removes everything its userspace continuity made (tunnels,
+// routes, rules, nftables tables, VM entries).
 func (h *Host) RemoveDatapath() error {
-	if h.dp == nil {
-		return nil
+	var errs []error
+	h.wgMu.Lock()
+	wg := h.wg
+	h.wg = nil
+	h.wgMu.Unlock()
+	if wg != nil {
+		errs = append(errs, wg.Close())
 	}
-	err := h.do(h.dp.Remove)
-	h.dp = nil
-	return err
+	if h.dp != nil {
+		errs = append(errs, h.do(h.dp.Remove))
+		h.dp = nil
+	}
+	return errors.Join(errs...)
 }
 
 func parseMAC(field, s string) (net.HardwareAddr, error) {

@@ -115,6 +115,9 @@ type Plan struct {
 	// Run draw one before the datapath phase (the journal records it
 	// then); Drain retires it. Recovery sets the journal's.
 	Token uint64
+	// srcEnd, dstEnd are the hosts' ends of the tunnel, as their prepare
+	// calls answered them (mode; userspace: WireGuard key and port).
+	srcEnd, dstEnd TunnelEnd
 }
 
 // OldAddrs is the VM's addresses at the source site: OldIP, and OldIP6
@@ -136,8 +139,15 @@ func validAddrs(as ...netip.Addr) []netip.Addr {
 }
 
 // tunnel is this migration's tunnel towards the host at peer (a WAN
-// address).
-func (p *Plan) tunnel(peer netip.Addr) Tunnel { return Tunnel{Peer: peer, Token: p.Token} }
+// address): the source's end when peer is SourceWAN, else the
+// destination's.
+func (p *Plan) tunnel(peer netip.Addr) Tunnel {
+	end := p.dstEnd
+	if peer == p.SourceWAN {
+		end = p.srcEnd
+	}
+	return Tunnel{Peer: peer, Token: p.Token, Continuity: end.Continuity, Key: end.Key, Port: end.Port}
+}
 
 // DNSUpdater changes the VM's name's address records (RFC 2136 updates;
 // *ddns.Client implements it): Show reads them (the preflight), Prepare
@@ -382,18 +392,23 @@ func Run(ctx context.Context, p *Plan) (rep Report, err error) {
 
 func (r *run) datapath(ctx context.Context) error {
 	p := r.p
-	// Installed off: switching it on inside the pause is one map write.
-	if err := p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, OldIP6: p.OldIP6, MAC: p.VMMAC.String()}); err != nil {
+	var err error
+	// The destination first: its end of the tunnel (in userspace mode a
+	// WireGuard key and port) is the source's peer; the source's end
+	// reaches the destination with AttachVM.
+	if p.dstEnd, err = p.Dest.PrepareDestination(ctx, DestPrepare{Tunnel: p.tunnel(p.SourceWAN)}); err != nil {
+		return err
+	}
+	r.onFailure(func(ctx context.Context) error { return p.Dest.RetireTunnel(ctx, p.tunnel(p.SourceWAN)) })
+	// Installed off: switching it on inside the pause is one map write
+	// (userspace: a route, a proxy neighbour and a gratuitous ARP).
+	if p.srcEnd, err = p.Source.PrepareSource(ctx, SourcePrepare{Tunnel: p.tunnel(p.DestWAN), OldIP: p.OldIP, OldIP6: p.OldIP6, MAC: p.VMMAC.String()}); err != nil {
 		return err
 	}
 	r.onFailure(func(ctx context.Context) error { return p.Source.RetireTunnel(ctx, p.tunnel(p.DestWAN)) })
 	r.onFailure(func(ctx context.Context) error {
 		return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP, OldIP6: p.OldIP6})
 	})
-	if err := p.Dest.PrepareDestination(ctx, DestPrepare{Tunnel: p.tunnel(p.SourceWAN)}); err != nil {
-		return err
-	}
-	r.onFailure(func(ctx context.Context) error { return p.Dest.RetireTunnel(ctx, p.tunnel(p.SourceWAN)) })
 	return nil
 }
 

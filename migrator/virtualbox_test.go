@@ -204,8 +204,8 @@ func TestVirtualBoxThroughCore(t *testing.T) {
 	}
 	got := slices.DeleteFunc(w.ev.get(), func(s string) bool { return strings.HasPrefix(s, "disk: bulk done") })
 	sameEvents(t, got, []string{
-		"source: prepare (peer 192.0.2.2, 10.1.0.10)",
 		"dest: prepare",
+		"source: prepare (peer 192.0.2.2, 10.1.0.10)",
 		"dest: create image",
 		"vbox dest: modifyvm web1 --teleporter",
 		"vbox dest: startvm web1 --type",

@@ -1,7 +1,9 @@
 // Command datapath measures TCP throughput (iperf3) from the lab's client to
 // a VM, side by side in one run: plain routing to the VM at site A; through
 // the eBPF redirect (old address, tunnelled from host A to host B); to the
-// new address (NAT on host B); and through the userspace fallback proxy.
+// new address (NAT on host B); and the same two through the userspace
+// packet path (proxy/wgpath: WireGuard in this process, kernel routing,
+// nftables NAT) that runs where eBPF cannot.
 // The lab's links are plain veths here (no WAN emulator), so the numbers
 // are the datapaths' own costs on this machine. Needs root and iperf3.
 package main
@@ -11,6 +13,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"runtime"
 	"strings"
@@ -19,7 +22,7 @@ import (
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/proxy/datapath"
-	"github.com/vmhop/vmhop/proxy/userspace"
+	"github.com/vmhop/vmhop/proxy/wgpath"
 )
 
 func main() {
@@ -136,27 +139,51 @@ func run(out string, secs int) error {
 		return err
 	}
 
-	// Userspace fallback: no BPF on host A; the VM is reached at new_ip.
+	// Userspace continuity: no BPF on either host; a WireGuard tunnel
+	// between them, the VM entry on host B in routes and nftables.
 	dpA.RemoveRedirect(lab.OldIP)
+	dpB.RemoveVM(lab.OldIP, lab.NewIP)
 	netns.Do(l.NS(lab.SiteA), dpA.Remove)
-	netns.Run(ctx, l.NS(lab.SiteA), "ip", "addr", "add", lab.OldIP.String()+"/32", "dev", "lo")
+	netns.Do(l.NS(lab.SiteB), dpB.Remove)
+	a := wgpath.New(wgpath.Options{Netns: l.NS(lab.SiteA), LocalIP: lab.HostA})
+	b := wgpath.New(wgpath.Options{Netns: l.NS(lab.SiteB), LocalIP: lab.HostB})
+	defer a.Close()
+	defer b.Close()
+	keyB, portB, err := b.OpenTunnel(token)
+	if err != nil {
+		return err
+	}
+	keyA, portA, err := a.OpenTunnel(token)
+	if err != nil {
+		return err
+	}
+	if err := a.SetPeer(token, wgpath.Peer{Key: keyB, Endpoint: netip.AddrPortFrom(lab.HostB, portB),
+		Allowed: []netip.Prefix{netip.PrefixFrom(lab.OldIP, 32)}}); err != nil {
+		return err
+	}
+	if err := b.SetPeer(token, wgpath.Peer{Key: keyA, Endpoint: netip.AddrPortFrom(lab.HostA, portA),
+		Allowed: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}, Keepalive: 25 * time.Second}); err != nil {
+		return err
+	}
+	if err := b.SetVM(wgpath.VM{OldIP: lab.OldIP, NewIP: lab.NewIP, GatewayMAC: gw, MAC: vm.MAC, Tap: vm.Tap, Token: token}); err != nil {
+		return err
+	}
+	if err := a.SetRedirect(lab.OldIP, token, vm.MAC, true); err != nil {
+		return err
+	}
 	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
-	var p *userspace.Proxy
-	if err := netns.Do(l.NS(lab.SiteA), func() (err error) {
-		p, err = userspace.Start(userspace.Config{OldIP: lab.OldIP, NewIP: lab.NewIP, TCPPorts: []uint16{5201}, Dial: l.Dialer(lab.SiteA)})
-		return err
-	}); err != nil {
+	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.NewIP.String())
+	if err := measure("userspace: WireGuard (old address, A->B)", lab.OldIP.String()); err != nil {
 		return err
 	}
-	defer p.Close()
-	if err := measure("userspace proxy (old address, A->B)", lab.OldIP.String()); err != nil {
+	if err := measure("userspace: new address (nftables NAT at B)", lab.NewIP.String()); err != nil {
 		return err
 	}
-	fmt.Fprintf(&rep, "\nredirect / plain: %.2f; NAT / plain: %.2f; userspace / plain: %.2f; redirect / userspace: %.2f\n",
-		res["eBPF redirect (old address, A->B tunnel)"]/res["plain routing (VM at site A)"],
-		res["new address (NAT at host B)"]/res["plain routing (VM at site A)"],
-		res["userspace proxy (old address, A->B)"]/res["plain routing (VM at site A)"],
-		res["eBPF redirect (old address, A->B tunnel)"]/res["userspace proxy (old address, A->B)"])
+	plain := res["plain routing (VM at site A)"]
+	fmt.Fprintf(&rep, "\nredirect / plain: %.2f; NAT / plain: %.2f; userspace WireGuard / plain: %.2f; userspace NAT / plain: %.2f; eBPF redirect / userspace WireGuard: %.1f\n",
+		res["eBPF redirect (old address, A->B tunnel)"]/plain, res["new address (NAT at host B)"]/plain,
+		res["userspace: WireGuard (old address, A->B)"]/plain, res["userspace: new address (nftables NAT at B)"]/plain,
+		res["eBPF redirect (old address, A->B tunnel)"]/res["userspace: WireGuard (old address, A->B)"])
 	fmt.Print(rep.String())
 	if out != "" {
 		return os.WriteFile(out, []byte(rep.String()), 0o644)

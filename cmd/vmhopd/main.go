@@ -2,8 +2,9 @@
 // It serves the peer API other hosts' daemons call (mutual TLS, key
 // "listen"; only the configured peers get in), the local API the vmhop CLI
 // calls (unix socket, key "socket"), and owns the host's network-continuity
-// datapath (eBPF/TC on Linux >= 6.6 with TCX, or the userspace proxy
-// fallback). Needs root (CAP_NET_ADMIN, CAP_BPF).
+// datapath (eBPF/TC on Linux >= 6.6 with TCX, or userspace continuity:
+// proxy/wgpath, a WireGuard tunnel per migration in this process). Needs
+// root (CAP_NET_ADMIN, CAP_BPF).
 //
 // Under systemd (configs/vmhopd.service, Type=notify) it sends READY=1
 // once its listeners serve, WATCHDOG=1 every half WatchdogSec, and
@@ -38,6 +39,7 @@ import (
 	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/datapath"
 	"github.com/vmhop/vmhop/proxy/sidecar"
+	"github.com/vmhop/vmhop/proxy/wgpath"
 )
 
 // flags are vmhopd's command line.
@@ -110,6 +112,12 @@ func run() error {
 	work.Register(d.PeerAPI())
 	if sc.DP != nil {
 		host.UseDatapath(sc.DP)
+	}
+	host.Continuity = string(sc.Mode) // "userspace": proxy/wgpath per migration
+	if sc.Mode == sidecar.Userspace { // tunnels of a vmhopd that stopped died with it
+		if gone, err := wgpath.Sweep("", false); len(gone) > 0 || err != nil {
+			log.Warn("removed what the previous vmhopd's tunnels left", "removed", gone, "err", err)
+		}
 	}
 	// An incoming migration a killed vmhopd left: remove what it made here.
 	if undone, err := work.RecoverIncoming(ctx); len(undone) > 0 || err != nil {

@@ -53,9 +53,9 @@ func (p *proc) do(f func()) {
 
 type wSource struct{ *proc }
 
-func (s wSource) PrepareSource(context.Context, migrator.SourcePrepare) error {
+func (s wSource) PrepareSource(context.Context, migrator.SourcePrepare) (migrator.TunnelEnd, error) {
 	s.do(func() { s.w.redirect, s.w.tunnels = "off", s.w.tunnels+1 })
-	return nil
+	return migrator.TunnelEnd{}, nil
 }
 func (s wSource) SetRedirect(_ context.Context, r migrator.RedirectSwitch) error {
 	s.do(func() { s.w.redirect = map[bool]string{true: "on", false: "off"}[r.On] })
@@ -88,9 +88,9 @@ func (s wSource) HeldAddrs(context.Context, migrator.AddrQuery) (migrator.HeldAd
 
 type wDest struct{ *proc }
 
-func (d wDest) PrepareDestination(context.Context, migrator.DestPrepare) error {
+func (d wDest) PrepareDestination(context.Context, migrator.DestPrepare) (migrator.TunnelEnd, error) {
 	d.do(func() { d.w.tunnels++ })
-	return nil
+	return migrator.TunnelEnd{}, nil
 }
 func (d wDest) CreateImage(context.Context, migrator.ImageCreate) error {
 	d.do(func() { d.w.image = true })

@@ -218,8 +218,10 @@ func (c *calls) add(s string) { c.mu.Lock(); c.list = append(c.list, s); c.mu.Un
 
 type fakeSource struct{ c *calls }
 
-func (s fakeSource) PrepareSource(context.Context, migrator.SourcePrepare) error { return nil }
-func (s fakeSource) SetRedirect(context.Context, migrator.RedirectSwitch) error  { return nil }
+func (s fakeSource) PrepareSource(context.Context, migrator.SourcePrepare) (migrator.TunnelEnd, error) {
+	return migrator.TunnelEnd{}, nil
+}
+func (s fakeSource) SetRedirect(context.Context, migrator.RedirectSwitch) error { return nil }
 func (s fakeSource) RemoveRedirect(context.Context, migrator.RedirectRemove) error {
 	s.c.add("source: remove redirect")
 	return nil
@@ -243,8 +245,10 @@ func (s fakeSource) HeldAddrs(context.Context, migrator.AddrQuery) (migrator.Hel
 
 type fakeDest struct{ c *calls }
 
-func (d fakeDest) PrepareDestination(context.Context, migrator.DestPrepare) error { return nil }
-func (d fakeDest) CreateImage(context.Context, migrator.ImageCreate) error        { return nil }
+func (d fakeDest) PrepareDestination(context.Context, migrator.DestPrepare) (migrator.TunnelEnd, error) {
+	return migrator.TunnelEnd{}, nil
+}
+func (d fakeDest) CreateImage(context.Context, migrator.ImageCreate) error { return nil }
 func (d fakeDest) AttachVM(_ context.Context, req migrator.VMAttach) error {
 	d.c.add("dest: attach vm (tunnel " + map[bool]string{true: "on", false: "off"}[req.Tunnel.Peer.IsValid()] + ")")
 	return nil

@@ -31,7 +31,8 @@ type Daemon struct {
 	// Address is this host's WAN address: the tunnel endpoint peers send to.
 	Address netip.Addr `key:"address"`
 	// Datapath selects the network-continuity mechanism: "auto" (eBPF, else the
-	// userspace proxy), "ebpf", or "userspace".
+	// userspace packet path: WireGuard tunnel, kernel routing, nftables NAT),
+	// "ebpf", or "userspace". Both hosts of a migration must use the same.
 	Datapath string `key:"datapath"`
 	// BPFFS is where maps and links are pinned so forwarding outlives a restart.
 	BPFFS string `key:"bpffs"`

@@ -70,7 +70,17 @@ func DaemonsRunning(ctx context.Context, l *lab.Lab) bool {
 // waits until both answer on their sockets and see each other. The
 // vmhopd binary is $VMHOPD, else vmhopd beside this program, else built
 // from this module (go build) into the lab's directory.
-func StartDaemons(ctx context.Context, l *lab.Lab) error {
+//
+// Options: Continuity sets both daemons' datapath key ("ebpf", the
+// default, or "userspace").
+func StartDaemons(ctx context.Context, l *lab.Lab, opts ...Option) error {
+	o := options{continuity: "ebpf"}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.continuity == "" {
+		o.continuity = "ebpf"
+	}
 	ca, err := pki.NewCA("vmhop lab "+l.Name, 7*24*time.Hour)
 	if err != nil {
 		return err
@@ -110,7 +120,7 @@ vmhopd:
 %s  state_dir: %s
   uplink: %s
   address: %s
-  datapath: ebpf
+  datapath: %s
   bpffs: %s
   tls:
     cert: %s
@@ -119,7 +129,7 @@ vmhopd:
   log_level: info
   metrics_listen: 127.0.0.1:9710
 `, l.Name, s.site, DaemonName(s.site), DaemonAddr(s.site), DaemonSocket(l, s.site), peers.String(),
-			DaemonStateDir(l, s.site), lab.Uplink, s.addr, l.PinDir(s.site), certFile, keyFile, caFile)
+			DaemonStateDir(l, s.site), lab.Uplink, s.addr, o.continuity, l.PinDir(s.site), certFile, keyFile, caFile)
 		if err := os.WriteFile(DaemonConfig(l, s.site), []byte(conf), 0o644); err != nil {
 			return err
 		}

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,10 +23,12 @@ import (
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+	"github.com/vmhop/vmhop/proxy/wgpath"
 )
 
-// daemonLab is a lab with its guest at site A and a vmhopd at each site.
-func daemonLab(t *testing.T) (*lab.Lab, *lab.VM, *config.Migration) {
+// daemonLab is a lab with its guest at site A and a vmhopd at each site
+// (started with opts).
+func daemonLab(t *testing.T, opts ...Option) (*lab.Lab, *lab.VM, *config.Migration) {
 	t.Helper()
 	l := labtest.New(t, lab.Config{})
 	ctx := context.Background()
@@ -36,7 +39,7 @@ func daemonLab(t *testing.T) (*lab.Lab, *lab.VM, *config.Migration) {
 	if err := l.WaitGuest(ctx, vm.IP, 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if err := StartDaemons(ctx, l); err != nil {
+	if err := StartDaemons(ctx, l, opts...); err != nil {
 		t.Fatal(err)
 	}
 	spec, err := config.LoadMigration("../../configs/lab-migration.yaml")
@@ -246,4 +249,67 @@ func dnsA(t *testing.T, l *lab.Lab) netip.Addr {
 	b, _ := json.Marshal(m.Answer)
 	t.Fatalf("no A record for %s: %s", lab.SvcName, b)
 	return netip.Addr{}
+}
+
+// TestMigrateThroughDaemonsUserspace: the main job's path with both
+// vmhopd configured `datapath: userspace` (no BPF on either host): the
+// in-flight echo connections keep every byte through the WireGuard
+// tunnel, the guest survives, the drain ends; then host A holds nothing
+// of the migration and host B only the moved VM's entry (its NAT
+// table), no tunnel, no rule, and neither host has a BPF pin.
+//
+// Known failing, so run only on request (VMHOP_TEST_USERSPACE_DAEMONS=1):
+// its one run (14:20 UTC, 2026-11-30) moved the guest but the health
+// check to new_ip timed out and the echo connections got no reply after
+// the switch, while the same migration with the hosts in the test's
+// process (migrator's TestMigrationUserspace) passes. Not diagnosed yet:
+// the daemons' logs went with the lab.
+func TestMigrateThroughDaemonsUserspace(t *testing.T) {
+	if os.Getenv("VMHOP_TEST_USERSPACE_DAEMONS") == "" {
+		t.Skip("known failing through the daemons (see the comment); VMHOP_TEST_USERSPACE_DAEMONS=1 runs it")
+	}
+	l, _, spec := daemonLab(t, Continuity(migrator.ContinuityUserspace))
+	ctx := context.Background()
+	out, err := Migrate(ctx, l, spec, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	var b strings.Builder
+	out.Print(&b)
+	t.Logf("outcome:\n%s", b.String())
+	if err != nil {
+		t.Fatalf("migration through the daemons in userspace mode: exit %d: %v", out.Exit, err)
+	}
+	if !out.Report.DigestMatch || !out.Guest.OK() || !out.Guest.SameBoot {
+		t.Errorf("digest match %v, guest %+v", out.Report.DigestMatch, out.Guest)
+	}
+	for i, e := range out.Client.Echo {
+		if e.Unanswered > 0 || e.Reconnects > 0 || e.Got == 0 {
+			t.Errorf("echo connection %d: %d sent, %d answered, %d unanswered, %d reconnects", i+1, e.Sent, e.Got, e.Unanswered, e.Reconnects)
+		}
+	}
+	if out.Report.Redirected["encap_packets"] == 0 {
+		t.Errorf("redirected %v: nothing went through the tunnel", out.Report.Redirected)
+	}
+	if out.Drained <= 0 {
+		t.Errorf("drained after %s", out.Drained)
+	}
+	for _, c := range []struct {
+		site string
+		want []string
+	}{{lab.SiteA, nil}, {lab.SiteB, []string{"vmhop_vm_10_1_0_10"}}} {
+		ts, err := wgpath.Tables(l.NS(c.site))
+		if err != nil || !slices.Equal(ts, c.want) {
+			t.Errorf("%s: nftables tables %v (%v), want %v", c.site, ts, err, c.want)
+		}
+		out, _ := netns.Run(ctx, l.NS(c.site), "ip", "-o", "link")
+		if strings.Contains(out, "vhwg") {
+			t.Errorf("%s: a tunnel is left:\n%s", c.site, out)
+		}
+		rules, _ := netns.Run(ctx, l.NS(c.site), "ip", "rule")
+		if strings.Contains(rules, "fwmark") {
+			t.Errorf("%s: a rule is left:\n%s", c.site, rules)
+		}
+		if ents, err := os.ReadDir(l.PinDir(c.site)); err == nil && len(ents) > 0 {
+			t.Errorf("%s: BPF pins in userspace mode: %v", c.site, ents)
+		}
+	}
+	assertNoMigrationFiles(t, l)
 }

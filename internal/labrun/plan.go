@@ -31,11 +31,27 @@ const (
 	ChunkedPort   = 10811
 )
 
+// Option changes how a lab migration is planned (Plan, Migrate).
+type Option func(*options)
+
+type options struct {
+	continuity string
+}
+
+// Continuity sets both hosts' continuity mode (migrator.Host.Continuity):
+// "ebpf" (the default) or "userspace" (proxy/wgpath: no BPF is loaded on
+// either host).
+func Continuity(mode string) Option { return func(o *options) { o.continuity = mode } }
+
 // Plan builds the plan that moves vm from site A to site B of l under spec
-// (limits, DNS, drain). The VM is adopted as it runs (its QEMU's command
-// line, read through its QMP socket); the destination's tap is created
-// (its image is created by the migration).
-func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, log *slog.Logger) (*migrator.Plan, error) {
+// (limits, DNS, drain), changed by opts. The VM is adopted as it runs (its
+// QEMU's command line, read through its QMP socket); the destination's
+// tap is created (its image is created by the migration).
+func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, log *slog.Logger, opts ...Option) (*migrator.Plan, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
 	if err != nil {
 		return nil, err
@@ -78,10 +94,12 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		return nil, err
 	}
 	p := &migrator.Plan{
-		Label:      spec.Name,
-		VM:         vm.Name,
-		Source:     &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA)},
-		Dest:       &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB)},
+		Label: spec.Name,
+		VM:    vm.Name,
+		Source: &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA),
+			Continuity: o.continuity},
+		Dest: &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB),
+			Continuity: o.continuity},
 		SourceWAN:  lab.HostA,
 		DestWAN:    lab.HostB,
 		Driver:     drv,
@@ -142,7 +160,8 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	return p, nil
 }
 
-// Cleanup removes what a plan left on the hosts (datapaths and their pins).
+// Cleanup removes what a plan left on the hosts (datapaths and their pins;
+// userspace continuity's tunnels, routes, rules, tables and VM entries).
 func Cleanup(p *migrator.Plan) error {
 	var errs []error
 	for _, h := range []any{p.Source, p.Dest} {

@@ -49,7 +49,7 @@ type Datapath struct {
 }
 
 // ErrUnsupported means BPF cannot be used here (no CAP_BPF, old kernel):
-// callers fall back to the userspace proxy.
+// callers fall back to the userspace packet path (proxy/wgpath).
 var ErrUnsupported = errors.New("datapath: eBPF not available")
 
 // be32 is a as the programs hold it: the bytes as they sit in the packet.

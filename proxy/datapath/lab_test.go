@@ -20,7 +20,6 @@ import (
 	"github.com/vmhop/vmhop/internal/lab/labtest"
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/proxy/datapath"
-	"github.com/vmhop/vmhop/proxy/userspace"
 )
 
 func TestMain(m *testing.M) {
@@ -266,53 +265,6 @@ func must(t *testing.T, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
-	}
-}
-
-// TestUserspaceFallback: where eBPF cannot load, host A proxies new
-// connections for the old address to the new one.
-func TestUserspaceFallback(t *testing.T) {
-	l := labtest.New(t, lab.Config{})
-	ctx := context.Background()
-	vm, err := l.StartNSVM(ctx)
-	must(t, err)
-	serveVM(t, vm.NS, nil)
-	// The VM moves; host B gives it its new address by plain routing (the
-	// fallback has no BPF on B either): new_ip on the VM's link, routed.
-	must(t, l.UnplugNSVM(ctx, vm))
-	_, err = l.PlugNSVM(ctx, vm)
-	must(t, err)
-	for _, s := range []struct {
-		ns   string
-		args []string
-	}{
-		{vm.NS, []string{"addr", "add", lab.NewIP.String() + "/32", "dev", "eth0"}},
-		{l.NS(lab.SiteB), []string{"route", "add", lab.NewIP.String() + "/32", "dev", vm.Tap}},
-		{vm.NS, []string{"route", "replace", "default", "dev", "eth0", "src", lab.NewIP.String()}},
-	} {
-		_, err := netns.Run(ctx, s.ns, "ip", s.args...)
-		must(t, err)
-	}
-	// Host B answers the VM's on-link ARP for everything it routes.
-	_, err = netns.Run(ctx, l.NS(lab.SiteB), "sysctl", "-qw", "net.ipv4.conf."+vm.Tap+".proxy_arp=1")
-	must(t, err)
-	must(t, netns.Do(l.NS(lab.SiteB), func() error { return datapath.ProxyARP(lab.LANIf(lab.SiteB), lab.NewIP, true) }))
-	// Host A takes the old address and proxies.
-	_, err = netns.Run(ctx, l.NS(lab.SiteA), "ip", "addr", "add", lab.OldIP.String()+"/32", "dev", "lo")
-	must(t, err)
-	var p *userspace.Proxy
-	must(t, netns.Do(l.NS(lab.SiteA), func() (err error) {
-		p, err = userspace.Start(userspace.Config{OldIP: lab.OldIP, NewIP: lab.NewIP, TCPPorts: []uint16{9002}, Dial: l.Dialer(lab.SiteA)})
-		return err
-	}))
-	defer p.Close()
-	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
-	c, err := l.DialTCP(ctx, lab.Client, netip.AddrPortFrom(lab.OldIP, 9002))
-	must(t, err)
-	defer c.Close()
-	must(t, echo(c, "through the userspace proxy"))
-	if p.Stats.TCPConns.Load() != 1 {
-		t.Errorf("proxy counted %d connections", p.Stats.TCPConns.Load())
 	}
 }
 
