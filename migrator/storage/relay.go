@@ -570,7 +570,7 @@ func (rs *relayServing) handle(c net.Conn) {
 }
 
 // pipeHoldingServer is pipe, except that when the client (WAN) side ends
-// first, the server side (QEMU's NBD connection) stays open until the
+// first and cleanly (the source's end of the mirror), the server side (QEMU's NBD connection) stays open until the
 // relay end stops (StopRelay closes it), after the export is gone. Why:
 // once the destination VM runs, its disk is in an iothread, and QEMU 7.2
 // runs an NBD client's close there when the client hangs up, then aborts
@@ -581,8 +581,16 @@ func (rs *relayServing) handle(c net.Conn) {
 // QEMU's main thread.
 func pipeHoldingServer(client, server net.Conn) {
 	fromClient, fromServer := make(chan struct{}), make(chan struct{})
-	go func() { io.Copy(server, client); close(fromClient) }()
-	go func() { io.Copy(client, server); close(fromServer) }()
+	var clientErr error
+	go func() { _, clientErr = io.Copy(server, client); close(fromClient) }()
+	go func() {
+		io.Copy(client, server)
+		// The client is gone (a cut WAN connection the source replaced):
+		// keep reading QEMU's replies, or its NBD coroutine blocks on a
+		// full socket and the destination hangs when it activates.
+		io.Copy(io.Discard, server)
+		close(fromServer)
+	}()
 	select {
 	case <-fromServer:
 		client.Close()
@@ -590,6 +598,12 @@ func pipeHoldingServer(client, server net.Conn) {
 		<-fromClient
 	case <-fromClient:
 		client.Close()
+		if clientErr != nil {
+			// A cut WAN connection (the source reconnects on a new one,
+			// the VM not yet running here): QEMU must let this client go
+			// now, or it waits for it when it activates the disk.
+			server.Close()
+		}
 		<-fromServer // QEMU closes it (export deleted), or StopRelay does
 	}
 }
