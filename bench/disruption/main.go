@@ -8,7 +8,7 @@
 //   - live-dns-only: live migration and the DNS flip, without the redirect;
 //   - vmhop-ebpf: live migration, the eBPF redirect, the DNS flip;
 //   - vmhop-userspace: the same with the userspace fallback redirect
-//     (labrun.RedirectUserspace; "not available" until it is built).
+//     (labrun.RedirectUserspace: a WireGuard tunnel, no BPF).
 //
 // The load (labrun.Load): persistent echo connections at 100 Hz, a new
 // HTTP connection by DNS name every 50 ms, ICMP every 10 ms, one bulk
@@ -213,11 +213,6 @@ func run() error {
 			}
 			fmt.Fprintf(os.Stderr, "== %s, run %d of %d (%s since start)\n", m.Mode, rep, sc.Repeats, time.Since(t0).Round(time.Second))
 			r, err := runOne(context.Background(), sc, m.Mode, rep, dir, log)
-			if err != nil && strings.Contains(err.Error(), labrun.ErrUnavailable.Error()) {
-				m.Available, m.Unavailable = false, err.Error()
-				fmt.Fprintf(os.Stderr, "   %s: %v\n", m.Mode, err)
-				continue
-			}
 			if err != nil {
 				r.Err = err.Error()
 				fmt.Fprintf(os.Stderr, "   FAILED: %v\n", err)
@@ -294,11 +289,6 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		redirect = labrun.RedirectEBPF
 	case modeUserspace:
 		redirect = labrun.RedirectUserspace
-		// Refused before a lab is built while the fallback is not there.
-		if _, err := labrun.MigrateWith(ctx, nil, &spec, log, sc.shape(), labrun.Options{Redirect: redirect}); err != nil &&
-			strings.Contains(err.Error(), labrun.ErrUnavailable.Error()) {
-			return r, err
-		}
 	}
 	l, err := lab.Up(ctx, lab.Config{Name: flags.labName, Links: sc.Links})
 	if err != nil {

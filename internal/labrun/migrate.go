@@ -190,21 +190,9 @@ func SpecFor(l *lab.Lab, vm *lab.VM, dm qemu.Machine, spec *config.Migration) *c
 // another way of moving under the same load this way.
 func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load) (Outcome, error) {
 	var out Outcome
-	var vm *lab.VM
-	for _, v := range l.State.VMs {
-		if v.Host == lab.SiteA {
-			vm = v
-		}
-	}
-	if vm == nil {
-		return out, fmt.Errorf("lab %s has no VM at site A (start one: vmhop-lab vm start --name %s)", l.Name, l.Name)
-	}
-	if err := l.WaitGuest(ctx, vm.IP, 10*time.Second); err != nil {
-		return out, fmt.Errorf("guest at site A does not answer: %w", err)
-	}
-	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	vm, before, err := sourceGuest(ctx, l)
 	if err != nil {
-		return out, fmt.Errorf("guest status at site A: %w", err)
+		return out, err
 	}
 	if !DaemonsRunning(ctx, l) {
 		if err := StartDaemons(ctx, l); err != nil {
@@ -310,13 +298,10 @@ const (
 	// RedirectNone leaves the redirect off (migrator.Plan.NoRedirect):
 	// live migration with the DNS flip only.
 	RedirectNone Redirect = "none"
-	// RedirectUserspace is the packet-level userspace fallback: not
-	// available yet (ErrUnavailable).
+	// RedirectUserspace is the packet-level userspace fallback
+	// (migrator.ContinuityUserspace: a WireGuard tunnel, no BPF).
 	RedirectUserspace Redirect = "userspace"
 )
-
-// ErrUnavailable: the option asked for is not built yet.
-var ErrUnavailable = errors.New("not available")
 
 // Options are a benchmark's changes to a lab migration.
 type Options struct {
@@ -331,14 +316,14 @@ type Options struct {
 // in this process (Plan, migrator.Run: the same migration core and data
 // paths vmhopd runs, one process driving both hosts, no peer API), so
 // that opt can change how the network moves; vmhopd has no such switch.
-// An option that is not built yet fails with ErrUnavailable before the
-// lab is touched.
+// An unknown option fails before the lab is touched.
 func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load, opt Options) (Outcome, error) {
 	var out Outcome
+	var planOpts []Option
 	switch opt.Redirect {
 	case "", RedirectEBPF, RedirectNone:
 	case RedirectUserspace:
-		return out, fmt.Errorf("redirect %q: the packet-level userspace fallback is %w yet", opt.Redirect, ErrUnavailable)
+		planOpts = append(planOpts, Continuity(migrator.ContinuityUserspace))
 	default:
 		return out, fmt.Errorf("redirect %q: want %q, %q or %q", opt.Redirect, RedirectEBPF, RedirectNone, RedirectUserspace)
 	}
@@ -346,23 +331,11 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 	if filter == "" {
 		filter = fmt.Sprintf("tcp port %d", EchoPort)
 	}
-	var vm *lab.VM
-	for _, v := range l.State.VMs {
-		if v.Host == lab.SiteA {
-			vm = v
-		}
-	}
-	if vm == nil {
-		return out, fmt.Errorf("lab %s has no VM at site A (start one: vmhop-lab vm start --name %s)", l.Name, l.Name)
-	}
-	if err := l.WaitGuest(ctx, vm.IP, 10*time.Second); err != nil {
-		return out, fmt.Errorf("guest at site A does not answer: %w", err)
-	}
-	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	vm, before, err := sourceGuest(ctx, l)
 	if err != nil {
-		return out, fmt.Errorf("guest status at site A: %w", err)
+		return out, err
 	}
-	p, err := Plan(ctx, l, vm, spec, log)
+	p, err := Plan(ctx, l, vm, spec, log, planOpts...)
 	if err != nil {
 		return out, err
 	}
@@ -412,6 +385,28 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 	}
 	out.Exit = migrator.ExitCode(err)
 	return out, err
+}
+
+// sourceGuest is l's guest at site A, once it answers, and its status
+// before a move (its boot id: CheckGuest compares it after).
+func sourceGuest(ctx context.Context, l *lab.Lab) (*lab.VM, guest.Status, error) {
+	var vm *lab.VM
+	for _, v := range l.State.VMs {
+		if v.Host == lab.SiteA {
+			vm = v
+		}
+	}
+	if vm == nil {
+		return nil, guest.Status{}, fmt.Errorf("lab %s has no VM at site A (start one: vmhop-lab vm start --name %s)", l.Name, l.Name)
+	}
+	if err := l.WaitGuest(ctx, vm.IP, 10*time.Second); err != nil {
+		return nil, guest.Status{}, fmt.Errorf("guest at site A does not answer: %w", err)
+	}
+	before, err := l.GuestStatus(ctx, lab.Client, vm.IP)
+	if err != nil {
+		return nil, guest.Status{}, fmt.Errorf("guest status at site A: %w", err)
+	}
+	return vm, before, nil
 }
 
 // resultErr is a finished job's error as the migration core names it, so

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 
+	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/netns"
@@ -23,12 +24,11 @@ import (
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
-// Ports the destination listens on for the memory stream and the disk
-// (mirror; its relay on NBDPort+1; the chunked engine).
+// Ports the destination listens on: vmhopd's (daemon.MigrationPort ...).
 const (
-	MigrationPort = 4444
-	NBDPort       = 10809
-	ChunkedPort   = 10811
+	MigrationPort = daemon.MigrationPort
+	NBDPort       = daemon.NBDPort
+	ChunkedPort   = daemon.ChunkedPort
 )
 
 // Option changes how a lab migration is planned (Plan, Migrate).
