@@ -315,17 +315,23 @@ func (h *eventHandler) Enabled(ctx context.Context, l slog.Level) bool {
 }
 
 func (h *eventHandler) Handle(ctx context.Context, r slog.Record) error {
-	if r.Level >= slog.LevelInfo {
+	// The core's own "phase" / "phase failed" lines are the phase events
+	// Job.Attach emits already (OnPhase): only track the phase from them.
+	if r.Level >= slog.LevelInfo && (r.Message == "phase" || r.Message == "phase failed") {
+		r.Attrs(func(a slog.Attr) bool {
+			if r.Message == "phase" && a.Key == "name" {
+				h.phase.mu.Lock()
+				h.phase.name = a.Value.String()
+				h.phase.mu.Unlock()
+			}
+			return true
+		})
+	} else if r.Level >= slog.LevelInfo {
 		var b strings.Builder
 		b.WriteString(r.Message)
 		add := func(a slog.Attr) bool {
 			if a.Key == "migration" {
 				return true
-			}
-			if r.Message == "phase" && a.Key == "name" {
-				h.phase.mu.Lock()
-				h.phase.name = a.Value.String()
-				h.phase.mu.Unlock()
 			}
 			fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
 			return true

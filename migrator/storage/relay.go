@@ -350,7 +350,8 @@ func pipe(a, b net.Conn) { pipeTracked(a, b, b, io.Discard) }
 // no reply. A stream it cannot follow is passed as it is.
 type discFilter struct {
 	w     io.Writer
-	hdr   []byte // a request header being read
+	hdr   [28]byte // a request header being read: its first n bytes
+	n     int
 	skip  uint64 // write payload bytes still to pass
 	lost  bool
 	drops int
@@ -373,13 +374,13 @@ func (f *discFilter) Write(p []byte) (int, error) {
 			p, f.skip = p[k:], f.skip-k
 			continue
 		}
-		k := min(28-len(f.hdr), len(p))
-		f.hdr, p = append(f.hdr, p[:k]...), p[k:]
-		if len(f.hdr) < 28 {
+		k := copy(f.hdr[f.n:], p)
+		f.n, p = f.n+k, p[k:]
+		if f.n < len(f.hdr) {
 			return n, nil
 		}
-		h := f.hdr
-		f.hdr = nil
+		f.n = 0
+		h := f.hdr[:]
 		if binary.BigEndian.Uint32(h) != nbdRequestMagic {
 			f.lost = true
 			if _, err := f.w.Write(h); err != nil {
