@@ -48,10 +48,10 @@ static __always_inline void note_flow(const struct pkt *p, __u32 vm_ip)
 	guest_key(&k, p, vm_ip, 0);
 	struct flow *f = bpf_map_lookup_elem(&flows, &k);
 	if (f) {
-		flow_touch(f, p, now);
+		flow_touch(f, tcp_closes(p->proto, p->tcp_flags), now);
 		return;
 	}
-	struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = closing_flags(p)};
+	struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = tcp_closes(p->proto, p->tcp_flags)};
 	bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
 }
 
@@ -67,11 +67,11 @@ static __always_inline int track_tunnel_flow(struct __sk_buff *skb, struct pkt *
 	guest_key(&k, p, vm_ip, 0);
 	struct flow *f = bpf_map_lookup_elem(&flows, &k);
 	if (f && !f->nat && f->remote_port == p->sport) {
-		flow_touch(f, p, now);
+		flow_touch(f, tcp_closes(p->proto, p->tcp_flags), now);
 		return 0;
 	}
 	if (!f) {
-		struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = closing_flags(p)};
+		struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = tcp_closes(p->proto, p->tcp_flags)};
 		bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
 		return 0;
 	}
@@ -358,7 +358,7 @@ int vm_ingress(struct __sk_buff *skb)
 		bpf_map_update_elem(&flows, &k, &n, BPF_ANY);
 		bpf_map_update_elem(&nat_ports, &ck, &p.dport, BPF_ANY);
 	} else if (f) {
-		flow_touch(f, &p, bpf_ktime_get_ns());
+		flow_touch(f, tcp_closes(p.proto, p.tcp_flags), bpf_ktime_get_ns());
 		client_port = f->remote_port;
 		if (!f->nat && v->peer) {
 			if (rewrite_port(skb, &p, 0, client_port))
@@ -369,7 +369,7 @@ int vm_ingress(struct __sk_buff *skb)
 	} else if (v->peer) {
 		/* Not known as a NAT flow: made before the move, back through the tunnel. */
 		if (p.has_ports) {
-			struct flow n = {.last_ns = bpf_ktime_get_ns(), .remote_port = p.dport, .closing = closing_flags(&p)};
+			struct flow n = {.last_ns = bpf_ktime_get_ns(), .remote_port = p.dport, .closing = tcp_closes(p.proto, p.tcp_flags)};
 			bpf_map_update_elem(&flows, &k, &n, BPF_NOEXIST);
 		}
 		count(key, C_TUNNEL_BACK_PKTS, 1);

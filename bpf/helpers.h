@@ -43,31 +43,28 @@ static __always_inline int drop(__u32 ip, enum counter why)
 	return TC_ACT_SHOT;
 }
 
-/* fib_out looks up the route for src -> dst, writes the next hop's MACs
+/* fib_lookup_out looks up the route of p (family and addresses set by the
+ * caller: fib_out, fib_redirect6), writes the next hop's MACs
  * into the frame and sets *ifindex to the device to send out of (for a
  * bridge, its uplink port: egress_ports). Returns 0 when ready to send,
  * FIB_NO_NEIGH if the next hop is not resolved yet (*ifindex set, MACs
  * not), or -1 (counted) if there is no route or the MACs cannot be
  * written. */
 #define FIB_NO_NEIGH 1
-static __always_inline int fib_out(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst, __u32 *ifindex)
+static __always_inline int fib_lookup_out(struct __sk_buff *skb, __u32 key, struct bpf_fib_lookup *p, __u32 *ifindex)
 {
-	struct bpf_fib_lookup p = {};
-	p.family = AF_INET;
-	p.ipv4_src = src;
-	p.ipv4_dst = dst;
-	p.ifindex = skb->ingress_ifindex;
+	p->ifindex = skb->ingress_ifindex;
 	/* The FIB checks tot_len against the route's MTU; a GSO packet is
 	 * segmented to fit later, so only a plain packet's length is given. */
-	p.tot_len = skb->gso_size ? 0 : skb->len - ETH_HLEN_;
-	long rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
-	*ifindex = p.ifindex;
+	p->tot_len = skb->gso_size ? 0 : skb->len - ETH_HLEN_;
+	long rc = bpf_fib_lookup(skb, p, sizeof(*p), 0);
+	*ifindex = p->ifindex;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, p.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p.smac, 6, 0)) {
+		if (bpf_skb_store_bytes(skb, 0, p->dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p->smac, 6, 0)) {
 			count(key, C_DROP_ERROR, 1);
 			return -1;
 		}
-		__u32 *port = bpf_map_lookup_elem(&egress_ports, &p.ifindex);
+		__u32 *port = bpf_map_lookup_elem(&egress_ports, &p->ifindex);
 		if (port)
 			*ifindex = *port;
 		return 0;
@@ -78,19 +75,32 @@ static __always_inline int fib_out(struct __sk_buff *skb, __u32 key, __u32 src, 
 	return -1;
 }
 
-/* fib_redirect sends the packet (IPv4 from src to dst, Ethernet header in
- * place) out of the interface the FIB picks (fib_out), with the next hop's
- * MAC; if the neighbour is not resolved yet, the kernel resolves it
- * (redirect_neigh). Returns a TC action. */
-static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst)
+/* fib_out is fib_lookup_out for IPv4 src -> dst (network order). */
+static __always_inline int fib_out(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst, __u32 *ifindex)
 {
-	__u32 ifindex;
-	int rc = fib_out(skb, key, src, dst, &ifindex);
+	struct bpf_fib_lookup p = {.family = AF_INET, .ipv4_src = src, .ipv4_dst = dst};
+	return fib_lookup_out(skb, key, &p, ifindex);
+}
+
+/* fib_send turns fib_lookup_out's result rc and device into a TC
+ * action: redirect with the MACs written, or let the kernel resolve the
+ * neighbour (redirect_neigh), or drop. */
+static __always_inline int fib_send(int rc, __u32 ifindex)
+{
 	if (rc == 0)
 		return bpf_redirect(ifindex, 0);
 	if (rc == FIB_NO_NEIGH)
 		return bpf_redirect_neigh(ifindex, NULL, 0, 0);
 	return TC_ACT_SHOT;
+}
+
+/* fib_redirect sends the packet (IPv4 from src to dst, Ethernet header in
+ * place) out of the interface the FIB picks (fib_out), with the next hop's
+ * MAC. Returns a TC action. */
+static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 key, __u32 src, __u32 dst)
+{
+	__u32 ifindex;
+	return fib_send(fib_out(skb, key, src, dst, &ifindex), ifindex);
 }
 
 /* set_macs writes the Ethernet addresses. */

@@ -90,20 +90,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt6 *p)
 	p->icmp_type = 0;
 	p->sport = 0;
 	p->dport = 0;
-	if (p->proto == IPPROTO_TCP) {
-		struct tcphdr *th = (void *)(ip + 1);
-		if ((void *)(th + 1) > data_end)
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
+		if (!parse_ports(ip + 1, data_end, p->proto, &p->sport, &p->dport, &p->tcp_flags))
 			return 0;
-		p->sport = th->source;
-		p->dport = th->dest;
-		p->tcp_flags = ((__u8 *)th)[13];
-		p->has_ports = 1;
-	} else if (p->proto == IPPROTO_UDP) {
-		struct udphdr *uh = (void *)(ip + 1);
-		if ((void *)(uh + 1) > data_end)
-			return 0;
-		p->sport = uh->source;
-		p->dport = uh->dest;
 		p->has_ports = 1;
 	} else if (p->proto == IPPROTO_ICMPV6_) {
 		struct icmphdr *ih = (void *)(ip + 1); /* type, code, checksum, id, sequence: the same layout */
@@ -179,43 +168,14 @@ static __always_inline int rewrite_port6(struct __sk_buff *skb, struct pkt6 *p, 
 	return 0;
 }
 
-/* fib_out6 is fib_out for IPv6 (src -> dst). */
-static __always_inline int fib_out6(struct __sk_buff *skb, __u32 key, const struct in6 *src, const struct in6 *dst, __u32 *ifindex)
-{
-	struct bpf_fib_lookup p = {};
-	p.family = AF_INET6;
-	__builtin_memcpy(p.ipv6_src, src, 16);
-	__builtin_memcpy(p.ipv6_dst, dst, 16);
-	p.ifindex = skb->ingress_ifindex;
-	p.tot_len = skb->gso_size ? 0 : skb->len - ETH_HLEN_;
-	long rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
-	*ifindex = p.ifindex;
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, p.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, p.smac, 6, 0)) {
-			count(key, C_DROP_ERROR, 1);
-			return -1;
-		}
-		__u32 *port = bpf_map_lookup_elem(&egress_ports, &p.ifindex);
-		if (port)
-			*ifindex = *port;
-		return 0;
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return FIB_NO_NEIGH;
-	count(key, C_DROP_NO_ROUTE, 1);
-	return -1;
-}
-
-/* fib_redirect6 is fib_redirect for IPv6. */
+/* fib_redirect6 is fib_redirect for IPv6 (src -> dst). */
 static __always_inline int fib_redirect6(struct __sk_buff *skb, __u32 key, const struct in6 *src, const struct in6 *dst)
 {
+	struct bpf_fib_lookup p = {.family = AF_INET6};
+	__builtin_memcpy(p.ipv6_src, src, 16);
+	__builtin_memcpy(p.ipv6_dst, dst, 16);
 	__u32 ifindex;
-	int rc = fib_out6(skb, key, src, dst, &ifindex);
-	if (rc == 0)
-		return bpf_redirect(ifindex, 0);
-	if (rc == FIB_NO_NEIGH)
-		return bpf_redirect_neigh(ifindex, NULL, 0, 0);
-	return TC_ACT_SHOT;
+	return fib_send(fib_lookup_out(skb, key, &p, &ifindex), ifindex);
 }
 
 /* csum6 is the ICMPv6 checksum of msg (len bytes, a multiple of 4, its
@@ -318,18 +278,6 @@ static __always_inline void guest_key6(struct flow6_key *k, const struct pkt6 *p
 	k->remote_port = from_vm ? p->dport : p->sport;
 }
 
-static __always_inline void flow_touch6(struct flow *f, const struct pkt6 *p, __u64 now)
-{
-	f->last_ns = now;
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_)))
-		f->closing = 1;
-}
-
-static __always_inline __u8 closing6(const struct pkt6 *p)
-{
-	return p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_));
-}
-
 /* new_flow6 is new_flow for IPv6 (flows6, nat_ports6). */
 static __always_inline __u16 new_flow6(struct flow6_key *ck, const struct pkt6 *p, __u32 key, __u64 now)
 {
@@ -344,7 +292,7 @@ static __always_inline __u16 new_flow6(struct flow6_key *ck, const struct pkt6 *
 		gk.remote_port = port;
 		struct flow *f = bpf_map_lookup_elem(&flows6, &gk);
 		if (!f || (f->nat == nat && f->remote_port == ck->remote_port) || flow_expired(f, gk.proto, now)) {
-			struct flow n = {.last_ns = now, .remote_port = ck->remote_port, .nat = nat, .closing = closing6(p)};
+			struct flow n = {.last_ns = now, .remote_port = ck->remote_port, .nat = nat, .closing = tcp_closes(p->proto, p->tcp_flags)};
 			if (bpf_map_update_elem(&flows6, &gk, &n, BPF_ANY) || bpf_map_update_elem(&nat_ports6, ck, &port, BPF_ANY))
 				return 0;
 			if (i > 0)
@@ -363,11 +311,11 @@ static __always_inline int track_tunnel_flow6(struct __sk_buff *skb, struct pkt6
 	guest_key6(&k, p, &p->daddr, 0);
 	struct flow *f = bpf_map_lookup_elem(&flows6, &k);
 	if (f && !f->nat && f->remote_port == p->sport) {
-		flow_touch6(f, p, now);
+		flow_touch(f, tcp_closes(p->proto, p->tcp_flags), now);
 		return 0;
 	}
 	if (!f) {
-		struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = closing6(p)};
+		struct flow n = {.last_ns = now, .remote_port = p->sport, .closing = tcp_closes(p->proto, p->tcp_flags)};
 		bpf_map_update_elem(&flows6, &k, &n, BPF_NOEXIST);
 		return 0;
 	}
@@ -390,14 +338,7 @@ static __always_inline int load_quote6(struct __sk_buff *skb, struct icmp6_quote
 {
 	if (bpf_skb_load_bytes(skb, QUOTE_OFF6, q, sizeof(*q)) || (bpf_ntohl(q->ip.vtc_flow) >> 28) != 6)
 		return -1;
-	*sport = 0;
-	*dport = 0;
-	if (q->ip.nexthdr == IPPROTO_TCP || q->ip.nexthdr == IPPROTO_UDP) {
-		__builtin_memcpy(sport, &q->l4[0], 2);
-		__builtin_memcpy(dport, &q->l4[2], 2);
-	} else if (q->ip.nexthdr == IPPROTO_ICMPV6_ && (q->l4[0] == ICMP6_ECHO_REQUEST || q->l4[0] == ICMP6_ECHO_REPLY)) {
-		__builtin_memcpy(q->l4[0] == ICMP6_ECHO_REQUEST ? sport : dport, &q->l4[4], 2);
-	}
+	quote_ports(q->ip.nexthdr, q->l4, IPPROTO_ICMPV6_, ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY, sport, dport);
 	return 0;
 }
 
@@ -416,17 +357,8 @@ static __always_inline int xlate_quote6(struct __sk_buff *skb, struct icmp6_quot
 		n.ip.daddr = *addr;
 	if (q->ip.nexthdr == IPPROTO_TCP || q->ip.nexthdr == IPPROTO_UDP)
 		__builtin_memcpy(&n.l4[addr_is_src ? 2 : 0], &port, 2);
-	if (q->ip.nexthdr == IPPROTO_UDP && (q->l4[6] | q->l4[7])) {
-		__s64 d = bpf_csum_diff(from.a, 16, (__be32 *)addr->a, 16, 0);
-		d = bpf_csum_diff((__be32 *)&q->l4[0], 4, (__be32 *)&n.l4[0], 4, (__wsum)d);
-		__u16 c;
-		__builtin_memcpy(&c, &q->l4[6], 2);
-		__u64 sum = (__u32)d + (__u64)(__u16)~c;
-		c = csum_fold((__u32)((sum & 0xffff) + (sum >> 16)));
-		if (c == 0)
-			c = 0xffff;
-		__builtin_memcpy(&n.l4[6], &c, 2);
-	}
+	if (q->ip.nexthdr == IPPROTO_UDP)
+		quote_udp_csum(bpf_csum_diff(from.a, 16, (__be32 *)addr->a, 16, 0), q->l4, n.l4);
 	__s64 diff = bpf_csum_diff((__be32 *)q, sizeof(*q), (__be32 *)&n, sizeof(n), 0);
 	if (diff < 0 || bpf_l4_csum_replace(skb, L4_OFF6 + 2, 0, diff, 0) || bpf_skb_store_bytes(skb, QUOTE_OFF6, &n, sizeof(n), 0))
 		return -1;
@@ -663,7 +595,7 @@ static __always_inline int vm6(struct __sk_buff *skb)
 		bpf_map_update_elem(&flows6, &k, &n, BPF_ANY);
 		bpf_map_update_elem(&nat_ports6, &k, &p.dport, BPF_ANY);
 	} else if (f) {
-		flow_touch6(f, &p, bpf_ktime_get_ns());
+		flow_touch(f, tcp_closes(p.proto, p.tcp_flags), bpf_ktime_get_ns());
 		client_port = f->remote_port;
 		if (!f->nat && v->peer) {
 			if (rewrite_port6(skb, &p, 0, client_port))
@@ -673,7 +605,7 @@ static __always_inline int vm6(struct __sk_buff *skb)
 		}
 	} else if (v->peer) {
 		if (p.has_ports) {
-			struct flow n = {.last_ns = bpf_ktime_get_ns(), .remote_port = p.dport, .closing = closing6(&p)};
+			struct flow n = {.last_ns = bpf_ktime_get_ns(), .remote_port = p.dport, .closing = tcp_closes(p.proto, p.tcp_flags)};
 			bpf_map_update_elem(&flows6, &k, &n, BPF_NOEXIST);
 		}
 		count(key, C_TUNNEL_BACK_PKTS, 1);

@@ -12,18 +12,19 @@ static __always_inline int flow_expired(const struct flow *f, __u8 proto, __u64 
 	return age > (proto == IPPROTO_TCP ? TCP_IDLE_NS : UDP_IDLE_NS);
 }
 
-/* closing_flags reports whether p ends its TCP connection (FIN or RST). */
-static __always_inline __u8 closing_flags(const struct pkt *p)
+/* tcp_closes reports whether a packet of protocol proto with TCP flags
+ * byte tcp_flags ends its TCP connection (FIN or RST); either family. */
+static __always_inline __u8 tcp_closes(__u8 proto, __u8 tcp_flags)
 {
-	return p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_));
+	return proto == IPPROTO_TCP && (tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_));
 }
 
 /* flow_touch refreshes a flow in place: last_ns, and closing once a FIN or
- * RST went by. */
-static __always_inline void flow_touch(struct flow *f, const struct pkt *p, __u64 now)
+ * RST went by (closes: tcp_closes of the packet). */
+static __always_inline void flow_touch(struct flow *f, __u8 closes, __u64 now)
 {
 	f->last_ns = now;
-	if (closing_flags(p))
+	if (closes)
 		f->closing = 1;
 }
 
@@ -94,7 +95,7 @@ static __always_inline __u16 new_flow(struct flow_key *ck, const struct pkt *p, 
 			port = bpf_htons(NAT_PORT_MIN + (h + i * 7919) % NAT_PORT_RANGE);
 		gk.remote_port = port;
 		if (port_free(&gk, ck->remote_port, nat, now)) {
-			struct flow f = {.last_ns = now, .remote_port = ck->remote_port, .nat = nat, .closing = closing_flags(p)};
+			struct flow f = {.last_ns = now, .remote_port = ck->remote_port, .nat = nat, .closing = tcp_closes(p->proto, p->tcp_flags)};
 			if (bpf_map_update_elem(&flows, &gk, &f, BPF_ANY) ||
 			    bpf_map_update_elem(&nat_ports, ck, &port, BPF_ANY))
 				return 0;
@@ -147,6 +148,45 @@ static __always_inline int is_icmp_error(struct __sk_buff *skb, const struct pkt
 	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
 }
 
+/* quote_ports reads the ports of a quoted packet's first 8 L4 bytes l4
+ * (protocol proto) into *sport, *dport as the parsers give them: TCP and
+ * UDP ports; for an ICMP echo of type echo_req or echo_reply (icmp_proto:
+ * ICMP or ICMPv6), the id as the requester's port; else 0. */
+static __always_inline void quote_ports(__u8 proto, const __u8 *l4, __u8 icmp_proto, __u8 echo_req, __u8 echo_reply,
+					__u16 *sport, __u16 *dport)
+{
+	__u16 w[3];
+	__builtin_memcpy(w, l4, sizeof(w));
+	*sport = 0;
+	*dport = 0;
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		*sport = w[0];
+		*dport = w[1];
+	} else if (proto == icmp_proto && l4[0] == echo_req) {
+		*sport = w[2];
+	} else if (proto == icmp_proto && l4[0] == echo_reply) {
+		*dport = w[2];
+	}
+}
+
+/* quote_udp_csum fixes the checksum of a quoted UDP header rewritten from
+ * l4 to n (its first 8 bytes; n's port words already new) whose pseudo-
+ * header address changed by addr_diff (bpf_csum_diff of old and new
+ * address). A zero checksum (none, IPv4) stays zero. */
+static __always_inline void quote_udp_csum(__s64 addr_diff, const __u8 *l4, __u8 *n)
+{
+	if (!(l4[6] | l4[7]))
+		return;
+	__s64 d = bpf_csum_diff((__be32 *)&l4[0], 4, (__be32 *)&n[0], 4, (__wsum)addr_diff);
+	__u16 c;
+	__builtin_memcpy(&c, &l4[6], 2);
+	__u64 sum = (__u32)d + (__u64)(__u16)~c;
+	c = csum_fold((__u32)((sum & 0xffff) + (sum >> 16)));
+	if (c == 0)
+		c = 0xffff;
+	__builtin_memcpy(&n[6], &c, 2);
+}
+
 /* load_quote reads the quoted packet of ICMP error p into q and its ports
  * into *sport, *dport (TCP, UDP; ICMP echo as parse_ipv4 gives them).
  * Returns 0 if the quote is a whole 20-byte IPv4 header and 8 bytes. */
@@ -154,14 +194,7 @@ static __always_inline int load_quote(struct __sk_buff *skb, struct icmp_quote *
 {
 	if (bpf_skb_load_bytes(skb, QUOTE_OFF, q, sizeof(*q)) || q->ip.version != 4 || q->ip.ihl != 5)
 		return -1;
-	*sport = 0;
-	*dport = 0;
-	if (q->ip.protocol == IPPROTO_TCP || q->ip.protocol == IPPROTO_UDP) {
-		__builtin_memcpy(sport, &q->l4[0], 2);
-		__builtin_memcpy(dport, &q->l4[2], 2);
-	} else if (q->ip.protocol == IPPROTO_ICMP && (q->l4[0] == ICMP_ECHO || q->l4[0] == ICMP_ECHOREPLY)) {
-		__builtin_memcpy(q->l4[0] == ICMP_ECHO ? sport : dport, &q->l4[4], 2);
-	}
+	quote_ports(q->ip.protocol, q->l4, IPPROTO_ICMP, ICMP_ECHO, ICMP_ECHOREPLY, sport, dport);
 	return 0;
 }
 
@@ -183,18 +216,8 @@ static __always_inline int xlate_quote(struct __sk_buff *skb, struct icmp_quote 
 		__builtin_memcpy(&n.l4[addr_is_src ? 2 : 0], &port, 2);
 	n.ip.check = 0;
 	n.ip.check = ipv4_csum(&n.ip);
-	if (q->ip.protocol == IPPROTO_UDP && (q->l4[6] | q->l4[7])) {
-		/* pseudo-header address and the port word */
-		__s64 d = bpf_csum_diff(&from_addr, 4, &addr, 4, 0);
-		d = bpf_csum_diff((__be32 *)&q->l4[0], 4, (__be32 *)&n.l4[0], 4, (__wsum)d);
-		__u16 c;
-		__builtin_memcpy(&c, &q->l4[6], 2);
-		__u64 sum = (__u32)d + (__u64)(__u16)~c;
-		c = csum_fold((__u32)((sum & 0xffff) + (sum >> 16)));
-		if (c == 0)
-			c = 0xffff;
-		__builtin_memcpy(&n.l4[6], &c, 2);
-	}
+	if (q->ip.protocol == IPPROTO_UDP)
+		quote_udp_csum(bpf_csum_diff(&from_addr, 4, &addr, 4, 0), q->l4, n.l4);
 	__s64 diff = bpf_csum_diff((__be32 *)q, sizeof(*q), (__be32 *)&n, sizeof(n), 0);
 	if (diff < 0 || bpf_l4_csum_replace(skb, L4_OFF + offsetof(struct icmphdr, checksum), 0, diff, 0) ||
 	    bpf_skb_store_bytes(skb, QUOTE_OFF, &n, sizeof(n), 0))

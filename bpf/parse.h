@@ -56,6 +56,28 @@ struct pkt {
 #define TCP_FLAG_ACK_ 0x10
 #define L4_OFF (ETH_HLEN_ + IPV4_HLEN)
 
+/* parse_ports reads the ports (network order) and, for TCP, the flags
+ * byte of the TCP or UDP header at l4 (proto says which). Returns 0 if the
+ * header is truncated. Both families' parsers use it. */
+static __always_inline int parse_ports(void *l4, void *data_end, __u8 proto, __u16 *sport, __u16 *dport, __u8 *tcp_flags)
+{
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end)
+			return 0;
+		*sport = th->source;
+		*dport = th->dest;
+		*tcp_flags = ((__u8 *)th)[13];
+		return 1;
+	}
+	struct udphdr *uh = l4;
+	if ((void *)(uh + 1) > data_end)
+		return 0;
+	*sport = uh->source;
+	*dport = uh->dest;
+	return 1;
+}
+
 /* parse_ipv4 reads the IPv4 packet after the Ethernet header.
  * Returns 1 for a packet the datapath may rewrite: IPv4, no IP options, not
  * truncated; a fragment after the first has no ports (has_ports 0, frag
@@ -91,20 +113,9 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->frag = (fo & 0x1fff) ? FRAG_LATER : (fo & 0x2000) ? FRAG_FIRST : FRAG_NONE;
 	if (p->frag == FRAG_LATER)
 		return 1;
-	if (ip->protocol == IPPROTO_TCP) {
-		struct tcphdr *th = (void *)(ip + 1);
-		if ((void *)(th + 1) > data_end)
+	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) {
+		if (!parse_ports(ip + 1, data_end, ip->protocol, &p->sport, &p->dport, &p->tcp_flags))
 			return 0;
-		p->sport = th->source;
-		p->dport = th->dest;
-		p->tcp_flags = ((__u8 *)th)[13];
-		p->has_ports = 1;
-	} else if (ip->protocol == IPPROTO_UDP) {
-		struct udphdr *uh = (void *)(ip + 1);
-		if ((void *)(uh + 1) > data_end)
-			return 0;
-		p->sport = uh->source;
-		p->dport = uh->dest;
 		p->has_ports = 1;
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr *ih = (void *)(ip + 1);

@@ -1,13 +1,9 @@
 package datapath_test
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -27,80 +23,6 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// data returns n deterministic pseudo-random bytes.
-func data(n int) []byte {
-	r := rand.New(rand.NewPCG(1, 2))
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(r.Uint32())
-	}
-	return b
-}
-
-func sum(b []byte) string { h := sha256.Sum256(b); return hex.EncodeToString(h[:]) }
-
-// serveVM runs, inside the stand-in VM: 9000 upload (replies with the
-// sha256 of what it read), 9001 download (sends the bytes paced at ~2 MB/s),
-// 9002 line echo.
-func serveVM(t *testing.T, ns string, payload []byte) {
-	t.Helper()
-	var lns []net.Listener
-	for _, p := range []string{":9000", ":9001", ":9002"} {
-		ln, err := netns.Listen(ns, "tcp", p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		lns = append(lns, ln)
-	}
-	t.Cleanup(func() {
-		for _, ln := range lns {
-			ln.Close()
-		}
-	})
-	handlers := []func(net.Conn){
-		func(c net.Conn) {
-			h := sha256.New()
-			io.Copy(h, c)
-			fmt.Fprintf(c, "%x %s\n", h.Sum(nil), c.RemoteAddr())
-		},
-		func(c net.Conn) {
-			for off := 0; off < len(payload); off += 64 << 10 {
-				if _, err := c.Write(payload[off:min(off+64<<10, len(payload))]); err != nil {
-					return
-				}
-				time.Sleep(32 * time.Millisecond)
-			}
-		},
-		func(c net.Conn) { io.Copy(c, c) },
-	}
-	for i, ln := range lns {
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() { defer c.Close(); handlers[i](c) }()
-			}
-		}()
-	}
-}
-
-func echo(c net.Conn, msg string) error {
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := fmt.Fprintln(c, msg); err != nil {
-		return err
-	}
-	got := make([]byte, len(msg)+1)
-	if _, err := io.ReadFull(c, got); err != nil {
-		return err
-	}
-	if string(got) != msg+"\n" {
-		return fmt.Errorf("echo: got %q", got)
-	}
-	return nil
-}
-
 // hostDatapath loads and attaches the datapath on host's uplink.
 func hostDatapath(t *testing.T, l *lab.Lab, host string, local netip.Addr) *datapath.Datapath {
 	t.Helper()
@@ -115,6 +37,22 @@ func hostDatapath(t *testing.T, l *lab.Lab, host string, local netip.Addr) *data
 	return dp
 }
 
+// tunnelUp loads the datapath on both hosts and opens a tunnel between
+// them for the stand-in VM, its redirect at host A still off (the
+// migrator's state before the switch).
+func tunnelUp(t *testing.T, l *lab.Lab, vm *lab.NSVM) (dpA, dpB *datapath.Datapath, token uint64) {
+	t.Helper()
+	dpA = hostDatapath(t, l, lab.SiteA, lab.HostA)
+	dpB = hostDatapath(t, l, lab.SiteB, lab.HostB)
+	token, err := datapath.NewToken()
+	must(t, err)
+	toA, toB := datapath.Tunnel{Peer: lab.HostA, Token: token}, datapath.Tunnel{Peer: lab.HostB, Token: token}
+	must(t, dpA.SetPeer(toB, true))
+	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
+	must(t, dpB.SetPeer(toA, true))
+	return dpA, dpB, token
+}
+
 // TestContinuityAcrossMove: connections made to the VM's old address before
 // it moved keep working after it moved to site B (including bulk transfers
 // with full-size packets in flight at the switch), new connections to the
@@ -127,46 +65,14 @@ func TestContinuityAcrossMove(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	payload := data(8 << 20)
-	serveVM(t, vm.NS, payload)
+	payload := labtest.Payload(8 << 20)
+	labtest.ServeNSVM(t, vm.NS, payload)
 
-	dpA := hostDatapath(t, l, lab.SiteA, lab.HostA)
-	dpB := hostDatapath(t, l, lab.SiteB, lab.HostB)
-	token, err := datapath.NewToken()
-	must(t, err)
-	toA, toB := datapath.Tunnel{Peer: lab.HostA, Token: token}, datapath.Tunnel{Peer: lab.HostB, Token: token}
-	must(t, dpA.SetPeer(toB, true))
-	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
-	must(t, dpB.SetPeer(toA, true))
+	dpA, dpB, token := tunnelUp(t, l, vm)
+	toB := datapath.Tunnel{Peer: lab.HostB, Token: token}
 
-	old := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(lab.OldIP, port) }
 	// Before the move: an echo connection and two bulk transfers under way.
-	ec, err := l.DialTCP(ctx, lab.Client, old(9002))
-	must(t, err)
-	defer ec.Close()
-	must(t, echo(ec, "before"))
-	up, err := l.DialTCP(ctx, lab.Client, old(9000))
-	must(t, err)
-	down, err := l.DialTCP(ctx, lab.Client, old(9001))
-	must(t, err)
-	upDone := make(chan error, 1)
-	go func() {
-		for off := 0; off < len(payload); off += 64 << 10 {
-			if _, err := up.Write(payload[off:min(off+64<<10, len(payload))]); err != nil {
-				upDone <- err
-				return
-			}
-			time.Sleep(32 * time.Millisecond)
-		}
-		up.(*net.TCPConn).CloseWrite()
-		upDone <- nil
-	}()
-	downDone := make(chan []byte, 1)
-	go func() {
-		down.SetDeadline(time.Now().Add(60 * time.Second))
-		b, _ := io.ReadAll(down)
-		downDone <- b
-	}()
+	tr := labtest.StartTransfers(t, l, payload, 60*time.Second)
 	time.Sleep(1500 * time.Millisecond)
 
 	// The move, in the order the migrator uses: the new host is ready before
@@ -183,63 +89,8 @@ func TestContinuityAcrossMove(t *testing.T) {
 	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, true))
 	t.Logf("switched in %s", time.Since(switchAt).Round(time.Microsecond))
 
-	must(t, echo(ec, "after the move"))
-	must(t, <-upDone)
-	up.SetReadDeadline(time.Now().Add(30 * time.Second))
-	line, err := io.ReadAll(up)
-	must(t, err)
-	if !strings.HasPrefix(string(line), sum(payload)+" "+lab.ClientIP.String()+":") {
-		t.Errorf("upload across the move: server saw %q, want sha %s from the client", line, sum(payload)[:12])
-	}
-	if got := <-downDone; !bytes.Equal(got, payload) {
-		t.Errorf("download across the move: %d bytes, sha %s, want %d bytes sha %s", len(got), sum(got)[:12], len(payload), sum(payload)[:12])
-	}
-
-	// The router forgets the old address's MAC: host A answers ARP for it now.
-	netns.Run(ctx, l.NS(lab.WAN), "ip", "neigh", "flush", lab.OldIP.String())
-	nc, err := l.DialTCP(ctx, lab.Client, old(9002))
-	must(t, err)
-	must(t, echo(nc, "new connection to the old address"))
-	nc.Close()
-
-	// The new address, both ways: the client sees new_ip as its peer, the VM
-	// sees the client's own address.
-	nu, err := l.DialTCP(ctx, lab.Client, netip.AddrPortFrom(lab.NewIP, 9000))
-	must(t, err)
-	if ra := nu.RemoteAddr().(*net.TCPAddr); !ra.IP.Equal(net.IP(lab.NewIP.AsSlice())) {
-		t.Errorf("client's peer %s, want %s", ra, lab.NewIP)
-	}
-	nu.Write([]byte("hello"))
-	nu.(*net.TCPConn).CloseWrite()
-	nu.SetReadDeadline(time.Now().Add(10 * time.Second))
-	line, _ = io.ReadAll(nu)
-	nu.Close()
-	if !strings.HasPrefix(string(line), sum([]byte("hello"))+" "+lab.ClientIP.String()+":") {
-		t.Errorf("via new ip: %q", line)
-	}
-	// The VM's own new connection leaves from new_ip.
-	var seen string
-	ln, err := netns.Listen(l.NS(lab.Client), "tcp", ":9100")
-	must(t, err)
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			seen = c.RemoteAddr().(*net.TCPAddr).IP.String()
-			c.Close()
-		}
-	}()
-	must(t, netns.Do(vm.NS, func() error {
-		c, err := net.DialTimeout("tcp", lab.ClientIP.String()+":9100", 5*time.Second)
-		if err == nil {
-			time.Sleep(200 * time.Millisecond)
-			c.Close()
-		}
-		return err
-	}))
-	if seen != lab.NewIP.String() {
-		t.Errorf("VM's outbound connection arrived from %q, want %s", seen, lab.NewIP)
-	}
+	tr.Check(t)
+	labtest.CheckAddressesAfterMove(t, l, vm)
 
 	ca, _ := dpA.Stats(lab.OldIP)
 	cb, _ := dpB.Stats(lab.OldIP)
@@ -337,7 +188,7 @@ func TestSharedTuples(t *testing.T) {
 	ctx := context.Background()
 	vm, err := l.StartNSVM(ctx)
 	must(t, err)
-	serveVM(t, vm.NS, nil)
+	labtest.ServeNSVM(t, vm.NS, nil)
 	// 9003: says who called, then closes first (the VM's socket goes to TIME_WAIT).
 	ln, err := netns.Listen(vm.NS, "tcp", ":9003")
 	must(t, err)
@@ -353,14 +204,7 @@ func TestSharedTuples(t *testing.T) {
 		}
 	}()
 
-	dpA := hostDatapath(t, l, lab.SiteA, lab.HostA)
-	dpB := hostDatapath(t, l, lab.SiteB, lab.HostB)
-	token, err := datapath.NewToken()
-	must(t, err)
-	toA, toB := datapath.Tunnel{Peer: lab.HostA, Token: token}, datapath.Tunnel{Peer: lab.HostB, Token: token}
-	must(t, dpA.SetPeer(toB, true))
-	must(t, dpA.SetRedirect(lab.OldIP, toB, vm.MAC, false))
-	must(t, dpB.SetPeer(toA, true))
+	dpA, dpB, token := tunnelUp(t, l, vm)
 
 	// call9003 connects from port p to addr:9003 and returns what the VM
 	// saw as the caller (it closes first: its socket goes to TIME_WAIT).
@@ -386,24 +230,24 @@ func TestSharedTuples(t *testing.T) {
 	}
 
 	const port = 47007
-	oldC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.OldIP, 9002))
+	oldC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.OldIP, labtest.EchoPort))
 	must(t, err)
 	defer oldC.Close()
-	must(t, echo(oldC, "before the move"))
+	must(t, labtest.Echo(oldC, "before the move"))
 	moveNSVM(t, l, vm, dpA, dpB, token)
 	moved, err := datapath.MoveFlows(dpA, dpB, lab.OldIP)
 	must(t, err)
 	t.Logf("%d flows moved from host A to host B", moved)
-	must(t, echo(oldC, "after the move"))
+	must(t, labtest.Echo(oldC, "after the move"))
 
-	newC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.NewIP, 9002))
+	newC, err := dialFrom(l.NS(lab.Client), port, netip.AddrPortFrom(lab.NewIP, labtest.EchoPort))
 	must(t, err)
 	defer newC.Close()
 	for end, i := time.Now().Add(10*time.Second), 0; time.Now().Before(end); i++ {
-		if err := echo(oldC, fmt.Sprintf("old %d", i)); err != nil {
+		if err := labtest.Echo(oldC, fmt.Sprintf("old %d", i)); err != nil {
 			t.Fatalf("connection to old_ip from port %d, %d after the second one opened: %v", port, i, err)
 		}
-		if err := echo(newC, fmt.Sprintf("new %d", i)); err != nil {
+		if err := labtest.Echo(newC, fmt.Sprintf("new %d", i)); err != nil {
 			t.Fatalf("connection to new_ip from port %d: %v", port, err)
 		}
 		time.Sleep(100 * time.Millisecond)
