@@ -216,6 +216,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 				DestWAN:    netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String(),
 				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
 				SourceSock: filepath.Join(dir, "nbd.sock"),
+				Tuning:     storage.WANTuning{Pacing: spec.Limits.DiskPacing, Congestion: spec.Limits.DiskCongestion},
 			},
 			Log: log,
 		},
@@ -230,8 +231,9 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
 		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
 			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline},
-		SourceQMP: spec.VM.QMPSocket,
-		Log:       log,
+		SourceQMP:  spec.VM.QMPSocket,
+		NoRedirect: !spec.Network.Redirect,
+		Log:        log,
 	}
 	if len(adopted.Disks) != 1 {
 		return nil, cleanup, fmt.Errorf("migration.vm: the VM has disks %v; vmhop moves a VM with one", adopted.Disks)
@@ -247,6 +249,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			DialSource: dialer.DialContext,
 			TLS:        streamTLS,
 			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String(),
+			Tuning:     storage.WANTuning{Pacing: spec.Limits.DiskPacing, Congestion: spec.Limits.DiskCongestion},
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
 		}}

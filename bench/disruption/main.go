@@ -5,10 +5,15 @@
 //
 //   - freeze-and-copy: stop the VM, copy its disk's data over the WAN, boot
 //     it at site B on the new address, flip DNS;
-//   - live-dns-only: live migration and the DNS flip, without the redirect;
+//   - live-dns-only: live migration and the DNS flip, without the redirect
+//     (the spec's network.redirect: false);
 //   - vmhop-ebpf: live migration, the eBPF redirect, the DNS flip;
 //   - vmhop-userspace: the same with the userspace fallback redirect
-//     (labrun.RedirectUserspace: a WireGuard tunnel, no BPF).
+//     (both vmhopd with datapath userspace: a WireGuard tunnel, no BPF).
+//
+// The live modes go through the product: a vmhopd per site, the spec
+// handed to site A's (labrun.MigrateWith). A mode may carry levers:
+// BASE[@BUDGET][+pacing=on|off][+cc=NAME] (see modeSpec).
 //
 // The load (labrun.Load): persistent echo connections at 100 Hz, a new
 // HTTP connection by DNS name every 50 ms, ICMP every 10 ms, one bulk
@@ -125,7 +130,7 @@ func parse() (*scenario, error) {
 		return nil, fmt.Errorf("-repeats %d: want at least 1", sc.Repeats)
 	}
 	for _, m := range strings.Split(flags.modes, ",") {
-		if _, _, err := splitMode(m); err != nil {
+		if _, err := parseMode(m); err != nil {
 			return nil, fmt.Errorf("-modes: %w", err)
 		}
 		sc.Modes = append(sc.Modes, m)
@@ -156,7 +161,8 @@ func (sc *scenario) describe() Scenario {
 	a := sc.Links[lab.SiteA]
 	return Scenario{Name: sc.Name, Repeats: sc.Repeats, GuestRAMMiB: sc.RAMMiB, DiskMiB: int64(sc.Disk) >> 20, DiskDataMiB: int64(sc.Fill) >> 20,
 		SiteLinkBitS: float64(sc.Rate), SiteRTTMs: float64(4*a.Delay) / float64(time.Millisecond),
-		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, EchoConns: sc.Conns, EchoEveryMs: 10, HTTPEveryMs: 50, PingEveryMs: 10,
+		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, DiskPacing: sc.Spec.Limits.DiskPacing, DiskCongestion: sc.Spec.Limits.DiskCongestion,
+		Daemons: "the live modes through two vmhopd processes (one per site, own config, mutual TLS), as `vmhop migrate` runs them", EchoConns: sc.Conns, EchoEveryMs: 10, HTTPEveryMs: 50, PingEveryMs: 10,
 		BulkRateBytesS: sc.BulkRate, ClientGiveUpMs: float64(sc.GiveUp) / float64(time.Millisecond),
 		DownTimeLimitMs: float64(sc.Spec.Limits.Downtime) / float64(time.Millisecond), DiskRecordsPerS: 20, VMsMovedAtOnce: 1,
 		SpecFile: sc.SpecFile, DiskStorageMode: sc.Spec.Storage.Mode, CaptureFilter: captureFilter,
@@ -176,6 +182,19 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	if os.Getenv("VMHOPD") == "" {
+		// One vmhopd for every lab of the run (labrun would build one per lab).
+		tmp, err := os.MkdirTemp("", "vmhop-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(tmp)
+		bin := filepath.Join(tmp, "vmhopd")
+		if out, err := exec.Command("go", "build", "-o", bin, "github.com/vmhop/vmhop/cmd/vmhopd").CombinedOutput(); err != nil {
+			return fmt.Errorf("build vmhopd: %w: %s", err, out)
+		}
+		os.Setenv("VMHOPD", bin)
+	}
 	if flags.scale {
 		return scaling(sc)
 	}
@@ -188,15 +207,11 @@ func run() error {
 	byMode := map[string]*ModeResult{}
 	for _, mi := range modeInfo {
 		for _, m := range sc.Modes {
-			base, budget, _ := splitMode(m)
-			if base != mi.name {
+			ms, _ := parseMode(m)
+			if ms.base != mi.name {
 				continue
 			}
-			what := mi.what
-			if budget > 0 {
-				what += fmt.Sprintf("; migration budget %s instead of the spec's", budget)
-			}
-			res.Modes = append(res.Modes, ModeResult{Mode: m, What: what, Available: true})
+			res.Modes = append(res.Modes, ModeResult{Mode: m, What: mi.what + ms.describe()})
 		}
 	}
 	for i := range res.Modes {
@@ -208,9 +223,6 @@ func run() error {
 	for rep := 1; rep <= sc.Repeats; rep++ {
 		for i := range res.Modes {
 			m := &res.Modes[i]
-			if !m.Available {
-				continue
-			}
 			fmt.Fprintf(os.Stderr, "== %s, run %d of %d (%s since start)\n", m.Mode, rep, sc.Repeats, time.Since(t0).Round(time.Second))
 			r, err := runOne(context.Background(), sc, m.Mode, rep, dir, log)
 			if err != nil {
@@ -274,14 +286,13 @@ func plots(dir string, res *Results) error {
 func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string, log *slog.Logger) (RunResult, error) {
 	r := RunResult{Repeat: rep, Metrics: map[string]float64{}}
 	var redirect labrun.Redirect
-	base, budget, err := splitMode(mode)
+	ms, err := parseMode(mode)
 	if err != nil {
 		return r, err
 	}
 	spec := *sc.Spec
-	if budget > 0 {
-		spec.Limits.Bandwidth = budget
-	}
+	ms.apply(&spec)
+	base := ms.base
 	switch base {
 	case modeDNSOnly:
 		redirect = labrun.RedirectNone
@@ -349,29 +360,87 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 	return r, merr
 }
 
-// splitMode splits a mode "BASE" or "BASE@BUDGET" (a live mode with the
-// migration's bandwidth budget set to BUDGET, e.g. vmhop-ebpf@70mbit:
-// how much the migration yields to the VM's own traffic).
-func splitMode(m string) (string, units.Bitrate, error) {
-	base, b, hasBudget := strings.Cut(m, "@")
+// modeSpec is a mode as -modes names it: BASE[@BUDGET][+pacing=on|off]
+// [+cc=NAME]: a live mode with the migration's budget set to BUDGET
+// (e.g. vmhop-ebpf@70mbit), the disk stream's kernel pacing on or off
+// (limits.disk_pacing), its TCP congestion control (limits.disk_congestion;
+// "default" is the host's). Side by side, what makes the migration yield
+// to the VM's own traffic.
+type modeSpec struct {
+	base   string
+	budget units.Bitrate // 0: the spec's
+	pacing string        // "", "on", "off"
+	cc     string        // "": the spec's; "default": the host's
+}
+
+func parseMode(m string) (modeSpec, error) {
+	parts := strings.Split(m, "+")
+	head, levers := parts[0], parts[1:]
+	base, b, hasBudget := strings.Cut(head, "@")
+	ms := modeSpec{base: base}
 	known := false
 	for _, mi := range modeInfo {
 		known = known || mi.name == base
 	}
 	if !known {
-		return "", 0, fmt.Errorf("unknown mode %q", base)
+		return ms, fmt.Errorf("unknown mode %q", base)
 	}
-	if !hasBudget {
-		return base, 0, nil
+	if base == modeFreeze && (hasBudget || len(levers) > 0) {
+		return ms, fmt.Errorf("mode %q: freeze-and-copy has no budget or disk stream levers", m)
 	}
-	if base == modeFreeze {
-		return "", 0, fmt.Errorf("mode %q: freeze-and-copy has no budget", m)
+	if hasBudget {
+		budget, err := units.ParseBitrate(b)
+		if err != nil || budget <= 0 {
+			return ms, fmt.Errorf("mode %q: budget: %v", m, err)
+		}
+		ms.budget = budget
 	}
-	budget, err := units.ParseBitrate(b)
-	if err != nil || budget <= 0 {
-		return "", 0, fmt.Errorf("mode %q: budget: %v", m, err)
+	for _, l := range levers {
+		k, v, _ := strings.Cut(l, "=")
+		switch {
+		case k == "pacing" && (v == "on" || v == "off"):
+			ms.pacing = v
+		case k == "cc" && v != "":
+			ms.cc = v
+		default:
+			return ms, fmt.Errorf("mode %q: lever %q: want pacing=on|off or cc=NAME", m, l)
+		}
 	}
-	return base, budget, nil
+	return ms, nil
+}
+
+// apply changes spec as the mode says.
+func (ms modeSpec) apply(spec *config.Migration) {
+	if ms.budget > 0 {
+		spec.Limits.Bandwidth = ms.budget
+	}
+	if ms.pacing != "" {
+		spec.Limits.DiskPacing = ms.pacing == "on"
+	}
+	switch ms.cc {
+	case "":
+	case "default":
+		spec.Limits.DiskCongestion = ""
+	default:
+		spec.Limits.DiskCongestion = ms.cc
+	}
+}
+
+// describe is what the mode changes, for the modes' list ("" if nothing).
+func (ms modeSpec) describe() string {
+	var s string
+	if ms.budget > 0 {
+		s += fmt.Sprintf("; migration budget %s instead of the spec's", ms.budget)
+	}
+	if ms.pacing != "" {
+		s += "; disk stream kernel pacing " + ms.pacing
+	}
+	if ms.cc == "default" {
+		s += "; disk stream congestion control: the host's default"
+	} else if ms.cc != "" {
+		s += "; disk stream congestion control " + ms.cc
+	}
+	return s
 }
 
 // live is a live migration's outcome as a run.
