@@ -217,12 +217,14 @@ type Limits struct {
 	MaxIterations int `key:"max_iterations" unit:"passes"`
 	// AutoConverge lets the hypervisor throttle the guest's CPU when it dirties memory too fast.
 	AutoConverge bool `key:"auto_converge"`
-	// DiskPacing (default true) has the kernel pace the disk stream's WAN
-	// socket at the bandwidth budget (SO_MAX_PACING_RATE; TCP's internal
-	// pacing, no fq needed): the copy leaves the host evenly instead of in
-	// line-rate bursts that fill the uplink's queue in front of the VM's
-	// own packets (storage.qemu's relay and the chunked engine).
-	DiskPacing bool `key:"disk_pacing"`
+	// DiskPacing is how the kernel paces the disk stream's WAN socket
+	// (storage.qemu's relay and the chunked engine; SO_MAX_PACING_RATE,
+	// TCP's internal pacing, no fq needed): "off" (the budget's token
+	// bucket alone: each window leaves at line rate, a burst that fills the
+	// uplink's queue in front of the VM's own packets), "budget" (evenly
+	// at the budget), or "yield" (at the budget while the path's queue
+	// stays under 10 ms, lower while it grows: a delay-based scavenger).
+	DiskPacing string `key:"disk_pacing"`
 	// DiskCongestion is the TCP congestion control of the disk stream's
 	// WAN socket ("bbr", "cubic", "reno", ... as the source host's kernel
 	// offers them: /proc/sys/net/ipv4/tcp_available_congestion_control);
@@ -268,7 +270,7 @@ func DefaultMigration() Migration {
 			Deadline:      30 * time.Minute,
 			MaxIterations: 30,
 			AutoConverge:  true,
-			DiskPacing:    true,
+			DiskPacing:    "yield",
 		},
 		Storage: Storage{Mode: "qemu", ChunkSize: units.MiB, FinalDelta: 16 * units.MiB, MaxRounds: 10},
 		Health:  Health{HTTPPort: 80, Deadline: 30 * time.Second},

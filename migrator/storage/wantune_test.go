@@ -5,6 +5,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
@@ -52,7 +53,7 @@ func TestWANTuningSetsSocket(t *testing.T) {
 	}
 	c := loopbackConn(t)
 	limit := rate.NewLimiter(rate.Limit(11_250_000), 256<<10) // 90 Mbit/s
-	if err := (WANTuning{Pacing: true, Congestion: "reno"}).apply(c, limit); err != nil {
+	if err := (WANTuning{Pacing: PacingBudget, Congestion: "reno"}).apply(c, limit); err != nil {
 		t.Fatal(err)
 	}
 	cc, pacing := sockopts(t, c)
@@ -69,9 +70,10 @@ func TestWANTuningOff(t *testing.T) {
 		t     WANTuning
 		limit *rate.Limiter
 	}{
-		{"pacing off", WANTuning{}, rate.NewLimiter(1e6, 1<<16)},
-		{"no limiter", WANTuning{Pacing: true}, nil},
-		{"unlimited", WANTuning{Pacing: true}, rate.NewLimiter(rate.Inf, 0)},
+		{"pacing unset", WANTuning{}, rate.NewLimiter(1e6, 1<<16)},
+		{"pacing off", WANTuning{Pacing: PacingOff}, rate.NewLimiter(1e6, 1<<16)},
+		{"no limiter", WANTuning{Pacing: PacingBudget}, nil},
+		{"unlimited", WANTuning{Pacing: PacingYield}, rate.NewLimiter(rate.Inf, 0)},
 	} {
 		c := loopbackConn(t)
 		before, _ := sockopts(t, c)
@@ -95,5 +97,46 @@ func TestWANTuningUnknownCongestion(t *testing.T) {
 	}
 	if !refused(err) {
 		t.Fatal("a refused socket option is retried")
+	}
+}
+
+// TestWANTuningYieldStartsAtBudget: the yielding pacer starts at the
+// budget; on an idle loopback connection (no queue) it stays there.
+func TestWANTuningYieldStartsAtBudget(t *testing.T) {
+	c := loopbackConn(t)
+	if err := (WANTuning{Pacing: PacingYield}).apply(c, rate.NewLimiter(rate.Limit(1_000_000), 1<<16)); err != nil {
+		t.Fatal(err)
+	}
+	if _, pacing := sockopts(t, c); pacing != 1_020_000 {
+		t.Fatalf("pacing %d bytes/s, want 1020000", pacing)
+	}
+	time.Sleep(3 * yieldEvery)
+	if _, pacing := sockopts(t, c); pacing != 1_020_000 {
+		t.Fatalf("pacing after %s: %d bytes/s, want 1020000", 3*yieldEvery, pacing)
+	}
+}
+
+// TestYieldStep: over the target queueing delay the rate falls by a fifth
+// (not under a tenth of the budget); under half the target it climbs by a
+// sixteenth of the budget (not over it); in between it holds.
+func TestYieldStep(t *testing.T) {
+	ms := time.Millisecond
+	const budget = 1600.0
+	for _, tc := range []struct {
+		rate         float64
+		srtt, minRTT time.Duration
+		want         float64
+	}{
+		{1600, 40 * ms, 40 * ms, 1600}, // no queue, at the budget: stays
+		{1000, 41 * ms, 40 * ms, 1100}, // no queue: a sixteenth more
+		{1550, 42 * ms, 40 * ms, 1600}, // ...not over the budget
+		{1600, 51 * ms, 40 * ms, 1280}, // 11 ms queue: a fifth less
+		{170, 90 * ms, 40 * ms, 160},   // ...not under a tenth of the budget
+		{1000, 47 * ms, 40 * ms, 1000}, // 7 ms: between half the target and the target: holds
+		{1000, 50 * ms, 40 * ms, 1000}, // exactly the target: holds
+	} {
+		if got := yieldStep(tc.rate, budget, tc.srtt, tc.minRTT); got != tc.want {
+			t.Errorf("rate %.0f, srtt %s, min %s: %.1f, want %.0f", tc.rate, tc.srtt, tc.minRTT, got, tc.want)
+		}
 	}
 }
