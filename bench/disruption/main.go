@@ -13,7 +13,7 @@
 //
 // The live modes go through the product: a vmhopd per site, the spec
 // handed to site A's (labrun.MigrateWith). A mode may carry levers:
-// BASE[@BUDGET][+pacing=on|off][+cc=NAME] (see modeSpec).
+// BASE[@BUDGET][+pacing=off|budget|yield][+cc=NAME] (see modeSpec).
 //
 // The load (labrun.Load): persistent echo connections at 100 Hz, a new
 // HTTP connection by DNS name every 50 ms, ICMP every 10 ms, one bulk
@@ -44,6 +44,7 @@ import (
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/labrun"
 	"github.com/vmhop/vmhop/internal/units"
+	"github.com/vmhop/vmhop/migrator/storage"
 )
 
 // captureFilter is what the client's capture keeps: the echo connections,
@@ -68,6 +69,7 @@ type scenario struct {
 	Rate        units.Bitrate
 	RAMMiB      int
 	Conns       int
+	EchoEvery   time.Duration // each echo connection's interval; 0 is 10 ms
 	BulkRate    int64
 	GiveUp      time.Duration
 	Repeats     int
@@ -150,11 +152,18 @@ func parse() (*scenario, error) {
 // load is the client load every mode runs under.
 func (sc *scenario) load(l *lab.Lab, addr netip.Addr, spec *config.Migration) *labrun.Load {
 	return &labrun.Load{L: l, Addr: addr, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
-		Conns: sc.Conns, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+		Conns: sc.Conns, EchoEvery: sc.EchoEvery, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+}
+
+func (sc *scenario) echoEvery() time.Duration {
+	if sc.EchoEvery > 0 {
+		return sc.EchoEvery
+	}
+	return 10 * time.Millisecond
 }
 
 func (sc *scenario) shape() *labrun.Load {
-	return &labrun.Load{Conns: sc.Conns, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+	return &labrun.Load{Conns: sc.Conns, EchoEvery: sc.EchoEvery, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
 }
 
 func (sc *scenario) describe() Scenario {
@@ -162,7 +171,7 @@ func (sc *scenario) describe() Scenario {
 	return Scenario{Name: sc.Name, Repeats: sc.Repeats, GuestRAMMiB: sc.RAMMiB, DiskMiB: int64(sc.Disk) >> 20, DiskDataMiB: int64(sc.Fill) >> 20,
 		SiteLinkBitS: float64(sc.Rate), SiteRTTMs: float64(4*a.Delay) / float64(time.Millisecond),
 		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, DiskPacing: sc.Spec.Limits.DiskPacing, DiskCongestion: sc.Spec.Limits.DiskCongestion,
-		Daemons: "the live modes through two vmhopd processes (one per site, own config, mutual TLS), as `vmhop migrate` runs them", EchoConns: sc.Conns, EchoEveryMs: 10, HTTPEveryMs: 50, PingEveryMs: 10,
+		Daemons: "the live modes through two vmhopd processes (one per site, own config, mutual TLS), as `vmhop migrate` runs them", EchoConns: sc.Conns, EchoEveryMs: float64(sc.echoEvery()) / float64(time.Millisecond), HTTPEveryMs: 50, PingEveryMs: 10,
 		BulkRateBytesS: sc.BulkRate, ClientGiveUpMs: float64(sc.GiveUp) / float64(time.Millisecond),
 		DownTimeLimitMs: float64(sc.Spec.Limits.Downtime) / float64(time.Millisecond), DiskRecordsPerS: 20, VMsMovedAtOnce: 1,
 		SpecFile: sc.SpecFile, DiskStorageMode: sc.Spec.Storage.Mode, CaptureFilter: captureFilter,
@@ -352,6 +361,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		}
 	}
 	d.Bulk = bulkPorts(d.View)
+	d.EchoEvery = sc.echoEvery()
 	r.Metrics = compute(d)
 	r.start = d.Start
 	for _, s := range d.Phases {
@@ -360,16 +370,16 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 	return r, merr
 }
 
-// modeSpec is a mode as -modes names it: BASE[@BUDGET][+pacing=on|off]
+// modeSpec is a mode as -modes names it: BASE[@BUDGET][+pacing=off|budget|yield]
 // [+cc=NAME]: a live mode with the migration's budget set to BUDGET
-// (e.g. vmhop-ebpf@70mbit), the disk stream's kernel pacing on or off
-// (limits.disk_pacing), its TCP congestion control (limits.disk_congestion;
+// (e.g. vmhop-ebpf@70mbit), the disk stream's kernel pacing
+// (limits.disk_pacing: off, budget, yield), its TCP congestion control (limits.disk_congestion;
 // "default" is the host's). Side by side, what makes the migration yield
 // to the VM's own traffic.
 type modeSpec struct {
 	base   string
 	budget units.Bitrate // 0: the spec's
-	pacing string        // "", "on", "off"
+	pacing string        // "": the spec's; else limits.disk_pacing
 	cc     string        // "": the spec's; "default": the host's
 }
 
@@ -398,12 +408,12 @@ func parseMode(m string) (modeSpec, error) {
 	for _, l := range levers {
 		k, v, _ := strings.Cut(l, "=")
 		switch {
-		case k == "pacing" && (v == "on" || v == "off"):
+		case k == "pacing" && (v == storage.PacingOff || v == storage.PacingBudget || v == storage.PacingYield):
 			ms.pacing = v
 		case k == "cc" && v != "":
 			ms.cc = v
 		default:
-			return ms, fmt.Errorf("mode %q: lever %q: want pacing=on|off or cc=NAME", m, l)
+			return ms, fmt.Errorf("mode %q: lever %q: want pacing=off|budget|yield or cc=NAME", m, l)
 		}
 	}
 	return ms, nil
@@ -415,7 +425,7 @@ func (ms modeSpec) apply(spec *config.Migration) {
 		spec.Limits.Bandwidth = ms.budget
 	}
 	if ms.pacing != "" {
-		spec.Limits.DiskPacing = ms.pacing == "on"
+		spec.Limits.DiskPacing = ms.pacing
 	}
 	switch ms.cc {
 	case "":
@@ -433,7 +443,7 @@ func (ms modeSpec) describe() string {
 		s += fmt.Sprintf("; migration budget %s instead of the spec's", ms.budget)
 	}
 	if ms.pacing != "" {
-		s += "; disk stream kernel pacing " + ms.pacing
+		s += "; disk stream pacing " + ms.pacing
 	}
 	if ms.cc == "default" {
 		s += "; disk stream congestion control: the host's default"

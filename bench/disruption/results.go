@@ -37,7 +37,7 @@ type Scenario struct {
 	SiteLinkBitS     float64 `json:"site_link_bit_s"`
 	SiteRTTMs        float64 `json:"site_to_site_rtt_ms"`
 	BudgetBitS       float64 `json:"migration_budget_bit_s"`
-	DiskPacing       bool    `json:"disk_pacing"`     // the spec's limits.disk_pacing (a mode's +pacing= overrides it)
+	DiskPacing       string  `json:"disk_pacing"`     // the spec's limits.disk_pacing (a mode's +pacing= overrides it)
 	DiskCongestion   string  `json:"disk_congestion"` // the spec's limits.disk_congestion ("": the host's default)
 	Daemons          string  `json:"daemons"`         // how the live modes ran
 	EchoConns        int     `json:"echo_conns"`
@@ -183,9 +183,14 @@ func (r *Results) Markdown() string {
 
 // diskStream says how the disk stream's socket yields, as the spec sets it.
 func diskStream(s Scenario) string {
-	p := "unpaced"
-	if s.DiskPacing {
+	p := "pacing " + s.DiskPacing
+	switch s.DiskPacing {
+	case "off":
+		p = "unpaced"
+	case "budget":
 		p = "paced by the kernel at the budget"
+	case "yield":
+		p = "paced at the budget, lower while the path's queue grows (yield)"
 	}
 	cc := s.DiskCongestion
 	if cc == "" {

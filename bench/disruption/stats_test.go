@@ -202,18 +202,43 @@ func TestParseMode(t *testing.T) {
 	}
 	spec := config.DefaultMigration()
 	ms.apply(&spec)
-	if spec.Limits.DiskPacing || spec.Limits.DiskCongestion != "bbr" || spec.Limits.Bandwidth != config.DefaultMigration().Limits.Bandwidth {
+	if spec.Limits.DiskPacing != "off" || spec.Limits.DiskCongestion != "bbr" || spec.Limits.Bandwidth != config.DefaultMigration().Limits.Bandwidth {
 		t.Errorf("applied: %+v", spec.Limits)
 	}
 	spec.Limits.DiskCongestion = "reno"
-	(modeSpec{base: modeEBPF, pacing: "on", cc: "default"}).apply(&spec)
-	if !spec.Limits.DiskPacing || spec.Limits.DiskCongestion != "" {
+	(modeSpec{base: modeEBPF, pacing: "budget", cc: "default"}).apply(&spec)
+	if spec.Limits.DiskPacing != "budget" || spec.Limits.DiskCongestion != "" {
 		t.Errorf("pacing on, host's congestion control: %+v", spec.Limits)
 	}
 	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "freeze-and-copy+pacing=on", "vmhop-ebpf@70mb", "vmhop-ebpf@",
-		"vmhop-ebpf+pacing=maybe", "vmhop-ebpf+cc=", "vmhop-ebpf+fq"} {
+		"vmhop-ebpf+pacing=on", "vmhop-ebpf+cc=", "vmhop-ebpf+fq"} {
 		if _, err := parseMode(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+// TestRTTMetrics: ICMP before the move is the baseline; ICMP and echo
+// from the start until the VM stopped at A are the copy's; unanswered
+// probes and later ones are left out.
+func TestRTTMetrics(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	ms := time.Millisecond
+	var s []Sample
+	s = append(s, Sample{At: t0.Add(-500 * ms), Latency: 35 * ms, Kind: "icmp"}, Sample{At: t0.Add(-2 * time.Second), Latency: 900 * ms, Kind: "icmp"})
+	for i := range 100 {
+		s = append(s, Sample{At: t0.Add(time.Duration(i) * 10 * ms), Latency: time.Duration(40+i) * ms, Kind: "icmp"},
+			Sample{At: t0.Add(time.Duration(i) * 10 * ms), Latency: time.Duration(50+i) * ms, Kind: "echo"})
+	}
+	s = append(s, Sample{At: t0.Add(500 * ms), Latency: -1, Kind: "icmp"}, Sample{At: t0.Add(2 * time.Second), Latency: 5 * time.Second, Kind: "echo"})
+	m := rttMetrics(s, t0, t0.Add(time.Second))
+	want := map[string]float64{"ping_rtt_before_ms": 35, "ping_rtt_copy_median_ms": 89, "ping_rtt_copy_p99_ms": 138, "echo_rtt_copy_p99_ms": 148}
+	for k, v := range want {
+		if m[k] != v {
+			t.Errorf("%s = %v, want %v (all: %v)", k, m[k], v, m)
+		}
+	}
+	if m := rttMetrics(nil, t0, t0.Add(time.Second)); len(m) != 0 {
+		t.Errorf("no samples: %v", m)
 	}
 }
