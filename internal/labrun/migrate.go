@@ -1,6 +1,7 @@
 package labrun
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -218,16 +219,19 @@ type Options struct {
 
 // MigrateWith is MigrateUnder with a benchmark's changes (opt), through
 // the sites' vmhopd daemons as Migrate: it starts them with the datapath
-// opt.Redirect needs if they do not run; daemons already running with
-// another datapath are an error. Out.Pcap is the client capture; out.Start
+// opt.Redirect needs if they do not run (ebpf when it names none: "" or
+// RedirectNone); daemons already running with another datapath than
+// RedirectEBPF or RedirectUserspace name are an error. Out.Pcap is the client capture; out.Start
 // is when site A's vmhopd started the migration's first phase (its
 // event's time: the phases' durations count from there). An unknown
 // option fails before the lab is touched.
 func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load, opt Options) (Outcome, error) {
 	var out Outcome
-	datapath := "ebpf"
+	datapath := "" // any: the running daemons' (ebpf if they have to be started)
 	switch opt.Redirect {
-	case "", RedirectEBPF:
+	case "":
+	case RedirectEBPF:
+		datapath = "ebpf"
 	case RedirectNone:
 		s := *spec
 		s.Network.Redirect = false
@@ -246,10 +250,10 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 		return out, err
 	}
 	if !DaemonsRunning(ctx, l) {
-		if err := StartDaemons(ctx, l, Continuity(datapath)); err != nil {
+		if err := StartDaemons(ctx, l, Continuity(cmp.Or(datapath, "ebpf"))); err != nil {
 			return out, fmt.Errorf("lab %s: start vmhopd on both sites: %w", l.Name, err)
 		}
-	} else if running := daemonsDatapath(l); running != datapath {
+	} else if running := daemonsDatapath(l); datapath != "" && running != datapath {
 		return out, fmt.Errorf("lab %s: its vmhopd run with datapath %q; redirect %q needs %q (stop them first)", l.Name, running, opt.Redirect, datapath)
 	}
 	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
