@@ -176,6 +176,8 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		Dest:       qemu.Machine{Name: destName, QMPSocket: destQMP},
 		DestArgs:   adopted.Args,
 		DestListen: netip.AddrPortFrom(spec.Destination.Address, MigrationPort),
+		Dial:       (&net.Dialer{Timeout: 10 * time.Second}).DialContext,
+		Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 		DestTaps:   []qemu.Tap{{Name: spec.Destination.Tap, Bridge: spec.Destination.Bridge}},
 		Incoming:   in,
 		// A fresh key per migration, handed over inside the start request
@@ -216,7 +218,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 				DestWAN:    netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String(),
 				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
 				SourceSock: filepath.Join(dir, "nbd.sock"),
-				Tuning:     storage.WANTuning{Pacing: spec.Limits.DiskPacing, Congestion: spec.Limits.DiskCongestion},
+				Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			},
 			Log: log,
 		},
@@ -249,7 +251,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			DialSource: dialer.DialContext,
 			TLS:        streamTLS,
 			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String(),
-			Tuning:     storage.WANTuning{Pacing: spec.Limits.DiskPacing, Congestion: spec.Limits.DiskCongestion},
+			Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
 		}}

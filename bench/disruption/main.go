@@ -170,7 +170,7 @@ func (sc *scenario) describe() Scenario {
 	a := sc.Links[lab.SiteA]
 	return Scenario{Name: sc.Name, Repeats: sc.Repeats, GuestRAMMiB: sc.RAMMiB, DiskMiB: int64(sc.Disk) >> 20, DiskDataMiB: int64(sc.Fill) >> 20,
 		SiteLinkBitS: float64(sc.Rate), SiteRTTMs: float64(4*a.Delay) / float64(time.Millisecond),
-		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, DiskPacing: sc.Spec.Limits.DiskPacing, DiskCongestion: sc.Spec.Limits.DiskCongestion,
+		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, Pacing: sc.Spec.Limits.Pacing, Congestion: sc.Spec.Limits.Congestion,
 		Daemons: "the live modes through two vmhopd processes (one per site, own config, mutual TLS), as `vmhop migrate` runs them", EchoConns: sc.Conns, EchoEveryMs: float64(sc.echoEvery()) / float64(time.Millisecond), HTTPEveryMs: 50, PingEveryMs: 10,
 		BulkRateBytesS: sc.BulkRate, ClientGiveUpMs: float64(sc.GiveUp) / float64(time.Millisecond),
 		DownTimeLimitMs: float64(sc.Spec.Limits.Downtime) / float64(time.Millisecond), DiskRecordsPerS: 20, VMsMovedAtOnce: 1,
@@ -373,13 +373,13 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 // modeSpec is a mode as -modes names it: BASE[@BUDGET][+pacing=off|budget|yield]
 // [+cc=NAME]: a live mode with the migration's budget set to BUDGET
 // (e.g. vmhop-ebpf@70mbit), the disk stream's kernel pacing
-// (limits.disk_pacing: off, budget, yield), its TCP congestion control (limits.disk_congestion;
+// (limits.pacing: off, budget, yield), its TCP congestion control (limits.congestion;
 // "default" is the host's). Side by side, what makes the migration yield
 // to the VM's own traffic.
 type modeSpec struct {
 	base   string
 	budget units.Bitrate // 0: the spec's
-	pacing string        // "": the spec's; else limits.disk_pacing
+	pacing string        // "": the spec's; else limits.pacing
 	cc     string        // "": the spec's; "default": the host's
 }
 
@@ -425,14 +425,14 @@ func (ms modeSpec) apply(spec *config.Migration) {
 		spec.Limits.Bandwidth = ms.budget
 	}
 	if ms.pacing != "" {
-		spec.Limits.DiskPacing = ms.pacing
+		spec.Limits.Pacing = ms.pacing
 	}
 	switch ms.cc {
 	case "":
 	case "default":
-		spec.Limits.DiskCongestion = ""
+		spec.Limits.Congestion = ""
 	default:
-		spec.Limits.DiskCongestion = ms.cc
+		spec.Limits.Congestion = ms.cc
 	}
 }
 

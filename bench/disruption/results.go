@@ -37,9 +37,9 @@ type Scenario struct {
 	SiteLinkBitS     float64 `json:"site_link_bit_s"`
 	SiteRTTMs        float64 `json:"site_to_site_rtt_ms"`
 	BudgetBitS       float64 `json:"migration_budget_bit_s"`
-	DiskPacing       string  `json:"disk_pacing"`     // the spec's limits.disk_pacing (a mode's +pacing= overrides it)
-	DiskCongestion   string  `json:"disk_congestion"` // the spec's limits.disk_congestion ("": the host's default)
-	Daemons          string  `json:"daemons"`         // how the live modes ran
+	Pacing           string  `json:"pacing"`     // the spec's limits.pacing (a mode's +pacing= overrides it)
+	Congestion       string  `json:"congestion"` // the spec's limits.congestion ("": the host's default)
+	Daemons          string  `json:"daemons"`    // how the live modes ran
 	EchoConns        int     `json:"echo_conns"`
 	EchoEveryMs      float64 `json:"echo_every_ms"`
 	HTTPEveryMs      float64 `json:"http_every_ms"`
@@ -183,8 +183,8 @@ func (r *Results) Markdown() string {
 
 // diskStream says how the disk stream's socket yields, as the spec sets it.
 func diskStream(s Scenario) string {
-	p := "pacing " + s.DiskPacing
-	switch s.DiskPacing {
+	p := "pacing " + s.Pacing
+	switch s.Pacing {
 	case "off":
 		p = "unpaced"
 	case "budget":
@@ -192,7 +192,7 @@ func diskStream(s Scenario) string {
 	case "yield":
 		p = "paced at the budget, lower while the path's queue grows (yield)"
 	}
-	cc := s.DiskCongestion
+	cc := s.Congestion
 	if cc == "" {
 		cc = "the host's default congestion control"
 	}

@@ -202,12 +202,12 @@ func TestParseMode(t *testing.T) {
 	}
 	spec := config.DefaultMigration()
 	ms.apply(&spec)
-	if spec.Limits.DiskPacing != "off" || spec.Limits.DiskCongestion != "bbr" || spec.Limits.Bandwidth != config.DefaultMigration().Limits.Bandwidth {
+	if spec.Limits.Pacing != "off" || spec.Limits.Congestion != "bbr" || spec.Limits.Bandwidth != config.DefaultMigration().Limits.Bandwidth {
 		t.Errorf("applied: %+v", spec.Limits)
 	}
-	spec.Limits.DiskCongestion = "reno"
+	spec.Limits.Congestion = "reno"
 	(modeSpec{base: modeEBPF, pacing: "budget", cc: "default"}).apply(&spec)
-	if spec.Limits.DiskPacing != "budget" || spec.Limits.DiskCongestion != "" {
+	if spec.Limits.Pacing != "budget" || spec.Limits.Congestion != "" {
 		t.Errorf("pacing on, host's congestion control: %+v", spec.Limits)
 	}
 	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "freeze-and-copy+pacing=on", "vmhop-ebpf@70mb", "vmhop-ebpf@",

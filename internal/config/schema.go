@@ -217,19 +217,22 @@ type Limits struct {
 	MaxIterations int `key:"max_iterations" unit:"passes"`
 	// AutoConverge lets the hypervisor throttle the guest's CPU when it dirties memory too fast.
 	AutoConverge bool `key:"auto_converge"`
-	// DiskPacing is how the kernel paces the disk stream's WAN socket
-	// (storage.qemu's relay and the chunked engine; SO_MAX_PACING_RATE,
-	// TCP's internal pacing, no fq needed): "off" (the budget's token
-	// bucket alone: each window leaves at line rate, a burst that fills the
-	// uplink's queue in front of the VM's own packets), "budget" (evenly
-	// at the budget), or "yield" (at the budget while the path's queue
-	// stays under 10 ms, lower while it grows: a delay-based scavenger).
-	DiskPacing string `key:"disk_pacing"`
-	// DiskCongestion is the TCP congestion control of the disk stream's
-	// WAN socket ("bbr", "cubic", "reno", ... as the source host's kernel
-	// offers them: /proc/sys/net/ipv4/tcp_available_congestion_control);
-	// "" (default) keeps the host's default.
-	DiskCongestion string `key:"disk_congestion"`
+	// Pacing is how the kernel paces the migration's WAN sockets (the
+	// disk stream: storage.qemu's relay or the chunked engine; the memory
+	// stream: QEMU's, dialled by vmhopd and handed to QEMU, when pacing is
+	// not "off" or congestion is set; SO_MAX_PACING_RATE, TCP's internal
+	// pacing, no fq needed): "off" (the budget's token bucket and QEMU's
+	// max-bandwidth alone: each window leaves at line rate, a burst that
+	// fills the uplink's queue in front of the VM's own packets), "budget"
+	// (evenly at the budget), or "yield" (at the budget while the path's
+	// queue stays under 10 ms, lower while it grows: a delay-based
+	// scavenger).
+	Pacing string `key:"pacing"`
+	// Congestion is the TCP congestion control of the same sockets
+	// ("bbr", "cubic", "reno", ... as the source host's kernel offers
+	// them: /proc/sys/net/ipv4/tcp_available_congestion_control); ""
+	// (default) keeps the host's default.
+	Congestion string `key:"congestion"`
 }
 
 // Storage controls the staged disk copy.
@@ -270,7 +273,7 @@ func DefaultMigration() Migration {
 			Deadline:      30 * time.Minute,
 			MaxIterations: 30,
 			AutoConverge:  true,
-			DiskPacing:    "yield",
+			Pacing:        "yield",
 		},
 		Storage: Storage{Mode: "qemu", ChunkSize: units.MiB, FinalDelta: 16 * units.MiB, MaxRounds: 10},
 		Health:  Health{HTTPPort: 80, Deadline: 30 * time.Second},

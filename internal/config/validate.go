@@ -196,9 +196,9 @@ func (m *Migration) validate(p string, errs *Errors) {
 	if m.Limits.MaxIterations < 1 {
 		errs.add(l+".max_iterations", "%d is below 1", m.Limits.MaxIterations)
 	}
-	checkOneOf(l+".disk_pacing", m.Limits.DiskPacing, errs, "off", "budget", "yield")
-	if c := m.Limits.DiskCongestion; c != "" && !congestionName.MatchString(c) {
-		errs.add(l+".disk_congestion", "%q is not a TCP congestion control name (e.g. bbr, cubic, reno; \"\" keeps the host's default)", c)
+	checkOneOf(l+".pacing", m.Limits.Pacing, errs, "off", "budget", "yield")
+	if c := m.Limits.Congestion; c != "" && !congestionName.MatchString(c) {
+		errs.add(l+".congestion", "%q is not a TCP congestion control name (e.g. bbr, cubic, reno; \"\" keeps the host's default)", c)
 	}
 
 	s := p + ".storage"

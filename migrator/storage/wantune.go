@@ -13,7 +13,7 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// The disk stream's pacing (the spec's limits.disk_pacing).
+// The disk stream's pacing (the spec's limits.pacing).
 const (
 	// PacingOff leaves the socket unpaced: the token bucket in front holds
 	// the average, the kernel sends each window at line rate.
@@ -26,9 +26,10 @@ const (
 	PacingYield = "yield"
 )
 
-// WANTuning is how a disk stream's WAN socket yields to the VM's own
-// traffic on the source's uplink (the spec's limits.disk_pacing and
-// limits.disk_congestion).
+// WANTuning is how a migration stream's WAN socket (the disk stream's;
+// the memory stream's when vmhopd dials it for QEMU) yields to the VM's
+// own traffic on the source's uplink (the spec's limits.pacing and
+// limits.congestion).
 type WANTuning struct {
 	// Pacing is PacingOff, PacingBudget or PacingYield ("" is off). Kernel
 	// pacing (SO_MAX_PACING_RATE: TCP's internal pacing, Linux >= 4.13, no
@@ -39,6 +40,12 @@ type WANTuning struct {
 	// Congestion is the socket's TCP congestion control ("bbr", "cubic",
 	// ...); "" keeps the host's default.
 	Congestion string
+}
+
+// Active says whether t changes a socket at all (Pacing budget or yield,
+// or a congestion control named).
+func (t WANTuning) Active() bool {
+	return t.Pacing == PacingBudget || t.Pacing == PacingYield || t.Congestion != ""
 }
 
 // errTuning wraps a socket option the host refused (no redial mends it).
@@ -55,6 +62,20 @@ const pacingHeadroom = 1.02
 // rate every yieldEvery until c is closed. An unknown congestion control
 // is an error naming what the host offers.
 func (t WANTuning) apply(c net.Conn, limit *rate.Limiter) error {
+	var bps float64
+	if limit != nil && limit.Limit() != rate.Inf && limit.Limit() > 0 {
+		bps = float64(limit.Limit())
+	}
+	return t.Apply(c, bps)
+}
+
+// Apply sets t on c (a *net.TCPConn; anything else is left alone) for a
+// stream of budget bytes per second (0: unlimited, no pacing): the
+// congestion control, and the pacing rate (a little over the budget:
+// the TLS records' overhead). PacingYield starts a goroutine that adjusts
+// the rate every yieldEvery until c is closed. An unknown congestion
+// control is an error naming what the host offers.
+func (t WANTuning) Apply(c net.Conn, budget float64) error {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		return nil
@@ -63,12 +84,12 @@ func (t WANTuning) apply(c net.Conn, limit *rate.Limiter) error {
 	if err != nil {
 		return err
 	}
-	var budget float64
-	if (t.Pacing == PacingBudget || t.Pacing == PacingYield) && limit != nil && limit.Limit() != rate.Inf && limit.Limit() > 0 {
-		budget = float64(limit.Limit()) * pacingHeadroom
-		if budget >= float64(^uint32(0)) {
-			budget = 0 // above what SO_MAX_PACING_RATE takes (~34 Gbit/s): no pacing needed
-		}
+	if t.Pacing != PacingBudget && t.Pacing != PacingYield {
+		budget = 0
+	}
+	budget *= pacingHeadroom
+	if budget >= float64(^uint32(0)) {
+		budget = 0 // above what SO_MAX_PACING_RATE takes (~34 Gbit/s): no pacing needed
 	}
 	var serr error
 	cerr := raw.Control(func(fd uintptr) {
