@@ -55,7 +55,7 @@ var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
 
 var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
-	pcapDir, analyze                                        string
+	pcapDir, analyze, scaleSkip                             string
 	repeats, conns, ram                                     int
 	giveUp                                                  time.Duration
 	keepPcap                                                int64
@@ -98,6 +98,7 @@ func main() {
 	flag.Int64Var(&flags.keepPcap, "keep-pcap-mib", 4, "keep a run's pcap beside the results when it is at most this many MiB")
 	flag.StringVar(&flags.pcapDir, "pcap-dir", "", "also keep every run's pcap in this directory (outside the repository: live runs' are tens of MiB)")
 	flag.StringVar(&flags.analyze, "analyze", "", "only analyze this pcap (a client capture) and print its summary and each connection's deliveries")
+	flag.StringVar(&flags.scaleSkip, "scale-skip", "", "scaling points not to run, comma-separated DIMENSION=VALUE (e.g. disk_data_mib=1024, measured by the standard run)")
 	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections)")
 	flag.Parse()
 	if err := run(); err != nil {

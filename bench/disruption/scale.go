@@ -19,6 +19,7 @@ type ScalePoint struct {
 	Dimension string             `json:"dimension"` // "guest_ram_mib", "disk_data_mib", "echo_conns"
 	Value     int64              `json:"value"`
 	EchoEvery float64            `json:"echo_every_ms"`
+	Note      string             `json:"note,omitempty"` // a point not run: the same configuration as another, or skipped
 	Err       string             `json:"error,omitempty"`
 	Metrics   map[string]float64 `json:"metrics"`
 }
@@ -45,9 +46,17 @@ func scaling(base *scenario) error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	var pts []ScalePoint
+	ran := map[string]ScalePoint{} // by configuration: a point equal to one run already is not run again
+	skip := map[string]bool{}
+	for _, k := range strings.Split(flags.scaleSkip, ",") {
+		if k != "" {
+			skip[k] = true
+		}
+	}
 	for _, sp := range scalePoints {
 		for _, v := range sp.vals {
 			sc := *base
+			sc.KeepPcapMiB = 0
 			switch sp.dim {
 			case "guest_ram_mib":
 				sc.RAMMiB = int(v)
@@ -58,14 +67,28 @@ func scaling(base *scenario) error {
 				sc.Conns = int(v)
 				sc.EchoEvery = max(10*time.Millisecond, time.Duration(v)*time.Millisecond)
 			}
-			fmt.Fprintf(os.Stderr, "== scaling %s=%d (%s since start)\n", sp.dim, v, time.Since(t0).Round(time.Second))
+			name := fmt.Sprintf("%s=%d", sp.dim, v)
+			p := ScalePoint{Dimension: sp.dim, Value: v, EchoEvery: float64(sc.echoEvery()) / float64(time.Millisecond)}
+			key := fmt.Sprintf("ram %d, data %d, conns %d every %s", sc.RAMMiB, sc.Fill, sc.Conns, sc.echoEvery())
+			if skip[name] {
+				p.Note = "not run (-scale-skip)"
+				pts = append(pts, p)
+				continue
+			}
+			if same, ok := ran[key]; ok {
+				p.Metrics, p.Err, p.Note = same.Metrics, same.Err, fmt.Sprintf("the run of %s=%d (the same configuration)", same.Dimension, same.Value)
+				pts = append(pts, p)
+				continue
+			}
+			fmt.Fprintf(os.Stderr, "== scaling %s (%s since start)\n", name, time.Since(t0).Round(time.Second))
 			r, err := runOne(context.Background(), &sc, modeEBPF, 1, dir, log)
-			p := ScalePoint{Dimension: sp.dim, Value: v, EchoEvery: float64(sc.echoEvery()) / float64(time.Millisecond), Metrics: r.Metrics}
-			fmt.Fprintf(os.Stderr, "   pause %.0f ms, disruption %.0f ms, longest echo gap %.0f ms, move %.1f s %s\n", r.Metrics["vm_pause_ms"],
-				r.Metrics["disruption_total_ms"], r.Metrics["echo_gap_longest_ms"], r.Metrics["total_move_ms"]/1000, p.Err)
+			p.Metrics = r.Metrics
 			if err != nil {
 				p.Err = err.Error()
 			}
+			fmt.Fprintf(os.Stderr, "   pause %.0f ms, disruption %.0f ms, longest echo gap %.0f ms, move %.1f s %s\n", r.Metrics["vm_pause_ms"],
+				r.Metrics["disruption_total_ms"], r.Metrics["echo_gap_longest_ms"], r.Metrics["total_move_ms"]/1000, p.Err)
+			ran[key] = p
 			pts = append(pts, p)
 		}
 	}
@@ -83,17 +106,22 @@ func scaling(base *scenario) error {
 		"%d echo connections at 100 Hz, site links %.0f Mbit/s, budget %.0f Mbit/s, disk stream %s; one dimension changed at a time. "+
 		"Commit %s; host %s; took %s.\n\n", t0.UTC().Format(time.RFC3339), bs.GuestRAMMiB, bs.DiskDataMiB, bs.DiskMiB, bs.EchoConns,
 		bs.SiteLinkBitS/1e6, bs.BudgetBitS/1e6, diskStream(bs), commit(), host(), time.Since(t0).Round(time.Second))
-	b.WriteString("| dimension | value | echo every | vm_pause_ms | disruption_total_ms | echo_gap_longest_ms | echo_reconnects | ping_lost | total_move_ms | migration_wire_bytes | error |\n" +
+	b.WriteString("| dimension | value | echo every | vm_pause_ms | disruption_total_ms | echo_gap_longest_ms | echo_reconnects | ping_lost | total_move_ms | migration_wire_bytes | error or note |\n" +
 		"| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, p := range pts {
+		if p.Metrics == nil {
+			fmt.Fprintf(&b, "| %s | %d | %.0f ms | | | | | | | | %s |\n", p.Dimension, p.Value, p.EchoEvery, p.Note)
+			continue
+		}
 		fmt.Fprintf(&b, "| %s | %d | %.0f ms | %s | %s | %s | %.0f | %.0f | %s | %s | %s |\n", p.Dimension, p.Value, p.EchoEvery,
 			fmtVal("vm_pause_ms", p.Metrics["vm_pause_ms"]), fmtVal("disruption_total_ms", p.Metrics["disruption_total_ms"]),
 			fmtVal("echo_gap_longest_ms", p.Metrics["echo_gap_longest_ms"]), p.Metrics["echo_reconnects"], p.Metrics["ping_lost"],
-			fmtVal("total_move_ms", p.Metrics["total_move_ms"]), fmtVal("migration_wire_bytes", p.Metrics["migration_wire_bytes"]), p.Err)
+			fmtVal("total_move_ms", p.Metrics["total_move_ms"]), fmtVal("migration_wire_bytes", p.Metrics["migration_wire_bytes"]), p.Err+p.Note)
 	}
 	b.WriteString("\n`disruption_total_ms`: worst echo connection, gaps over 3 intervals less the interval (30 ms at 100 Hz, 300 ms at 10 Hz, 3 s at 1 Hz).\n")
 	b.WriteString("\nNot measured: " + notMeasured + "\n")
-	fmt.Fprintf(&b, "\nRerun: `sudo make bench GUEST_DIR=... BENCH_FLAGS='-scale -fill %s'` (or `go run ./bench/disruption -scale -fill %s`).\n", flags.fill, flags.fill)
+	fmt.Fprintf(&b, "\nRerun: `sudo make bench BENCH_FLAGS='-scale -fill %s -scale-skip %s'` (or `go run ./bench/disruption -scale -fill %s -scale-skip %s`).\n",
+		flags.fill, flags.scaleSkip, flags.fill, flags.scaleSkip)
 	return os.WriteFile(filepath.Join(dir, "scale.md"), []byte(b.String()), 0o644)
 }
 
