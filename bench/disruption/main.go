@@ -251,7 +251,7 @@ func run() error {
 		res.RatioFreezeOverVmhop = Ratios(fc.Stats, vm.Stats)
 	}
 	res.Took = time.Since(t0).Round(time.Second).String()
-	res.Notes = append(res.Notes, "Rerun: `sudo make bench` (or `go run ./bench/disruption -repeats 3 -disk "+flags.disk+" -fill "+flags.fill+"`).")
+	res.Notes = append(res.Notes, "Rerun: `"+rerun()+"` (root, from the repository).")
 	if err := res.Write(dir); err != nil {
 		return err
 	}
@@ -465,6 +465,25 @@ func live(out labrun.Outcome) runData {
 		}
 	}
 	return d
+}
+
+// rerun is the command that makes this run again: its flags as given
+// (the output directory left to its default), with the defaults spelt out.
+func rerun() string {
+	args := []string{"go run ./bench/disruption"}
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) {
+		set[f.Name] = true
+		if f.Name != "out" && f.Name != "pcap-dir" {
+			args = append(args, "-"+f.Name+" "+f.Value.String())
+		}
+	})
+	for _, name := range []string{"repeats", "disk", "fill", "modes"} {
+		if !set[name] {
+			args = append(args, "-"+name+" "+flag.Lookup(name).Value.String())
+		}
+	}
+	return strings.Join(args, " ")
 }
 
 func copyFile(src, dst string) error {
