@@ -210,7 +210,9 @@ const (
 
 // Options are a benchmark's changes to a lab migration.
 type Options struct {
-	Redirect Redirect // "" is RedirectEBPF
+	// Redirect is how the old address reaches the moved VM; "" takes the
+	// running daemons' datapath (ebpf if they have to be started).
+	Redirect Redirect
 	// Capture is the client capture's tcpdump filter; "" captures the echo
 	// port only ("tcp port 7"). The echo analysis follows port 7 whatever
 	// else is captured.
@@ -221,10 +223,10 @@ type Options struct {
 // the sites' vmhopd daemons as Migrate: it starts them with the datapath
 // opt.Redirect needs if they do not run (ebpf when it names none: "" or
 // RedirectNone); daemons already running with another datapath than
-// RedirectEBPF or RedirectUserspace name are an error. Out.Pcap is the client capture; out.Start
-// is when site A's vmhopd started the migration's first phase (its
-// event's time: the phases' durations count from there). An unknown
-// option fails before the lab is touched.
+// RedirectEBPF or RedirectUserspace name are an error. Out.Pcap is the
+// client capture; out.Start is when site A's vmhopd started the
+// migration's first phase (its event's time: the phases' durations
+// count from there). An unknown option fails before the lab is touched.
 func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load, opt Options) (Outcome, error) {
 	var out Outcome
 	datapath := "" // any: the running daemons' (ebpf if they have to be started)
