@@ -74,9 +74,10 @@ demo: build guest
 demo-down:
 	bin/vmhop-lab down --name demo
 
-# Disruption benchmark (root, ~25 min with the defaults): freeze-and-copy,
+# Disruption benchmark (root, ~40 min with the defaults): freeze-and-copy,
 # live migration with DNS only, vmhop (eBPF redirect), vmhop (userspace
-# fallback), each BENCH_REPEATS times under the same load, decomposed from
+# fallback), the live modes through a vmhopd per site, each BENCH_REPEATS
+# times under the same load, decomposed from
 # a packet capture at the client; results, tables and plots in
 # bench/results/<date>-<scenario>/. BENCH_FLAGS adds -disk, -fill, -modes,
 # -scale, ... (go run ./bench/disruption -h).

@@ -176,6 +176,8 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		Dest:       qemu.Machine{Name: destName, QMPSocket: destQMP},
 		DestArgs:   adopted.Args,
 		DestListen: netip.AddrPortFrom(spec.Destination.Address, MigrationPort),
+		Dial:       (&net.Dialer{Timeout: 10 * time.Second}).DialContext,
+		Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 		DestTaps:   []qemu.Tap{{Name: spec.Destination.Tap, Bridge: spec.Destination.Bridge}},
 		Incoming:   in,
 		// A fresh key per migration, handed over inside the start request
@@ -216,6 +218,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 				DestWAN:    netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String(),
 				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
 				SourceSock: filepath.Join(dir, "nbd.sock"),
+				Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			},
 			Log: log,
 		},
@@ -230,8 +233,9 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
 		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
 			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline},
-		SourceQMP: spec.VM.QMPSocket,
-		Log:       log,
+		SourceQMP:  spec.VM.QMPSocket,
+		NoRedirect: !spec.Network.Redirect,
+		Log:        log,
 	}
 	if len(adopted.Disks) != 1 {
 		return nil, cleanup, fmt.Errorf("migration.vm: the VM has disks %v; vmhop moves a VM with one", adopted.Disks)
@@ -247,6 +251,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			DialSource: dialer.DialContext,
 			TLS:        streamTLS,
 			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String(),
+			Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
 		}}

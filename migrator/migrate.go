@@ -65,8 +65,9 @@ type Plan struct {
 	// NoRedirect leaves the redirect off at the switch: the VM moves and
 	// DNS flips, but packets for the old address keep going to the source,
 	// where nothing answers them (connections open at the move are lost).
-	// Only for measuring what the redirect is worth (the benchmark's
-	// "DNS only" mode); a real migration never sets it.
+	// The spec's network.redirect: false (services whose clients reconnect
+	// by name; the benchmark's "DNS only" mode measures what the redirect
+	// is worth).
 	NoRedirect bool
 
 	// Health, if enabled, must pass after the destination resumes; until

@@ -5,10 +5,15 @@
 //
 //   - freeze-and-copy: stop the VM, copy its disk's data over the WAN, boot
 //     it at site B on the new address, flip DNS;
-//   - live-dns-only: live migration and the DNS flip, without the redirect;
+//   - live-dns-only: live migration and the DNS flip, without the redirect
+//     (the spec's network.redirect: false);
 //   - vmhop-ebpf: live migration, the eBPF redirect, the DNS flip;
 //   - vmhop-userspace: the same with the userspace fallback redirect
-//     (labrun.RedirectUserspace: a WireGuard tunnel, no BPF).
+//     (both vmhopd with datapath userspace: a WireGuard tunnel, no BPF).
+//
+// The live modes go through the product: a vmhopd per site, the spec
+// handed to site A's (labrun.MigrateWith). A mode may carry levers:
+// BASE[@BUDGET][+pacing=off|budget|yield][+cc=NAME] (see modeSpec).
 //
 // The load (labrun.Load): persistent echo connections at 100 Hz, a new
 // HTTP connection by DNS name every 50 ms, ICMP every 10 ms, one bulk
@@ -39,6 +44,7 @@ import (
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/labrun"
 	"github.com/vmhop/vmhop/internal/units"
+	"github.com/vmhop/vmhop/migrator/storage"
 )
 
 // captureFilter is what the client's capture keeps: the echo connections,
@@ -49,7 +55,7 @@ var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
 
 var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
-	pcapDir, analyze                                        string
+	pcapDir, analyze, scaleSkip                             string
 	repeats, conns, ram                                     int
 	giveUp                                                  time.Duration
 	keepPcap                                                int64
@@ -63,6 +69,7 @@ type scenario struct {
 	Rate        units.Bitrate
 	RAMMiB      int
 	Conns       int
+	EchoEvery   time.Duration // each echo connection's interval; 0 is 10 ms
 	BulkRate    int64
 	GiveUp      time.Duration
 	Repeats     int
@@ -91,6 +98,7 @@ func main() {
 	flag.Int64Var(&flags.keepPcap, "keep-pcap-mib", 4, "keep a run's pcap beside the results when it is at most this many MiB")
 	flag.StringVar(&flags.pcapDir, "pcap-dir", "", "also keep every run's pcap in this directory (outside the repository: live runs' are tens of MiB)")
 	flag.StringVar(&flags.analyze, "analyze", "", "only analyze this pcap (a client capture) and print its summary and each connection's deliveries")
+	flag.StringVar(&flags.scaleSkip, "scale-skip", "", "scaling points not to run, comma-separated DIMENSION=VALUE (e.g. disk_data_mib=1024, measured by the standard run)")
 	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections)")
 	flag.Parse()
 	if err := run(); err != nil {
@@ -125,7 +133,7 @@ func parse() (*scenario, error) {
 		return nil, fmt.Errorf("-repeats %d: want at least 1", sc.Repeats)
 	}
 	for _, m := range strings.Split(flags.modes, ",") {
-		if _, _, err := splitMode(m); err != nil {
+		if _, err := parseMode(m); err != nil {
 			return nil, fmt.Errorf("-modes: %w", err)
 		}
 		sc.Modes = append(sc.Modes, m)
@@ -145,18 +153,26 @@ func parse() (*scenario, error) {
 // load is the client load every mode runs under.
 func (sc *scenario) load(l *lab.Lab, addr netip.Addr, spec *config.Migration) *labrun.Load {
 	return &labrun.Load{L: l, Addr: addr, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
-		Conns: sc.Conns, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+		Conns: sc.Conns, EchoEvery: sc.EchoEvery, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+}
+
+func (sc *scenario) echoEvery() time.Duration {
+	if sc.EchoEvery > 0 {
+		return sc.EchoEvery
+	}
+	return 10 * time.Millisecond
 }
 
 func (sc *scenario) shape() *labrun.Load {
-	return &labrun.Load{Conns: sc.Conns, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
+	return &labrun.Load{Conns: sc.Conns, EchoEvery: sc.EchoEvery, GiveUp: sc.GiveUp, BulkRate: sc.BulkRate}
 }
 
 func (sc *scenario) describe() Scenario {
 	a := sc.Links[lab.SiteA]
 	return Scenario{Name: sc.Name, Repeats: sc.Repeats, GuestRAMMiB: sc.RAMMiB, DiskMiB: int64(sc.Disk) >> 20, DiskDataMiB: int64(sc.Fill) >> 20,
 		SiteLinkBitS: float64(sc.Rate), SiteRTTMs: float64(4*a.Delay) / float64(time.Millisecond),
-		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, EchoConns: sc.Conns, EchoEveryMs: 10, HTTPEveryMs: 50, PingEveryMs: 10,
+		BudgetBitS: float64(sc.Spec.Limits.Bandwidth.BytesPerSecond()) * 8, Pacing: sc.Spec.Limits.Pacing, Congestion: sc.Spec.Limits.Congestion,
+		Daemons: "the live modes through two vmhopd processes (one per site, own config, mutual TLS), as `vmhop migrate` runs them", EchoConns: sc.Conns, EchoEveryMs: float64(sc.echoEvery()) / float64(time.Millisecond), HTTPEveryMs: 50, PingEveryMs: 10,
 		BulkRateBytesS: sc.BulkRate, ClientGiveUpMs: float64(sc.GiveUp) / float64(time.Millisecond),
 		DownTimeLimitMs: float64(sc.Spec.Limits.Downtime) / float64(time.Millisecond), DiskRecordsPerS: 20, VMsMovedAtOnce: 1,
 		SpecFile: sc.SpecFile, DiskStorageMode: sc.Spec.Storage.Mode, CaptureFilter: captureFilter,
@@ -176,6 +192,19 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	if os.Getenv("VMHOPD") == "" {
+		// One vmhopd for every lab of the run (labrun would build one per lab).
+		tmp, err := os.MkdirTemp("", "vmhop-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(tmp)
+		bin := filepath.Join(tmp, "vmhopd")
+		if out, err := exec.Command("go", "build", "-o", bin, "github.com/vmhop/vmhop/cmd/vmhopd").CombinedOutput(); err != nil {
+			return fmt.Errorf("build vmhopd: %w: %s", err, out)
+		}
+		os.Setenv("VMHOPD", bin)
+	}
 	if flags.scale {
 		return scaling(sc)
 	}
@@ -188,15 +217,11 @@ func run() error {
 	byMode := map[string]*ModeResult{}
 	for _, mi := range modeInfo {
 		for _, m := range sc.Modes {
-			base, budget, _ := splitMode(m)
-			if base != mi.name {
+			ms, _ := parseMode(m)
+			if ms.base != mi.name {
 				continue
 			}
-			what := mi.what
-			if budget > 0 {
-				what += fmt.Sprintf("; migration budget %s instead of the spec's", budget)
-			}
-			res.Modes = append(res.Modes, ModeResult{Mode: m, What: what, Available: true})
+			res.Modes = append(res.Modes, ModeResult{Mode: m, What: mi.what + ms.describe()})
 		}
 	}
 	for i := range res.Modes {
@@ -208,9 +233,6 @@ func run() error {
 	for rep := 1; rep <= sc.Repeats; rep++ {
 		for i := range res.Modes {
 			m := &res.Modes[i]
-			if !m.Available {
-				continue
-			}
 			fmt.Fprintf(os.Stderr, "== %s, run %d of %d (%s since start)\n", m.Mode, rep, sc.Repeats, time.Since(t0).Round(time.Second))
 			r, err := runOne(context.Background(), sc, m.Mode, rep, dir, log)
 			if err != nil {
@@ -229,7 +251,7 @@ func run() error {
 		res.RatioFreezeOverVmhop = Ratios(fc.Stats, vm.Stats)
 	}
 	res.Took = time.Since(t0).Round(time.Second).String()
-	res.Notes = append(res.Notes, "Rerun: `sudo make bench` (or `go run ./bench/disruption -repeats 3 -disk "+flags.disk+" -fill "+flags.fill+"`).")
+	res.Notes = append(res.Notes, "Rerun: `"+rerun()+"` (root, from the repository).")
 	if err := res.Write(dir); err != nil {
 		return err
 	}
@@ -274,14 +296,13 @@ func plots(dir string, res *Results) error {
 func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string, log *slog.Logger) (RunResult, error) {
 	r := RunResult{Repeat: rep, Metrics: map[string]float64{}}
 	var redirect labrun.Redirect
-	base, budget, err := splitMode(mode)
+	ms, err := parseMode(mode)
 	if err != nil {
 		return r, err
 	}
 	spec := *sc.Spec
-	if budget > 0 {
-		spec.Limits.Bandwidth = budget
-	}
+	ms.apply(&spec)
+	base := ms.base
 	switch base {
 	case modeDNSOnly:
 		redirect = labrun.RedirectNone
@@ -341,6 +362,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		}
 	}
 	d.Bulk = bulkPorts(d.View)
+	d.EchoEvery = sc.echoEvery()
 	r.Metrics = compute(d)
 	r.start = d.Start
 	for _, s := range d.Phases {
@@ -349,29 +371,87 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 	return r, merr
 }
 
-// splitMode splits a mode "BASE" or "BASE@BUDGET" (a live mode with the
-// migration's bandwidth budget set to BUDGET, e.g. vmhop-ebpf@70mbit:
-// how much the migration yields to the VM's own traffic).
-func splitMode(m string) (string, units.Bitrate, error) {
-	base, b, hasBudget := strings.Cut(m, "@")
+// modeSpec is a mode as -modes names it: BASE[@BUDGET][+pacing=off|budget|yield]
+// [+cc=NAME]: a live mode with the migration's budget set to BUDGET
+// (e.g. vmhop-ebpf@70mbit), the disk stream's kernel pacing
+// (limits.pacing: off, budget, yield), its TCP congestion control (limits.congestion;
+// "default" is the host's). Side by side, what makes the migration yield
+// to the VM's own traffic.
+type modeSpec struct {
+	base   string
+	budget units.Bitrate // 0: the spec's
+	pacing string        // "": the spec's; else limits.pacing
+	cc     string        // "": the spec's; "default": the host's
+}
+
+func parseMode(m string) (modeSpec, error) {
+	parts := strings.Split(m, "+")
+	head, levers := parts[0], parts[1:]
+	base, b, hasBudget := strings.Cut(head, "@")
+	ms := modeSpec{base: base}
 	known := false
 	for _, mi := range modeInfo {
 		known = known || mi.name == base
 	}
 	if !known {
-		return "", 0, fmt.Errorf("unknown mode %q", base)
+		return ms, fmt.Errorf("unknown mode %q", base)
 	}
-	if !hasBudget {
-		return base, 0, nil
+	if base == modeFreeze && (hasBudget || len(levers) > 0) {
+		return ms, fmt.Errorf("mode %q: freeze-and-copy has no budget or disk stream levers", m)
 	}
-	if base == modeFreeze {
-		return "", 0, fmt.Errorf("mode %q: freeze-and-copy has no budget", m)
+	if hasBudget {
+		budget, err := units.ParseBitrate(b)
+		if err != nil || budget <= 0 {
+			return ms, fmt.Errorf("mode %q: budget: %v", m, err)
+		}
+		ms.budget = budget
 	}
-	budget, err := units.ParseBitrate(b)
-	if err != nil || budget <= 0 {
-		return "", 0, fmt.Errorf("mode %q: budget: %v", m, err)
+	for _, l := range levers {
+		k, v, _ := strings.Cut(l, "=")
+		switch {
+		case k == "pacing" && (v == storage.PacingOff || v == storage.PacingBudget || v == storage.PacingYield):
+			ms.pacing = v
+		case k == "cc" && v != "":
+			ms.cc = v
+		default:
+			return ms, fmt.Errorf("mode %q: lever %q: want pacing=off|budget|yield or cc=NAME", m, l)
+		}
 	}
-	return base, budget, nil
+	return ms, nil
+}
+
+// apply changes spec as the mode says.
+func (ms modeSpec) apply(spec *config.Migration) {
+	if ms.budget > 0 {
+		spec.Limits.Bandwidth = ms.budget
+	}
+	if ms.pacing != "" {
+		spec.Limits.Pacing = ms.pacing
+	}
+	switch ms.cc {
+	case "":
+	case "default":
+		spec.Limits.Congestion = ""
+	default:
+		spec.Limits.Congestion = ms.cc
+	}
+}
+
+// describe is what the mode changes, for the modes' list ("" if nothing).
+func (ms modeSpec) describe() string {
+	var s string
+	if ms.budget > 0 {
+		s += fmt.Sprintf("; migration budget %s instead of the spec's", ms.budget)
+	}
+	if ms.pacing != "" {
+		s += "; disk stream pacing " + ms.pacing
+	}
+	if ms.cc == "default" {
+		s += "; disk stream congestion control: the host's default"
+	} else if ms.cc != "" {
+		s += "; disk stream congestion control " + ms.cc
+	}
+	return s
 }
 
 // live is a live migration's outcome as a run.
@@ -385,6 +465,25 @@ func live(out labrun.Outcome) runData {
 		}
 	}
 	return d
+}
+
+// rerun is the command that makes this run again: its flags as given
+// (the output directory left to its default), with the defaults spelt out.
+func rerun() string {
+	args := []string{"go run ./bench/disruption"}
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) {
+		set[f.Name] = true
+		if f.Name != "out" && f.Name != "pcap-dir" {
+			args = append(args, "-"+f.Name+" "+f.Value.String())
+		}
+	})
+	for _, name := range []string{"repeats", "disk", "fill", "modes"} {
+		if !set[name] {
+			args = append(args, "-"+name+" "+flag.Lookup(name).Value.String())
+		}
+	}
+	return strings.Join(args, " ")
 }
 
 func copyFile(src, dst string) error {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"math"
+	"sort"
 	"time"
 
 	"github.com/vmhop/vmhop/internal/labrun"
@@ -17,7 +19,8 @@ type runData struct {
 	View          labrun.ClientView
 	MigrationWire int64 // bytes the move sent between the sites
 	Capture       *Capture
-	Bulk          []uint16 // the bulk download's client ports
+	Bulk          []uint16      // the bulk download's client ports
+	EchoEvery     time.Duration // each echo connection's interval (0: 10 ms)
 }
 
 // metric is one column of the results: its name carries its unit.
@@ -42,6 +45,10 @@ var metrics = []metric{
 	{"http_fail_window_ms", "new-connection failure window: first failure's start to last failure's end"},
 	{"new_addr_after_stop_ms", "VM stopped at A to the first new connection served at the new address"},
 	{"ping_lost", "ICMP echoes (every 10 ms) never answered"},
+	{"ping_rtt_before_ms", "median ICMP round trip in the second before the move (the path without migration traffic)"},
+	{"ping_rtt_copy_median_ms", "median ICMP round trip while the VM ran at site A during the move (the copy: disk and memory streams on A's uplink)"},
+	{"ping_rtt_copy_p99_ms", "99th percentile of the same (ICMP is answered by the guest's kernel: it shows the uplink's queue)"},
+	{"echo_rtt_copy_p99_ms", "99th percentile echo round trip over the same stretch (answered by a guest process: queue plus guest scheduling)"},
 	{"total_move_ms", "the whole move: migration's total, or freeze to the VM answering at B"},
 	{"migration_wire_bytes", "bytes the move sent between the sites (memory + disk, or the disk copy)"},
 	{"client_wire_bytes", "bytes on the client's wire in the capture (load traffic, both directions)"},
@@ -79,7 +86,11 @@ func compute(d runData) map[string]float64 {
 			if len(arr) == 0 {
 				from = d.View.Start
 			}
-			echo[i].Disruption = labrun.GapsIn(arr, 10*time.Millisecond, from, d.View.End)
+			every := d.EchoEvery
+			if every == 0 {
+				every = 10 * time.Millisecond
+			}
+			echo[i].Disruption = labrun.GapsIn(arr, every, from, d.View.End)
 		}
 	}
 	for _, e := range echo {
@@ -106,6 +117,9 @@ func compute(d runData) map[string]float64 {
 		m["new_addr_after_stop_ms"] = ms(d.View.Start.Add(h.NewAddrAt).Sub(d.Stopped))
 	}
 	if c := d.Capture; c != nil {
+		for k, v := range rttMetrics(c.Samples, d.Start, d.Stopped) {
+			m[k] = v
+		}
 		m["tcp_retransmits"] = float64(c.Retransmits)
 		m["tcp_rto_retransmits"] = float64(c.RTORetransmits)
 		m["tcp_resets"] = float64(c.Resets)
@@ -136,4 +150,44 @@ func bulkPorts(v labrun.ClientView) []uint16 {
 		out = append(out, c.Port)
 	}
 	return out
+}
+
+// rttMetrics are the round trips of the answered probes: ICMP in the
+// second before start, ICMP and echo from start to stopped (the VM still
+// at site A). A stretch without answers gives no value.
+func rttMetrics(samples []Sample, start, stopped time.Time) map[string]float64 {
+	var before, ping, echo []float64
+	for _, s := range samples {
+		if s.Latency < 0 {
+			continue
+		}
+		ms := float64(s.Latency) / float64(time.Millisecond)
+		switch {
+		case s.Kind == "icmp" && !s.At.Before(start.Add(-time.Second)) && s.At.Before(start):
+			before = append(before, ms)
+		case !s.At.Before(start) && s.At.Before(stopped) && s.Kind == "icmp":
+			ping = append(ping, ms)
+		case !s.At.Before(start) && s.At.Before(stopped) && s.Kind == "echo":
+			echo = append(echo, ms)
+		}
+	}
+	m := map[string]float64{}
+	if len(before) > 0 {
+		m["ping_rtt_before_ms"] = quantile(before, 0.5)
+	}
+	if len(ping) > 0 {
+		m["ping_rtt_copy_median_ms"] = quantile(ping, 0.5)
+		m["ping_rtt_copy_p99_ms"] = quantile(ping, 0.99)
+	}
+	if len(echo) > 0 {
+		m["echo_rtt_copy_p99_ms"] = quantile(echo, 0.99)
+	}
+	return m
+}
+
+// quantile is the q-quantile of v (nearest rank; v is sorted in place).
+func quantile(v []float64, q float64) float64 {
+	sort.Float64s(v)
+	i := int(math.Ceil(q*float64(len(v)))) - 1
+	return v[max(0, min(i, len(v)-1))]
 }

@@ -116,8 +116,11 @@ func (b barErr) YError(i int) (float64, float64) { return b.lo[i], b.hi[i] }
 
 // shortMode labels a mode on an axis.
 func shortMode(m string) string {
-	if base, budget, ok := strings.Cut(m, "@"); ok {
-		return shortMode(base) + "@" + budget
+	if base, rest, ok := strings.Cut(m, "@"); ok {
+		return shortMode(base) + "@" + rest
+	}
+	if base, rest, ok := strings.Cut(m, "+"); ok {
+		return shortMode(base) + "+" + rest
 	}
 	switch m {
 	case modeFreeze:
@@ -144,11 +147,7 @@ func Bars(file string, modes []ModeResult, names []string) error {
 	}
 	var labels []string
 	for _, m := range modes {
-		l := shortMode(m.Mode)
-		if !m.Available {
-			l += " (n/a)"
-		}
-		labels = append(labels, l)
+		labels = append(labels, shortMode(m.Mode))
 	}
 	for i, name := range names {
 		p := plot.New()
@@ -157,7 +156,7 @@ func Bars(file string, modes []ModeResult, names []string) error {
 		be := barErr{lo: make([]float64, len(modes)), hi: make([]float64, len(modes))}
 		for j, m := range modes {
 			st, ok := m.Stats[name]
-			if ok && m.Available {
+			if ok {
 				vals[j] = st.Median
 				be.lo[j], be.hi[j] = st.Median-st.Min, st.Max-st.Median
 			}

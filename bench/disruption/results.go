@@ -37,6 +37,9 @@ type Scenario struct {
 	SiteLinkBitS     float64 `json:"site_link_bit_s"`
 	SiteRTTMs        float64 `json:"site_to_site_rtt_ms"`
 	BudgetBitS       float64 `json:"migration_budget_bit_s"`
+	Pacing           string  `json:"pacing"`     // the spec's limits.pacing (a mode's +pacing= overrides it)
+	Congestion       string  `json:"congestion"` // the spec's limits.congestion ("": the host's default)
+	Daemons          string  `json:"daemons"`    // how the live modes ran
 	EchoConns        int     `json:"echo_conns"`
 	EchoEveryMs      float64 `json:"echo_every_ms"`
 	HTTPEveryMs      float64 `json:"http_every_ms"`
@@ -54,12 +57,10 @@ type Scenario struct {
 
 // ModeResult is one way of moving the VM.
 type ModeResult struct {
-	Mode        string          `json:"mode"`
-	What        string          `json:"what"`
-	Available   bool            `json:"available"`
-	Unavailable string          `json:"unavailable,omitempty"` // why not
-	Runs        []RunResult     `json:"runs"`
-	Stats       map[string]Stat `json:"stats"`
+	Mode  string          `json:"mode"`
+	What  string          `json:"what"`
+	Runs  []RunResult     `json:"runs"`
+	Stats map[string]Stat `json:"stats"`
 }
 
 // RunResult is one move.
@@ -84,10 +85,15 @@ type PhaseMs struct {
 
 // modeOrder and their descriptions.
 var modeInfo = []struct{ name, what string }{
-	{modeFreeze, "stop the VM, copy its disk's data over the WAN, boot it at site B on the new address, flip DNS"},
-	{modeDNSOnly, "live migration (memory and disk), DNS flip, no redirect: packets for the old address are lost"},
-	{modeEBPF, "vmhop: live migration, eBPF redirect of the old address to site B, DNS flip"},
-	{modeUserspace, "vmhop with the packet-level userspace fallback redirect instead of eBPF"},
+	{modeFreeze, "stop the VM, copy its disk's data over the WAN, boot it at site B on the new address, flip DNS " +
+		"(run by the benchmark itself, no vmhopd: QMP stop and quit at site A, a sparse-aware TCP copy of the image's data extents " +
+		"through the WAN, a new QEMU at site B, a TSIG-signed DNS flip)"},
+	{modeDNSOnly, "live migration (memory and disk), DNS flip, no redirect: packets for the old address are lost " +
+		"(through the two vmhopd daemons, datapath ebpf, the spec with network.redirect: false)"},
+	{modeEBPF, "vmhop: live migration, eBPF redirect of the old address to site B, DNS flip " +
+		"(through the two vmhopd daemons with datapath ebpf: `vmhop migrate` to site A's vmhopd)"},
+	{modeUserspace, "vmhop with the packet-level userspace fallback redirect instead of eBPF " +
+		"(through the two vmhopd daemons with datapath userspace: a WireGuard tunnel per migration, no BPF)"},
 }
 
 const (
@@ -118,10 +124,10 @@ func (r *Results) Markdown() string {
 	s := r.Scenario
 	fmt.Fprintf(&b, "# vmhop benchmark: %s, %s\n\n", s.Name, r.Date)
 	fmt.Fprintf(&b, "Guest %d MiB RAM, disk %d MiB with %d MiB of data; site links %.0f Mbit/s, %.0f ms RTT between sites; "+
-		"migration budget %.0f Mbit/s. Load: %d echo connections at %.0f Hz, a new HTTP connection by DNS name every %.0f ms, "+
+		"migration budget %.0f Mbit/s; disk stream %s. Load: %d echo connections at %.0f Hz, a new HTTP connection by DNS name every %.0f ms, "+
 		"ICMP every %.0f ms, one bulk download (%s); clients give up after %.0f ms of silence and reconnect by name. "+
 		"%d repeats per mode; median (min-max). Commit %s; host %s; took %s.\n\n",
-		s.GuestRAMMiB, s.DiskMiB, s.DiskDataMiB, s.SiteLinkBitS/1e6, s.SiteRTTMs, s.BudgetBitS/1e6, s.EchoConns, 1000/s.EchoEveryMs,
+		s.GuestRAMMiB, s.DiskMiB, s.DiskDataMiB, s.SiteLinkBitS/1e6, s.SiteRTTMs, s.BudgetBitS/1e6, diskStream(s), s.EchoConns, 1000/s.EchoEveryMs,
 		s.HTTPEveryMs, s.PingEveryMs, bulkRate(s.BulkRateBytesS), s.ClientGiveUpMs, s.Repeats, r.Commit, r.Host, r.Took)
 	b.WriteString("| metric |")
 	for _, m := range r.Modes {
@@ -137,8 +143,6 @@ func (r *Results) Markdown() string {
 		for _, m := range r.Modes {
 			st, ok := m.Stats[mt.Name]
 			switch {
-			case !m.Available:
-				b.WriteString(" not available |")
 			case !ok:
 				b.WriteString(" - |")
 			case st.Min == st.Max:
@@ -160,9 +164,6 @@ func (r *Results) Markdown() string {
 	b.WriteString("\nModes:\n\n")
 	for _, m := range r.Modes {
 		fmt.Fprintf(&b, "- `%s`: %s", m.Mode, m.What)
-		if !m.Available {
-			fmt.Fprintf(&b, " (not available: %s)", m.Unavailable)
-		}
 		failed := 0
 		for _, run := range m.Runs {
 			if run.Err != "" {
@@ -178,6 +179,24 @@ func (r *Results) Markdown() string {
 		fmt.Fprintf(&b, "\n%s\n", n)
 	}
 	return b.String()
+}
+
+// diskStream says how the disk stream's socket yields, as the spec sets it.
+func diskStream(s Scenario) string {
+	p := "pacing " + s.Pacing
+	switch s.Pacing {
+	case "off":
+		p = "unpaced"
+	case "budget":
+		p = "paced by the kernel at the budget"
+	case "yield":
+		p = "paced at the budget, lower while the path's queue grows (yield)"
+	}
+	cc := s.Congestion
+	if cc == "" {
+		cc = "the host's default congestion control"
+	}
+	return p + ", " + cc
 }
 
 func fmtRatio(x float64) string {

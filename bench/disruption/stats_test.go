@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/labrun"
 )
 
@@ -116,23 +117,23 @@ func sampleResults() *Results {
 		Scenario: Scenario{Name: "standard", Repeats: 3, EchoEveryMs: 10, GuestRAMMiB: 128},
 		Metrics:  metrics,
 		Modes: []ModeResult{
-			{Mode: modeFreeze, Available: true, Stats: fc, Runs: []RunResult{{Repeat: 1, PcapSummary: "10 packets\n"}}},
-			{Mode: modeEBPF, Available: true, Stats: st, Runs: []RunResult{{Repeat: 1}, {Repeat: 2, Err: "boom"}}},
-			{Mode: modeUserspace, Unavailable: "not built"},
+			{Mode: modeFreeze, Stats: fc, Runs: []RunResult{{Repeat: 1, PcapSummary: "10 packets\n"}}},
+			{Mode: modeEBPF, Stats: st, Runs: []RunResult{{Repeat: 1}, {Repeat: 2, Err: "boom"}}},
+			{Mode: modeUserspace, Runs: []RunResult{{Repeat: 1, Err: "tunnel down"}}},
 		},
 		RatioFreezeOverVmhop: Ratios(fc, st)}
 }
 
 // TestMarkdownAndWrite: the table gives median (min-max) with units, the
-// ratio, "not available" for a mode that is not, failed runs; the JSON
+// ratio, "-" for a mode without a good run, failed runs; the JSON
 // carries every metric's name with its unit.
 func TestMarkdownAndWrite(t *testing.T) {
 	r := sampleResults()
 	md := r.Markdown()
 	for _, want := range []string{
-		"| `vm_pause_ms` | 31.0 s (30.0 s-35.0 s) | 100 ms (90 ms-180 ms) | not available | **310-fold** |",
-		"| `migration_wire_bytes` | - | 1024.0 MiB | not available | - |",
-		"(not available: not built)",
+		"| `vm_pause_ms` | 31.0 s (30.0 s-35.0 s) | 100 ms (90 ms-180 ms) | - | **310-fold** |",
+		"| `migration_wire_bytes` | - | 1024.0 MiB | - | - |",
+		"(1 of 1 runs failed, left out of the statistics)",
 		"(1 of 2 runs failed, left out of the statistics)",
 	} {
 		if !strings.Contains(md, want) {
@@ -187,17 +188,57 @@ func TestPlots(t *testing.T) {
 	}
 }
 
-func TestSplitMode(t *testing.T) {
-	base, b, err := splitMode("vmhop-ebpf@70mbit")
-	if err != nil || base != modeEBPF || b.BytesPerSecond() != 70e6/8 {
-		t.Errorf("vmhop-ebpf@70mbit: %q %v %v", base, b, err)
+func TestParseMode(t *testing.T) {
+	ms, err := parseMode("vmhop-ebpf@70mbit")
+	if err != nil || ms.base != modeEBPF || ms.budget.BytesPerSecond() != 70e6/8 {
+		t.Errorf("vmhop-ebpf@70mbit: %+v %v", ms, err)
 	}
-	if base, b, err := splitMode(modeFreeze); err != nil || base != modeFreeze || b != 0 {
-		t.Errorf("freeze: %q %v %v", base, b, err)
+	if ms, err := parseMode(modeFreeze); err != nil || ms != (modeSpec{base: modeFreeze}) {
+		t.Errorf("freeze: %+v %v", ms, err)
 	}
-	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "vmhop-ebpf@70mb", "vmhop-ebpf@"} {
-		if _, _, err := splitMode(bad); err == nil {
+	ms, err = parseMode("vmhop-ebpf+pacing=off+cc=bbr")
+	if err != nil || ms != (modeSpec{base: modeEBPF, pacing: "off", cc: "bbr"}) {
+		t.Fatalf("levers: %+v %v", ms, err)
+	}
+	spec := config.DefaultMigration()
+	ms.apply(&spec)
+	if spec.Limits.Pacing != "off" || spec.Limits.Congestion != "bbr" || spec.Limits.Bandwidth != config.DefaultMigration().Limits.Bandwidth {
+		t.Errorf("applied: %+v", spec.Limits)
+	}
+	spec.Limits.Congestion = "reno"
+	(modeSpec{base: modeEBPF, pacing: "budget", cc: "default"}).apply(&spec)
+	if spec.Limits.Pacing != "budget" || spec.Limits.Congestion != "" {
+		t.Errorf("pacing on, host's congestion control: %+v", spec.Limits)
+	}
+	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "freeze-and-copy+pacing=on", "vmhop-ebpf@70mb", "vmhop-ebpf@",
+		"vmhop-ebpf+pacing=on", "vmhop-ebpf+cc=", "vmhop-ebpf+fq"} {
+		if _, err := parseMode(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+// TestRTTMetrics: ICMP before the move is the baseline; ICMP and echo
+// from the start until the VM stopped at A are the copy's; unanswered
+// probes and later ones are left out.
+func TestRTTMetrics(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	ms := time.Millisecond
+	var s []Sample
+	s = append(s, Sample{At: t0.Add(-500 * ms), Latency: 35 * ms, Kind: "icmp"}, Sample{At: t0.Add(-2 * time.Second), Latency: 900 * ms, Kind: "icmp"})
+	for i := range 100 {
+		s = append(s, Sample{At: t0.Add(time.Duration(i) * 10 * ms), Latency: time.Duration(40+i) * ms, Kind: "icmp"},
+			Sample{At: t0.Add(time.Duration(i) * 10 * ms), Latency: time.Duration(50+i) * ms, Kind: "echo"})
+	}
+	s = append(s, Sample{At: t0.Add(500 * ms), Latency: -1, Kind: "icmp"}, Sample{At: t0.Add(2 * time.Second), Latency: 5 * time.Second, Kind: "echo"})
+	m := rttMetrics(s, t0, t0.Add(time.Second))
+	want := map[string]float64{"ping_rtt_before_ms": 35, "ping_rtt_copy_median_ms": 89, "ping_rtt_copy_p99_ms": 138, "echo_rtt_copy_p99_ms": 148}
+	for k, v := range want {
+		if m[k] != v {
+			t.Errorf("%s = %v, want %v (all: %v)", k, m[k], v, m)
+		}
+	}
+	if m := rttMetrics(nil, t0, t0.Add(time.Second)); len(m) != 0 {
+		t.Errorf("no samples: %v", m)
 	}
 }

@@ -94,6 +94,11 @@ func TestParseErrorsNameKeyAndValue(t *testing.T) {
 			[]string{`migration.dns.timeout: "soon" is not a duration`}},
 		{"bad rate", "name: web1", "name: web1\n  limits: {bandwidth: fast}",
 			[]string{`migration.limits.bandwidth: "fast" is not a bit rate`}},
+		{"bad congestion control", "name: web1", "name: web1\n  limits: {congestion: BBR v2}",
+			[]string{`migration.limits.congestion: "BBR v2" is not a TCP congestion control name`}},
+		{"congestion and pacing", "name: web1", "name: web1\n  limits: {congestion: bbr, pacing: budget}", nil},
+		{"bad pacing", "name: web1", "name: web1\n  limits: {pacing: true}",
+			[]string{`migration.limits.pacing: "true" is not one of off, budget, yield`}},
 		{"chunk not power of two", "name: web1", "name: web1\n  storage: {chunk_size: 3MiB}",
 			[]string{`migration.storage.chunk_size: "3MiB" is not a power of two`}},
 		{"wrong type", "name: web1", "name: web1\n  limits: {max_iterations: many}",
@@ -295,6 +300,8 @@ func TestEffectiveListsEveryKeyWithUnits(t *testing.T) {
 		"migration.dns.ttl":             "5 seconds",
 		"migration.network.drain_idle":  "30s",
 		"migration.network.new_ip":      "10.2.0.10",
+		"migration.network.redirect":    "true",
+		"migration.limits.pacing":       `"yield"`,
 	} {
 		if got[k] != want {
 			t.Errorf("%s = %q, want %q", k, got[k], want)
@@ -311,6 +318,7 @@ func TestMarshalMigrationRoundTrips(t *testing.T) {
 	}
 	m := f.Migration
 	m.Limits.Bandwidth, m.Storage.ChunkSize, m.Destination.QMPSocket = 90*units.Mbit, 4*units.MiB, "/run/x.qmp"
+	m.Network.Redirect, m.Limits.Pacing, m.Limits.Congestion = false, "off", "bbr"
 	b, err := MarshalMigration(m)
 	if err != nil {
 		t.Fatal(err)

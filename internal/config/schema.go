@@ -163,6 +163,12 @@ type Network struct {
 	DrainTimeout time.Duration `key:"drain_timeout"`
 	// DrainIdle removes the redirect early once no redirected packet has been seen for this long.
 	DrainIdle time.Duration `key:"drain_idle"`
+	// Redirect (default true) sends the packets that reach the source for
+	// old_ip to the VM at the destination from the switch on (eBPF or the
+	// userspace fallback, per vmhopd.datapath). false: DNS flip only;
+	// connections open at the move are lost (for services whose clients
+	// reconnect by name, and to measure what the redirect is worth).
+	Redirect bool `key:"redirect"`
 }
 
 // OldAddrs is the VM's addresses at the source site: old_ip, and old_ip6
@@ -211,6 +217,22 @@ type Limits struct {
 	MaxIterations int `key:"max_iterations" unit:"passes"`
 	// AutoConverge lets the hypervisor throttle the guest's CPU when it dirties memory too fast.
 	AutoConverge bool `key:"auto_converge"`
+	// Pacing is how the kernel paces the migration's WAN sockets (the
+	// disk stream: storage.qemu's relay or the chunked engine; the memory
+	// stream: QEMU's, dialled by vmhopd and handed to QEMU, when pacing is
+	// not "off" or congestion is set; SO_MAX_PACING_RATE, TCP's internal
+	// pacing, no fq needed): "off" (the budget's token bucket and QEMU's
+	// max-bandwidth alone: each window leaves at line rate, a burst that
+	// fills the uplink's queue in front of the VM's own packets), "budget"
+	// (evenly at the budget), or "yield" (at the budget while the path's
+	// queue stays under 10 ms, lower while it grows: a delay-based
+	// scavenger).
+	Pacing string `key:"pacing"`
+	// Congestion is the TCP congestion control of the same sockets
+	// ("bbr", "cubic", "reno", ... as the source host's kernel offers
+	// them: /proc/sys/net/ipv4/tcp_available_congestion_control); ""
+	// (default) keeps the host's default.
+	Congestion string `key:"congestion"`
 }
 
 // Storage controls the staged disk copy.
@@ -243,7 +265,7 @@ func DefaultDaemon() Daemon {
 func DefaultMigration() Migration {
 	return Migration{
 		VM:      VM{Hypervisor: "qemu"},
-		Network: Network{DrainTimeout: 10 * time.Minute, DrainIdle: 30 * time.Second},
+		Network: Network{DrainTimeout: 10 * time.Minute, DrainIdle: 30 * time.Second, Redirect: true},
 		DNS:     DNS{TTL: 5, Timeout: 5 * time.Second},
 		Limits: Limits{
 			Bandwidth:     100 * units.Mbit,
@@ -251,6 +273,7 @@ func DefaultMigration() Migration {
 			Deadline:      30 * time.Minute,
 			MaxIterations: 30,
 			AutoConverge:  true,
+			Pacing:        "yield",
 		},
 		Storage: Storage{Mode: "qemu", ChunkSize: units.MiB, FinalDelta: 16 * units.MiB, MaxRounds: 10},
 		Health:  Health{HTTPPort: 80, Deadline: 30 * time.Second},

@@ -196,6 +196,10 @@ func (m *Migration) validate(p string, errs *Errors) {
 	if m.Limits.MaxIterations < 1 {
 		errs.add(l+".max_iterations", "%d is below 1", m.Limits.MaxIterations)
 	}
+	checkOneOf(l+".pacing", m.Limits.Pacing, errs, "off", "budget", "yield")
+	if c := m.Limits.Congestion; c != "" && !congestionName.MatchString(c) {
+		errs.add(l+".congestion", "%q is not a TCP congestion control name (e.g. bbr, cubic, reno; \"\" keeps the host's default)", c)
+	}
 
 	s := p + ".storage"
 	checkOneOf(s+".mode", m.Storage.Mode, errs, "qemu", "chunked")
@@ -321,6 +325,10 @@ func (nw Network) checkIPv6(n string, errs *Errors) {
 		errs.add(n+".gateway6", "%q is the VM's own address: the VM cannot be its own gateway", g)
 	}
 }
+
+// congestionName is what the kernel takes as a TCP congestion control
+// name (TCP_CA_NAME_MAX is 16 with the NUL).
+var congestionName = regexp.MustCompile(`^[a-z][a-z0-9_]{0,14}$`)
 
 func checkOneOf(key, v string, errs *Errors, allowed ...string) {
 	for _, a := range allowed {

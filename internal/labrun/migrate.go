@@ -1,6 +1,7 @@
 package labrun
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -189,15 +190,73 @@ func SpecFor(l *lab.Lab, vm *lab.VM, dm qemu.Machine, spec *config.Migration) *c
 // negative ones turn that part off). A benchmark compares vmhop with
 // another way of moving under the same load this way.
 func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load) (Outcome, error) {
+	return MigrateWith(ctx, l, spec, log, shape, Options{})
+}
+
+// Redirect is how packets for the old address reach the moved VM.
+type Redirect string
+
+const (
+	// RedirectEBPF is vmhop's eBPF/TC redirect (the default): both
+	// vmhopd with datapath ebpf.
+	RedirectEBPF Redirect = "ebpf"
+	// RedirectNone leaves the redirect off: the spec's network.redirect
+	// false (live migration with the DNS flip only), daemons as for eBPF.
+	RedirectNone Redirect = "none"
+	// RedirectUserspace is the packet-level userspace fallback: both
+	// vmhopd with datapath userspace (a WireGuard tunnel, no BPF).
+	RedirectUserspace Redirect = "userspace"
+)
+
+// Options are a benchmark's changes to a lab migration.
+type Options struct {
+	// Redirect is how the old address reaches the moved VM; "" takes the
+	// running daemons' datapath (ebpf if they have to be started).
+	Redirect Redirect
+	// Capture is the client capture's tcpdump filter; "" captures the echo
+	// port only ("tcp port 7"). The echo analysis follows port 7 whatever
+	// else is captured.
+	Capture string
+}
+
+// MigrateWith is MigrateUnder with a benchmark's changes (opt), through
+// the sites' vmhopd daemons as Migrate: it starts them with the datapath
+// opt.Redirect needs if they do not run (ebpf when it names none: "" or
+// RedirectNone); daemons already running with another datapath than
+// RedirectEBPF or RedirectUserspace name are an error. Out.Pcap is the
+// client capture; out.Start is when site A's vmhopd started the
+// migration's first phase (its event's time: the phases' durations
+// count from there). An unknown option fails before the lab is touched.
+func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load, opt Options) (Outcome, error) {
 	var out Outcome
+	datapath := "" // any: the running daemons' (ebpf if they have to be started)
+	switch opt.Redirect {
+	case "":
+	case RedirectEBPF:
+		datapath = "ebpf"
+	case RedirectNone:
+		s := *spec
+		s.Network.Redirect = false
+		spec = &s
+	case RedirectUserspace:
+		datapath = "userspace"
+	default:
+		return out, fmt.Errorf("redirect %q: want %q, %q or %q", opt.Redirect, RedirectEBPF, RedirectNone, RedirectUserspace)
+	}
+	filter := opt.Capture
+	if filter == "" {
+		filter = fmt.Sprintf("tcp port %d", EchoPort)
+	}
 	vm, before, err := sourceGuest(ctx, l)
 	if err != nil {
 		return out, err
 	}
 	if !DaemonsRunning(ctx, l) {
-		if err := StartDaemons(ctx, l); err != nil {
+		if err := StartDaemons(ctx, l, Continuity(cmp.Or(datapath, "ebpf"))); err != nil {
 			return out, fmt.Errorf("lab %s: start vmhopd on both sites: %w", l.Name, err)
 		}
+	} else if running := daemonsDatapath(l); datapath != "" && running != datapath {
+		return out, fmt.Errorf("lab %s: its vmhopd run with datapath %q; redirect %q needs %q (stop them first)", l.Name, running, opt.Redirect, datapath)
 	}
 	dm, err := l.MachineFor(lab.VMConfig{Name: vm.Name, Host: lab.SiteB, IP: vm.IP})
 	if err != nil {
@@ -207,7 +266,8 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 	if err != nil {
 		return out, err
 	}
-	capture, err := StartCapture(l, l.Path("client.pcap"), EchoPort)
+	out.Pcap = l.Path("client.pcap")
+	capture, err := StartCaptureFilter(l, out.Pcap, filter)
 	if err != nil {
 		return out, err
 	}
@@ -224,6 +284,7 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 	lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
 	id, err := lc.Migrate(ctx, specYAML)
 	moved := make(chan daemon.JobReport, 1)
+	firstPhase := make(chan time.Time, 1)
 	type followed struct {
 		res *daemon.Result
 		err error
@@ -234,6 +295,12 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 		go func() {
 			res, err := lc.Follow(ctx, id, func(ev daemon.Event) error {
 				log.Info("vmhopd: "+ev.Message, "phase", ev.Phase)
+				if ev.Phase != "" && !ev.Time.IsZero() {
+					select {
+					case firstPhase <- ev.Time:
+					default:
+					}
+				}
 				var jr daemon.JobReport
 				if ev.Phase == daemon.PhaseDrain && json.Unmarshal(ev.Data, &jr) == nil {
 					moved <- jr
@@ -265,6 +332,11 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 		f := <-ended
 		fin = &f
 	}
+	select {
+	case t := <-firstPhase:
+		out.Start = t
+	default:
+	}
 	err = fin.err
 	if err == nil {
 		err = resultErr(fin.res)
@@ -289,102 +361,19 @@ func MigrateUnder(ctx context.Context, l *lab.Lab, spec *config.Migration, log *
 	return out, err
 }
 
-// Redirect is how packets for the old address reach the moved VM.
-type Redirect string
-
-const (
-	// RedirectEBPF is vmhop's eBPF/TC redirect (the default).
-	RedirectEBPF Redirect = "ebpf"
-	// RedirectNone leaves the redirect off (migrator.Plan.NoRedirect):
-	// live migration with the DNS flip only.
-	RedirectNone Redirect = "none"
-	// RedirectUserspace is the packet-level userspace fallback
-	// (migrator.ContinuityUserspace: a WireGuard tunnel, no BPF).
-	RedirectUserspace Redirect = "userspace"
-)
-
-// Options are a benchmark's changes to a lab migration.
-type Options struct {
-	Redirect Redirect // "" is RedirectEBPF
-	// Capture is the client capture's tcpdump filter; "" captures the echo
-	// port only ("tcp port 7"). The echo analysis follows port 7 whatever
-	// else is captured.
-	Capture string
-}
-
-// MigrateWith is the benchmark's migration: like MigrateUnder, but run
-// in this process (Plan, migrator.Run: the same migration core and data
-// paths vmhopd runs, one process driving both hosts, no peer API), so
-// that opt can change how the network moves; vmhopd has no such switch.
-// An unknown option fails before the lab is touched.
-func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.Logger, shape *Load, opt Options) (Outcome, error) {
-	var out Outcome
-	var planOpts []Option
-	switch opt.Redirect {
-	case "", RedirectEBPF, RedirectNone:
-	case RedirectUserspace:
-		planOpts = append(planOpts, Continuity(migrator.ContinuityUserspace))
-	default:
-		return out, fmt.Errorf("redirect %q: want %q, %q or %q", opt.Redirect, RedirectEBPF, RedirectNone, RedirectUserspace)
-	}
-	filter := opt.Capture
-	if filter == "" {
-		filter = fmt.Sprintf("tcp port %d", EchoPort)
-	}
-	vm, before, err := sourceGuest(ctx, l)
+// daemonsDatapath is the datapath key of the config StartDaemons wrote
+// for site A's vmhopd ("" if there is none).
+func daemonsDatapath(l *lab.Lab) string {
+	b, err := os.ReadFile(DaemonConfig(l, lab.SiteA))
 	if err != nil {
-		return out, err
+		return ""
 	}
-	p, err := Plan(ctx, l, vm, spec, log, planOpts...)
-	if err != nil {
-		return out, err
-	}
-	p.NoRedirect = opt.Redirect == RedirectNone
-	if out.Preflight, err = migrator.Check(ctx, p); err != nil {
-		return out, err
-	}
-	out.Pcap = l.Path("client.pcap")
-	capture, err := StartCaptureFilter(l, out.Pcap, filter)
-	if err != nil {
-		return out, err
-	}
-	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
-		Conns: shape.Conns, EchoEvery: shape.EchoEvery, HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery,
-		GiveUp: shape.GiveUp, BulkRate: shape.BulkRate}
-	lctx, stop := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() { load.Run(lctx); close(done) }()
-	time.Sleep(time.Second)
-
-	out.Start = time.Now()
-	out.Report, err = migrator.Run(ctx, p)
-	time.Sleep(3 * time.Second) // the clients keep talking to the moved VM
-	stop()
-	<-done
-	byPort, total, cerr := capture.StopByPort(EchoPort)
-	out.Captured = total
-	out.Client = load.View(byPort)
-	if err == nil && cerr != nil {
-		err = cerr
-	}
-	if err == nil || errors.Is(err, migrator.ErrUnhealthy) {
-		out.Guest = CheckGuest(ctx, l, lab.NewIP, before)
-		if err == nil && !out.Guest.OK() {
-			err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), ":"); ok && k == "datapath" {
+			return strings.TrimSpace(v)
 		}
 	}
-	if err == nil {
-		l.MoveVM(vm.Machine.Name, QEMU(p).DestMachine(), lab.SiteB)
-		out.Drained, err = migrator.Drain(ctx, p)
-		if err != nil {
-			err = fmt.Errorf("%w: drain: %w", migrator.ErrFollowUp, err)
-		}
-	}
-	if err != nil {
-		out.Err = err.Error()
-	}
-	out.Exit = migrator.ExitCode(err)
-	return out, err
+	return ""
 }
 
 // sourceGuest is l's guest at site A, once it answers, and its status

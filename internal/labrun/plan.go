@@ -82,6 +82,8 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		Dest:       dm,
 		DestArgs:   adopted.Args,
 		DestListen: netip.AddrPortFrom(lab.HostB, MigrationPort),
+		Dial:       l.Dialer(lab.SiteA),
+		Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 		Launcher:   l.Launcher(lab.SiteB),
 		TLS:        &qemu.PSK{Username: "vmhop", Key: key, SourceDir: l.Path("tls-a"), DestDir: l.Path("tls-b")},
 	})
@@ -117,6 +119,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 				DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
 				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
 				SourceSock: l.Path("nbd-relay.sock"),
+				Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			},
 			Log: log,
 		},
@@ -133,8 +136,9 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
 			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline,
 			Dial: l.Dialer(lab.SiteA)},
-		SourceQMP: vm.Machine.QMPSocket,
-		Log:       log,
+		SourceQMP:  vm.Machine.QMPSocket,
+		NoRedirect: !spec.Network.Redirect,
+		Log:        log,
 	}
 	if spec.Storage.Mode == "chunked" {
 		p.Disk = &storage.Chunked{Sync: &storage.ChunkedSync{
@@ -143,6 +147,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 			DialSource: l.Dialer(lab.SiteA),
 			ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
 			DestWAN:    netip.AddrPortFrom(lab.HostB, ChunkedPort).String(),
+			Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
 		}}

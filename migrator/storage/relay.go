@@ -59,6 +59,9 @@ type Relay struct {
 	// Limiter, if set, paces the bytes to the destination (shared with the
 	// memory stream's budget by the migrator).
 	Limiter *rate.Limiter
+	// Tuning is how the WAN socket yields to the VM's own traffic (its
+	// pacing is at Limiter's rate).
+	Tuning WANTuning
 	// Stall bounds how long sent data may stay unacknowledged on a WAN
 	// connection before it is given up (default 5s).
 	Stall time.Duration
@@ -152,6 +155,10 @@ func (r *Relay) dialWAN(ctx context.Context) (net.Conn, error) {
 		return nil, fmt.Errorf("relay: dial %s: %w", r.DestWAN, err)
 	}
 	giveUpUnacked(raw, r.stall())
+	if err := r.Tuning.apply(raw, r.Limiter); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("relay: %s: %w", r.DestWAN, err)
+	}
 	cfg := r.TLS
 	if cfg == nil {
 		cfg = r.peer.client()

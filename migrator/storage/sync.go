@@ -38,6 +38,9 @@ type ChunkedSync struct {
 	// Limiter, if set, paces what the source sends (bytes per second). The
 	// migrator shares it with the memory migration's budget.
 	Limiter *rate.Limiter
+	// Tuning is how each round's WAN socket yields to the VM's own
+	// traffic (its pacing is at Limiter's rate).
+	Tuning WANTuning
 	// FinalDelta: a live round that sent at most this many bytes ends the
 	// live rounds; MaxRounds bounds them anyway.
 	FinalDelta int64
@@ -286,6 +289,9 @@ func (s *chunkedServing) close() error {
 // no reconnection mends that.
 func refused(err error) bool {
 	var cv *tls.CertificateVerificationError
+	if errors.Is(err, errTuning) {
+		return true // the host's kernel refuses the socket option: every redial would too
+	}
 	// The other end's alert has no exported type (crypto/tls's alert
 	// reaches us as "remote error: tls: ...").
 	return errors.As(err, &cv) || strings.Contains(err.Error(), "remote error: tls: ")
@@ -300,6 +306,9 @@ func (s *ChunkedSync) round(ctx context.Context, src ChunkedSource) (RoundStats,
 		return RoundStats{}, err
 	}
 	defer raw.Close()
+	if err := s.Tuning.apply(raw, s.Limiter); err != nil {
+		return RoundStats{}, fmt.Errorf("chunked: %s: %w", s.DestWAN, err)
+	}
 	cfg := s.TLS
 	if cfg == nil {
 		cfg = s.tls.client()

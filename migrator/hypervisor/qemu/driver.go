@@ -6,10 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"time"
 
+	"github.com/vmhop/vmhop/internal/units"
 	"github.com/vmhop/vmhop/migrator/hypervisor"
+	"github.com/vmhop/vmhop/migrator/storage"
 )
 
 // Launcher starts a program on the destination host (vmhopd runs it
@@ -48,9 +51,17 @@ type Config struct {
 	// Incoming is the destination host's half (vmhopd on host B);
 	// nil: a LocalIncoming with Launcher, in this process.
 	Incoming Incoming
-	TLS      *PSK          // nil sends the stream in plaintext (lab tests only)
-	Multifd  int           // parallel channels; 0 or 1 is one channel
-	Poll     time.Duration // progress interval; default 250ms
+	TLS      *PSK // nil sends the stream in plaintext (lab tests only)
+	// Dial, if set and Tuning is active, opens the memory stream's TCP
+	// connection to DestListen here (the source host), tuned by Tuning
+	// (pacing, congestion control: the spec's limits), and hands QEMU the
+	// socket (QMP getfd, migrate fd:); else QEMU dials it itself, unpaced
+	// (its max-bandwidth is enforced per 100 ms slice, in line-rate
+	// bursts). Not with Multifd.
+	Dial    func(ctx context.Context, network, addr string) (net.Conn, error)
+	Tuning  storage.WANTuning
+	Multifd int           // parallel channels; 0 or 1 is one channel
+	Poll    time.Duration // progress interval; default 250ms
 }
 
 // Driver migrates a QEMU VM; it implements hypervisor.Driver.
@@ -243,7 +254,16 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 	events, unsubscribe := d.src.Events()
 	defer unsubscribe()
 	start := time.Now()
-	if err := d.src.Execute(ctx, "migrate", map[string]any{"uri": "tcp:" + d.cfg.DestListen.String()}, nil); err != nil {
+	uri := "tcp:" + d.cfg.DestListen.String()
+	if d.cfg.Dial != nil && d.cfg.Tuning.Active() && d.cfg.Multifd <= 1 {
+		conn, err := d.streamSocket(ctx, opts.Bandwidth)
+		if err != nil {
+			return res, fmt.Errorf("migrate: %w", err)
+		}
+		defer conn.Close() // QEMU holds its own copy; this one keeps the pacer's view of the socket
+		uri = "fd:" + streamFD
+	}
+	if err := d.src.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
 	}
 	tick := time.NewTicker(d.cfg.Poll)
@@ -455,3 +475,35 @@ func (d *Driver) Destination() *Monitor {
 
 // Incoming is the destination's half the driver uses.
 func (d *Driver) Incoming() Incoming { return d.in }
+
+// streamFD is the name the memory stream's socket has in the source QEMU.
+const streamFD = "vmhop-migration"
+
+// streamSocket dials the memory stream with cfg.Dial, tunes it for a
+// budget of bw, and passes QEMU a copy under streamFD.
+func (d *Driver) streamSocket(ctx context.Context, bw units.Bitrate) (net.Conn, error) {
+	conn, err := d.cfg.Dial(ctx, "tcp", d.cfg.DestListen.String())
+	if err != nil {
+		return nil, fmt.Errorf("memory stream: dial %s: %w", d.cfg.DestListen, err)
+	}
+	if err := d.cfg.Tuning.Apply(conn, float64(bw.BytesPerSecond())); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("memory stream: %w", err)
+	}
+	tc, ok := conn.(*net.TCPConn)
+	if !ok {
+		conn.Close()
+		return nil, fmt.Errorf("memory stream: %T is not a TCP connection", conn)
+	}
+	f, err := tc.File()
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("memory stream: %w", err)
+	}
+	defer f.Close()
+	if err := d.src.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": streamFD}, f, nil); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("memory stream: %w", err)
+	}
+	return conn, nil
+}

@@ -10,9 +10,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrClosed is returned for commands on a monitor whose connection ended
@@ -147,6 +150,20 @@ func (m *Monitor) read(r *bufio.Reader) {
 // Execute runs command with args (nil or a JSON-marshalable value) and
 // decodes its return value into out (nil to discard).
 func (m *Monitor) Execute(ctx context.Context, command string, args, out any) error {
+	return m.execute(ctx, command, args, out, nil)
+}
+
+// ExecuteWithFile is Execute with f's descriptor passed along the
+// command (SCM_RIGHTS), as QMP's getfd and add-fd take one. f stays the
+// caller's (QEMU holds its own copy once the command returned).
+func (m *Monitor) ExecuteWithFile(ctx context.Context, command string, args any, f *os.File, out any) error {
+	if _, ok := m.conn.(*net.UnixConn); !ok {
+		return fmt.Errorf("qmp %s: passing a descriptor needs a unix socket", command)
+	}
+	return m.execute(ctx, command, args, out, f)
+}
+
+func (m *Monitor) execute(ctx context.Context, command string, args, out any, f *os.File) error {
 	m.mu.Lock()
 	if isDone(m.done) {
 		m.mu.Unlock()
@@ -172,7 +189,11 @@ func (m *Monitor) Execute(ctx context.Context, command string, args, out any) er
 		return fmt.Errorf("qmp %s: %w", command, err)
 	}
 	m.wmu.Lock()
-	_, err = m.conn.Write(append(b, '\n'))
+	if f != nil {
+		_, _, err = m.conn.(*net.UnixConn).WriteMsgUnix(append(b, '\n'), unix.UnixRights(int(f.Fd())), nil)
+	} else {
+		_, err = m.conn.Write(append(b, '\n'))
+	}
 	m.wmu.Unlock()
 	if err != nil {
 		return fmt.Errorf("qmp %s: %w", command, err)

@@ -5,10 +5,15 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // fakeQEMU speaks just enough QMP: greeting, capabilities negotiation, then
@@ -123,5 +128,79 @@ func TestMachineArgs(t *testing.T) {
 	}
 	if _, err := (Machine{Name: "x"}).Args(); err == nil {
 		t.Error("incomplete machine accepted")
+	}
+}
+
+// TestExecuteWithFilePassesDescriptor: getfd's descriptor arrives beside
+// the command (SCM_RIGHTS) and is a working copy of the caller's file.
+func TestExecuteWithFilePassesDescriptor(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "qmp.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		uc := c.(*net.UnixConn)
+		w := json.NewEncoder(c)
+		w.Encode(map[string]any{"QMP": map[string]any{"version": map[string]any{}, "capabilities": []string{}}})
+		buf, oob := make([]byte, 4096), make([]byte, 256)
+		for {
+			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			var req struct {
+				Execute   string         `json:"execute"`
+				ID        string         `json:"id"`
+				Arguments map[string]any `json:"arguments"`
+			}
+			json.Unmarshal(buf[:n], &req)
+			if req.Execute == "getfd" {
+				msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+				var fds []int
+				if len(msgs) == 1 {
+					fds, _ = unix.ParseUnixRights(&msgs[0])
+				}
+				if len(fds) != 1 {
+					got <- fmt.Sprintf("%d descriptors", len(fds))
+				} else {
+					f := os.NewFile(uintptr(fds[0]), "passed")
+					f.WriteString("through the copy")
+					f.Close()
+					got <- fmt.Sprint(req.Arguments["fdname"])
+				}
+			}
+			w.Encode(map[string]any{"return": map[string]any{}, "id": req.ID})
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m, err := Dial(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	r, wr, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := m.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": streamFD}, wr, nil); err != nil {
+		t.Fatal(err)
+	}
+	wr.Close()
+	if name := <-got; name != streamFD {
+		t.Fatalf("server got %s", name)
+	}
+	b, _ := io.ReadAll(r)
+	if string(b) != "through the copy" {
+		t.Fatalf("read %q from the pipe", b)
 	}
 }
