@@ -4,11 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 
 	"github.com/vmhop/vmhop/daemon/journal"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
@@ -119,11 +121,20 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 		}
 	}
 	in := &RemoteIncoming{Peer: peer}
+	drv := qemu.New(qemu.Config{SourceQMP: spec.VM.QMPSocket, Incoming: in})
+	// The disk stream's ends at the destination (end-disk-stream, if
+	// disk-release did not end): its export and the relay or chunked end.
+	var disk storage.Strategy = &qemu.MirrorDisk{Driver: drv, Relay: &storage.Relay{Server: RemoteDiskServer{Peer: peer},
+		DestWAN: netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String()}}
+	if spec.Storage.Mode == "chunked" {
+		disk = &storage.Chunked{Sync: &storage.ChunkedSync{Server: RemoteDiskServer{Peer: peer},
+			DestWAN: netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String()}}
+	}
 	p := &migrator.Plan{
 		Label: peerName, VM: spec.VM.QMPSocket,
 		Source: s.Work.Host, Dest: RemoteDestination{Peer: peer},
 		SourceWAN: spec.Source.Address, DestWAN: spec.Destination.Address,
-		Driver:   qemu.New(qemu.Config{SourceQMP: spec.VM.QMPSocket, Incoming: in}),
+		Driver: drv, Disk: disk,
 		DestDisk: spec.Destination.Disk, DestTap: spec.Destination.Tap,
 		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
 		VMMAC: vmMAC, GatewayMAC: gwMAC,
