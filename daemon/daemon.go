@@ -78,6 +78,11 @@ type Options struct {
 	LeaseTTL time.Duration
 	// Now is the leases' clock; nil: time.Now (tests move it).
 	Now func() time.Time
+	// RecoveryRetry is how long Serve waits before it runs Recover again
+	// after a recovery failed or a job left its record open (its undo
+	// could not reach a host), doubling up to a minute while it fails;
+	// 0 means 2 s, < 0 never (an operator runs vmhop recover --apply).
+	RecoveryRetry time.Duration
 }
 
 // Daemon is one host's vmhopd: its peer API (with tls set), its local API,
@@ -92,7 +97,8 @@ type Daemon struct {
 	metrics *metrics.Metrics
 	journal *journal.Store // state_dir/journal: the migrations this host coordinates
 
-	recoverMu sync.Mutex // one Recover at a time
+	recoverMu   sync.Mutex    // one Recover at a time
+	recoverKick chan struct{} // a record was left for recovery: retryRecovery tries soon
 
 	mu     sync.RWMutex // guards cfg.Peers, cfg.LogLevel, peers, reload (Reload changes them)
 	cfg    config.Daemon
@@ -122,7 +128,8 @@ func New(cfg config.Daemon, opts Options) (*Daemon, error) {
 		opts.Metrics = metrics.New()
 	}
 	d := &Daemon{cfg: cfg, opts: opts, log: opts.Log, peers: map[string]*PeerClient{}, metrics: opts.Metrics,
-		secrets: Secrets{dir: filepath.Join(cfg.StateDir, "migrations")}, journal: journal.NewStore(journalDir(cfg.StateDir))}
+		secrets: Secrets{dir: filepath.Join(cfg.StateDir, "migrations")}, journal: journal.NewStore(journalDir(cfg.StateDir)),
+		recoverKick: make(chan struct{}, 1)}
 	if cfg.TLS.Cert != "" {
 		t, err := loadTLS(&cfg)
 		if err != nil {
@@ -295,6 +302,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	}
 	if d.tls != nil {
 		bg.Go(func() { d.peerAPI.runLeases(base) })
+	}
+	if d.opts.RecoveryRetry >= 0 {
+		bg.Go(func() { d.retryRecovery(base) })
 	}
 	var err error
 	select {

@@ -175,15 +175,27 @@ func (s *incomingSlot) ExportDisk(ctx context.Context, req qemu.DiskExport) erro
 	return in.ExportDisk(ctx, req)
 }
 
-// UnexportDisk implements qemu.Incoming (also once the VM runs here).
+// UnexportDisk implements qemu.Incoming (also once the VM runs here:
+// then it is the migration's last use of the VM's QMP socket, which this
+// host lets go of, since QEMU takes one QMP client at a time and the VM
+// is its operator's now).
 func (s *incomingSlot) UnexportDisk(ctx context.Context) error {
 	s.mu.Lock()
-	in := s.cur
+	in, landed := s.cur, s.landed
 	s.mu.Unlock()
 	if in == nil {
 		return nil
 	}
-	return in.UnexportDisk(ctx)
+	err := in.UnexportDisk(ctx)
+	if landed {
+		s.mu.Lock()
+		if s.cur == in {
+			in.Close()
+			s.cur = nil
+		}
+		s.mu.Unlock()
+	}
+	return err
 }
 
 // WaitRunning implements qemu.Incoming; once the guest runs here, the

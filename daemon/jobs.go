@@ -228,6 +228,7 @@ func (d *Daemon) closeJournal(m *migration, err error) {
 		// next start, or vmhop recover --apply) takes it back again.
 		d.log.Error("migration failed and could not be fully undone: left for recovery", "id", m.id, "err", err)
 		m.jr.Outcome = nil
+		defer d.kickRecovery()
 	} else {
 		m.jr.Close(o)
 	}
@@ -346,6 +347,57 @@ var ErrNoRecoverer = errors.New("the migrator cannot recover migrations (no Reco
 // stay in the journal, each with the error; without a RecoveryPlanner
 // nothing is applied (ErrNoRecoverer) and the plan is logged.
 func (d *Daemon) Recover(ctx context.Context) ([]RecoveryEntry, error) {
+	out, err := d.recover(ctx)
+	if err != nil && !errors.Is(err, ErrNoRecoverer) {
+		d.kickRecovery() // tried again in the background (retryRecovery)
+	}
+	return out, err
+}
+
+// kickRecovery asks retryRecovery for a try soon.
+func (d *Daemon) kickRecovery() {
+	if d.recoverKick == nil {
+		return
+	}
+	select {
+	case d.recoverKick <- struct{}{}:
+	default:
+	}
+}
+
+// retryRecovery runs recover again, until it succeeds, after each kick
+// (a failed Recover, a job whose undo failed): first after
+// Options.RecoveryRetry (2 s), then doubling up to a minute. A job whose
+// undo could not reach its destination is so finished once the peer
+// answers again, without an operator (the lab fault matrix's
+// destination/pre-copy row).
+func (d *Daemon) retryRecovery(ctx context.Context) {
+	first := d.opts.RecoveryRetry
+	if first == 0 {
+		first = 2 * time.Second
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.recoverKick:
+		}
+		for wait := first; ; wait = min(2*wait, time.Minute) {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			_, err := d.recover(ctx)
+			if err == nil || errors.Is(err, ErrNoRecoverer) || ctx.Err() != nil {
+				break
+			}
+			d.log.Warn("recovery failed; trying again", "in", min(2*wait, time.Minute), "err", err)
+		}
+	}
+}
+
+func (d *Daemon) recover(ctx context.Context) ([]RecoveryEntry, error) {
 	d.recoverMu.Lock()
 	defer d.recoverMu.Unlock()
 	recs, err := d.recoverable()
@@ -360,7 +412,7 @@ func (d *Daemon) Recover(ctx context.Context) ([]RecoveryEntry, error) {
 		var rerr error
 		if !ok {
 			e.Recovery, rerr = journal.Rule(r, journal.Facts{}), ErrNoRecoverer
-		} else if plan, cleanup, perr := rp.RecoveryPlan(ctx, r); perr != nil {
+		} else if plan, cleanup, perr := d.timedPlan(ctx, rp, r); perr != nil {
 			e.Recovery, rerr = journal.Rule(r, journal.Facts{}), fmt.Errorf("rebuild the plan: %w", perr)
 			if cleanup != nil {
 				cleanup()
@@ -386,4 +438,12 @@ func (d *Daemon) Recover(ctx context.Context) ([]RecoveryEntry, error) {
 		out = append(out, e)
 	}
 	return out, errors.Join(errs...)
+}
+
+// timedPlan is rp.RecoveryPlan, logged with how long it took.
+func (d *Daemon) timedPlan(ctx context.Context, rp RecoveryPlanner, r *journal.Record) (*migrator.Plan, func(), error) {
+	t0 := time.Now()
+	p, cleanup, err := rp.RecoveryPlan(ctx, r)
+	d.log.Info("recover: the plan rebuilt from the journal", "id", r.ID, "took", time.Since(t0).Round(time.Millisecond), "err", err)
+	return p, cleanup, err
 }

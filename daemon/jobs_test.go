@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -311,5 +312,59 @@ func TestFailedUndoLeavesTheRecordOpen(t *testing.T) {
 	}
 	if _, err := lc.Migrate(context.Background(), readSpec(t)); CodeOf(err) != CodeFailedPrecondition {
 		t.Fatalf("migrate again: %v", err)
+	}
+}
+
+// flakyPlanner fails to rebuild plans until its failures are used up,
+// then rebuilds an empty one (enough for a record whose recovery is
+// flip-dns and restore-dns-ttl without DNS: nothing to do).
+type flakyPlanner struct {
+	fakeMigrator
+	failures atomic.Int32
+	calls    atomic.Int32
+}
+
+func (p *flakyPlanner) RecoveryPlan(context.Context, *journal.Record) (*migrator.Plan, func(), error) {
+	p.calls.Add(1)
+	if p.failures.Add(-1) >= 0 {
+		return nil, nil, errors.New("peer site-b: connection refused")
+	}
+	return &migrator.Plan{}, nil, nil
+}
+
+// TestRecoveryRetried: a Recover that fails (here: the plan cannot be
+// rebuilt, as when the destination is down) is tried again in the
+// background until it succeeds, without an operator.
+func TestRecoveryRetried(t *testing.T) {
+	cfg := localOnly(t)
+	s := journal.NewStore(filepath.Join(cfg.StateDir, "journal"))
+	r := &journal.Record{ID: "web1-0badf11b", Name: "web1", VM: "qemu:/run/web1.qmp", Started: time.Now()}
+	for _, e := range []migrator.PhaseEvent{{Phase: "dns-prepare"}, {Phase: "memory"}, {Phase: "memory", End: true},
+		{Phase: "dns-flip", Committed: true}, {Phase: "dns-flip", End: true, Err: "refused", Committed: true}} {
+		r.Apply(e, time.Now())
+	}
+	r.Close(journal.Outcome{ExitCode: migrator.ExitFollowUp})
+	if err := s.Write(r); err != nil {
+		t.Fatal(err)
+	}
+	p := &flakyPlanner{}
+	p.failures.Store(2)
+	d := start(t, cfg, Options{Migrator: p, RecoveryRetry: 20 * time.Millisecond}, nil)
+	if _, err := d.Recover(context.Background()); err == nil {
+		t.Fatal("the first recovery succeeded; want it to fail")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		left, err := d.RecoveryPlan()
+		if err == nil && len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not recovered in the background after %d tries: %+v %v", p.calls.Load(), left, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got, _ := s.Read(r.ID); got.Outcome == nil || !got.Outcome.Recovered || p.calls.Load() != 3 {
+		t.Errorf("record %+v after %d plans, want recovered after 3", got.Outcome, p.calls.Load())
 	}
 }

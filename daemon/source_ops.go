@@ -4,11 +4,14 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
+	"path/filepath"
 
 	"github.com/vmhop/vmhop/daemon/journal"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/migrator"
 	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
+	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
@@ -33,6 +36,14 @@ type PreflightReport struct {
 	// DNSKeyProven: the primary accepted a signed UPDATE with only
 	// prerequisites (ddns.Client.ProveKey): the flip's key works.
 	DNSKeyProven bool `json:"dns_key_proven"`
+	// DestFreeBytes is the free space where the destination image goes
+	// (at least AllocBytes, or the preflight fails).
+	DestFreeBytes int64 `json:"dest_free_bytes"`
+	// SourceContinuity and DestContinuity are each host's loaded
+	// mechanism for the VM's old flows ("ebpf" or "userspace"; the same
+	// on both, or the preflight fails).
+	SourceContinuity string `json:"source_continuity"`
+	DestContinuity   string `json:"dest_continuity"`
 }
 
 // Preflight implements Preflighter: the plan Migrate would follow (the
@@ -57,6 +68,9 @@ func (s *SourceMigrator) Preflight(ctx context.Context, job *Job) (any, error) {
 	}
 	rep.ImageBytes, rep.AllocBytes = img.Size, img.Allocated
 	if rep.Preflight, err = migrator.Check(ctx, p); err != nil {
+		return rep, err
+	}
+	if err := hostsReady(ctx, p, rep); err != nil {
 		return rep, err
 	}
 	if c, ok := p.DNS.(*ddns.Client); ok {
@@ -119,11 +133,20 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 		}
 	}
 	in := &RemoteIncoming{Peer: peer}
+	drv := qemu.New(qemu.Config{SourceQMP: spec.VM.QMPSocket, Incoming: in})
+	// The disk stream's ends at the destination (end-disk-stream, if
+	// disk-release did not end): its export and the relay or chunked end.
+	var disk storage.Strategy = &qemu.MirrorDisk{Driver: drv, Relay: &storage.Relay{Server: RemoteDiskServer{Peer: peer},
+		DestWAN: netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String()}}
+	if spec.Storage.Mode == "chunked" {
+		disk = &storage.Chunked{Sync: &storage.ChunkedSync{Server: RemoteDiskServer{Peer: peer},
+			DestWAN: netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String()}}
+	}
 	p := &migrator.Plan{
 		Label: peerName, VM: spec.VM.QMPSocket,
 		Source: s.Work.Host, Dest: RemoteDestination{Peer: peer},
 		SourceWAN: spec.Source.Address, DestWAN: spec.Destination.Address,
-		Driver:   qemu.New(qemu.Config{SourceQMP: spec.VM.QMPSocket, Incoming: in}),
+		Driver: drv, Disk: disk,
 		DestDisk: spec.Destination.Disk, DestTap: spec.Destination.Tap,
 		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
 		VMMAC: vmMAC, GatewayMAC: gwMAC,
@@ -140,4 +163,37 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 		return nil, nil, fmt.Errorf("migration.dns.tsig_key_file: %w", err)
 	}
 	return p, in.Close, nil
+}
+
+// hostsReady is the preflight's look at both hosts beyond addresses:
+// each has its continuity mechanism loaded, the same one (a userspace
+// host cannot take an eBPF tunnel), and the destination has room for the
+// image (the source's allocated bytes, as CreateImage will demand).
+func hostsReady(ctx context.Context, p *migrator.Plan, rep *PreflightReport) error {
+	src, err := p.Source.HeldAddrs(ctx, migrator.AddrQuery{})
+	if err != nil {
+		return fmt.Errorf("preflight: %w", err)
+	}
+	dst, err := p.Dest.HeldAddrs(ctx, migrator.AddrQuery{ImageDir: filepath.Dir(p.DestDisk)})
+	if err != nil {
+		return fmt.Errorf("preflight: %w", err)
+	}
+	rep.SourceContinuity, rep.DestContinuity, rep.DestFreeBytes = src.Continuity, dst.Continuity, dst.FreeBytes
+	for _, h := range []migrator.HeldAddrs{src, dst} {
+		if h.Continuity == "" {
+			return fmt.Errorf("preflight: %s has neither its eBPF datapath loaded nor the userspace fallback (vmhopd.datapath): the VM's old flows would have no path", h.Name)
+		}
+	}
+	if src.Continuity != dst.Continuity {
+		return fmt.Errorf("preflight: %s runs the %s datapath, %s the %s one: both hosts need the same (vmhopd.datapath)", src.Name, src.Continuity, dst.Name, dst.Continuity)
+	}
+	need := rep.AllocBytes
+	if need <= 0 {
+		need = rep.ImageBytes
+	}
+	if dst.FreeBytes < need {
+		return fmt.Errorf("preflight: %s: %w: the image %s needs %d MiB, %s has %d MiB free", dst.Name, storage.ErrNoSpace,
+			p.DestDisk, (need+1<<20-1)>>20, filepath.Dir(p.DestDisk), dst.FreeBytes>>20)
+	}
+	return nil
 }

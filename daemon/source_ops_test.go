@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/vmhop/vmhop/daemon/journal"
 	"github.com/vmhop/vmhop/migrator"
+	"github.com/vmhop/vmhop/migrator/storage"
 )
 
 // TestRecoveryPlanFromTheJournal: a record past its commit point whose
@@ -45,5 +47,35 @@ func TestRecoveryPlanFromTheJournal(t *testing.T) {
 	rec.Spec = "nonsense: ["
 	if _, _, err := s.RecoveryPlan(context.Background(), rec); err == nil || !strings.Contains(err.Error(), "does not parse") {
 		t.Fatalf("bad spec: %v", err)
+	}
+}
+
+// TestPreflightHostsReady: the dry run's look at both hosts beyond
+// addresses: each reports its continuity mechanism and the destination
+// its free space where the image goes; a host with neither eBPF nor the
+// userspace fallback loaded, or a destination without room for the
+// source's allocated bytes (storage.ErrNoSpace, naming host and path),
+// fails the preflight.
+func TestPreflightHostsReady(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	src := &migrator.Host{Name: "site-a", Continuity: migrator.ContinuityUserspace}
+	dst := &migrator.Host{Name: "site-b", Continuity: migrator.ContinuityUserspace}
+	p := &migrator.Plan{Source: src, Dest: dst, DestDisk: filepath.Join(dir, "web1.raw")}
+	rep := &PreflightReport{ImageBytes: 1 << 30, AllocBytes: 1 << 20}
+	if err := hostsReady(ctx, p, rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.SourceContinuity != "userspace" || rep.DestContinuity != "userspace" || rep.DestFreeBytes < 1<<20 {
+		t.Fatalf("report: %+v", rep)
+	}
+	rep.AllocBytes = 1 << 62
+	if err := hostsReady(ctx, p, rep); !errors.Is(err, storage.ErrNoSpace) || !strings.Contains(err.Error(), "site-b") || !strings.Contains(err.Error(), dir) {
+		t.Fatalf("no room at the destination: %v", err)
+	}
+	rep.AllocBytes = 1 << 20
+	p.Dest = &migrator.Host{Name: "site-b"} // no datapath loaded, no fallback
+	if err := hostsReady(ctx, p, rep); err == nil || !strings.Contains(err.Error(), "site-b has neither") {
+		t.Fatalf("no continuity at the destination: %v", err)
 	}
 }

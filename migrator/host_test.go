@@ -77,3 +77,20 @@ func TestCreateImageNoSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestHeldAddrsReportsHostReadiness: besides its addresses a host says
+// which continuity mechanism it has loaded and, when asked about an
+// image directory, the free space there (the dry run's preflight).
+func TestHeldAddrsReportsHostReadiness(t *testing.T) {
+	orig := freeBytes
+	freeBytes = func(string) (int64, error) { return 100 << 20, nil }
+	t.Cleanup(func() { freeBytes = orig })
+	ctx := context.Background()
+	h, err := (&Host{Name: "site-b", Continuity: ContinuityUserspace}).HeldAddrs(ctx, AddrQuery{ImageDir: t.TempDir()})
+	if err != nil || h.Continuity != ContinuityUserspace || h.FreeBytes != 100<<20 || len(h.Addrs) == 0 {
+		t.Fatalf("held: %+v %v", h, err)
+	}
+	if h, err := (&Host{Name: "site-a"}).HeldAddrs(ctx, AddrQuery{}); err != nil || h.Continuity != "" || h.FreeBytes != 0 {
+		t.Fatalf("no datapath loaded, no image dir asked: %+v %v", h, err)
+	}
+}

@@ -87,19 +87,43 @@ type AddressHolder interface {
 }
 
 // AddrQuery asks a host for its addresses.
-type AddrQuery struct{}
+type AddrQuery struct {
+	// ImageDir, if set, is where the migration would create its image on
+	// this host: HeldAddrs.FreeBytes says the free space there.
+	ImageDir string `json:"image_dir,omitempty"`
+}
 
 // HeldAddrs is a host's name and every address of its namespace's
-// interfaces.
+// interfaces, with what else the preflight asks each host: its
+// continuity mechanism and the free space for the image.
 type HeldAddrs struct {
 	Name  string       `json:"name"`
 	Addrs []netip.Addr `json:"addrs"`
+	// Continuity is how the host carries a VM's old flows: "ebpf" (its
+	// datapath is loaded), "userspace" (proxy/wgpath), "" neither loaded.
+	Continuity string `json:"continuity,omitempty"`
+	// FreeBytes is the free space at AddrQuery.ImageDir, in bytes (0: not
+	// asked).
+	FreeBytes int64 `json:"free_bytes,omitempty"`
 }
 
 // HeldAddrs implements AddressHolder: the addresses of every interface of
 // the host's namespace.
-func (h *Host) HeldAddrs(_ context.Context, _ AddrQuery) (HeldAddrs, error) {
+func (h *Host) HeldAddrs(_ context.Context, q AddrQuery) (HeldAddrs, error) {
 	out := HeldAddrs{Name: h.Name}
+	switch {
+	case h.Continuity == ContinuityUserspace:
+		out.Continuity = ContinuityUserspace
+	case h.dp != nil:
+		out.Continuity = ContinuityEBPF
+	}
+	if q.ImageDir != "" {
+		free, err := freeBytes(q.ImageDir)
+		if err != nil {
+			return out, fmt.Errorf("%s: free space of %s: %w", h.Name, q.ImageDir, err)
+		}
+		out.FreeBytes = free
+	}
 	err := h.do(func() error {
 		as, err := net.InterfaceAddrs()
 		if err != nil {

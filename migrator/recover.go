@@ -30,6 +30,13 @@ const (
 	ActRemoveRedirect RecoveryAction = "remove-redirect"
 	// ActResumeSource makes the source VM run (QMP cont if it is paused).
 	ActResumeSource RecoveryAction = "resume-source"
+	// ActEndDisk ends the disk stream the dead process left (the plan's
+	// Disk, if it is a DiskCleaner): the source's mirror job and its
+	// target, the destination's export and its end of the stream. Before
+	// the commit point it comes before the source resumes (the job's
+	// target is gone: guest writes would wait on it); after it, before the
+	// source is stopped.
+	ActEndDisk RecoveryAction = "end-disk-stream"
 	// ActAbortDestination stops the destination hypervisor and removes the
 	// VM's entry and the image the migration created there.
 	ActAbortDestination RecoveryAction = "abort-destination"
@@ -50,6 +57,13 @@ const (
 	// quiet and resolvers dropped it, then the tunnels are retired.
 	ActFinishDrain RecoveryAction = "finish-drain"
 )
+
+// DiskCleaner is a storage strategy that can end, from a plan rebuilt
+// after a crash (no state of the process that ran the migration), what a
+// disk stream left on both hosts. Idempotent.
+type DiskCleaner interface {
+	Clean(ctx context.Context) error
+}
 
 // RecoveryState is what the journal kept that the actions need.
 type RecoveryState struct {
@@ -88,7 +102,9 @@ func Recover(ctx context.Context, p *Plan, st RecoveryState, actions []RecoveryA
 	}
 	var errs []error
 	for _, a := range actions {
+		t0 := time.Now()
 		err := p.recoverOne(ctx, a, st)
+		p.Log.Info("recover: action", "action", a, "took", time.Since(t0).Round(time.Millisecond), "err", err)
 		if done != nil {
 			done(a, err)
 		}
@@ -115,6 +131,11 @@ func (p *Plan) recoverOne(ctx context.Context, a RecoveryAction, st RecoveryStat
 		return p.Source.RemoveRedirect(ctx, RedirectRemove{OldIP: p.OldIP})
 	case ActResumeSource:
 		return p.Driver.ResumeSource(ctx)
+	case ActEndDisk:
+		if c, ok := p.Disk.(DiskCleaner); ok {
+			return c.Clean(ctx)
+		}
+		return nil
 	case ActAbortDestination:
 		return errors.Join(p.Driver.AbortDestination(ctx),
 			p.Dest.Abort(ctx, DestAbort{OldIP: p.OldIP, NewIP: p.NewIP, Image: p.DestDisk}))

@@ -122,7 +122,7 @@ func TestRecoverCmd(t *testing.T) {
 	}
 	out, _, err = execute(t, newRecoverCmd(), "--socket", sock)
 	want := "journal: copying; done: datapath, destination\n  recovery will: roll-back: before the memory stream: the source VM never paused\n" +
-		"    1. abort-destination\n    2. remove-redirect\n    3. retire-tunnels\n"
+		"    1. end-disk-stream\n    2. abort-destination\n    3. remove-redirect\n    4. retire-tunnels\n"
 	if exitCode(err) != 1 || !strings.Contains(out, want) {
 		t.Fatalf("recover: exit %d\n%s\nwant\n%s", exitCode(err), out, want)
 	}

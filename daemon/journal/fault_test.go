@@ -32,6 +32,10 @@ type world struct {
 	tunnels   int    // accepted on either host, not retired
 	dnsAddr   netip.Addr
 	dnsTTL    uint32
+	// disk: the disk stream (the source's mirror job, the destination's
+	// export and stream end) runs: Bulk starts it, Release and Abort end
+	// it, and so does recovery's end-disk-stream (Clean).
+	disk bool
 }
 
 func (w *world) do(f func()) { w.mu.Lock(); f(); w.mu.Unlock() }
@@ -190,18 +194,24 @@ func (d wDNS) Restore(_ context.Context, _, _ string, ttl uint32) (ddns.Result, 
 	return ddns.Result{}, nil
 }
 
-type wDisk struct{}
+type wDisk struct{ *proc }
 
-func (wDisk) Name() string                                                          { return "fake" }
-func (wDisk) Bulk(context.Context, *rate.Limiter, func(storage.BulkProgress)) error { return nil }
-func (wDisk) Prehash(context.Context) (bool, error)                                 { return false, nil }
+var _ migrator.DiskCleaner = wDisk{}
+
+func (wDisk) Name() string { return "fake" }
+func (d wDisk) Bulk(context.Context, *rate.Limiter, func(storage.BulkProgress)) error {
+	d.do(func() { d.w.disk = true })
+	return nil
+}
+func (wDisk) Prehash(context.Context) (bool, error) { return false, nil }
 func (wDisk) Final(context.Context) (storage.FinalDelta, error) {
 	return storage.FinalDelta{Proven: true, Digest: []byte("0123456789abcdef")}, nil
 }
-func (wDisk) Release(context.Context) error { return nil }
-func (wDisk) Abort(context.Context) error   { return nil }
-func (wDisk) Sent() int64                   { return -1 }
-func (wDisk) Stats() storage.StrategyStats  { return storage.StrategyStats{} }
+func (d wDisk) Release(context.Context) error { d.do(func() { d.w.disk = false }); return nil }
+func (d wDisk) Abort(context.Context) error   { d.do(func() { d.w.disk = false }); return nil }
+func (d wDisk) Clean(context.Context) error   { d.do(func() { d.w.disk = false }); return nil }
+func (wDisk) Sent() int64                     { return -1 }
+func (wDisk) Stats() storage.StrategyStats    { return storage.StrategyStats{} }
 
 var (
 	oldIP = netip.MustParseAddr("10.1.0.10")
@@ -211,7 +221,7 @@ var (
 func (w *world) plan(p *proc) *migrator.Plan {
 	mac, _ := net.ParseMAC("52:54:00:12:34:56")
 	return &migrator.Plan{Label: "web1", VM: fmt.Sprintf("web1-%p", p), Source: wSource{p}, Dest: wDest{p}, Driver: wDriver{p},
-		Disk: wDisk{}, DNS: wDNS{p}, Zone: "example.", DNSName: "svc.example.", TTL: 1,
+		Disk: wDisk{p}, DNS: wDNS{p}, Zone: "example.", DNSName: "svc.example.", TTL: 1,
 		SourceDisk: "/a.raw", DestDisk: "/b.raw", SourceWAN: netip.MustParseAddr("192.0.2.1"), DestWAN: netip.MustParseAddr("192.0.2.2"),
 		OldIP: oldIP, NewIP: newIP, VMMAC: mac, DrainIdle: time.Millisecond, DrainTimeout: time.Second, StallTimeout: -1}
 }
@@ -225,7 +235,7 @@ var errKilled = errors.New("killed")
 // migration may end in: the VM running on the source alone (disk image
 // at the destination gone, DNS and its TTL as they were), or running at
 // the destination alone (source quit, DNS flipped, TTL restored); the
-// redirect and both tunnels gone either way.
+// redirect, both tunnels and the disk stream gone either way.
 func TestFaultMatrix(t *testing.T) {
 	type kill struct {
 		phase string
@@ -301,7 +311,7 @@ func TestFaultMatrix(t *testing.T) {
 			got, _ := s.Read(rec.ID)
 			onSource := w.source == "running" && w.dest == "" && !w.image && !w.vmEntry && w.dnsAddr == oldIP && w.dnsTTL == 2
 			atDest := w.source == "quit" && w.dest == "running" && w.image && w.vmEntry && w.dnsAddr == newIP && w.dnsTTL == 2
-			if !onSource && !atDest || w.redirect != "" || w.tunnels != 0 || got.Open() {
+			if !onSource && !atDest || w.redirect != "" || w.tunnels != 0 || w.disk || got.Open() {
 				t.Fatalf("after recovering from %s (%v): %+v; record %s, outcome %+v", left.State, left.Recovery, w, got.State, got.Outcome)
 			}
 			if wantMoved := left.Done.Committed || k.hook == false && k.phase == "memory" && k.end; wantMoved != atDest {

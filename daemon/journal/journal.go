@@ -122,6 +122,7 @@ type Done struct {
 	Destination  bool `json:"destination"`   // the destination's image, hypervisor, VM entry may exist
 	Switching    bool `json:"switching"`     // the memory stream started: the source may be paused, the redirect on
 	Committed    bool `json:"committed"`     // the memory phase ended: the VM runs at the destination
+	DiskReleased bool `json:"disk_released"` // disk-release ended without error: the disk stream is gone on both hosts
 	HealthPassed bool `json:"health_passed"` // the health check ended passed
 	HealthFailed bool `json:"health_failed"` // the health check ended failed: the source is kept paused
 	DNSFlipped   bool `json:"dns_flipped"`   // the flip ended without error
@@ -180,6 +181,8 @@ func (r *Record) Apply(ev migrator.PhaseEvent, now time.Time) {
 		switch ev.Phase {
 		case "memory":
 			r.Done.Committed = ok
+		case "disk-release":
+			r.Done.DiskReleased = ok
 		case "health":
 			r.Done.HealthPassed, r.Done.HealthFailed = ok, !ok
 		case "dns-flip":

@@ -45,21 +45,26 @@ type Recovery struct {
 // rollBack is every undo that may be needed once the memory stream
 // started, in order: stop the migration, take the redirect off before the
 // source resumes (its packets would go to a destination being torn down),
-// resume the source, then clear the destination, DNS and the tunnels.
-var rollBack = []migrator.RecoveryAction{migrator.ActCancelMigration, migrator.ActRemoveRedirect, migrator.ActResumeSource,
-	migrator.ActAbortDestination, migrator.ActRestoreDNSTTL, migrator.ActRetireTunnels}
+// end the disk stream (a mirror job left on the source would hold guest
+// writes on a target that is gone), resume the source, then clear the
+// destination, DNS and the tunnels.
+var rollBack = []migrator.RecoveryAction{migrator.ActCancelMigration, migrator.ActRemoveRedirect, migrator.ActEndDisk,
+	migrator.ActResumeSource, migrator.ActAbortDestination, migrator.ActRestoreDNSTTL, migrator.ActRetireTunnels}
 
 // Rule is the recovery for a record in its state, given what the hosts
 // said (facts): a pure function (docs/architecture.md has the table).
 //
 //   - started: nothing was done: none.
 //   - preparing, copying: the source VM never paused: undo what the
-//     flags say may exist (destination, DNS TTL, redirect, tunnels).
+//     flags say may exist (disk stream and destination, DNS TTL, redirect,
+//     tunnels).
 //   - switching: undecided until the source is asked; if its migration
 //     completed, forward as committed; if not, roll back (cancel, redirect
-//     off, resume, abort the destination, DNS TTL, tunnels).
-//   - committed: forward: health check, DNS flip and TTL, stop the
-//     source, drain (each unless the record says it ended).
+//     off, end the disk stream, resume, abort the destination, DNS TTL,
+//     tunnels).
+//   - committed: forward: health check, DNS flip and TTL, end the disk
+//     stream, stop the source, drain (each unless the record says it
+//     ended).
 //   - kept: operator: the source is kept paused, DNS unchanged.
 //   - flipped, draining: forward: what is left of stopping the source and
 //     the drain.
@@ -88,7 +93,7 @@ func Rule(r *Record, f Facts) Recovery {
 	case StatePreparing, StateCopying:
 		rc.Direction, rc.Why = DirRollBack, "before the memory stream: the source VM never paused"
 		if d.Destination {
-			rc.Actions = append(rc.Actions, migrator.ActAbortDestination)
+			rc.Actions = append(rc.Actions, migrator.ActEndDisk, migrator.ActAbortDestination)
 		}
 		if d.DNSPrepared {
 			rc.Actions = append(rc.Actions, migrator.ActRestoreDNSTTL)
@@ -130,6 +135,9 @@ func forward(d Done) []migrator.RecoveryAction {
 	}
 	if d.DNSPrepared && !d.DNSRestored {
 		a = append(a, migrator.ActRestoreDNSTTL)
+	}
+	if !d.DiskReleased {
+		a = append(a, migrator.ActEndDisk)
 	}
 	if !d.SourceStop {
 		a = append(a, migrator.ActStopSource)

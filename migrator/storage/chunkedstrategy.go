@@ -65,6 +65,16 @@ func (c *Chunked) Release(context.Context) error { return c.Sync.Close() }
 // Abort implements Strategy.
 func (c *Chunked) Abort(context.Context) error { return c.Sync.Close() }
 
+// Clean is recovery's end of a chunked stream whose process died (this
+// Chunked is a new one): the destination's listener and any round in
+// progress (StopChunked, idempotent). The source end died with the process.
+func (c *Chunked) Clean(ctx context.Context) error {
+	if c.Sync == nil || c.Sync.Server == nil {
+		return nil
+	}
+	return c.Sync.Server.StopChunked(ctx, ChunkedStop{Listen: c.Sync.DestWAN})
+}
+
 // Sent implements Strategy.
 func (c *Chunked) Sent() int64 { return c.Sync.Sent() }
 

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -194,6 +195,30 @@ func (m *MirrorDisk) Abort(ctx context.Context) error {
 		m.relayUp = false
 	}
 	return err
+}
+
+// Clean implements migrator.DiskCleaner: recovery's end of a disk
+// stream whose process died (this MirrorDisk is a new one, with no state
+// of the old one's): the source's mirror job (Mirror.CancelLeftover) and
+// verify bitmap, if the source still runs;
+// the destination's export; the relay's destination end. Idempotent.
+func (m *MirrorDisk) Clean(ctx context.Context) error {
+	d := m.Driver
+	var errs []error
+	if src := d.Source(); src != nil {
+		// A source that quit (after the commit point) has nothing left.
+		if err := (&Mirror{Src: src, Node: diskNode}).CancelLeftover(ctx); err != nil && !errors.Is(err, ErrClosed) {
+			errs = append(errs, err)
+		}
+		_ = src.Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": diskNode, "name": verifyBitmap}, nil)
+	}
+	if in := d.Incoming(); in != nil {
+		errs = append(errs, in.UnexportDisk(ctx))
+	}
+	if m.Relay != nil && m.Relay.Server != nil {
+		errs = append(errs, m.Relay.Server.StopRelay(ctx, storage.RelayStop{Listen: m.Relay.DestWAN}))
+	}
+	return errors.Join(errs...)
 }
 
 // Sent implements storage.Strategy: counted at the relay (-1 without one:

@@ -59,8 +59,14 @@ type MirrorProgress struct {
 	ETA         time.Duration // at Rate, until Done reaches Total
 }
 
-// Start exports the destination disk and starts mirroring into it.
+// Start exports the destination disk and starts mirroring into it. What
+// an earlier migration's recovery left on the source (CancelLeftover: a
+// job, the target node) is removed first.
 func (m *Mirror) Start(ctx context.Context) error {
+	if err := m.CancelLeftover(ctx); err != nil {
+		return err
+	}
+	_ = m.Src.Execute(ctx, "blockdev-del", map[string]any{"node-name": mirrorNode}, nil) // none: an error, nothing to do
 	m.exported = true
 	if err := m.Dst.ExportDisk(ctx, DiskExport{Listen: m.Listen, Node: m.Node, TLS: m.TLS != ""}); err != nil {
 		return fmt.Errorf("mirror: %w", err)
@@ -210,18 +216,54 @@ func (m *Mirror) Complete(ctx context.Context) error {
 // Abort stops the mirror (the source disk is untouched) and removes the export.
 func (m *Mirror) Abort(ctx context.Context) error {
 	if m.started {
-		_ = m.Src.Execute(ctx, "block-job-cancel", map[string]any{"device": mirrorJob, "force": true}, nil)
-		for i := 0; i < 500; i++ {
-			j, err := m.job(ctx)
-			if err != nil || j == nil || j.Status == "concluded" {
-				break
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		m.cancelJob(ctx, 5*time.Second)
 		_ = m.Src.Execute(ctx, "job-dismiss", map[string]any{"id": mirrorJob}, nil)
 		m.started = false
 	}
 	return m.teardown(ctx)
+}
+
+// cancelJob cancels the mirror job (force: nothing more is copied) and
+// waits up to max for it to conclude or go. The cancel is repeated every
+// 100 ms: QEMU's force cancel makes the NBD target drop requests waiting
+// for a reconnect (nbd_cancel_in_flight), but a request that finds the
+// connection broken only after that waits out the whole reconnect delay
+// (mirrorReconnectDelay, 60 s) — seen when the relay's process died with
+// the guest paused, so no request had noticed yet.
+func (m *Mirror) cancelJob(ctx context.Context, max time.Duration) {
+	for deadline := time.Now().Add(max); ; {
+		j, err := m.job(ctx)
+		if err != nil || j == nil || j.Status == "concluded" || time.Now().After(deadline) {
+			return
+		}
+		_ = m.Src.Execute(ctx, "block-job-cancel", map[string]any{"device": mirrorJob, "force": true}, nil)
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// CancelLeftover ends the job a mirror started by a process that died
+// left on the source (this Mirror is a new one and knows nothing of it):
+// cancelled, then dismissed. Idempotent: no job is not an error; only a
+// source that cannot be asked, or a job that does not go, is. The job's
+// NBD target node stays: closing it waits out the NBD client's reconnect
+// delay (mirrorReconnectDelay) with QEMU's monitor blocked (seen: 60 s in
+// blockdev-del when the relay's process died); Start removes a leftover
+// one, by then long idle.
+func (m *Mirror) CancelLeftover(ctx context.Context) error {
+	j, err := m.job(ctx)
+	if err != nil {
+		return fmt.Errorf("mirror: %w", err)
+	}
+	if j == nil {
+		return nil
+	}
+	m.cancelJob(ctx, 15*time.Second)
+	if err := m.Src.Execute(ctx, "job-dismiss", map[string]any{"id": mirrorJob}, nil); err != nil {
+		if j, _ := m.job(ctx); j != nil {
+			return fmt.Errorf("mirror: the leftover job %s (%s) stays: %w", mirrorJob, j.Status, err)
+		}
+	}
+	return nil
 }
 
 func (m *Mirror) teardown(ctx context.Context) error {
