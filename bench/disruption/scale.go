@@ -116,7 +116,7 @@ func scaling(base *scenario) error {
 		fmt.Fprintf(&b, "| %s | %d | %.0f ms | %s | %s | %s | %.0f | %.0f | %s | %s | %s |\n", p.Dimension, p.Value, p.EchoEvery,
 			fmtVal("vm_pause_ms", p.Metrics["vm_pause_ms"]), fmtVal("disruption_total_ms", p.Metrics["disruption_total_ms"]),
 			fmtVal("echo_gap_longest_ms", p.Metrics["echo_gap_longest_ms"]), p.Metrics["echo_reconnects"], p.Metrics["ping_lost"],
-			fmtVal("total_move_ms", p.Metrics["total_move_ms"]), fmtVal("migration_wire_bytes", p.Metrics["migration_wire_bytes"]), p.Err+p.Note)
+			fmtVal("total_move_ms", p.Metrics["total_move_ms"]), fmtVal("migration_wire_bytes", p.Metrics["migration_wire_bytes"]), strings.ReplaceAll(p.Err, "\n", "; ")+p.Note)
 	}
 	b.WriteString("\n`disruption_total_ms`: worst echo connection, gaps over 3 intervals less the interval (30 ms at 100 Hz, 300 ms at 10 Hz, 3 s at 1 Hz).\n")
 	b.WriteString("\nNot measured: " + notMeasured + "\n")
