@@ -36,11 +36,12 @@ deb: build
 	VMHOP_BIN=bin VMHOP_DEB_VERSION=$(DEB_VERSION) $(GO) run $(NFPM) package -f packaging/nfpm.yaml -p deb -t $(DIST)/
 
 # Every test, lab tests included (they need root: as non-root they skip,
-# saying so). Prints a closing "N passed, N failed, N skipped" line.
+# saying so). Prints a closing "N passed, N failed, N skipped" line (top-level
+# tests passed or failed; skips counted at every level, subtests too).
 test: guest
 	@set -o pipefail; rc=0; \
 	$(GO) test $(TEST_FLAGS) -v ./... 2>&1 | tee $(TEST_LOG) | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' | grep -v '^=== RUN' || rc=$$?; \
-	p=$$(grep -c '^--- PASS' $(TEST_LOG)); f=$$(grep -c '^--- FAIL' $(TEST_LOG)); s=$$(grep -c '^--- SKIP' $(TEST_LOG)); \
+	p=$$(grep -c '^--- PASS' $(TEST_LOG)); f=$$(grep -c '^--- FAIL' $(TEST_LOG)); s=$$(grep -cE '^ *--- SKIP' $(TEST_LOG)); \
 	if grep -qE '^(FAIL|panic:)' $(TEST_LOG); then rc=1; fi; \
 	echo "tests: $$p passed, $$f failed, $$s skipped"; exit $$rc
 
