@@ -253,8 +253,13 @@ func run() error {
 				r.Err = err.Error()
 				fmt.Fprintf(os.Stderr, "   FAILED: %v\n", err)
 			}
-			fmt.Fprintf(os.Stderr, "   pause %.0f ms, disruption %.0f ms, longest echo gap %.0f ms, move %.1f s\n", r.Metrics["vm_pause_ms"],
-				r.Metrics["disruption_total_ms"], r.Metrics["echo_gap_longest_ms"], r.Metrics["total_move_ms"]/1000)
+			if _, moved := r.Metrics["total_move_ms"]; !moved && err == nil {
+				fmt.Fprintf(os.Stderr, "   no move: disruption %.0f ms (outage %.0f ms), longest echo gap %.0f ms\n",
+					r.Metrics["disruption_total_ms"], r.Metrics["disruption_outage_ms"], r.Metrics["echo_gap_longest_ms"])
+			} else {
+				fmt.Fprintf(os.Stderr, "   pause %.0f ms, disruption %.0f ms, longest echo gap %.0f ms, move %.1f s\n", r.Metrics["vm_pause_ms"],
+					r.Metrics["disruption_total_ms"], r.Metrics["echo_gap_longest_ms"], r.Metrics["total_move_ms"]/1000)
+			}
 			m.Runs = append(m.Runs, r)
 		}
 	}
