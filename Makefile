@@ -75,7 +75,8 @@ demo: build guest
 demo-down:
 	bin/vmhop-lab down --name demo
 
-# Disruption benchmark (root, ~40 min with the defaults): freeze-and-copy,
+# Disruption benchmark (root, ~47 min with the defaults): control (no move,
+# the guest's own floor, 100 s), freeze-and-copy,
 # live migration with DNS only, vmhop (eBPF redirect), vmhop (userspace
 # fallback), the live modes through a vmhopd per site, each BENCH_REPEATS
 # times under the same load, decomposed from

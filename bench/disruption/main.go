@@ -5,11 +5,18 @@
 //
 //   - freeze-and-copy: stop the VM, copy its disk's data over the WAN, boot
 //     it at site B on the new address, flip DNS;
+//
 //   - live-dns-only: live migration and the DNS flip, without the redirect
 //     (the spec's network.redirect: false);
+//
 //   - vmhop-ebpf: live migration, the eBPF redirect, the DNS flip;
+//
 //   - vmhop-userspace: the same with the userspace fallback redirect
 //     (both vmhopd with datapath userspace: a WireGuard tunnel, no BPF).
+//
+//   - control: no move: the same lab, load and capture for a fixed window
+//     (-control-window), the guest's own disruption floor (not in the
+//     freeze-and-copy over vmhop ratios).
 //
 // The live modes go through the product: a vmhopd per site, the spec
 // handed to site A's (labrun.MigrateWith). A mode may carry levers:
@@ -57,27 +64,29 @@ var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
 	pcapDir, analyze, scaleSkip                             string
 	repeats, conns, ram                                     int
-	giveUp                                                  time.Duration
+	giveUp, controlWindow                                   time.Duration
 	keepPcap                                                int64
 	scale                                                   bool
 }
 
 // scenario is the parsed flags: what every mode moves, under which load.
 type scenario struct {
-	Name        string
-	Disk, Fill  units.ByteSize
-	Rate        units.Bitrate
-	RAMMiB      int
-	Conns       int
-	EchoEvery   time.Duration // each echo connection's interval; 0 is 10 ms
-	BulkRate    int64
-	GiveUp      time.Duration
-	Repeats     int
-	Links       map[string]lab.Profile
-	Spec        *config.Migration
-	SpecFile    string
-	Modes       []string
-	KeepPcapMiB int64
+	Name       string
+	Disk, Fill units.ByteSize
+	Rate       units.Bitrate
+	RAMMiB     int
+	Conns      int
+	EchoEvery  time.Duration // each echo connection's interval; 0 is 10 ms
+	BulkRate   int64
+	GiveUp     time.Duration
+	Repeats    int
+	// ControlWindow is how long the control mode runs the load with no move.
+	ControlWindow time.Duration
+	Links         map[string]lab.Profile
+	Spec          *config.Migration
+	SpecFile      string
+	Modes         []string
+	KeepPcapMiB   int64
 }
 
 func main() {
@@ -91,7 +100,8 @@ func main() {
 	flag.StringVar(&flags.bulk, "bulk-rate", "8mbit", "pace of the bulk download (the guest sends at it); 0: unpaced")
 	flag.DurationVar(&flags.giveUp, "give-up", 2*time.Second, "clients give up on a silent connection after this and reconnect by name")
 	flag.IntVar(&flags.repeats, "repeats", 3, "runs per mode")
-	flag.StringVar(&flags.modes, "modes", strings.Join([]string{modeFreeze, modeDNSOnly, modeEBPF, modeUserspace}, ","), "modes, comma-separated")
+	flag.StringVar(&flags.modes, "modes", strings.Join([]string{modeControl, modeFreeze, modeDNSOnly, modeEBPF, modeUserspace}, ","), "modes, comma-separated")
+	flag.DurationVar(&flags.controlWindow, "control-window", 100*time.Second, "how long the control mode runs the load without a move (about a vmhop-ebpf move)")
 	flag.StringVar(&flags.spec, "spec", "configs/lab-migration.yaml", "migration spec (limits, DNS)")
 	flag.StringVar(&flags.out, "out", "bench/results", "results directory (a <date>-<scenario> directory is made in it)")
 	flag.StringVar(&flags.labName, "lab", "bench", "lab name")
@@ -109,7 +119,7 @@ func main() {
 
 func parse() (*scenario, error) {
 	sc := &scenario{Name: flags.name, RAMMiB: flags.ram, Conns: flags.conns, GiveUp: flags.giveUp, Repeats: flags.repeats,
-		SpecFile: flags.spec, KeepPcapMiB: flags.keepPcap}
+		SpecFile: flags.spec, KeepPcapMiB: flags.keepPcap, ControlWindow: flags.controlWindow}
 	var err error
 	if sc.Disk, err = units.ParseByteSize(flags.disk); err != nil {
 		return nil, fmt.Errorf("-disk: %w", err)
@@ -128,6 +138,9 @@ func parse() (*scenario, error) {
 			return nil, fmt.Errorf("-bulk-rate: %w", err)
 		}
 		sc.BulkRate = int64(br.BytesPerSecond())
+	}
+	if sc.ControlWindow <= 0 {
+		return nil, fmt.Errorf("-control-window %s: want a positive duration", sc.ControlWindow)
 	}
 	if sc.Repeats < 1 {
 		return nil, fmt.Errorf("-repeats %d: want at least 1", sc.Repeats)
@@ -176,7 +189,8 @@ func (sc *scenario) describe() Scenario {
 		BulkRateBytesS: sc.BulkRate, ClientGiveUpMs: float64(sc.GiveUp) / float64(time.Millisecond),
 		DownTimeLimitMs: float64(sc.Spec.Limits.Downtime) / float64(time.Millisecond), DiskRecordsPerS: 20, VMsMovedAtOnce: 1,
 		SpecFile: sc.SpecFile, DiskStorageMode: sc.Spec.Storage.Mode, CaptureFilter: captureFilter,
-		FreezeReconnects: fmt.Sprintf("the same load; clients give up after %s of silence and reconnect by name", sc.GiveUp)}
+		FreezeReconnects: fmt.Sprintf("the same load; clients give up after %s of silence and reconnect by name", sc.GiveUp),
+		ControlWindowMs:  float64(sc.ControlWindow) / float64(time.Millisecond)}
 }
 
 func run() error {
@@ -239,8 +253,13 @@ func run() error {
 				r.Err = err.Error()
 				fmt.Fprintf(os.Stderr, "   FAILED: %v\n", err)
 			}
-			fmt.Fprintf(os.Stderr, "   pause %.0f ms, disruption %.0f ms, longest echo gap %.0f ms, move %.1f s\n", r.Metrics["vm_pause_ms"],
-				r.Metrics["disruption_total_ms"], r.Metrics["echo_gap_longest_ms"], r.Metrics["total_move_ms"]/1000)
+			if _, moved := r.Metrics["total_move_ms"]; !moved && err == nil {
+				fmt.Fprintf(os.Stderr, "   no move: disruption %.0f ms (outage %.0f ms), longest echo gap %.0f ms\n",
+					r.Metrics["disruption_total_ms"], r.Metrics["disruption_outage_ms"], r.Metrics["echo_gap_longest_ms"])
+			} else {
+				fmt.Fprintf(os.Stderr, "   pause %.0f ms, disruption %.0f ms, longest echo gap %.0f ms, move %.1f s\n", r.Metrics["vm_pause_ms"],
+					r.Metrics["disruption_total_ms"], r.Metrics["echo_gap_longest_ms"], r.Metrics["total_move_ms"]/1000)
+			}
 			m.Runs = append(m.Runs, r)
 		}
 	}
@@ -326,10 +345,14 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 	var d runData
 	var pcap string
 	var merr error
-	if base == modeFreeze {
+	switch base {
+	case modeControl:
+		d, pcap, merr = control(ctx, l, vm, &spec, sc)
+		r.Guest = fmt.Sprintf("not moved: at site A for the %s window", sc.ControlWindow)
+	case modeFreeze:
 		d, pcap, merr = freezeAndCopy(ctx, l, vm, &spec, sc)
 		r.Guest = "booted anew at site B (a new boot: its RAM is lost by design)"
-	} else {
+	default:
 		var out labrun.Outcome
 		out, merr = labrun.MigrateWith(ctx, l, &spec, log, sc.shape(), labrun.Options{Redirect: redirect, Capture: captureFilter})
 		d = live(out)
@@ -396,8 +419,8 @@ func parseMode(m string) (modeSpec, error) {
 	if !known {
 		return ms, fmt.Errorf("unknown mode %q", base)
 	}
-	if base == modeFreeze && (hasBudget || len(levers) > 0) {
-		return ms, fmt.Errorf("mode %q: freeze-and-copy has no budget or disk stream levers", m)
+	if (base == modeFreeze || base == modeControl) && (hasBudget || len(levers) > 0) {
+		return ms, fmt.Errorf("mode %q: %s has no budget or disk stream levers", m, base)
 	}
 	if hasBudget {
 		budget, err := units.ParseBitrate(b)

@@ -21,6 +21,9 @@ type runData struct {
 	Capture       *Capture
 	Bulk          []uint16      // the bulk download's client ports
 	EchoEvery     time.Duration // each echo connection's interval (0: 10 ms)
+	// NoMove: a control run (nothing moved): no pause, move time, wire
+	// bytes or new address to measure.
+	NoMove bool
 }
 
 // metric is one column of the results: its name carries its unit.
@@ -58,9 +61,11 @@ var metrics = []metric{
 func compute(d runData) map[string]float64 {
 	ms := func(x time.Duration) float64 { return float64(x) / float64(time.Millisecond) }
 	m := map[string]float64{}
-	m["vm_pause_ms"] = ms(d.Pause)
-	m["total_move_ms"] = ms(d.Total)
-	m["migration_wire_bytes"] = float64(d.MigrationWire)
+	if !d.NoMove {
+		m["vm_pause_ms"] = ms(d.Pause)
+		m["total_move_ms"] = ms(d.Total)
+		m["migration_wire_bytes"] = float64(d.MigrationWire)
+	}
 	var worst labrun.Disruption
 	var longest, sum time.Duration
 	reconnects := 0
@@ -113,7 +118,7 @@ func compute(d runData) map[string]float64 {
 	m["http_fail_window_ms"] = ms(h.FailWindow)
 	m["ping_lost"] = float64(d.View.Ping.Lost)
 	m["bulk_received_bytes"] = float64(d.View.Bulk.Bytes)
-	if h.NewAddrAt > 0 && !d.Stopped.IsZero() {
+	if h.NewAddrAt > 0 && !d.Stopped.IsZero() && !d.NoMove {
 		m["new_addr_after_stop_ms"] = ms(d.View.Start.Add(h.NewAddrAt).Sub(d.Stopped))
 	}
 	if c := d.Capture; c != nil {

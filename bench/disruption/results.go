@@ -53,6 +53,7 @@ type Scenario struct {
 	DiskStorageMode  string  `json:"disk_storage_mode"`
 	CaptureFilter    string  `json:"capture_filter"`
 	FreezeReconnects string  `json:"freeze_and_copy_client"`
+	ControlWindowMs  float64 `json:"control_window_ms"` // the control mode's window (no move)
 }
 
 // ModeResult is one way of moving the VM.
@@ -85,6 +86,9 @@ type PhaseMs struct {
 
 // modeOrder and their descriptions.
 var modeInfo = []struct{ name, what string }{
+	{modeControl, "control: no move; the same lab, load and capture for a fixed window with the guest at site A " +
+		"(its reply gaps are the guest's own floor: a single TCG vCPU on a shared host; not in the ratios; " +
+		"the round trips \"during the copy\" are the window's)"},
 	{modeFreeze, "stop the VM, copy its disk's data over the WAN, boot it at site B on the new address, flip DNS " +
 		"(run by the benchmark itself, no vmhopd: QMP stop and quit at site A, a sparse-aware TCP copy of the image's data extents " +
 		"through the WAN, a new QEMU at site B, a TSIG-signed DNS flip)"},
@@ -97,6 +101,7 @@ var modeInfo = []struct{ name, what string }{
 }
 
 const (
+	modeControl   = "control"
 	modeFreeze    = "freeze-and-copy"
 	modeDNSOnly   = "live-dns-only"
 	modeEBPF      = "vmhop-ebpf"
@@ -129,6 +134,12 @@ func (r *Results) Markdown() string {
 		"%d repeats per mode; median (min-max). Commit %s; host %s; took %s.\n\n",
 		s.GuestRAMMiB, s.DiskMiB, s.DiskDataMiB, s.SiteLinkBitS/1e6, s.SiteRTTMs, s.BudgetBitS/1e6, diskStream(s), s.EchoConns, 1000/s.EchoEveryMs,
 		s.HTTPEveryMs, s.PingEveryMs, bulkRate(s.BulkRateBytesS), s.ClientGiveUpMs, s.Repeats, r.Commit, r.Host, r.Took)
+	for _, m := range r.Modes {
+		if m.Mode == modeControl {
+			fmt.Fprintf(&b, "`control` moves nothing: the same lab and load for %s, the guest's own floor (not in the ratio).\n\n",
+				fmtVal("control_window_ms", s.ControlWindowMs))
+		}
+	}
 	b.WriteString("| metric |")
 	for _, m := range r.Modes {
 		fmt.Fprintf(&b, " %s |", m.Mode)

@@ -188,6 +188,53 @@ func TestPlots(t *testing.T) {
 	}
 }
 
+// TestComputeControl: a control run (nothing moved) has the client's
+// metrics (the echo gaps: the guest's floor; the window's round trips)
+// and none of a move's: no pause, move time, wire bytes or new address,
+// so its table cells are "-" and its bars absent.
+func TestComputeControl(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	ms := time.Millisecond
+	v := labrun.ClientView{Start: t0.Add(-time.Second), End: t0.Add(103 * time.Second),
+		Echo: []labrun.EchoView{{Disruption: labrun.Disruption{Total: 900 * ms, Outage: 300 * ms, Longest: 150 * ms}}},
+		HTTP: labrun.HTTPView{NewAddrAt: 4 * time.Second}}
+	var samples []Sample
+	for i := range 100 {
+		samples = append(samples, Sample{At: t0.Add(time.Duration(i) * time.Second), Latency: time.Duration(20+i%3) * ms, Kind: "icmp"})
+	}
+	d := runData{Start: t0, Stopped: t0.Add(100 * time.Second), View: v, NoMove: true, Capture: &Capture{Samples: samples}}
+	m := compute(d)
+	for _, k := range []string{"vm_pause_ms", "total_move_ms", "migration_wire_bytes", "new_addr_after_stop_ms"} {
+		if x, ok := m[k]; ok {
+			t.Errorf("control run has %s = %v", k, x)
+		}
+	}
+	if m["disruption_total_ms"] != 900 || m["disruption_outage_ms"] != 300 || m["echo_gap_longest_ms"] != 150 {
+		t.Errorf("echo: total %v outage %v longest %v; want 900, 300, 150", m["disruption_total_ms"], m["disruption_outage_ms"], m["echo_gap_longest_ms"])
+	}
+	if m["ping_rtt_copy_median_ms"] != 21 || m["ping_rtt_copy_p99_ms"] != 22 {
+		t.Errorf("window's ping: median %v p99 %v; want 21, 22", m["ping_rtt_copy_median_ms"], m["ping_rtt_copy_p99_ms"])
+	}
+	// In the results: its column shows "-" for a move's metrics, the ratio
+	// stays freeze-and-copy's over vmhop-ebpf's.
+	r := sampleResults()
+	r.Scenario.ControlWindowMs = 100000
+	r.Modes = append([]ModeResult{{Mode: modeControl, Stats: Aggregate([]RunResult{{Repeat: 1, Metrics: m}}), Runs: []RunResult{{Repeat: 1}}}}, r.Modes...)
+	md := r.Markdown()
+	for _, want := range []string{
+		"| `vm_pause_ms` | - | 31.0 s (30.0 s-35.0 s) | 100 ms (90 ms-180 ms) | - | **310-fold** |",
+		"| `disruption_total_ms` | 900 ms | - | - | - | - |",
+		"`control` moves nothing: the same lab and load for 100.0 s",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	if err := Bars(filepath.Join(t.TempDir(), "b.png"), r.Modes, barMetrics); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestParseMode(t *testing.T) {
 	ms, err := parseMode("vmhop-ebpf@70mbit")
 	if err != nil || ms.base != modeEBPF || ms.budget.BytesPerSecond() != 70e6/8 {
@@ -210,7 +257,10 @@ func TestParseMode(t *testing.T) {
 	if spec.Limits.Pacing != "budget" || spec.Limits.Congestion != "" {
 		t.Errorf("pacing on, host's congestion control: %+v", spec.Limits)
 	}
-	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "freeze-and-copy+pacing=on", "vmhop-ebpf@70mb", "vmhop-ebpf@",
+	if ms, err := parseMode(modeControl); err != nil || ms != (modeSpec{base: modeControl}) {
+		t.Errorf("control: %+v %v", ms, err)
+	}
+	for _, bad := range []string{"vmhop", "freeze-and-copy@70mbit", "freeze-and-copy+pacing=on", "control@70mbit", "control+pacing=off", "vmhop-ebpf@70mb", "vmhop-ebpf@",
 		"vmhop-ebpf+pacing=on", "vmhop-ebpf+cc=", "vmhop-ebpf+fq"} {
 		if _, err := parseMode(bad); err == nil {
 			t.Errorf("%q accepted", bad)

@@ -78,6 +78,8 @@ type Relay struct {
 	wg         sync.WaitGroup
 	mu         sync.Mutex
 	conns      []net.Conn
+	pacers     []*Pacer // the WAN sockets' pacing (mu)
+	unpaced    bool     // LiftPacing was called: new WAN sockets start unpaced (mu)
 	tracker    nbdTracker
 	toDest     atomic.Int64 // bytes from the source QEMU to the destination
 }
@@ -155,10 +157,18 @@ func (r *Relay) dialWAN(ctx context.Context) (net.Conn, error) {
 		return nil, fmt.Errorf("relay: dial %s: %w", r.DestWAN, err)
 	}
 	giveUpUnacked(raw, r.stall())
-	if err := r.Tuning.apply(raw, r.Limiter); err != nil {
+	pacer, err := r.Tuning.apply(raw, r.Limiter)
+	if err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("relay: %s: %w", r.DestWAN, err)
 	}
+	r.mu.Lock()
+	if r.unpaced {
+		pacer.Lift() // a redial inside the pause
+	} else if pacer != nil {
+		r.pacers = append(r.pacers, pacer)
+	}
+	r.mu.Unlock()
 	cfg := r.TLS
 	if cfg == nil {
 		cfg = r.peer.client()
@@ -185,6 +195,22 @@ func giveUpUnacked(c net.Conn, d time.Duration) {
 			unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
 		})
 	}
+}
+
+// LiftPacing takes the kernel pacing (WANTuning) off the relay's WAN
+// sockets, those open and those dialled from now on: the switchover's
+// pause calls it (the mirror's last writes are paused time). Limiter
+// still counts the bytes. The error is the first socket that refused.
+func (r *Relay) LiftPacing() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.unpaced = true
+	var errs []error
+	for _, p := range r.pacers {
+		errs = append(errs, p.Lift())
+	}
+	r.pacers = nil
+	return errors.Join(errs...)
 }
 
 // Negotiate does the NBD negotiation for export with the destination's

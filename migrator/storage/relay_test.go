@@ -9,8 +9,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 )
 
 // TestRelayNegotiatesForQEMU puts the relay between a real NBD client
@@ -39,10 +43,44 @@ func TestRelayNegotiatesForQEMU(t *testing.T) {
 	waitListen(t, fmt.Sprintf("127.0.0.1:%d", nbdPort))
 
 	var d net.Dialer
+	// The relay's WAN sockets, as dialled: a duplicate of each descriptor
+	// keeps its socket options readable after the relay closed it.
+	var wanMu sync.Mutex
+	var wan []*os.File // (wanMu)
+	dialSource := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := d.DialContext(ctx, network, addr)
+		if err == nil {
+			f, ferr := c.(*net.TCPConn).File()
+			if ferr != nil {
+				c.Close()
+				return nil, ferr
+			}
+			t.Cleanup(func() { f.Close() })
+			wanMu.Lock()
+			wan = append(wan, f)
+			wanMu.Unlock()
+		}
+		return c, err
+	}
+	// wanPacing is the SO_MAX_PACING_RATE of WAN socket i (-1: the last)
+	// and how many there are.
+	wanPacing := func(i int) (int, int) {
+		wanMu.Lock()
+		defer wanMu.Unlock()
+		if i < 0 {
+			i = len(wan) - 1
+		}
+		pacing, err := unix.GetsockoptInt(int(wan[i].Fd()), unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pacing, len(wan)
+	}
 	r := &Relay{
-		DialSource: d.DialContext, DialDest: d.DialContext, ListenDest: net.Listen,
+		DialSource: dialSource, DialDest: d.DialContext, ListenDest: net.Listen,
 		DestWAN: fmt.Sprintf("127.0.0.1:%d", wanPort), DestNBD: fmt.Sprintf("127.0.0.1:%d", nbdPort),
 		SourceSock: filepath.Join(dir, "relay.sock"),
+		Limiter:    rate.NewLimiter(rate.Limit(100_000_000), 4*mib), Tuning: WANTuning{Pacing: PacingYield},
 	}
 	ctx := context.Background()
 	if err := r.Start(ctx); err != nil {
@@ -53,6 +91,16 @@ func TestRelayNegotiatesForQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.ResetTracking()
+	// The pause lifts the open WAN socket's pacing (the yield pacer's).
+	if pacing, _ := wanPacing(0); pacing != 102_000_000 {
+		t.Fatalf("WAN socket paced at %d bytes/s before the pause, want 102000000", pacing)
+	}
+	if err := r.LiftPacing(); err != nil {
+		t.Fatal(err)
+	}
+	if pacing, _ := wanPacing(0); !unpaced(pacing) {
+		t.Fatalf("WAN socket paced at %d bytes/s after LiftPacing, want unlimited", pacing)
+	}
 	qio := func(cmds ...string) {
 		t.Helper()
 		args := []string{"-f", "raw"}
@@ -77,10 +125,14 @@ func TestRelayNegotiatesForQEMU(t *testing.T) {
 	if !followed || fmt.Sprint(written) != "[16 17 64]" || r.BytesToDest() < 128<<10 {
 		t.Fatalf("write log %v followed %v", written, followed)
 	}
-	// A second connection, as QEMU makes after a cut: a new WAN connection.
+	// A second connection, as QEMU makes after a cut: a new WAN connection,
+	// unpaced too (dialled after the lift).
 	qio("write -P 0xcd 8M 64k", "read -P 0xcd 8M 64k")
 	if r.Reconnects() != 1 {
 		t.Fatalf("reconnects %d, want 1", r.Reconnects())
+	}
+	if pacing, n := wanPacing(-1); n < 2 || !unpaced(pacing) {
+		t.Fatalf("%d WAN sockets, the last paced at %d bytes/s after LiftPacing, want unlimited", n, pacing)
 	}
 	if written, _ := r.Written(); fmt.Sprint(written) != "[16 17 64 128]" {
 		t.Fatalf("write log after the second connection: %v", written)

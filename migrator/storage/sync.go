@@ -297,8 +297,10 @@ func refused(err error) bool {
 	return errors.As(err, &cv) || strings.Contains(err.Error(), "remote error: tls: ")
 }
 
-// round runs one round of src on a fresh connection.
-func (s *ChunkedSync) round(ctx context.Context, src ChunkedSource) (RoundStats, error) {
+// round runs one round of src on a fresh connection, its socket paced by
+// Tuning if kernelPaced (the live rounds), unpaced if not (Final: the
+// pause).
+func (s *ChunkedSync) round(ctx context.Context, src ChunkedSource, kernelPaced bool) (RoundStats, error) {
 	dctx, cancel := context.WithTimeout(ctx, s.stall())
 	raw, err := s.DialSource(dctx, "tcp", s.DestWAN)
 	cancel()
@@ -306,8 +308,12 @@ func (s *ChunkedSync) round(ctx context.Context, src ChunkedSource) (RoundStats,
 		return RoundStats{}, err
 	}
 	defer raw.Close()
-	if err := s.Tuning.apply(raw, s.Limiter); err != nil {
+	pacer, err := s.Tuning.apply(raw, s.Limiter)
+	if err != nil {
 		return RoundStats{}, fmt.Errorf("chunked: %s: %w", s.DestWAN, err)
+	}
+	if !kernelPaced {
+		pacer.Lift() // refused: the round goes on paced
 	}
 	cfg := s.TLS
 	if cfg == nil {
@@ -357,7 +363,7 @@ func (s *ChunkedSync) Converge(ctx context.Context, progress func(SyncProgress))
 					progress(sp)
 				}
 			}
-			st, err := s.round(ctx, src)
+			st, err := s.round(ctx, src, true)
 			if err == nil {
 				s.Log.Info("chunked sync: round", "round", n, "chunks_sent", st.Sent, "lz4", st.Compressed,
 					"copies", st.Copied, "zeros", st.Zero, "bytes", st.Bytes, "took", time.Since(t0).Round(time.Millisecond))
@@ -395,8 +401,10 @@ func (s *ChunkedSync) Converge(ctx context.Context, progress func(SyncProgress))
 // Final is the round inside the pause: no retry (a cut here aborts the
 // migration; the source still holds everything). Its digest comparison is
 // the migration's proof that the destination image is the source's.
+// Its socket is unpaced (the kernel's pacing, WANTuning, lifted: every
+// byte is paused time); Limiter still counts its bytes.
 func (s *ChunkedSync) Final(ctx context.Context) (RoundStats, error) {
-	st, err := s.round(ctx, s.Source)
+	st, err := s.round(ctx, s.Source, false)
 	if err != nil {
 		s.cuts.Add(1)
 		if derr := s.destFailure(ctx, int(s.rounds.Load())+1); derr != nil {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 )
 
@@ -123,6 +124,30 @@ func newSync(t *testing.T, size int64) (*ChunkedSync, *blackhole) {
 func TestChunkedSyncResumesAfterWANCut(t *testing.T) {
 	s, bh := newSync(t, 64*mib) // 32 MiB of random data, the rest holes
 	s.Limiter = rate.NewLimiter(64*mib, 256<<10)
+	// The rounds' sockets, kernel-paced at the budget: a duplicate of each
+	// descriptor keeps its pacing readable after the round closed it.
+	s.Tuning = WANTuning{Pacing: PacingBudget}
+	var socks []*os.File
+	dial := s.DialSource
+	s.DialSource = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if tc, ok := c.(*net.TCPConn); ok && err == nil {
+			f, ferr := tc.File()
+			if ferr != nil {
+				t.Fatal(ferr)
+			}
+			t.Cleanup(func() { f.Close() })
+			socks = append(socks, f)
+		}
+		return c, err
+	}
+	pacing := func(f *os.File) int {
+		p, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
 	go func() {
 		for bh.forward.Load() < 12*mib {
 			time.Sleep(5 * time.Millisecond)
@@ -156,6 +181,18 @@ func TestChunkedSyncResumesAfterWANCut(t *testing.T) {
 	if st.Sent != 1 {
 		t.Fatalf("final round: %+v, want 1 chunk", st)
 	}
+	// Live rounds paced, the final one (the pause) not.
+	if len(socks) < 2 {
+		t.Fatalf("%d round sockets seen, want live rounds and the final one", len(socks))
+	}
+	for i, f := range socks[:len(socks)-1] {
+		if got := pacing(f); got != 64*mib*102/100 {
+			t.Fatalf("live round %d paced at %d bytes/s, want %d", i+1, got, 64*mib*102/100)
+		}
+	}
+	if got := pacing(socks[len(socks)-1]); !unpaced(got) {
+		t.Fatalf("final round paced at %d bytes/s, want unlimited", got)
+	}
 	a, _, _ := Digest(s.Source.Path)
 	b, _, _ := Digest(s.Dest.Path)
 	if !bytes.Equal(a, b) {
@@ -172,7 +209,7 @@ func TestChunkedSyncRefusesStranger(t *testing.T) {
 	if other.tls, err = newPeerTLS(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := other.round(context.Background(), s.Source); err == nil {
+	if _, err := other.round(context.Background(), s.Source, true); err == nil {
 		t.Fatal("a round with another certificate succeeded")
 	} else {
 		t.Logf("refused: %v", err)

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -58,10 +59,8 @@ const pacingHeadroom = 1.02
 
 // apply sets t on c (a *net.TCPConn; anything else is left alone, as a
 // test's pipe is) with the rate of limit in bytes per second (nil or
-// unlimited: no pacing). PacingYield starts a goroutine that adjusts the
-// rate every yieldEvery until c is closed. An unknown congestion control
-// is an error naming what the host offers.
-func (t WANTuning) apply(c net.Conn, limit *rate.Limiter) error {
+// unlimited: no pacing). See Apply.
+func (t WANTuning) apply(c net.Conn, limit *rate.Limiter) (*Pacer, error) {
 	var bps float64
 	if limit != nil && limit.Limit() != rate.Inf && limit.Limit() > 0 {
 		bps = float64(limit.Limit())
@@ -73,16 +72,18 @@ func (t WANTuning) apply(c net.Conn, limit *rate.Limiter) error {
 // stream of budget bytes per second (0: unlimited, no pacing): the
 // congestion control, and the pacing rate (a little over the budget:
 // the TLS records' overhead). PacingYield starts a goroutine that adjusts
-// the rate every yieldEvery until c is closed. An unknown congestion
-// control is an error naming what the host offers.
-func (t WANTuning) Apply(c net.Conn, budget float64) error {
+// the rate every yieldEvery until c is closed or the pacing is lifted.
+// The Pacer returned lifts the pacing for the switchover's pause (nil,
+// and safe to Lift, when c is not paced). An unknown congestion control
+// is an error naming what the host offers.
+func (t WANTuning) Apply(c net.Conn, budget float64) (*Pacer, error) {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
-		return nil
+		return nil, nil
 	}
 	raw, err := tc.SyscallConn()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if t.Pacing != PacingBudget && t.Pacing != PacingYield {
 		budget = 0
@@ -104,12 +105,61 @@ func (t WANTuning) Apply(c net.Conn, budget float64) error {
 		}
 	})
 	if err := errors.Join(cerr, serr); err != nil {
-		return fmt.Errorf("%w: %w", errTuning, err)
+		return nil, fmt.Errorf("%w: %w", errTuning, err)
 	}
-	if budget > 0 && t.Pacing == PacingYield {
-		go yield(raw, budget)
+	if budget <= 0 {
+		return nil, nil
 	}
-	return nil
+	p := &Pacer{raw: raw}
+	if t.Pacing == PacingYield {
+		p.stop, p.done = make(chan struct{}), make(chan struct{})
+		go func() { defer close(p.done); yield(raw, budget, p.stop) }()
+	}
+	return p, nil
+}
+
+// Pacer is a paced socket's pacing, as Apply set it: Lift takes it off
+// for the switchover's pause. QEMU lifts its own rate limit for the
+// stop-and-copy (migration_completion sets it to INT64_MAX); every byte
+// still to go then is paused time, and a socket paced at the budget (or
+// lower, yielding to a queue the VM's clients no longer add to) stretches
+// the pause: 222 ms unpaced against 309 ms paced in the standard run
+// (bench/results/2026-11-30-standard).
+type Pacer struct {
+	raw  syscall.RawConn
+	stop chan struct{} // closed by Lift: the yield goroutine ends
+	done chan struct{} // closed when the yield goroutine ended
+	once sync.Once
+	err  error
+}
+
+// Lift stops the yielding goroutine (waiting until it has, so it cannot
+// set a rate afterwards) and sets the socket's SO_MAX_PACING_RATE to
+// unlimited (~0). Only the first call acts; later ones return its error.
+// A nil Pacer (an unpaced socket) lifts nothing. The error is the
+// kernel's refusal (the socket closed, say): the stream then stays paced,
+// which slows the pause but breaks nothing.
+func (p *Pacer) Lift() error {
+	if p == nil {
+		return nil
+	}
+	p.once.Do(func() {
+		if p.stop != nil {
+			close(p.stop)
+			<-p.done
+		}
+		var serr error
+		if err := p.raw.Control(func(fd uintptr) {
+			// ~0U is the kernel's "unlimited" (the value an unpaced socket reads back).
+			if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, -1); err != nil {
+				serr = fmt.Errorf("SO_MAX_PACING_RATE unlimited: %w", err)
+			}
+		}); err != nil {
+			serr = err
+		}
+		p.err = serr
+	})
+	return p.err
 }
 
 func setPacing(fd uintptr, bytesPerSecond float64) error {
@@ -147,12 +197,17 @@ func yieldStep(rate, budget float64, srtt, minRTT time.Duration) float64 {
 }
 
 // yield adjusts raw's pacing rate every yieldEvery until the socket is
-// closed (or its TCP_INFO cannot be read).
-func yield(raw syscall.RawConn, budget float64) {
+// closed (or its TCP_INFO cannot be read) or stop is closed.
+func yield(raw syscall.RawConn, budget float64, stop <-chan struct{}) {
 	cur := budget
 	tick := time.NewTicker(yieldEvery)
 	defer tick.Stop()
-	for range tick.C {
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
 		var info *unix.TCPInfo
 		var ierr error
 		if err := raw.Control(func(fd uintptr) {

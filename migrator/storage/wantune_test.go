@@ -53,7 +53,7 @@ func TestWANTuningSetsSocket(t *testing.T) {
 	}
 	c := loopbackConn(t)
 	limit := rate.NewLimiter(rate.Limit(11_250_000), 256<<10) // 90 Mbit/s
-	if err := (WANTuning{Pacing: PacingBudget, Congestion: "reno"}).apply(c, limit); err != nil {
+	if _, err := (WANTuning{Pacing: PacingBudget, Congestion: "reno"}).apply(c, limit); err != nil {
 		t.Fatal(err)
 	}
 	cc, pacing := sockopts(t, c)
@@ -77,12 +77,16 @@ func TestWANTuningOff(t *testing.T) {
 	} {
 		c := loopbackConn(t)
 		before, _ := sockopts(t, c)
-		if err := tc.t.apply(c, tc.limit); err != nil {
+		p, err := tc.t.apply(c, tc.limit)
+		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
 		cc, pacing := sockopts(t, c)
-		if cc != before || pacing != -1 && uint32(pacing) != ^uint32(0) {
+		if cc != before || !unpaced(pacing) {
 			t.Fatalf("%s: congestion %q (was %q), pacing %d; want unchanged, unpaced", tc.name, cc, before, pacing)
+		}
+		if p != nil || p.Lift() != nil {
+			t.Fatalf("%s: a pacer %v for an unpaced socket, or a nil one that fails to lift", tc.name, p)
 		}
 	}
 }
@@ -91,7 +95,7 @@ func TestWANTuningOff(t *testing.T) {
 // error that names what the host offers, and a chunked round treats it as
 // final (no redial mends it).
 func TestWANTuningUnknownCongestion(t *testing.T) {
-	err := (WANTuning{Congestion: "nosuchcc"}).apply(loopbackConn(t), nil)
+	_, err := (WANTuning{Congestion: "nosuchcc"}).apply(loopbackConn(t), nil)
 	if err == nil || !errors.Is(err, errTuning) || !strings.Contains(err.Error(), "this host offers") {
 		t.Fatalf("err = %v", err)
 	}
@@ -104,7 +108,7 @@ func TestWANTuningUnknownCongestion(t *testing.T) {
 // budget; on an idle loopback connection (no queue) it stays there.
 func TestWANTuningYieldStartsAtBudget(t *testing.T) {
 	c := loopbackConn(t)
-	if err := (WANTuning{Pacing: PacingYield}).apply(c, rate.NewLimiter(rate.Limit(1_000_000), 1<<16)); err != nil {
+	if _, err := (WANTuning{Pacing: PacingYield}).apply(c, rate.NewLimiter(rate.Limit(1_000_000), 1<<16)); err != nil {
 		t.Fatal(err)
 	}
 	if _, pacing := sockopts(t, c); pacing != 1_020_000 {
@@ -113,6 +117,69 @@ func TestWANTuningYieldStartsAtBudget(t *testing.T) {
 	time.Sleep(3 * yieldEvery)
 	if _, pacing := sockopts(t, c); pacing != 1_020_000 {
 		t.Fatalf("pacing after %s: %d bytes/s, want 1020000", 3*yieldEvery, pacing)
+	}
+}
+
+// unpaced is SO_MAX_PACING_RATE's "unlimited" (~0U) as getsockopt's int
+// reads it back.
+func unpaced(pacing int) bool { return pacing == -1 || uint32(pacing) == ^uint32(0) }
+
+// TestPacerLift: a paced socket (budget or yield) reads back its pacing
+// rate before Lift and the kernel's unlimited after; the yield goroutine
+// has ended when Lift returns and sets no rate afterwards; a second Lift
+// is a no-op.
+func TestPacerLift(t *testing.T) {
+	for _, pacing := range []string{PacingBudget, PacingYield} {
+		c := loopbackConn(t)
+		p, err := (WANTuning{Pacing: pacing}).Apply(c, 1_000_000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p == nil {
+			t.Fatalf("%s: no pacer for a paced socket", pacing)
+		}
+		if _, got := sockopts(t, c); got != 1_020_000 {
+			t.Fatalf("%s: pacing %d bytes/s before Lift, want 1020000", pacing, got)
+		}
+		if err := p.Lift(); err != nil {
+			t.Fatalf("%s: %v", pacing, err)
+		}
+		if _, got := sockopts(t, c); !unpaced(got) {
+			t.Fatalf("%s: pacing %d bytes/s after Lift, want unlimited (~0)", pacing, got)
+		}
+		if pacing == PacingYield {
+			select {
+			case <-p.done:
+			default:
+				t.Fatal("yield goroutine still running after Lift")
+			}
+		}
+		time.Sleep(2 * yieldEvery)
+		if err := p.Lift(); err != nil {
+			t.Fatalf("%s: second Lift: %v", pacing, err)
+		}
+		if _, got := sockopts(t, c); !unpaced(got) {
+			t.Fatalf("%s: pacing %d bytes/s %s after Lift, want unlimited", pacing, got, 2*yieldEvery)
+		}
+	}
+}
+
+// TestPacerYieldEndsWithSocket: the yield goroutine ends once its socket
+// is closed, Lift or not (and a Lift after that reports the closed socket).
+func TestPacerYieldEndsWithSocket(t *testing.T) {
+	c := loopbackConn(t)
+	p, err := (WANTuning{Pacing: PacingYield}).Apply(c, 1_000_000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	select {
+	case <-p.done:
+	case <-time.After(5 * yieldEvery):
+		t.Fatal("yield goroutine outlives its socket")
+	}
+	if err := p.Lift(); err == nil {
+		t.Fatal("Lift on a closed socket: no error")
 	}
 }
 

@@ -111,7 +111,13 @@ func (m *MirrorDisk) Prehash(ctx context.Context) (bool, error) {
 // destination already holds every acknowledged write, so the final delta
 // is what is in flight. The job itself is ended after the switch
 // (Release), as libvirt does, keeping block-graph changes out of the pause.
+// The relay's WAN sockets go unpaced first: what is in flight is paused time.
 func (m *MirrorDisk) Final(ctx context.Context) (storage.FinalDelta, error) {
+	if m.Relay != nil {
+		if err := m.Relay.LiftPacing(); err != nil {
+			m.log().Warn("disk stream: pacing not lifted for the pause", "err", err)
+		}
+	}
 	if err := m.mirror.WaitSynced(ctx); err != nil {
 		return storage.FinalDelta{}, err
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"time"
@@ -255,11 +256,17 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 	defer unsubscribe()
 	start := time.Now()
 	uri := "tcp:" + d.cfg.DestListen.String()
+	// vmhopd holds the memory stream's socket only here: with multifd, no
+	// Dial or an inactive Tuning, QEMU dials its own sockets, unpaced by
+	// the kernel (QEMU's max-bandwidth alone holds the budget, and QEMU
+	// lifts it for the stop-and-copy), and there is no pacing to lift.
+	var pacer *storage.Pacer
 	if d.cfg.Dial != nil && d.cfg.Tuning.Active() && d.cfg.Multifd <= 1 {
-		conn, err := d.streamSocket(ctx, opts.Bandwidth)
+		conn, p, err := d.streamSocket(ctx, opts.Bandwidth)
 		if err != nil {
 			return res, fmt.Errorf("migrate: %w", err)
 		}
+		pacer = p
 		defer conn.Close() // QEMU holds its own copy; this one keeps the pacer's view of the socket
 		uri = "fd:" + streamFD
 	}
@@ -290,7 +297,7 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 				stoppedAt = ev.Time
 				if !hooked {
 					hooked = true
-					if err := d.switchover(ctx, &res, switchover); err != nil {
+					if err := d.switchover(ctx, &res, switchover, pacer); err != nil {
 						return res, err
 					}
 				}
@@ -319,7 +326,7 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 				continue
 			}
 			hooked = true
-			if err := d.switchover(ctx, &res, switchover); err != nil {
+			if err := d.switchover(ctx, &res, switchover, pacer); err != nil {
 				return res, err
 			}
 		case "completed":
@@ -364,9 +371,15 @@ func (d *Driver) Migrate(ctx context.Context, opts hypervisor.Options, progress 
 }
 
 // switchover runs the hook in the source's pause, then lets QEMU finish.
-func (d *Driver) switchover(ctx context.Context, res *hypervisor.Result, hook hypervisor.Switchover) error {
+// The memory stream's socket goes unpaced first (pacer: nil when vmhopd
+// does not hold it): QEMU lifts its own rate limit for the stop-and-copy,
+// and a socket still paced at the budget would stretch the pause.
+func (d *Driver) switchover(ctx context.Context, res *hypervisor.Result, hook hypervisor.Switchover, pacer *storage.Pacer) error {
 	t0 := time.Now()
 	res.HookAt = t0
+	if err := pacer.Lift(); err != nil {
+		slog.Warn("memory stream: pacing not lifted for the pause", "err", err)
+	}
 	if err := hook(ctx); err != nil {
 		return d.abort(fmt.Errorf("%w: %v", hypervisor.ErrSwitchover, err))
 	}
@@ -480,30 +493,32 @@ func (d *Driver) Incoming() Incoming { return d.in }
 const streamFD = "vmhop-migration"
 
 // streamSocket dials the memory stream with cfg.Dial, tunes it for a
-// budget of bw, and passes QEMU a copy under streamFD.
-func (d *Driver) streamSocket(ctx context.Context, bw units.Bitrate) (net.Conn, error) {
+// budget of bw, and passes QEMU a copy under streamFD. The Pacer (nil if
+// unpaced) lifts the socket's pacing; QEMU's copy is the same socket.
+func (d *Driver) streamSocket(ctx context.Context, bw units.Bitrate) (net.Conn, *storage.Pacer, error) {
 	conn, err := d.cfg.Dial(ctx, "tcp", d.cfg.DestListen.String())
 	if err != nil {
-		return nil, fmt.Errorf("memory stream: dial %s: %w", d.cfg.DestListen, err)
+		return nil, nil, fmt.Errorf("memory stream: dial %s: %w", d.cfg.DestListen, err)
 	}
-	if err := d.cfg.Tuning.Apply(conn, float64(bw.BytesPerSecond())); err != nil {
+	pacer, err := d.cfg.Tuning.Apply(conn, float64(bw.BytesPerSecond()))
+	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("memory stream: %w", err)
+		return nil, nil, fmt.Errorf("memory stream: %w", err)
 	}
 	tc, ok := conn.(*net.TCPConn)
 	if !ok {
 		conn.Close()
-		return nil, fmt.Errorf("memory stream: %T is not a TCP connection", conn)
+		return nil, nil, fmt.Errorf("memory stream: %T is not a TCP connection", conn)
 	}
 	f, err := tc.File()
 	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("memory stream: %w", err)
+		return nil, nil, fmt.Errorf("memory stream: %w", err)
 	}
 	defer f.Close()
 	if err := d.src.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": streamFD}, f, nil); err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("memory stream: %w", err)
+		return nil, nil, fmt.Errorf("memory stream: %w", err)
 	}
-	return conn, nil
+	return conn, pacer, nil
 }
