@@ -76,6 +76,7 @@ func (w *HostWork) record(ctx context.Context, change func(r *incomingRecord)) e
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
+		os.Remove(w.RecordDir()) // once the last is gone (not while others are: ENOTEMPTY)
 		return nil
 	}
 	b, err := json.Marshal(r)
@@ -192,7 +193,11 @@ func (w *HostWork) recoverRecord(ctx context.Context, file string) ([]string, er
 	if err := errors.Join(errs...); err != nil {
 		return done, err
 	}
-	return done, os.Remove(file)
+	if err := os.Remove(file); err != nil {
+		return done, err
+	}
+	os.Remove(w.RecordDir()) // once the last is gone
+	return done, nil
 }
 
 // isQEMU says whether pid runs a QEMU (a recycled pid is left alone).

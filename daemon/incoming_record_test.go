@@ -125,3 +125,36 @@ func TestScopeUnderSystemd(t *testing.T) {
 		t.Errorf("under systemd: %s %q, want systemd-run %q", p, a, want)
 	}
 }
+
+// TestRecordsPerMigration: two incoming migrations at once each have
+// their own record; clearing one leaves the other, and the records'
+// directory goes with the last.
+func TestRecordsPerMigration(t *testing.T) {
+	dir := t.TempDir()
+	w := &HostWork{Host: &migrator.Host{Name: "site-b"}, Disks: &storage.LocalDiskServer{}, StateDir: dir}
+	w.Register(&PeerAPI{methods: map[string]http.HandlerFunc{}})
+	m1, m2 := asPeer(context.Background(), "site-a", "m1"), asPeer(context.Background(), "site-a", "m2")
+	for _, c := range []struct {
+		ctx  context.Context
+		name string
+	}{{m1, "web1"}, {m2, "web2"}} {
+		if err := w.record(c.ctx, func(r *incomingRecord) { r.Name, r.Taps = c.name, []string{"tap-" + c.name} }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var r2 incomingRecord
+	if b, err := os.ReadFile(w.RecordFile(incomingKey(m2))); err != nil || json.Unmarshal(b, &r2) != nil || r2.Name != "web2" {
+		t.Fatalf("m2's record: %+v %v", r2, err)
+	}
+	w.record(m1, func(r *incomingRecord) { *r = incomingRecord{} })
+	if _, err := os.Stat(w.RecordFile(incomingKey(m1))); !os.IsNotExist(err) {
+		t.Errorf("m1's record left: %v", err)
+	}
+	if _, err := os.Stat(w.RecordFile(incomingKey(m2))); err != nil {
+		t.Errorf("m2's record went with m1's: %v", err)
+	}
+	w.record(m2, func(r *incomingRecord) { *r = incomingRecord{} })
+	if _, err := os.Stat(w.RecordDir()); !os.IsNotExist(err) {
+		t.Errorf("records directory left: %v", err)
+	}
+}
