@@ -24,6 +24,18 @@ func SecondVM(memMiB int, disk, prefill units.ByteSize) lab.VMConfig {
 	return lab.VMConfig{Name: "vm2", IP: lab.OldIP2, IP6: lab.OldIP62, MemMiB: memMiB, DiskSize: disk, Prefill: prefill}
 }
 
+// SecondSpec is spec for the lab's second VM (SecondVM): the same
+// limits, DNS server and health check; its own name, addresses and DNS
+// name (what configs/lab-migration-vm2.yaml says for the lab's spec).
+func SecondSpec(spec *config.Migration) *config.Migration {
+	s := *spec
+	s.Name = spec.Name + "-vm2"
+	s.Network.OldIP, s.Network.NewIP = lab.OldIP2, lab.NewIP2
+	s.Network.OldIP6, s.Network.NewIP6 = netip.Addr{}, netip.Addr{}
+	s.DNS.Name = lab.Svc2Name
+	return &s
+}
+
 // Move is one VM of a concurrent lab migration (MigrateConcurrent): the
 // guest at site A, its spec (SpecFor applies it to the lab), and the
 // shape of its client load (nil: the default Load).
@@ -31,6 +43,9 @@ type Move struct {
 	VM    *lab.VM
 	Spec  *config.Migration
 	Shape *Load
+	// Uncaptured: the capture filter leaves this VM's traffic out, so
+	// its echo gaps are timed by its load's own receive times.
+	Uncaptured bool
 }
 
 // job is one migration handed to site A's vmhopd and followed.
@@ -91,8 +106,9 @@ func startJob(ctx context.Context, l *lab.Lab, specYAML []byte, log *slog.Logger
 // stop, each guest is asked whether it survived (CheckGuest at its new
 // address) while the redirects drain, and each job is followed to its
 // end. The outcomes are in moves' order; the error joins every
-// migration's and guest's.
-func MigrateConcurrent(ctx context.Context, l *lab.Lab, moves []Move, log *slog.Logger) ([]Outcome, error) {
+// migration's and guest's. filter is the capture's tcpdump filter (""
+// captures the echo port).
+func MigrateConcurrent(ctx context.Context, l *lab.Lab, moves []Move, filter string, log *slog.Logger) ([]Outcome, error) {
 	outs := make([]Outcome, len(moves))
 	if !DaemonsRunning(ctx, l) {
 		if err := StartDaemons(ctx, l, Continuity("ebpf")); err != nil {
@@ -132,7 +148,10 @@ func MigrateConcurrent(ctx context.Context, l *lab.Lab, moves []Move, log *slog.
 			HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery, GiveUp: shape.GiveUp, BulkRate: shape.BulkRate}}
 	}
 	pcap := l.Path("client.pcap")
-	capture, err := StartCaptureFilter(l, pcap, fmt.Sprintf("tcp port %d", EchoPort))
+	if filter == "" {
+		filter = fmt.Sprintf("tcp port %d", EchoPort)
+	}
+	capture, err := StartCaptureFilter(l, pcap, filter)
 	if err != nil {
 		return outs, err
 	}
@@ -168,6 +187,9 @@ func MigrateConcurrent(ctx context.Context, l *lab.Lab, moves []Move, log *slog.
 	for i, m := range moves {
 		o := &outs[i]
 		o.Captured, o.Client = total, preps[i].load.View(byPort)
+		if m.Uncaptured {
+			o.Client = preps[i].load.View(nil)
+		}
 		if fins[i] == nil {
 			o.Guest = CheckGuest(ctx, l, m.Spec.Network.NewIP, preps[i].before)
 			if dm, err := l.MachineFor(machines[i]); err == nil {

@@ -59,9 +59,10 @@ func TestTwoVMsAtOnce(t *testing.T) {
 		}
 		specs = append(specs, s)
 	}
+
 	// vm gets the standard load; vm2 one echo connection and pings.
 	moves := []Move{{VM: vm1, Spec: specs[0]}, {VM: vm2, Spec: specs[1], Shape: &Load{Conns: 1, HTTPEvery: -1}}}
-	outs, err := MigrateConcurrent(ctx, l, moves, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	outs, err := MigrateConcurrent(ctx, l, moves, "", slog.New(slog.NewTextHandler(os.Stderr, nil)))
 	for i, o := range outs {
 		var b strings.Builder
 		o.Print(&b)
@@ -127,6 +128,24 @@ func TestTwoVMsAtOnce(t *testing.T) {
 		}
 	}
 	assertNoMigrationFiles(t, l)
+}
+
+// TestSecondSpecMatchesFile: configs/lab-migration-vm2.yaml says what
+// SecondSpec derives from configs/lab-migration.yaml (the benchmark's
+// way to the second VM's spec).
+func TestSecondSpecMatchesFile(t *testing.T) {
+	first, err := config.LoadMigration("../../configs/lab-migration.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := config.LoadMigration("../../configs/lab-migration-vm2.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := SecondSpec(first)
+	if d.Network != second.Network || d.DNS != second.DNS || d.Limits != second.Limits || d.Storage != second.Storage {
+		t.Errorf("configs/lab-migration-vm2.yaml: %+v %+v; SecondSpec: %+v %+v", second.Network, second.DNS, d.Network, d.DNS)
+	}
 }
 
 // qemuCount is how many QEMU processes in site's namespace serve QMP on
