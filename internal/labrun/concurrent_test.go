@@ -95,7 +95,7 @@ func TestTwoVMsAtOnce(t *testing.T) {
 	}
 	// Site B gave each its own ports, and released both.
 	logB, _ := os.ReadFile(l.Path("vmhopd-" + lab.SiteB + ".log"))
-	reserved := regexp.MustCompile(`ports reserved .* memory=(\d+)`).FindAllSubmatch(logB, -1)
+	reserved := regexp.MustCompile(`ports reserved.*? memory=(\d+)`).FindAllSubmatch(logB, -1)
 	released := strings.Count(string(logB), "incoming migration: ports released")
 	if len(reserved) != 2 || string(reserved[0][1]) == string(reserved[1][1]) || released != 2 {
 		t.Errorf("site B's vmhopd: %d reservations (%q), %d releases; want 2 on distinct ports, 2 releases", len(reserved), reserved, released)
