@@ -336,10 +336,13 @@ func (s *incomings) ExportDisk(ctx context.Context, req qemu.DiskExport) error {
 	if err != nil {
 		return err
 	}
-	e := s.get(ctx, false)
-	e.mu.Lock()
-	ports, ok := e.ports, e.reserved
-	e.mu.Unlock()
+	var ports MigrationPorts
+	ok := false
+	if e := s.get(ctx, false); e != nil {
+		e.mu.Lock()
+		ports, ok = e.ports, e.reserved
+		e.mu.Unlock()
+	}
 	if !ok || req.Listen.Port() != ports.NBD {
 		return errPortNotReserved("the NBD server", req.Listen.Port(), ports, ok)
 	}
@@ -385,6 +388,9 @@ func (s *incomings) WaitRunning(ctx context.Context, req qemu.RunningWait) error
 		return err
 	}
 	e := s.get(ctx, false)
+	if e == nil { // released meanwhile: nothing of it left to hold
+		return nil
+	}
 	e.mu.Lock()
 	e.landed, e.taps = true, nil // the taps are the VM's now
 	if e.pskDir != "" {
@@ -457,22 +463,22 @@ var (
 )
 
 // allow checks listen's port against want(the migration's ports) and
-// notes the listener for Release.
-func (d reservedDisks) allow(ctx context.Context, what, listen string, want func(MigrationPorts) uint16) error {
+// notes the listener for Release; it returns the migration's ports.
+func (d reservedDisks) allow(ctx context.Context, what, listen string, want func(MigrationPorts) uint16) (MigrationPorts, error) {
 	e := d.w.in.get(ctx, false)
 	port := portOf(listen)
 	if e == nil {
-		return errPortNotReserved(what, port, MigrationPorts{}, false)
+		return MigrationPorts{}, errPortNotReserved(what, port, MigrationPorts{}, false)
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.reserved || port != want(e.ports) {
-		return errPortNotReserved(what, port, e.ports, e.reserved)
+		return e.ports, errPortNotReserved(what, port, e.ports, e.reserved)
 	}
 	if !slices.Contains(e.listens, listen) {
 		e.listens = append(e.listens, listen)
 	}
-	return nil
+	return e.ports, nil
 }
 
 func portOf(hostport string) uint16 {
@@ -484,7 +490,7 @@ func portOf(hostport string) uint16 {
 }
 
 func (d reservedDisks) ServeChunked(ctx context.Context, req storage.ChunkedServe) error {
-	if err := d.allow(ctx, "the chunked engine", req.Listen, func(p MigrationPorts) uint16 { return p.Chunked }); err != nil {
+	if _, err := d.allow(ctx, "the chunked engine", req.Listen, func(p MigrationPorts) uint16 { return p.Chunked }); err != nil {
 		return err
 	}
 	return d.w.Disks.ServeChunked(ctx, req)
@@ -495,12 +501,12 @@ func (d reservedDisks) StopChunked(ctx context.Context, req storage.ChunkedStop)
 }
 
 func (d reservedDisks) ServeRelay(ctx context.Context, req storage.RelayServe) error {
-	if err := d.allow(ctx, "the disk relay", req.Listen, func(p MigrationPorts) uint16 { return p.Relay }); err != nil {
+	ports, err := d.allow(ctx, "the disk relay", req.Listen, func(p MigrationPorts) uint16 { return p.Relay })
+	if err != nil {
 		return err
 	}
-	e := d.w.in.get(ctx, false)
-	if portOf(req.NBD) != e.ports.NBD {
-		return errPortNotReserved("the relay's NBD target", portOf(req.NBD), e.ports, true)
+	if portOf(req.NBD) != ports.NBD {
+		return errPortNotReserved("the relay's NBD target", portOf(req.NBD), ports, true)
 	}
 	return d.w.Disks.ServeRelay(ctx, req)
 }

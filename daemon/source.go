@@ -170,7 +170,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		if err := in.Release(rctx); err != nil {
-			log.Warn("release the migration's ports at the destination (its lease frees them)", "peer", peerName, "err", err)
+			s.D.log.Warn("release the migration's ports at the destination (its lease frees them)", "migration", job.ID, "peer", peerName, "err", err)
 		}
 	})
 	closers = append(closers, in.Close)
