@@ -60,8 +60,15 @@ func TestTwoVMsAtOnce(t *testing.T) {
 		specs = append(specs, s)
 	}
 
-	// vm gets the standard load; vm2 one echo connection and pings.
-	moves := []Move{{VM: vm1, Spec: specs[0]}, {VM: vm2, Spec: specs[1], Shape: &Load{Conns: 1, HTTPEvery: -1}}}
+	// A light load (two TCG guests and their clients share the lab
+	// machine's CPUs: the standard load on both stretched the memory
+	// phase to 3m20s on a busy 2-core host, 57 s on a quiet one): vm two
+	// echo connections at 50 Hz, a new HTTP connection by name every
+	// 200 ms, pings every 20 ms; vm2 one echo connection and pings.
+	moves := []Move{
+		{VM: vm1, Spec: specs[0], Shape: &Load{Conns: 2, EchoEvery: 20 * time.Millisecond, HTTPEvery: 200 * time.Millisecond, PingEvery: 20 * time.Millisecond}},
+		{VM: vm2, Spec: specs[1], Shape: &Load{Conns: 1, EchoEvery: 20 * time.Millisecond, HTTPEvery: -1, PingEvery: 20 * time.Millisecond}},
+	}
 	outs, err := MigrateConcurrent(ctx, l, moves, "", slog.New(slog.NewTextHandler(os.Stderr, nil)))
 	for i, o := range outs {
 		var b strings.Builder
