@@ -298,7 +298,7 @@ func TestHelloChecksNameAndProtocol(t *testing.T) {
 		t.Errorf("hello naming another host: %v, want permission_denied", err)
 	}
 	_, err = Call[Hello, Hello](ctx, c, "hello", Hello{Name: "site-a", Protocol: ProtocolVersion + 1, Version: "v9"})
-	if CodeOf(err) != CodeFailedPrecondition || !strings.Contains(err.Error(), "protocol 2 (vmhopd v9)") {
+	if CodeOf(err) != CodeFailedPrecondition || !strings.Contains(err.Error(), fmt.Sprintf("protocol %d (vmhopd v9)", ProtocolVersion+1)) {
 		t.Errorf("hello with another protocol: %v, want failed_precondition naming both", err)
 	}
 	// Every call carries the protocol version: one without it is refused.

@@ -49,12 +49,13 @@ func handle[Req any](a *PeerAPI, method string, fn func(context.Context, Req) er
 
 // handleLeased registers a method whose handler returns only an error;
 // once it succeeded, lease changes the calling peer's lease (lease.go).
-func handleLeased[Req any](a *PeerAPI, method string, fn func(context.Context, Req) error, lease func(*Lease, Req)) {
+// lease also gets the call's migration ID (Vmhop-Migration).
+func handleLeased[Req any](a *PeerAPI, method string, fn func(context.Context, Req) error, lease func(l *Lease, mig string, req Req)) {
 	Handle(a, method, func(ctx context.Context, from string, req Req) (Empty, error) {
 		if err := fn(ctx, req); err != nil {
 			return Empty{}, err
 		}
-		a.leases.track(from, func(l *Lease) { lease(l, req) })
+		a.leases.track(from, func(l *Lease) { lease(l, migrationID(ctx), req) })
 		return Empty{}, nil
 	})
 }
@@ -74,20 +75,20 @@ func ServeDestination(a *PeerAPI, dest migrator.Destination) {
 		a.leases.track(from, func(l *Lease) { l.Tunnels = append(l.Tunnels, req.Tunnel) })
 		return end, nil
 	})
-	handleLeased(a, MethodDestCreateImage, dest.CreateImage, func(l *Lease, req migrator.ImageCreate) {
+	handleLeased(a, MethodDestCreateImage, dest.CreateImage, func(l *Lease, _ string, req migrator.ImageCreate) {
 		l.Images = append(l.Images, req.Path)
 	})
-	handleLeased(a, MethodDestAttachVM, dest.AttachVM, func(l *Lease, req migrator.VMAttach) {
+	handleLeased(a, MethodDestAttachVM, dest.AttachVM, func(l *Lease, _ string, req migrator.VMAttach) {
 		l.VMs = slices.DeleteFunc(l.VMs, func(v migrator.VMAttach) bool { return v.OldIP == req.OldIP })
 		l.VMs = append(l.VMs, req)
 	})
-	handleLeased(a, MethodDestAbort, dest.Abort, func(l *Lease, req migrator.DestAbort) {
+	handleLeased(a, MethodDestAbort, dest.Abort, func(l *Lease, _ string, req migrator.DestAbort) {
 		l.VMs = slices.DeleteFunc(l.VMs, func(v migrator.VMAttach) bool { return v.OldIP == req.OldIP })
 		if !req.KeepImage {
 			l.Images = slices.DeleteFunc(l.Images, func(p string) bool { return p == req.Image })
 		}
 	})
-	handleLeased(a, MethodDestRetire, dest.RetireTunnel, func(l *Lease, req migrator.Tunnel) {
+	handleLeased(a, MethodDestRetire, dest.RetireTunnel, func(l *Lease, _ string, req migrator.Tunnel) {
 		l.Tunnels = slices.DeleteFunc(l.Tunnels, func(t migrator.Tunnel) bool { return t.Peer == req.Peer && t.Token == req.Token })
 	})
 	Handle(a, MethodDestHashImage, func(ctx context.Context, _ string, req migrator.HashRequest) (migrator.Digests, error) {
@@ -216,19 +217,37 @@ func ServeIncoming(a *PeerAPI, in qemu.Incoming) {
 	a.mu.Lock()
 	a.in = in
 	a.mu.Unlock()
-	handleLeased(a, MethodQEMUStart, in.Start, func(l *Lease, _ qemu.IncomingStart) { l.Incoming, l.Committed = true, false })
+	handleLeased(a, MethodQEMUStart, in.Start, func(l *Lease, mig string, _ qemu.IncomingStart) {
+		if !slices.Contains(l.Incoming, mig) {
+			l.Incoming = append(l.Incoming, mig)
+		}
+		l.Committed = slices.DeleteFunc(l.Committed, func(s string) bool { return s == mig })
+	})
 	handle(a, MethodQEMUExportDisk, in.ExportDisk)
 	// Once the guest runs here, a vanished source leaves it running.
-	handleLeased(a, MethodQEMUWaitRunning, in.WaitRunning, func(l *Lease, _ qemu.RunningWait) { l.Committed = true })
+	handleLeased(a, MethodQEMUWaitRunning, in.WaitRunning, func(l *Lease, mig string, _ qemu.RunningWait) {
+		if !slices.Contains(l.Committed, mig) {
+			l.Committed = append(l.Committed, mig)
+		}
+	})
 	handle(a, MethodQEMUUnexportDisk, func(ctx context.Context, _ Empty) error { return in.UnexportDisk(ctx) })
 	handleLeased(a, MethodQEMUStop, func(ctx context.Context, _ Empty) error { return in.Stop(ctx) },
-		func(l *Lease, _ Empty) { l.Incoming, l.Committed = false, false })
+		func(l *Lease, mig string, _ Empty) {
+			del := func(s string) bool { return s == mig }
+			l.Incoming, l.Committed = slices.DeleteFunc(l.Incoming, del), slices.DeleteFunc(l.Committed, del)
+		})
 	Handle(a, MethodQEMUQuery, func(ctx context.Context, _ string, req qemu.Query) (json.RawMessage, error) {
 		return in.Query(ctx, req)
 	})
 	HandleStream(a, MethodQEMUWatch, func(ctx context.Context, _ string, _ Empty, send func(QEMUExit) error) error {
+		exited := in.Exited()
+		if m, ok := in.(interface {
+			exitedFor(context.Context) <-chan struct{}
+		}); ok {
+			exited = m.exitedFor(ctx) // one of many: the call's migration's
+		}
 		select {
-		case <-in.Exited():
+		case <-exited:
 			return send(QEMUExit{Exited: true})
 		case <-ctx.Done():
 			return ctx.Err()
@@ -274,6 +293,19 @@ func (r *RemoteIncoming) Query(ctx context.Context, req qemu.Query) (json.RawMes
 // ExportDisk implements qemu.Incoming.
 func (r *RemoteIncoming) ExportDisk(ctx context.Context, req qemu.DiskExport) error {
 	return call(ctx, r.Peer, MethodQEMUExportDisk, req)
+}
+
+// Reserve reserves the migration's ports on the peer (incoming.reserve:
+// Peer should be PeerClient.ForMigration's) and returns them.
+func (r *RemoteIncoming) Reserve(ctx context.Context) (MigrationPorts, error) {
+	return Call[Empty, MigrationPorts](ctx, r.Peer, MethodIncomingReserve, Empty{})
+}
+
+// Release ends the migration on the peer (incoming.release): its disk
+// servers stop, a QEMU still waiting for the stream is stopped, and its
+// ports are free.
+func (r *RemoteIncoming) Release(ctx context.Context) error {
+	return call(ctx, r.Peer, MethodIncomingRelease, Empty{})
 }
 
 // UnexportDisk implements qemu.Incoming.

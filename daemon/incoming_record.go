@@ -16,7 +16,7 @@ import (
 )
 
 // incomingRecord is what this host holds for an incoming migration that
-// has not landed: written durably (RecordFile) before each thing is made,
+// has not landed (one per migration, by incomingKey): written durably (RecordFile) before each thing is made,
 // so a vmhopd killed mid-migration and restarted removes it all
 // (HostWork.RecoverIncoming) — the destination QEMU, its taps, its
 // secrets, the image it created, its datapath entries — and the VM runs
@@ -38,24 +38,48 @@ func (r *incomingRecord) empty() bool {
 	return r.PID == 0 && len(r.Taps) == 0 && r.PSKDir == "" && r.Image == "" && !r.OldIP.IsValid() && len(r.Tunnels) == 0
 }
 
-// RecordFile is where the incoming migration's record lives.
-func (w *HostWork) RecordFile() string { return filepath.Join(w.StateDir, "incoming", "current.json") }
+// RecordDir holds the records of incoming migrations, one file each
+// (RecordFile).
+func (w *HostWork) RecordDir() string { return filepath.Join(w.StateDir, "incoming", "records") }
 
-// record changes the record under w.recMu and writes it (temp, fsync,
-// rename, fsync the directory) or removes it once empty.
-func (w *HostWork) record(change func(r *incomingRecord)) error {
+// RecordFile is where the record of incoming migration key
+// (incomingKey) lives.
+func (w *HostWork) RecordFile(key string) string {
+	return filepath.Join(w.RecordDir(), slotNameRE.ReplaceAllString(key, "_")+".json")
+}
+
+// legacyRecordFile is the one record of a vmhopd before protocol 2
+// (one incoming migration at a time); recovery reads it too.
+func (w *HostWork) legacyRecordFile() string {
+	return filepath.Join(w.StateDir, "incoming", "current.json")
+}
+
+// record changes the record of ctx's incoming migration under w.recMu
+// and writes it (temp, fsync, rename, fsync the directory) or removes it
+// once empty.
+func (w *HostWork) record(ctx context.Context, change func(r *incomingRecord)) error {
+	key := incomingKey(ctx)
 	w.recMu.Lock()
 	defer w.recMu.Unlock()
-	change(&w.rec)
-	path := w.RecordFile()
-	if w.rec.empty() {
-		w.rec = incomingRecord{}
+	if w.recs == nil {
+		w.recs = map[string]*incomingRecord{}
+	}
+	r := w.recs[key]
+	if r == nil {
+		r = &incomingRecord{}
+		w.recs[key] = r
+	}
+	change(r)
+	path := w.RecordFile(key)
+	if r.empty() {
+		delete(w.recs, key)
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
+		os.Remove(w.RecordDir()) // once the last is gone (not while others are: ENOTEMPTY)
 		return nil
 	}
-	b, err := json.Marshal(w.rec)
+	b, err := json.Marshal(r)
 	if err != nil {
 		return err
 	}
@@ -95,21 +119,41 @@ func writeDurable(path string, b []byte) error {
 	return d.Sync()
 }
 
-// RecoverIncoming removes what an incoming migration left when the
-// vmhopd that served it died before it landed or was aborted (the
-// record in RecordFile), and says what it removed. Call it at start,
-// before serving peers, with the datapath in place.
+// RecoverIncoming removes what the incoming migrations left when the
+// vmhopd that served them died before they landed or were aborted (the
+// records in RecordDir, and a pre-protocol-2 legacy record), and says
+// what it removed. Their ports need nothing: a vmhopd holds them in
+// memory only, and the QEMUs that listened on them are killed here. Call
+// it at start, before serving peers, with the datapath in place.
 func (w *HostWork) RecoverIncoming(ctx context.Context) ([]string, error) {
-	b, err := os.ReadFile(w.RecordFile())
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+	files, err := filepath.Glob(filepath.Join(w.RecordDir(), "*.json"))
+	if err != nil {
+		return nil, err
 	}
+	if _, err := os.Stat(w.legacyRecordFile()); err == nil {
+		files = append(files, w.legacyRecordFile())
+	}
+	var done []string
+	var errs []error
+	for _, f := range files {
+		d, err := w.recoverRecord(ctx, f)
+		done = append(done, d...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return done, errors.Join(errs...)
+}
+
+// recoverRecord undoes the record in file and removes it.
+func (w *HostWork) recoverRecord(ctx context.Context, file string) ([]string, error) {
+	b, err := os.ReadFile(file)
 	if err != nil {
 		return nil, err
 	}
 	var r incomingRecord
 	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("%s: %w", w.RecordFile(), err)
+		return nil, fmt.Errorf("%s: %w", file, err)
 	}
 	var done []string
 	var errs []error
@@ -149,7 +193,11 @@ func (w *HostWork) RecoverIncoming(ctx context.Context) ([]string, error) {
 	if err := errors.Join(errs...); err != nil {
 		return done, err
 	}
-	return done, os.Remove(w.RecordFile())
+	if err := os.Remove(file); err != nil {
+		return done, err
+	}
+	os.Remove(w.RecordDir()) // once the last is gone
+	return done, nil
 }
 
 // isQEMU says whether pid runs a QEMU (a recycled pid is left alone).
@@ -169,7 +217,7 @@ type recordingDest struct{ w *HostWork }
 var _ migrator.Destination = recordingDest{}
 
 func (d recordingDest) PrepareDestination(ctx context.Context, req migrator.DestPrepare) (migrator.TunnelEnd, error) {
-	if err := d.w.record(func(r *incomingRecord) { r.Tunnels = append(r.Tunnels, req.Tunnel) }); err != nil {
+	if err := d.w.record(ctx, func(r *incomingRecord) { r.Tunnels = append(r.Tunnels, req.Tunnel) }); err != nil {
 		return migrator.TunnelEnd{}, err
 	}
 	return d.w.Host.PrepareDestination(ctx, req)
@@ -179,14 +227,14 @@ func (d recordingDest) CreateImage(ctx context.Context, req migrator.ImageCreate
 	if err := d.w.Host.CreateImage(ctx, req); err != nil {
 		return err // refused (it exists) or not made: nothing to record
 	}
-	return d.w.record(func(r *incomingRecord) { r.Image = req.Path })
+	return d.w.record(ctx, func(r *incomingRecord) { r.Image = req.Path })
 }
 
 func (d recordingDest) AttachVM(ctx context.Context, req migrator.VMAttach) error {
 	// Recorded while the VM is on its way here; the drain's AttachVM (the
 	// VM runs here, its entry loses the tunnel) is the VM's own, not undo.
-	if d.w.in.arriving() {
-		if err := d.w.record(func(r *incomingRecord) {
+	if d.w.in.arriving(ctx) {
+		if err := d.w.record(ctx, func(r *incomingRecord) {
 			r.OldIP, r.NewIP, r.OldIP6, r.NewIP6 = req.OldIP, req.NewIP, req.OldIP6, req.NewIP6
 		}); err != nil {
 			return err
@@ -207,7 +255,7 @@ func (d recordingDest) RetireTunnel(ctx context.Context, req migrator.Tunnel) er
 	if err := d.w.Host.RetireTunnel(ctx, req); err != nil {
 		return err
 	}
-	return d.w.record(func(r *incomingRecord) {
+	return d.w.record(ctx, func(r *incomingRecord) {
 		// By peer and token: the retiring request carries the source's
 		// end of the tunnel (userspace mode), which the prepare did not.
 		r.Tunnels = slices.DeleteFunc(r.Tunnels, func(t migrator.Tunnel) bool { return t.Peer == req.Peer && t.Token == req.Token })
@@ -218,7 +266,7 @@ func (d recordingDest) Abort(ctx context.Context, req migrator.DestAbort) error 
 	if err := d.w.Host.Abort(ctx, req); err != nil {
 		return err
 	}
-	return d.w.record(func(r *incomingRecord) {
+	return d.w.record(ctx, func(r *incomingRecord) {
 		r.Image, r.OldIP, r.NewIP, r.OldIP6, r.NewIP6 = "", netip.Addr{}, netip.Addr{}, netip.Addr{}, netip.Addr{}
 	})
 }

@@ -41,11 +41,17 @@ type Lease struct {
 	Tunnels []migrator.Tunnel   `json:"tunnels,omitempty"` // accepted by dest.prepare
 	VMs     []migrator.VMAttach `json:"vms,omitempty"`     // entries made by dest.attach-vm
 	Images  []string            `json:"images,omitempty"`  // made by dest.create-image
-	// Incoming: qemu.start started the destination QEMU.
-	Incoming bool `json:"incoming,omitempty"`
-	// Committed: the VM runs here (qemu.wait-running succeeded): expiry
-	// keeps everything and only forgets the lease.
-	Committed bool `json:"committed,omitempty"`
+	// Reserved are the migrations (their IDs) that hold ports here
+	// (incoming.reserve): expiry releases them.
+	Reserved []string `json:"reserved,omitempty"`
+	// Incoming are the migrations whose destination QEMU qemu.start
+	// started (and qemu.stop did not stop).
+	Incoming []string `json:"incoming,omitempty"`
+	// Committed are those of them whose VM runs here (qemu.wait-running
+	// succeeded). One committed migration makes expiry keep the VM
+	// entries, images and tunnels of the peer: they are not told apart
+	// by migration, and a running VM is never undone.
+	Committed []string `json:"committed,omitempty"`
 }
 
 // DefaultLeaseTTL is Options.LeaseTTL's default: four missed greetings at
@@ -92,7 +98,7 @@ func (l *Leases) track(peer string, fn func(*Lease)) {
 	}
 	ls.Renewed = l.now()
 	fn(ls)
-	if len(ls.Tunnels) == 0 && len(ls.VMs) == 0 && len(ls.Images) == 0 && !ls.Incoming {
+	if len(ls.Tunnels) == 0 && len(ls.VMs) == 0 && len(ls.Images) == 0 && len(ls.Incoming) == 0 && len(ls.Reserved) == 0 {
 		delete(l.byPeer, peer)
 	}
 }
@@ -153,29 +159,45 @@ func (l *Leases) expire(ctx context.Context, dest migrator.Destination, in qemu.
 // errCommitted says an expired lease was kept: the VM runs here.
 var errCommitted = errors.New("the VM runs here: kept")
 
-// cleanLease undoes what ls holds, unless the VM runs here: the
-// destination QEMU is stopped if it is still waiting for (or receiving)
-// the stream, then the VM entries and images are removed and the tunnels
-// retired.
+// cleanLease undoes what ls holds, unless a VM of it runs here: each
+// destination QEMU still waiting for (or receiving) the stream is
+// stopped, the reserved ports are released (through in, if it releases:
+// HostWork's incomings), then the VM entries and images are removed and
+// the tunnels retired.
 func cleanLease(ctx context.Context, ls Lease, dest migrator.Destination, in qemu.Incoming) error {
-	if ls.Committed {
-		return errCommitted
-	}
 	var errs []error
-	if ls.Incoming && in != nil {
-		raw, err := in.Query(ctx, qemu.Query{Command: "query-status"})
-		var st struct {
-			Status  string `json:"status"`
-			Running bool   `json:"running"`
+	committed := len(ls.Committed) > 0
+	if in != nil {
+		for _, id := range ls.Incoming {
+			if slices.Contains(ls.Committed, id) {
+				continue
+			}
+			mctx := asPeer(ctx, ls.Peer, id)
+			raw, err := in.Query(mctx, qemu.Query{Command: "query-status"})
+			var st struct {
+				Status  string `json:"status"`
+				Running bool   `json:"running"`
+			}
+			if err == nil && json.Unmarshal(raw, &st) == nil && st.Status != "inmigrate" {
+				// Anything but "still waiting for the stream" means the
+				// stream completed: the guest is here, whatever its state.
+				committed = true
+				continue
+			}
+			if err := in.Stop(mctx); err != nil {
+				errs = append(errs, fmt.Errorf("stop the destination QEMU of migration %q: %w", id, err))
+			}
 		}
-		if err == nil && json.Unmarshal(raw, &st) == nil && st.Status != "inmigrate" {
-			// Anything but "still waiting for the stream" means the
-			// stream completed: the guest is here, whatever its state.
-			return errCommitted
+	}
+	if r, ok := in.(releaser); ok {
+		for _, id := range ls.Reserved {
+			if err := r.Release(asPeer(ctx, ls.Peer, id)); err != nil {
+				errs = append(errs, fmt.Errorf("release migration %q: %w", id, err))
+			}
 		}
-		if err := in.Stop(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("stop the destination QEMU: %w", err))
-		}
+	}
+	if committed {
+		return errors.Join(append([]error{errCommitted}, errs...)...)
 	}
 	if dest != nil {
 		for _, vm := range ls.VMs {
@@ -189,6 +211,12 @@ func cleanLease(ctx context.Context, ls Lease, dest migrator.Destination, in qem
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// releaser ends an incoming migration here and frees its ports
+// (HostWork's incomings; the migration is ctx's).
+type releaser interface {
+	Release(ctx context.Context) error
 }
 
 // runLeases expires leases every TTL/4 until ctx ends.

@@ -74,7 +74,7 @@ func TestLeaseExpiry(t *testing.T) {
 				t.Fatal(err)
 			}
 			ls := b.Leases()
-			if len(ls) != 1 || ls[0].Peer != "site-a" || len(ls[0].Images) != 1 || !ls[0].Incoming {
+			if len(ls) != 1 || ls[0].Peer != "site-a" || len(ls[0].Images) != 1 || len(ls[0].Incoming) != 1 {
 				t.Fatalf("leases: %+v", ls)
 			}
 			// A greeting renews the lease: 40 s + 40 s with one in between.
@@ -119,11 +119,11 @@ func TestLeaseEndsWithTheSourcesUndo(t *testing.T) {
 	l := newLeases(time.Minute, nil, nil)
 	tun := migrator.Tunnel{Token: 7}
 	l.track("a", func(ls *Lease) { ls.Tunnels = append(ls.Tunnels, tun); ls.Images = append(ls.Images, "/x.raw") })
-	l.track("a", func(ls *Lease) { ls.Incoming = true })
+	l.track("a", func(ls *Lease) { ls.Incoming = []string{"m1"} })
 	if len(l.List()) != 1 {
 		t.Fatal("no lease")
 	}
-	l.track("a", func(ls *Lease) { ls.Incoming = false })
+	l.track("a", func(ls *Lease) { ls.Incoming = nil })
 	l.track("a", func(ls *Lease) { ls.Images = nil })
 	l.track("a", func(ls *Lease) { ls.Tunnels = nil })
 	if len(l.List()) != 0 {

@@ -17,8 +17,10 @@ import (
 
 // ProtocolVersion is the peer API's version. Two daemons talk only if
 // theirs are equal (checked by hello); bump it when a method's request or
-// response changes incompatibly.
-const ProtocolVersion = 1
+// response changes incompatibly. 2: the destination allocates each
+// incoming migration's ports (incoming.reserve, incoming.release) and
+// keeps concurrent migrations apart by the Vmhop-Migration header.
+const ProtocolVersion = 2
 
 // protocolHeader carries the caller's ProtocolVersion on every peer call,
 // so a mismatch is refused even by a caller that never said hello.
@@ -130,7 +132,12 @@ func (a *PeerAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, Errorf(CodeNotFound, "no peer method %q", method))
 		return
 	}
-	h(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, peer.Name)))
+	mig := r.Header.Get(migrationHeader)
+	if !migrationIDRE.MatchString(mig) {
+		writeError(w, Errorf(CodeInvalidArgument, "%s %q is not a migration ID", migrationHeader, mig))
+		return
+	}
+	h(w, r.WithContext(asPeer(r.Context(), peer.Name, mig)))
 }
 
 // PeerClient calls one configured peer's API, over mutual TLS: this
@@ -140,6 +147,8 @@ type PeerClient struct {
 	Name    string // the peer's name (config key peers[].name)
 	Address string // host:port of its peer API (peers[].address)
 	hc      *http.Client
+	// migration is the migration its calls belong to (ForMigration).
+	migration string
 }
 
 func newPeerClient(h *hostTLS, p config.Peer, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *PeerClient {
@@ -159,6 +168,9 @@ func (c *PeerClient) request(ctx context.Context, method string, req any) (*http
 	r, err := newJSONRequest(ctx, http.MethodPost, "https://"+c.Address+peerPath+method, req)
 	if err == nil {
 		r.Header.Set(protocolHeader, strconv.Itoa(ProtocolVersion))
+		if c.migration != "" {
+			r.Header.Set(migrationHeader, c.migration)
+		}
 	}
 	return r, err
 }

@@ -30,7 +30,7 @@ type ReloadStatus struct {
 //     a peer whose address changed is dialled there from the next call.
 //
 // Every other key (name, listen, socket, state_dir, uplink, address,
-// datapath, bpffs, tls, log_format, metrics_listen) is bound to a
+// datapath, bpffs, tls, log_format, metrics_listen, migration_ports) is bound to a
 // listener, an identity or the datapath: a change is refused, naming the
 // key ("vmhopd.listen: cannot change without a restart"); restart vmhopd
 // for it. The certificate files are not re-read either (a rotated
@@ -117,6 +117,7 @@ func fixedChanges(old, cfg *config.Daemon) []string {
 		{"tls.ca", old.TLS.CA, cfg.TLS.CA},
 		{"log_format", old.LogFormat, cfg.LogFormat},
 		{"metrics_listen", old.MetricsListen, cfg.MetricsListen},
+		{"migration_ports", old.MigrationPorts, cfg.MigrationPorts},
 	} {
 		if f.was != f.now {
 			bad = append(bad, fmt.Sprintf("vmhopd.%s: cannot change without a restart (running %q, file %q)",

@@ -24,15 +24,6 @@ import (
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
-// Ports the destination host listens on for one migration, on its WAN
-// address (the memory stream, the disk relay or the chunked engine) and on
-// its loopback (the destination QEMU's NBD server behind the relay).
-const (
-	MigrationPort = 4444
-	NBDPort       = 10809 // loopback; the relay listens on NBDPort+1
-	ChunkedPort   = 10811
-)
-
 // PhaseDrain is the phase of the event a job emits once the VM runs at
 // the destination: its Data is the JobReport so far; the job ends when
 // the redirect has drained.
@@ -167,15 +158,30 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		return nil, cleanup, fmt.Errorf("migration.network.gateway %s: %w", spec.Network.Gateway, err)
 	}
 
-	in := &RemoteIncoming{Peer: peer}
+	// The destination's ports for this migration, from its
+	// vmhopd.migration_ports: every call of the migration names it, so
+	// the destination keeps it apart from others it serves at once.
+	in := &RemoteIncoming{Peer: peer.ForMigration(job.ID)}
+	ports, err := in.Reserve(ctx)
+	if err != nil {
+		return nil, cleanup, fmt.Errorf("peer %s: reserve the migration's ports: %w", peerName, err)
+	}
+	closers = append(closers, func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if err := in.Release(rctx); err != nil {
+			s.D.log.Warn("release the migration's ports at the destination (its lease frees them)", "migration", job.ID, "peer", peerName, "err", err)
+		}
+	})
 	closers = append(closers, in.Close)
+	log.Info("destination ports reserved", "peer", peerName, "memory", ports.Memory, "nbd", ports.NBD, "relay", ports.Relay, "chunked", ports.Chunked)
 	key := make([]byte, 32)
 	rand.Read(key)
 	drv := qemu.New(qemu.Config{
 		SourceQMP:  spec.VM.QMPSocket,
 		Dest:       qemu.Machine{Name: destName, QMPSocket: destQMP},
 		DestArgs:   adopted.Args,
-		DestListen: netip.AddrPortFrom(spec.Destination.Address, MigrationPort),
+		DestListen: netip.AddrPortFrom(spec.Destination.Address, ports.Memory),
 		Dial:       (&net.Dialer{Timeout: 10 * time.Second}).DialContext,
 		Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 		DestTaps:   []qemu.Tap{{Name: spec.Destination.Tap, Bridge: spec.Destination.Bridge}},
@@ -195,8 +201,8 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 	// when the job ends, whatever the outcome.
 	closers = append(closers, func() { drv.Close() })
 	dialer := &net.Dialer{Timeout: 10 * time.Second}
-	dest := RemoteDestination{Peer: peer}
-	disks := RemoteDiskServer{Peer: peer}
+	dest := RemoteDestination{Peer: in.Peer}
+	disks := RemoteDiskServer{Peer: in.Peer}
 	p = &migrator.Plan{
 		Label:      peerName,
 		VM:         spec.VM.QMPSocket,
@@ -210,13 +216,13 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		DestTap:    spec.Destination.Tap,
 		Disk: &qemu.MirrorDisk{
 			Driver:    drv,
-			NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
+			NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ports.NBD),
 			Relay: &storage.Relay{
 				DialSource: dialer.DialContext,
 				TLS:        streamTLS,
 				Server:     disks,
-				DestWAN:    netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String(),
-				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
+				DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ports.Relay).String(),
+				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ports.NBD).String(),
 				SourceSock: filepath.Join(dir, "nbd.sock"),
 				Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			},
@@ -250,7 +256,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			Server:     disks,
 			DialSource: dialer.DialContext,
 			TLS:        streamTLS,
-			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String(),
+			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ports.Chunked).String(),
 			Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,

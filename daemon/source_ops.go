@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"time"
 
 	"github.com/vmhop/vmhop/daemon/journal"
 	"github.com/vmhop/vmhop/internal/config"
@@ -132,19 +133,34 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 			return nil, nil, fmt.Errorf("migration.network.gateway %s: %w", spec.Network.Gateway, err)
 		}
 	}
-	in := &RemoteIncoming{Peer: peer}
+	in := &RemoteIncoming{Peer: peer.ForMigration(rec.ID)}
+	// The migration's ports: the ones the destination still holds for
+	// it (reserve is idempotent), or new ones if it restarted since
+	// (then nothing of the migration listens there any more).
+	// Unreachable: the forward actions left may still work; a disk end
+	// at the destination is then stopped by its release or its lease.
+	ports, err := in.Reserve(ctx)
+	if err != nil {
+		s.D.log.Warn("recover: the migration's ports at the destination are unknown", "id", rec.ID, "peer", peerName, "err", err)
+	}
+	release := func() {
+		in.Close()
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		in.Release(rctx)
+	}
 	drv := qemu.New(qemu.Config{SourceQMP: spec.VM.QMPSocket, Incoming: in})
 	// The disk stream's ends at the destination (end-disk-stream, if
 	// disk-release did not end): its export and the relay or chunked end.
-	var disk storage.Strategy = &qemu.MirrorDisk{Driver: drv, Relay: &storage.Relay{Server: RemoteDiskServer{Peer: peer},
-		DestWAN: netip.AddrPortFrom(spec.Destination.Address, NBDPort+1).String()}}
+	var disk storage.Strategy = &qemu.MirrorDisk{Driver: drv, Relay: &storage.Relay{Server: RemoteDiskServer{Peer: in.Peer},
+		DestWAN: netip.AddrPortFrom(spec.Destination.Address, ports.Relay).String()}}
 	if spec.Storage.Mode == "chunked" {
-		disk = &storage.Chunked{Sync: &storage.ChunkedSync{Server: RemoteDiskServer{Peer: peer},
-			DestWAN: netip.AddrPortFrom(spec.Destination.Address, ChunkedPort).String()}}
+		disk = &storage.Chunked{Sync: &storage.ChunkedSync{Server: RemoteDiskServer{Peer: in.Peer},
+			DestWAN: netip.AddrPortFrom(spec.Destination.Address, ports.Chunked).String()}}
 	}
 	p := &migrator.Plan{
 		Label: peerName, VM: spec.VM.QMPSocket,
-		Source: s.Work.Host, Dest: RemoteDestination{Peer: peer},
+		Source: s.Work.Host, Dest: RemoteDestination{Peer: in.Peer},
 		SourceWAN: spec.Source.Address, DestWAN: spec.Destination.Address,
 		Driver: drv, Disk: disk,
 		DestDisk: spec.Destination.Disk, DestTap: spec.Destination.Tap,
@@ -160,9 +176,10 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 	if k, err := ddns.LoadKey(spec.DNS.TSIGKeyFile); err == nil {
 		p.DNS = &ddns.Client{Server: spec.DNS.Server, Key: k, Timeout: spec.DNS.Timeout}
 	} else {
+		release()
 		return nil, nil, fmt.Errorf("migration.dns.tsig_key_file: %w", err)
 	}
-	return p, in.Close, nil
+	return p, release, nil
 }
 
 // hostsReady is the preflight's look at both hosts beyond addresses:

@@ -89,7 +89,7 @@ func run() error {
 	// daemon.New reads and checks the tls files, so -check catches a
 	// certificate that does not name this host or is not from the CA.
 	host := &migrator.Host{Name: cfg.Name, Address: cfg.Address, Uplink: cfg.Uplink, PinDir: cfg.BPFFS}
-	work := &daemon.HostWork{Host: host, Disks: &storage.LocalDiskServer{Log: log}, StateDir: cfg.StateDir, Log: log}
+	work := &daemon.HostWork{Host: host, Disks: &storage.LocalDiskServer{Log: log}, StateDir: cfg.StateDir, Ports: cfg.MigrationPorts, Log: log}
 	sm := &daemon.SourceMigrator{Work: work}
 	d, err := daemon.New(*cfg, daemon.Options{Log: log, Level: level, Migrator: sm, Ready: func() { notify(log, sdReady) }})
 	if err != nil {

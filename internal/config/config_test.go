@@ -360,3 +360,29 @@ func TestDualStackSpec(t *testing.T) {
 		t.Errorf("IPv4-only addresses = %s", got)
 	}
 }
+
+func TestParseDaemonMigrationPorts(t *testing.T) {
+	f, err := Parse([]byte("vmhopd:\n  uplink: eth1\n  address: 10.2.0.2\n  migration_ports: 50000-50007\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := f.Daemon.MigrationPorts; got != (PortRange{50000, 50007}) || got.Len() != 8 || got.String() != "50000-50007" {
+		t.Errorf("migration_ports = %+v", got)
+	}
+	if f, err := Parse([]byte("vmhopd:\n  uplink: eth1\n  address: 10.2.0.2\n")); err != nil || f.Daemon.MigrationPorts != (PortRange{49152, 49215}) {
+		t.Errorf("default: %+v, %v", f, err)
+	}
+	for in, want := range map[string]string{
+		"49152":       `vmhopd.migration_ports: "49152" is not a port range MIN-MAX`,
+		"50010-50000": `vmhopd.migration_ports: "50010-50000": MIN 50010 is above MAX 50000`,
+		"80-90":       `vmhopd.migration_ports: "80-90": 80 is a privileged port`,
+		"50000-50002": `vmhopd.migration_ports: "50000-50002" holds 3 ports: one incoming migration takes 4`,
+		"50000-70000": `vmhopd.migration_ports: "50000-70000" is not a port range MIN-MAX of ports from 1024 to 65535`,
+		"7700-7720":   `vmhopd.migration_ports: 7700-7720 holds vmhopd.listen's port 7710`,
+	} {
+		_, err := Parse([]byte("vmhopd:\n  uplink: eth1\n  address: 10.2.0.2\n  migration_ports: " + in + "\n"))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("migration_ports %s: error %v\nlacks %q", in, err, want)
+		}
+	}
+}

@@ -46,6 +46,12 @@ type Daemon struct {
 	// MetricsListen is the host:port of the Prometheus /metrics endpoint
 	// (plain HTTP: bind it to a management address); "" serves none.
 	MetricsListen string `key:"metrics_listen"`
+	// MigrationPorts is the range the ports of incoming migrations are
+	// taken from, PortsPerMigration for each (its memory stream, its
+	// destination QEMU's NBD server on the loopback, its disk relay, its
+	// chunked engine), handed to the source over the peer API; freed when
+	// the migration ends. As libvirt's migration_port_min/max.
+	MigrationPorts PortRange `key:"migration_ports"`
 }
 
 // Peer is another host's vmhopd.
@@ -258,6 +264,8 @@ func DefaultDaemon() Daemon {
 		BPFFS:     "/sys/fs/bpf/vmhop",
 		LogLevel:  "info",
 		LogFormat: "text",
+		// libvirt's default range: 16 migrations at once.
+		MigrationPorts: PortRange{Min: 49152, Max: 49215},
 	}
 }
 

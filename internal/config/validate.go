@@ -81,6 +81,13 @@ func (d *Daemon) validate(p string, errs *Errors) {
 	if d.MetricsListen != "" {
 		checkHostPort(p+".metrics_listen", d.MetricsListen, errs)
 	}
+	for _, l := range []struct{ key, hostport string }{{"listen", d.Listen}, {"metrics_listen", d.MetricsListen}} {
+		if _, port, err := net.SplitHostPort(l.hostport); err == nil {
+			if n, err := strconv.Atoi(port); err == nil && n > 0 && n < 65536 && d.MigrationPorts.Contains(uint16(n)) {
+				errs.add(p+".migration_ports", "%s holds vmhopd.%s's port %d: migrations would collide with it", d.MigrationPorts, l.key, n)
+			}
+		}
+	}
 }
 
 func (m *Migration) validate(p string, errs *Errors) {

@@ -14,8 +14,8 @@ import (
 )
 
 // The zone the lab's BIND (and Knot) serves: svc points at the VM's old
-// address, svc6 at both its old addresses (A and AAAA), with a TTL of
-// SvcTTL.
+// address, svc6 at both its old addresses (A and AAAA), svc2 at the
+// second VM's old address, with a TTL of SvcTTL.
 var zoneText = `$TTL 300
 @	IN SOA ns.example. hostmaster.example. ( 1 3600 600 86400 60 )
 @	IN NS ns.example.
@@ -23,6 +23,7 @@ ns	IN A 10.0.3.2
 svc	` + strconv.Itoa(SvcTTL) + `	IN A 10.1.0.10
 svc6	` + strconv.Itoa(SvcTTL) + `	IN A 10.1.0.10
 svc6	` + strconv.Itoa(SvcTTL) + `	IN AAAA fd00:1::10
+svc2	` + strconv.Itoa(SvcTTL) + `	IN A 10.1.0.11
 `
 
 // startBIND runs named in the dns namespace, authoritative for Zone, taking

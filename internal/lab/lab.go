@@ -56,6 +56,11 @@ var (
 	GatewayA6 = netip.MustParseAddr("fd00:1::1")  // site A's router: the guest's IPv6 gateway
 	OldIP6    = netip.MustParseAddr("fd00:1::10") // the VM's IPv6 address at site A
 	NewIP6    = netip.MustParseAddr("fd00:2::10") // its IPv6 address once at site B
+
+	// A second VM (Svc2Name), for migrations of two VMs at once.
+	OldIP2  = netip.MustParseAddr("10.1.0.11")  // the second VM's address at site A
+	NewIP2  = netip.MustParseAddr("10.2.0.11")  // its address once at site B
+	OldIP62 = netip.MustParseAddr("fd00:1::11") // its IPv6 address at site A
 )
 
 // DNS names the lab's BIND serves.
@@ -65,6 +70,8 @@ const (
 	// Svc6Name is the dual-stack VM's name: A OldIP and AAAA OldIP6, TTL
 	// SvcTTL (svc has no AAAA, so IPv4-only migrations flip it alone).
 	Svc6Name = "svc6.example."
+	// Svc2Name is the second VM's name: A OldIP2, TTL SvcTTL.
+	Svc2Name = "svc2.example."
 	KeyName  = "vmhop-lab."
 	// SvcTTL is svc's TTL in the lab's zone, in seconds. A migration waits
 	// it out after lowering it (dns-prepare), so it is short, like a

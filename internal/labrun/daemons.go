@@ -8,11 +8,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/daemon/pki"
+	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
 )
 
@@ -23,6 +25,31 @@ import (
 
 // DaemonPort is the port of each site's vmhopd peer API.
 const DaemonPort = 7710
+
+// MigrationPorts is each lab vmhopd's vmhopd.migration_ports: the
+// ports of incoming migrations (the default range, written out).
+var MigrationPorts = config.DefaultDaemon().MigrationPorts
+
+// ListenersInRange are the TCP listeners of ss -Hltn output whose local
+// port is in rng, one line each (none: the migrations left nothing).
+func ListenersInRange(ssOut string, rng config.PortRange) []string {
+	var out []string
+	for _, line := range strings.Split(ssOut, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 {
+			continue
+		}
+		local := f[3]
+		i := strings.LastIndex(local, ":")
+		if i < 0 {
+			continue
+		}
+		if p, err := strconv.ParseUint(local[i+1:], 10, 16); err == nil && rng.Contains(uint16(p)) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
 
 // daemonSites are the sites that run a vmhopd, with their WAN addresses.
 var daemonSites = []struct {
@@ -128,8 +155,9 @@ vmhopd:
     ca: %s
   log_level: info
   metrics_listen: 127.0.0.1:9710
+  migration_ports: %s
 `, l.Name, s.site, DaemonName(s.site), DaemonAddr(s.site), DaemonSocket(l, s.site), peers.String(),
-			DaemonStateDir(l, s.site), lab.Uplink, s.addr, o.continuity, l.PinDir(s.site), certFile, keyFile, caFile)
+			DaemonStateDir(l, s.site), lab.Uplink, s.addr, o.continuity, l.PinDir(s.site), certFile, keyFile, caFile, MigrationPorts)
 		if err := os.WriteFile(DaemonConfig(l, s.site), []byte(conf), 0o644); err != nil {
 			return err
 		}

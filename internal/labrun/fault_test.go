@@ -454,10 +454,8 @@ func assertEndState(t *testing.T, ctx context.Context, l *lab.Lab, vm *lab.VM, d
 			t.Errorf("ss at %s: %v", site, err)
 			continue
 		}
-		for _, port := range []int{daemon.MigrationPort, daemon.NBDPort, daemon.NBDPort + 1, daemon.ChunkedPort} {
-			if strings.Contains(out, fmt.Sprintf(":%d ", port)) {
-				t.Errorf("%s listens on the migration port %d:\n%s", site, port, out)
-			}
+		if left := ListenersInRange(out, MigrationPorts); len(left) > 0 {
+			t.Errorf("%s listens on ports of vmhopd.migration_ports %s:\n%s", site, MigrationPorts, strings.Join(left, "\n"))
 		}
 		recs, err := journal.NewStore(filepath.Join(DaemonStateDir(l, site), "journal")).List()
 		if err != nil {

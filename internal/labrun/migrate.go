@@ -170,12 +170,12 @@ func Migrate(ctx context.Context, l *lab.Lab, spec *config.Migration, log *slog.
 }
 
 // SpecFor is spec as it applies to l's guest vm moving from site A to
-// site B as machine dm: the VM's QMP socket and disk, the sites'
+// site B as machine dm: the VM's name, QMP socket and disk, the sites'
 // daemons and addresses, the destination's disk, tap and QMP socket are
 // the lab's; the TSIG key file is the lab's when spec's does not exist.
 func SpecFor(l *lab.Lab, vm *lab.VM, dm qemu.Machine, spec *config.Migration) *config.Migration {
 	s := *spec
-	s.VM.QMPSocket, s.VM.Disk = vm.Machine.QMPSocket, vm.Machine.Disk
+	s.VM.Name, s.VM.QMPSocket, s.VM.Disk = vm.Name, vm.Machine.QMPSocket, vm.Machine.Disk
 	s.Source.Daemon, s.Source.Address = DaemonAddr(lab.SiteA), lab.HostA
 	s.Destination.Daemon, s.Destination.Address = DaemonAddr(lab.SiteB), lab.HostB
 	s.Destination.Disk, s.Destination.Tap, s.Destination.QMPSocket = dm.Disk, dm.Tap, dm.QMPSocket

@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 
-	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/netns"
@@ -24,11 +23,13 @@ import (
 	"github.com/vmhop/vmhop/proxy/ddns"
 )
 
-// Ports the destination listens on: vmhopd's (daemon.MigrationPort ...).
+// Ports the destination listens on in an in-process lab migration
+// (Plan: one at a time, no vmhopd). Through the daemons (Migrate), the
+// destination's vmhopd takes them from MigrationPorts instead.
 const (
-	MigrationPort = daemon.MigrationPort
-	NBDPort       = daemon.NBDPort
-	ChunkedPort   = daemon.ChunkedPort
+	MigrationPort = 4444
+	NBDPort       = 10809 // loopback; the relay listens on NBDPort+1
+	ChunkedPort   = 10811
 )
 
 // Option changes how a lab migration is planned (Plan, Migrate).
