@@ -18,7 +18,6 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/vmhop/vmhop/migrator"
-	"github.com/vmhop/vmhop/migrator/hypervisor"
 	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/ddns"
@@ -183,7 +182,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 		DestArgs:   adopted.Args,
 		DestListen: netip.AddrPortFrom(spec.Destination.Address, ports.Memory),
 		Dial:       (&net.Dialer{Timeout: 10 * time.Second}).DialContext,
-		Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
+		Tuning:     SpecTuning(spec),
 		DestTaps:   []qemu.Tap{{Name: spec.Destination.Tap, Bridge: spec.Destination.Bridge}},
 		Incoming:   in,
 		// A fresh key per migration, handed over inside the start request
@@ -203,45 +202,25 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	dest := RemoteDestination{Peer: in.Peer}
 	disks := RemoteDiskServer{Peer: in.Peer}
-	p = &migrator.Plan{
-		Label:      peerName,
-		VM:         spec.VM.QMPSocket,
-		Source:     s.Work.Host,
-		Dest:       dest,
-		SourceWAN:  spec.Source.Address,
-		DestWAN:    spec.Destination.Address,
-		Driver:     drv,
-		SourceDisk: adopted.Disks[0],
-		DestDisk:   spec.Destination.Disk,
-		DestTap:    spec.Destination.Tap,
-		Disk: &qemu.MirrorDisk{
-			Driver:    drv,
-			NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ports.NBD),
-			Relay: &storage.Relay{
-				DialSource: dialer.DialContext,
-				TLS:        streamTLS,
-				Server:     disks,
-				DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ports.Relay).String(),
-				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ports.NBD).String(),
-				SourceSock: filepath.Join(dir, "nbd.sock"),
-				Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
-			},
-			Log: log,
+	plan := SpecPlan(spec)
+	p = &plan
+	p.Label, p.VM, p.SourceQMP, p.Log = peerName, spec.VM.QMPSocket, spec.VM.QMPSocket, log
+	p.Source, p.Dest, p.SourceWAN, p.DestWAN = s.Work.Host, dest, spec.Source.Address, spec.Destination.Address
+	p.Driver, p.SourceDisk, p.DestDisk, p.DestTap = drv, adopted.Disks[0], spec.Destination.Disk, spec.Destination.Tap
+	p.VMMAC, p.GatewayMAC = vmMAC, gwMAC
+	p.Disk = &qemu.MirrorDisk{
+		Driver:    drv,
+		NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ports.NBD),
+		Relay: &storage.Relay{
+			DialSource: dialer.DialContext,
+			TLS:        streamTLS,
+			Server:     disks,
+			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ports.Relay).String(),
+			DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ports.NBD).String(),
+			SourceSock: filepath.Join(dir, "nbd.sock"),
+			Tuning:     SpecTuning(spec),
 		},
-		Limits: hypervisor.Options{
-			Bandwidth: spec.Limits.Bandwidth, Downtime: spec.Limits.Downtime, AutoConverge: spec.Limits.AutoConverge,
-			MaxIterations: spec.Limits.MaxIterations, Deadline: spec.Limits.Deadline,
-		},
-		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
-		OldIP6: spec.Network.OldIP6, NewIP6: spec.Network.NewIP6, Gateway6: spec.Network.Gateway6,
-		VMMAC: vmMAC, GatewayMAC: gwMAC,
-		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL,
-		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
-		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
-			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline},
-		SourceQMP:  spec.VM.QMPSocket,
-		NoRedirect: !spec.Network.Redirect,
-		Log:        log,
+		Log: log,
 	}
 	if len(adopted.Disks) != 1 {
 		return nil, cleanup, fmt.Errorf("migration.vm: the VM has disks %v; vmhop moves a VM with one", adopted.Disks)
@@ -257,7 +236,7 @@ func (s *SourceMigrator) Plan(ctx context.Context, job *Job, log *slog.Logger) (
 			DialSource: dialer.DialContext,
 			TLS:        streamTLS,
 			DestWAN:    netip.AddrPortFrom(spec.Destination.Address, ports.Chunked).String(),
-			Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
+			Tuning:     SpecTuning(spec),
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
 		}}

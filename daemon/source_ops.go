@@ -158,21 +158,14 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 		disk = &storage.Chunked{Sync: &storage.ChunkedSync{Server: RemoteDiskServer{Peer: in.Peer},
 			DestWAN: netip.AddrPortFrom(spec.Destination.Address, ports.Chunked).String()}}
 	}
-	p := &migrator.Plan{
-		Label: peerName, VM: spec.VM.QMPSocket,
-		Source: s.Work.Host, Dest: RemoteDestination{Peer: in.Peer},
-		SourceWAN: spec.Source.Address, DestWAN: spec.Destination.Address,
-		Driver: drv, Disk: disk,
-		DestDisk: spec.Destination.Disk, DestTap: spec.Destination.Tap,
-		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
-		VMMAC: vmMAC, GatewayMAC: gwMAC,
-		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL,
-		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
-		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
-			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline},
-		SourceQMP: spec.VM.QMPSocket,
-		Log:       s.D.log.With("recover", rec.ID),
-	}
+	// The same mapping as the migration's (SpecPlan): a dual-stack VM's
+	// IPv6 redirect and AAAA record are undone or finished too.
+	plan := SpecPlan(spec)
+	p := &plan
+	p.Label, p.VM, p.SourceQMP, p.Log = peerName, spec.VM.QMPSocket, spec.VM.QMPSocket, s.D.log.With("recover", rec.ID)
+	p.Source, p.Dest, p.SourceWAN, p.DestWAN = s.Work.Host, RemoteDestination{Peer: in.Peer}, spec.Source.Address, spec.Destination.Address
+	p.Driver, p.Disk, p.DestDisk, p.DestTap = drv, disk, spec.Destination.Disk, spec.Destination.Tap
+	p.VMMAC, p.GatewayMAC = vmMAC, gwMAC
 	if k, err := ddns.LoadKey(spec.DNS.TSIGKeyFile); err == nil {
 		p.DNS = &ddns.Client{Server: spec.DNS.Server, Key: k, Timeout: spec.DNS.Timeout}
 	} else {

@@ -13,11 +13,11 @@ import (
 	"net/netip"
 	"os"
 
+	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/netns"
 	"github.com/vmhop/vmhop/migrator"
-	"github.com/vmhop/vmhop/migrator/hypervisor"
 	"github.com/vmhop/vmhop/migrator/hypervisor/qemu"
 	"github.com/vmhop/vmhop/migrator/storage"
 	"github.com/vmhop/vmhop/proxy/ddns"
@@ -84,7 +84,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 		DestArgs:   adopted.Args,
 		DestListen: netip.AddrPortFrom(lab.HostB, MigrationPort),
 		Dial:       l.Dialer(lab.SiteA),
-		Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
+		Tuning:     daemon.SpecTuning(spec),
 		Launcher:   l.Launcher(lab.SiteB),
 		TLS:        &qemu.PSK{Username: "vmhop", Key: key, SourceDir: l.Path("tls-a"), DestDir: l.Path("tls-b")},
 	})
@@ -96,50 +96,32 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 	if err != nil {
 		return nil, err
 	}
-	p := &migrator.Plan{
-		Label: spec.Name,
-		VM:    vm.Name,
-		Source: &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA),
-			Continuity: o.continuity},
-		Dest: &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB),
-			Continuity: o.continuity},
-		SourceWAN:  lab.HostA,
-		DestWAN:    lab.HostB,
-		Driver:     drv,
-		SourceDisk: adopted.Disks[0],
-		DestDisk:   dm.Disk,
-		DestTap:    dm.Tap,
-		// The destination serves NBD on its loopback; the relay carries it
-		// over the WAN (see storage.Relay).
-		Disk: &qemu.MirrorDisk{
-			Driver:    drv,
-			NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
-			Relay: &storage.Relay{
-				DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
-				ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
-				DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
-				DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
-				SourceSock: l.Path("nbd-relay.sock"),
-				Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
-			},
-			Log: log,
+	plan := daemon.SpecPlan(spec)
+	p := &plan
+	p.Label, p.VM, p.SourceQMP, p.Log = spec.Name, vm.Name, vm.Machine.QMPSocket, log
+	p.Source = &migrator.Host{Name: "host A", Netns: l.NS(lab.SiteA), Address: lab.HostA, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteA),
+		Continuity: o.continuity}
+	p.Dest = &migrator.Host{Name: "host B", Netns: l.NS(lab.SiteB), Address: lab.HostB, Uplink: lab.Uplink, PinDir: l.PinDir(lab.SiteB),
+		Continuity: o.continuity}
+	p.SourceWAN, p.DestWAN = lab.HostA, lab.HostB
+	p.Driver, p.SourceDisk, p.DestDisk, p.DestTap = drv, adopted.Disks[0], dm.Disk, dm.Tap
+	p.VMMAC, p.GatewayMAC = vmMAC, gwMAC
+	// The health check goes where vmhopd on host A would send it from.
+	p.Health.Dial = l.Dialer(lab.SiteA)
+	// The destination serves NBD on its loopback; the relay carries it
+	// over the WAN (see storage.Relay).
+	p.Disk = &qemu.MirrorDisk{
+		Driver:    drv,
+		NBDListen: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort),
+		Relay: &storage.Relay{
+			DialSource: l.Dialer(lab.SiteA), DialDest: l.Dialer(lab.SiteB),
+			ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
+			DestWAN:    netip.AddrPortFrom(lab.HostB, NBDPort+1).String(),
+			DestNBD:    netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), NBDPort).String(),
+			SourceSock: l.Path("nbd-relay.sock"),
+			Tuning:     daemon.SpecTuning(spec),
 		},
-		Limits: hypervisor.Options{
-			Bandwidth: spec.Limits.Bandwidth, Downtime: spec.Limits.Downtime, AutoConverge: spec.Limits.AutoConverge,
-			MaxIterations: spec.Limits.MaxIterations, Deadline: spec.Limits.Deadline,
-		},
-		OldIP: spec.Network.OldIP, NewIP: spec.Network.NewIP, Gateway: spec.Network.Gateway,
-		OldIP6: spec.Network.OldIP6, NewIP6: spec.Network.NewIP6, Gateway6: spec.Network.Gateway6,
-		VMMAC: vmMAC, GatewayMAC: gwMAC,
-		Zone: spec.DNS.Zone, DNSName: spec.DNS.Name, TTL: spec.DNS.TTL,
-		DrainIdle: spec.Network.DrainIdle, DrainTimeout: spec.Network.DrainTimeout,
-		// The health check goes where vmhopd on host A would send it from.
-		Health: &migrator.HealthCheck{Target: spec.Network.NewIP, TCPPort: spec.Health.TCPPort,
-			HTTPPath: spec.Health.HTTPPath, HTTPPort: spec.Health.HTTPPort, Deadline: spec.Health.Deadline,
-			Dial: l.Dialer(lab.SiteA)},
-		SourceQMP:  vm.Machine.QMPSocket,
-		NoRedirect: !spec.Network.Redirect,
-		Log:        log,
+		Log: log,
 	}
 	if spec.Storage.Mode == "chunked" {
 		p.Disk = &storage.Chunked{Sync: &storage.ChunkedSync{
@@ -148,7 +130,7 @@ func Plan(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, l
 			DialSource: l.Dialer(lab.SiteA),
 			ListenDest: func(network, addr string) (net.Listener, error) { return netns.Listen(l.NS(lab.SiteB), network, addr) },
 			DestWAN:    netip.AddrPortFrom(lab.HostB, ChunkedPort).String(),
-			Tuning:     storage.WANTuning{Pacing: spec.Limits.Pacing, Congestion: spec.Limits.Congestion},
+			Tuning:     daemon.SpecTuning(spec),
 			FinalDelta: int64(spec.Storage.FinalDelta), MaxRounds: spec.Storage.MaxRounds,
 			Log: log,
 		}}
