@@ -38,7 +38,8 @@ type Load struct {
 	// GiveUp, if set, is a client's patience: an echo connection (or the
 	// bulk download) that gets nothing back for this long is closed and
 	// made anew to Name's address, resolved again (as a client whose
-	// server went away would). 0: echo connections wait forever.
+	// server went away would). 0: echo connections wait forever. An echo
+	// connection waits at least 3 of its intervals (patience).
 	GiveUp time.Duration
 	// BulkRate, if not 0, keeps one bulk TCP download in flight across the
 	// move: GET /download from Name's address (resolved through DNS), paced
@@ -93,10 +94,10 @@ func (ld *Load) Run(ctx context.Context) {
 	ld.pingSent = map[uint16]time.Time{}
 	ld.mu.Unlock()
 	var wg sync.WaitGroup
-	for range ld.Conns {
-		p := &Probe{L: ld.L, Target: netip.AddrPortFrom(ld.Addr, EchoPort), Interval: ld.EchoEvery}
+	for i := range ld.Conns {
+		p := &Probe{L: ld.L, Target: netip.AddrPortFrom(ld.Addr, EchoPort), Interval: ld.EchoEvery, Phase: echoPhase(i, ld.Conns, ld.EchoEvery)}
 		if ld.GiveUp > 0 {
-			p.GiveUp, p.Resolve = ld.GiveUp, ld.resolve
+			p.GiveUp, p.Resolve = patience(ld.GiveUp, ld.EchoEvery), ld.resolve
 		}
 		ld.Echo = append(ld.Echo, p)
 	}
@@ -119,6 +120,31 @@ func (ld *Load) Run(ctx context.Context) {
 	ld.end = time.Now()
 	ld.mu.Unlock()
 	wg.Wait()
+}
+
+// patience is how long an echo connection sending every interval waits
+// for an answer before it gives up: giveUp, but at least 3 intervals,
+// the gap the disruption count starts at (Disruption.Threshold). A client
+// asking once a second that hung up after 2 s would hang up on one late
+// answer, and its reconnection (a DNS lookup, a handshake, a new
+// connection for the server to hold) loads the server more than the
+// answer it missed: 1000 connections at 1 Hz with 2 s of patience
+// reconnected 4444 times in one minute (bench/results, 2026-11-30).
+func patience(giveUp, interval time.Duration) time.Duration {
+	return max(giveUp, 3*interval)
+}
+
+// echoPhase is echo connection i's delay of n: the connections open and
+// send spread evenly over one interval, every's i/n-th, as independent
+// clients do. In lockstep, 1000 connections at 1 Hz sent 1000 segments
+// in one burst every second: the burst, not the rate, overflowed the
+// path's and the guest's queues (bench/results/2026-11-30-scaling,
+// echo_conns=1000).
+func echoPhase(i, n int, every time.Duration) time.Duration {
+	if n <= 1 {
+		return 0
+	}
+	return time.Duration(int64(every) * int64(i) / int64(n))
 }
 
 func (ld *Load) resolver() *net.Resolver {

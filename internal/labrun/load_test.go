@@ -81,3 +81,39 @@ func TestViewCountsUnansweredAndFailures(t *testing.T) {
 		t.Fatalf("ping = %+v", v.Ping)
 	}
 }
+
+// Echo connections open and send spread over one interval, not in step:
+// 1000 at 1 Hz are 1 ms apart, the last one interval less one step in.
+func TestEchoPhaseSpreads(t *testing.T) {
+	s := time.Second
+	if got := echoPhase(0, 1000, s); got != 0 {
+		t.Errorf("first: %s", got)
+	}
+	if got := echoPhase(1, 1000, s); got != time.Millisecond {
+		t.Errorf("second: %s, want 1ms", got)
+	}
+	if got := echoPhase(999, 1000, s); got != 999*time.Millisecond {
+		t.Errorf("last: %s, want 999ms", got)
+	}
+	if got := echoPhase(3, 4, 10*time.Millisecond); got != 7500*time.Microsecond {
+		t.Errorf("4 at 100 Hz, the fourth: %s", got)
+	}
+	if got := echoPhase(0, 1, s); got != 0 {
+		t.Errorf("one connection: %s", got)
+	}
+}
+
+// A client waits at least 3 of its intervals (where the disruption
+// count starts) before it gives up; faster ones keep the load's 2 s.
+func TestPatience(t *testing.T) {
+	for _, c := range []struct{ giveUp, every, want time.Duration }{
+		{2 * time.Second, 10 * time.Millisecond, 2 * time.Second},
+		{2 * time.Second, 100 * time.Millisecond, 2 * time.Second},
+		{2 * time.Second, time.Second, 3 * time.Second},
+		{5 * time.Second, time.Second, 5 * time.Second},
+	} {
+		if got := patience(c.giveUp, c.every); got != c.want {
+			t.Errorf("patience(%s, %s) = %s, want %s", c.giveUp, c.every, got, c.want)
+		}
+	}
+}
