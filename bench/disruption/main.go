@@ -25,7 +25,9 @@
 // The load (labrun.Load): persistent echo connections at 100 Hz, a new
 // HTTP connection by DNS name every 50 ms, ICMP every 10 ms, one bulk
 // download in flight across the move; every client gives up after 2 s of
-// silence and reconnects by name. Outputs under -out/<date>-<scenario>/:
+// silence (an echo connection after 3 of its intervals if that is longer)
+// and reconnects by name; the echo connections open and send spread over
+// their interval, not in step. Outputs under -out/<date>-<scenario>/:
 // results.json (every metric, units in the names), results.md,
 // pcap-summary.txt, the small pcaps, timeline-<mode>.png and bars*.png.
 // Needs root (the lab).
@@ -357,6 +359,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		out, merr = labrun.MigrateWith(ctx, l, &spec, log, sc.shape(), labrun.Options{Redirect: redirect, Capture: captureFilter})
 		d = live(out)
 		pcap = out.Pcap
+		r.Source = out.Source
 		g := out.Guest
 		r.Guest = fmt.Sprintf("same boot %v; RAM verifier %d lost, %d corrupt in %d checks; disk %s", g.SameBoot, g.MemLost, g.MemCorrupt, g.MemCycles, g.Disk)
 		if g.Problem != "" {

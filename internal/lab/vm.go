@@ -188,7 +188,22 @@ func (l *Lab) StartVM(ctx context.Context, c VMConfig) (*VM, error) {
 	}
 	vm := &VM{Name: c.Name, Host: c.Host, IP: c.IP, Machine: m, Pid: pid}
 	l.State.VMs[m.Name] = vm
+	l.procMu.Lock()
+	if l.procs == nil {
+		l.procs = map[string]*Proc{}
+	}
+	l.procs[m.Name] = proc
+	l.procMu.Unlock()
 	return vm, l.save()
+}
+
+// VMProcess is the QEMU process of machine (a Machine name) if this
+// process started it (StartVM), else nil: its ExitStatus says whether and
+// how it ended.
+func (l *Lab) VMProcess(machine string) *Proc {
+	l.procMu.Lock()
+	defer l.procMu.Unlock()
+	return l.procs[machine]
 }
 
 // prefill writes n random bytes to the raw image at path from offset off.

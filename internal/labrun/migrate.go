@@ -34,6 +34,9 @@ type Outcome struct {
 	// Pcap is the client's packet capture (in the lab's directory: copy it
 	// before the lab goes down).
 	Pcap string `json:",omitempty"`
+	// Source is the source VM after a move that failed before the VM
+	// moved: whether it stayed safe at site A (nil otherwise).
+	Source *SourceState `json:",omitempty"`
 	// Err is the migration's error, if any, with its exit code.
 	Err  string `json:",omitempty"`
 	Exit int
@@ -319,6 +322,7 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 	case f := <-ended:
 		fin = &f
 	}
+	movedOn := fin == nil       // the VM runs at site B now (drain began)
 	time.Sleep(3 * time.Second) // the clients keep talking to the moved VM
 	stop()
 	<-loadDone
@@ -353,6 +357,10 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 	}
 	if err == nil && !out.Guest.OK() {
 		err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
+	}
+	if err != nil && !movedOn {
+		src := CheckSource(ctx, l, vm, before, spec.DNS.Name, netip.MustParseAddrPort(spec.DNS.Server))
+		out.Source = &src
 	}
 	if err != nil {
 		out.Err = err.Error()
