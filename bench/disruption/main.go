@@ -64,7 +64,7 @@ var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
 
 var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
-	pcapDir, analyze, scaleSkip                             string
+	pcapDir, analyze, scaleSkip, scaleOnly, scaleDir        string
 	repeats, conns, ram                                     int
 	giveUp, controlWindow                                   time.Duration
 	keepPcap                                                int64
@@ -111,6 +111,8 @@ func main() {
 	flag.StringVar(&flags.pcapDir, "pcap-dir", "", "also keep every run's pcap in this directory (outside the repository: live runs' are tens of MiB)")
 	flag.StringVar(&flags.analyze, "analyze", "", "only analyze this pcap (a client capture) and print its summary and each connection's deliveries")
 	flag.StringVar(&flags.scaleSkip, "scale-skip", "", "scaling points not to run, comma-separated DIMENSION=VALUE (e.g. disk_data_mib=1024, measured by the standard run)")
+	flag.StringVar(&flags.scaleOnly, "scale-only", "", "run only these scaling points, comma-separated DIMENSION=VALUE (ram, data, conns name the dimensions too: conns=1000)")
+	flag.StringVar(&flags.scaleDir, "scale-dir", "", "the scaling results directory (default -out/<date>-scaling); a scale.json there is updated: the points run replace theirs, the others are kept")
 	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections, two VMs at once)")
 	flag.Parse()
 	if err := run(); err != nil {
