@@ -361,7 +361,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		out, merr = labrun.MigrateWith(ctx, l, &spec, log, sc.shape(), labrun.Options{Redirect: redirect, Capture: captureFilter})
 		d = live(out)
 		pcap = out.Pcap
-		r.Source = out.Source
+		r.Source, r.EchoUp = out.Source, out.EchoUp
 		g := out.Guest
 		r.Guest = fmt.Sprintf("same boot %v; RAM verifier %d lost, %d corrupt in %d checks; disk %s", g.SameBoot, g.MemLost, g.MemCorrupt, g.MemCycles, g.Disk)
 		if g.Problem != "" {

@@ -77,7 +77,10 @@ type RunResult struct {
 	Pcap        string             `json:"pcap,omitempty"` // kept beside the results when small
 	// Source is the source VM after a failed live move: whether it
 	// stayed safe (nil if the move did not fail).
-	Source  *labrun.SourceState `json:"source_after_failure,omitempty"`
+	Source *labrun.SourceState `json:"source_after_failure,omitempty"`
+	// EchoUp: echo connections that had an answer when the move started
+	// (a live move: they open over time, labrun.Load.WaitEcho).
+	EchoUp  int `json:"echo_conns_up_at_start,omitempty"`
 	samples []Sample
 	start   time.Time
 }

@@ -38,6 +38,9 @@ type ScalePoint struct {
 	// Source is the source VM's state after a failed move: whether the
 	// failure left it safe (nil if the move did not fail).
 	Source *labrun.SourceState `json:"source_after_failure,omitempty"`
+	// EchoUp is how many echo connections had an answer when the move
+	// started (0: not recorded, points measured before).
+	EchoUp int `json:"echo_conns_up_at_start,omitempty"`
 }
 
 // Name is the point as -scale-only and -scale-skip name it.
@@ -213,7 +216,7 @@ func scaling(base *scenario) error {
 				} else {
 					r, err = runOne(context.Background(), &sc, modeEBPF, 1, dir, log)
 				}
-				p.Metrics, p.Source, p.Date, p.Commit, p.EchoSpread = r.Metrics, r.Source, date, rev, true
+				p.Metrics, p.Source, p.Date, p.Commit, p.EchoSpread, p.EchoUp = r.Metrics, r.Source, date, rev, true, r.EchoUp
 				if err != nil {
 					p.Err = err.Error()
 				}
@@ -255,7 +258,7 @@ func scaling(base *scenario) error {
 
 // sameAs is point p as the run of r (the same configuration).
 func sameAs(p, r ScalePoint) ScalePoint {
-	p.Metrics, p.Err, p.Source, p.Date, p.Commit, p.EchoSpread = r.Metrics, r.Err, r.Source, r.Date, r.Commit, r.EchoSpread
+	p.Metrics, p.Err, p.Source, p.Date, p.Commit, p.EchoSpread, p.EchoUp = r.Metrics, r.Err, r.Source, r.Date, r.Commit, r.EchoSpread, r.EchoUp
 	p.Note = fmt.Sprintf("the run of %s (the same configuration)", r.Name())
 	return p
 }
@@ -387,6 +390,9 @@ func (f *ScaleFile) Markdown() string {
 		if p.measured() && p.Commit != "" && p.Commit != f.Commit {
 			note = strings.TrimPrefix(note+"; ", "; ") + fmt.Sprintf("measured %s at commit %s", p.Date, p.Commit)
 		}
+		if p.Dimension == "echo_conns" && p.EchoUp > 0 && int64(p.EchoUp) < p.Value {
+			note = strings.TrimPrefix(note+"; ", "; ") + fmt.Sprintf("only %d of the %d echo connections up when the move started", p.EchoUp, p.Value)
+		}
 		if p.Source != nil {
 			note = strings.TrimPrefix(note+"; ", "; ") + "the source after the failure: " + p.Source.Summary()
 		}
@@ -409,7 +415,8 @@ func (f *ScaleFile) Markdown() string {
 	b.WriteString("\n`disruption_total_ms`: worst echo connection, gaps over 3 intervals less the interval (30 ms at 100 Hz, 300 ms at 10 Hz, 3 s at 1 Hz).\n")
 	b.WriteString("\nEcho connections: n of them at the same total rate (1000 requests/s from 10 on), each giving up after 2 s without an answer " +
 		"or 3 of its intervals if longer (3 s at 1 Hz: a client asking once a second does not hang up on one late answer), then reconnecting by name. " +
-		"Independent clients do not send in step: connection i opens and sends at i/n of the interval (`labrun.Load`). ")
+		"Independent clients do not send in step: connection i opens and sends at i/n of the interval, the connections opening at 100 a second at most " +
+		"(1000 over 10 s), and the move starts once every one has had an answer (`labrun.Load`). ")
 	if len(lockstep) == 0 {
 		b.WriteString("Every point was measured so.\n")
 	} else {

@@ -1,6 +1,7 @@
 package labrun
 
 import (
+	"context"
 	"net/netip"
 	"testing"
 	"time"
@@ -82,24 +83,53 @@ func TestViewCountsUnansweredAndFailures(t *testing.T) {
 	}
 }
 
-// Echo connections open and send spread over one interval, not in step:
-// 1000 at 1 Hz are 1 ms apart, the last one interval less one step in.
+// Echo connections open spread over one interval, or at EchoOpenRate
+// if that takes longer: 1000 at 1 Hz open 10 ms apart over 10 s, and
+// their sends fall in 100 slots of the second, 10 in each.
 func TestEchoPhaseSpreads(t *testing.T) {
 	s := time.Second
-	if got := echoPhase(0, 1000, s); got != 0 {
-		t.Errorf("first: %s", got)
+	if got := echoRamp(1000, s); got != 10*time.Second {
+		t.Errorf("ramp of 1000 at 1 Hz: %s, want 10s", got)
 	}
-	if got := echoPhase(1, 1000, s); got != time.Millisecond {
-		t.Errorf("second: %s, want 1ms", got)
+	if got := echoRamp(10, 10*time.Millisecond); got != 100*time.Millisecond {
+		t.Errorf("ramp of 10 at 100 Hz: %s, want 100ms", got)
 	}
-	if got := echoPhase(999, 1000, s); got != 999*time.Millisecond {
-		t.Errorf("last: %s, want 999ms", got)
+	if got := echoRamp(4, time.Second); got != time.Second {
+		t.Errorf("ramp of 4 at 1 Hz: %s, want one interval", got)
 	}
-	if got := echoPhase(3, 4, 10*time.Millisecond); got != 7500*time.Microsecond {
+	slots := map[time.Duration]int{}
+	for i := range 1000 {
+		ph := echoPhase(i, 1000, s)
+		if ph != time.Duration(i)*10*time.Millisecond {
+			t.Fatalf("connection %d at %s, want %s", i, ph, time.Duration(i)*10*time.Millisecond)
+		}
+		slots[ph%s]++
+	}
+	if len(slots) != 100 || slots[0] != 10 || slots[990*time.Millisecond] != 10 {
+		t.Errorf("sends fall in %d slots of the second (first %d, last %d), want 100 of 10", len(slots), slots[0], slots[990*time.Millisecond])
+	}
+	if got := echoPhase(3, 4, 10*time.Millisecond); got != 30*time.Millisecond {
 		t.Errorf("4 at 100 Hz, the fourth: %s", got)
 	}
 	if got := echoPhase(0, 1, s); got != 0 {
 		t.Errorf("one connection: %s", got)
+	}
+}
+
+// WaitEcho counts the connections that have had an answer, and returns
+// at once when every one has.
+func TestWaitEcho(t *testing.T) {
+	t0 := time.Now()
+	ld := &Load{Conns: 3, EchoEvery: time.Second}
+	ld.Echo = []*Probe{{replies: []time.Time{t0}}, {replies: []time.Time{t0}}, {replies: []time.Time{t0}}}
+	if up, of := ld.WaitEcho(context.Background(), time.Minute); up != 3 || of != 3 || time.Since(t0) > time.Second {
+		t.Fatalf("all up: %d of %d after %s", up, of, time.Since(t0))
+	}
+	ld.Echo[1].replies = nil
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if up, of := ld.WaitEcho(ctx, time.Minute); up != 2 || of != 3 {
+		t.Fatalf("one down: %d of %d", up, of)
 	}
 }
 
