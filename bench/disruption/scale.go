@@ -335,9 +335,11 @@ func mergeScale(prev, now *ScaleFile, measured []string) *ScaleFile {
 
 // baseDiff names the base's fields (JSON keys) in which a and b differ,
 // leaving out those that do not change what a scaling point measures
-// (the scenario's name, repeats, the spec file's path, descriptions).
+// (the scenario's name, repeats, the spec file's path, descriptions, the
+// control mode's window).
 func baseDiff(a, b Scenario) []string {
-	ignore := map[string]bool{"name": true, "repeats": true, "spec_file": true, "daemons": true, "freeze_and_copy_client": true}
+	ignore := map[string]bool{"name": true, "repeats": true, "spec_file": true, "daemons": true, "freeze_and_copy_client": true,
+		"control_window_ms": true}
 	var ma, mb map[string]any
 	ja, _ := json.Marshal(a)
 	jb, _ := json.Marshal(b)

@@ -3,6 +3,7 @@ package main
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmhop/vmhop/internal/labrun"
 )
@@ -180,5 +181,31 @@ func TestMarkdownSourceAfterFailure(t *testing.T) {
 		if !strings.Contains(row, want) {
 			t.Errorf("row lacks %q: %s", want, row)
 		}
+	}
+}
+
+// The committed scaling directory takes a rerun made with its command's
+// flags (-disk 512MiB -fill 256MiB, the rest defaults): the base this
+// code describes is the one it holds.
+func TestCommittedScaleBaseMatches(t *testing.T) {
+	saved := flags
+	defer func() { flags = saved }()
+	flags.name, flags.disk, flags.fill, flags.rate, flags.ram, flags.conns, flags.bulk = "standard", "512MiB", "256MiB", "100mbit", 128, 4, "8mbit"
+	flags.giveUp, flags.repeats, flags.modes, flags.spec, flags.controlWindow = 2*time.Second, 3, "vmhop-ebpf", "../../configs/lab-migration.yaml", 100*time.Second
+	sc, err := parse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	prev, err := readScaleFile("../results/2026-11-30-scaling/scale.json")
+	if err != nil || prev == nil {
+		t.Fatal(prev, err)
+	}
+	if d := baseDiff(prev.Base, sc.describe()); len(d) != 0 {
+		t.Errorf("the committed base differs from the flags' in %v", d)
+	}
+	flags.fill = "1GiB"
+	sc, _ = parse()
+	if d := baseDiff(prev.Base, sc.describe()); len(d) != 1 || !strings.HasPrefix(d[0], "disk_data_mib") {
+		t.Errorf("another -fill: diff %v", d)
 	}
 }
