@@ -65,7 +65,7 @@ var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
 var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
 	pcapDir, analyze, scaleSkip, scaleOnly, scaleDir        string
-	repeats, conns, ram                                     int
+	repeats, conns, ram, scaleMemCheck                      int
 	giveUp, controlWindow                                   time.Duration
 	keepPcap                                                int64
 	scale                                                   bool
@@ -89,6 +89,9 @@ type scenario struct {
 	SpecFile      string
 	Modes         []string
 	KeepPcapMiB   int64
+	// MemCheckMiB is the guest's RAM verifier's working set; 0: the
+	// agent's default (32 MiB). Only -scale-memcheck-mib sets it.
+	MemCheckMiB int
 }
 
 func main() {
@@ -113,6 +116,7 @@ func main() {
 	flag.StringVar(&flags.scaleSkip, "scale-skip", "", "scaling points not to run, comma-separated DIMENSION=VALUE (e.g. disk_data_mib=1024, measured by the standard run)")
 	flag.StringVar(&flags.scaleOnly, "scale-only", "", "run only these scaling points, comma-separated DIMENSION=VALUE (ram, data, conns name the dimensions too: conns=1000)")
 	flag.StringVar(&flags.scaleDir, "scale-dir", "", "the scaling results directory (default -out/<date>-scaling); a scale.json there is updated: the points run replace theirs, the others are kept")
+	flag.IntVar(&flags.scaleMemCheck, "scale-memcheck-mib", 0, "the guest's RAM verifier's working set, MiB, for the scaling points run (0: the guest's 32); recorded per point")
 	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections, two VMs at once)")
 	flag.Parse()
 	if err := run(); err != nil {
@@ -339,7 +343,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		return r, err
 	}
 	defer l.Down()
-	vm, err := l.StartVM(ctx, lab.VMConfig{MemMiB: sc.RAMMiB, DiskSize: sc.Disk, Prefill: sc.Fill})
+	vm, err := l.StartVM(ctx, lab.VMConfig{MemMiB: sc.RAMMiB, DiskSize: sc.Disk, Prefill: sc.Fill, MemCheckMiB: sc.MemCheckMiB})
 	if err != nil {
 		return r, err
 	}

@@ -41,6 +41,9 @@ type ScalePoint struct {
 	// EchoUp is how many echo connections had an answer when the move
 	// started (0: not recorded, points measured before).
 	EchoUp int `json:"echo_conns_up_at_start,omitempty"`
+	// MemCheckMiB is the guest's RAM verifier's working set when not the
+	// default 32 MiB (-scale-memcheck-mib).
+	MemCheckMiB int `json:"guest_memcheck_mib,omitempty"`
 }
 
 // Name is the point as -scale-only and -scale-skip name it.
@@ -132,6 +135,7 @@ func parsePointList(s string) (map[string]bool, error) {
 func scaleConfig(base *scenario, dim string, v int64) scenario {
 	sc := *base
 	sc.KeepPcapMiB = 0
+	sc.MemCheckMiB = flags.scaleMemCheck
 	switch dim {
 	case "guest_ram_mib":
 		sc.RAMMiB = int(v)
@@ -193,7 +197,7 @@ func scaling(base *scenario) error {
 	for _, sp := range scalePoints {
 		for _, v := range sp.vals {
 			sc := scaleConfig(base, sp.dim, v)
-			p := ScalePoint{Dimension: sp.dim, Value: v, EchoEvery: float64(sc.echoEvery()) / float64(time.Millisecond)}
+			p := ScalePoint{Dimension: sp.dim, Value: v, EchoEvery: float64(sc.echoEvery()) / float64(time.Millisecond), MemCheckMiB: sc.MemCheckMiB}
 			vms := int64(1)
 			if sp.dim == "vms" {
 				vms = v
@@ -391,6 +395,9 @@ func (f *ScaleFile) Markdown() string {
 		note := p.Note
 		if p.measured() && p.Commit != "" && p.Commit != f.Commit {
 			note = strings.TrimPrefix(note+"; ", "; ") + fmt.Sprintf("measured %s at commit %s", p.Date, p.Commit)
+		}
+		if p.measured() && p.MemCheckMiB > 0 {
+			note = strings.TrimPrefix(note+"; ", "; ") + fmt.Sprintf("the guest's RAM verifier on %d MiB, not 32", p.MemCheckMiB)
 		}
 		if p.Dimension == "echo_conns" && p.EchoUp > 0 && int64(p.EchoUp) < p.Value {
 			note = strings.TrimPrefix(note+"; ", "; ") + fmt.Sprintf("only %d of the %d echo connections up when the move started", p.EchoUp, p.Value)
