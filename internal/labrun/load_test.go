@@ -3,6 +3,7 @@ package labrun
 import (
 	"context"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -145,5 +146,21 @@ func TestPatience(t *testing.T) {
 		if got := patience(c.giveUp, c.every); got != c.want {
 			t.Errorf("patience(%s, %s) = %s, want %s", c.giveUp, c.every, got, c.want)
 		}
+	}
+}
+
+// A failure after the switch is no source left unsafe: the summary says
+// the VM moved.
+func TestSourceStateSummary(t *testing.T) {
+	safe := SourceState{QEMU: "running", QMPStatus: "running", Answers: true, SameBoot: true, DNS: "10.1.0.10", DNSUnchanged: true, Safe: true}
+	if got := safe.Summary(); got != "safe: QEMU running, QMP status running, the guest answers (same boot), DNS 10.1.0.10 (unchanged)" {
+		t.Errorf("safe: %s", got)
+	}
+	moved := SourceState{Moved: true, QEMU: "running", QMPStatus: "postmigrate", Answers: true, SameBoot: true, DNS: "10.1.0.10", DNSUnchanged: true}
+	if got := moved.Summary(); !strings.HasPrefix(got, "moved, not at the source: the VM moved (the failure came after the switch") {
+		t.Errorf("moved: %s", got)
+	}
+	if got := lastPanic("x\n[   79.121046] Kernel panic - not syncing: System is deadlocked on memory\n[ 79.12]  panic+0x118\n"); got != "Kernel panic - not syncing: System is deadlocked on memory" {
+		t.Errorf("lastPanic: %q", got)
 	}
 }

@@ -26,6 +26,10 @@ type SourceState struct {
 	// QMPStatus is QMP query-status's status ("running", "paused", ...),
 	// or why it could not be asked.
 	QMPStatus string `json:"qmp_status"`
+	// Moved: the source QEMU sent the VM away (QMP status postmigrate):
+	// the failure came after the switch, and the guest that answers at
+	// the old address is the destination's, through the redirect.
+	Moved bool `json:"moved,omitempty"`
 	// Answers: the guest answered its status page at its old address
 	// from the client; SameBoot: with the boot id it had before the move.
 	Answers  bool `json:"answers"`
@@ -43,6 +47,9 @@ type SourceState struct {
 // Summary is the state in one line: "safe: ..." or "NOT SAFE: ...".
 func (s SourceState) Summary() string {
 	var parts []string
+	if s.Moved {
+		parts = append(parts, "the VM moved (the failure came after the switch; the source QEMU sent it: postmigrate)")
+	}
 	parts = append(parts, "QEMU "+s.QEMU, "QMP status "+s.QMPStatus)
 	switch {
 	case s.Answers && s.SameBoot:
@@ -63,7 +70,10 @@ func (s SourceState) Summary() string {
 	}
 	parts = append(parts, dns)
 	verdict := "safe"
-	if !s.Safe {
+	switch {
+	case s.Moved:
+		verdict = "moved, not at the source"
+	case !s.Safe:
 		verdict = "NOT SAFE"
 	}
 	return verdict + ": " + strings.Join(parts, ", ")
@@ -88,6 +98,7 @@ func CheckSource(ctx context.Context, l *lab.Lab, vm *lab.VM, before guest.Statu
 	qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	s.QMPStatus = sourceQMPStatus(qctx, vm.Machine.QMPSocket)
 	cancel()
+	s.Moved = s.QMPStatus == "postmigrate"
 	// A guest recovering from the load may answer late: a few tries.
 	for i := 0; i < 5; i++ {
 		gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
