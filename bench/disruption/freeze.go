@@ -61,7 +61,7 @@ func freezeAndCopy(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Mig
 	}
 	d.MigrationWire = n
 	tCopied := time.Now()
-	if _, err := l.StartVM(ctx, lab.VMConfig{Host: lab.SiteB, IP: lab.NewIP, Gateway: lab.GatewayB, MemMiB: sc.RAMMiB,
+	if _, err := l.StartVM(ctx, lab.VMConfig{Host: lab.SiteB, IP: lab.NewIP, Gateway: lab.GatewayB, MemMiB: sc.RAMMiB, MemCheckMiB: sc.MemCheckMiB,
 		DiskSize: sc.Disk, ExistingDisk: true}); err != nil {
 		return d, pcap, fmt.Errorf("boot at site B: %w", err)
 	}

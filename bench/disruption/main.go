@@ -25,7 +25,9 @@
 // The load (labrun.Load): persistent echo connections at 100 Hz, a new
 // HTTP connection by DNS name every 50 ms, ICMP every 10 ms, one bulk
 // download in flight across the move; every client gives up after 2 s of
-// silence and reconnects by name. Outputs under -out/<date>-<scenario>/:
+// silence (an echo connection after 3 of its intervals if that is longer)
+// and reconnects by name; the echo connections open and send spread over
+// their interval, not in step. Outputs under -out/<date>-<scenario>/:
 // results.json (every metric, units in the names), results.md,
 // pcap-summary.txt, the small pcaps, timeline-<mode>.png and bars*.png.
 // Needs root (the lab).
@@ -62,8 +64,8 @@ var serverPorts = map[uint16]bool{labrun.EchoPort: true, 80: true}
 
 var flags struct {
 	disk, fill, rate, bulk, spec, out, name, modes, labName string
-	pcapDir, analyze, scaleSkip                             string
-	repeats, conns, ram                                     int
+	pcapDir, analyze, scaleSkip, scaleOnly, scaleDir        string
+	repeats, conns, ram, scaleMemCheck                      int
 	giveUp, controlWindow                                   time.Duration
 	keepPcap                                                int64
 	scale                                                   bool
@@ -87,6 +89,9 @@ type scenario struct {
 	SpecFile      string
 	Modes         []string
 	KeepPcapMiB   int64
+	// MemCheckMiB is the guest's RAM verifier's working set; 0: the
+	// agent's default (32 MiB). Only -scale-memcheck-mib sets it.
+	MemCheckMiB int
 }
 
 func main() {
@@ -109,6 +114,9 @@ func main() {
 	flag.StringVar(&flags.pcapDir, "pcap-dir", "", "also keep every run's pcap in this directory (outside the repository: live runs' are tens of MiB)")
 	flag.StringVar(&flags.analyze, "analyze", "", "only analyze this pcap (a client capture) and print its summary and each connection's deliveries")
 	flag.StringVar(&flags.scaleSkip, "scale-skip", "", "scaling points not to run, comma-separated DIMENSION=VALUE (e.g. disk_data_mib=1024, measured by the standard run)")
+	flag.StringVar(&flags.scaleOnly, "scale-only", "", "run only these scaling points, comma-separated DIMENSION=VALUE (ram, data, conns name the dimensions too: conns=1000)")
+	flag.StringVar(&flags.scaleDir, "scale-dir", "", "the scaling results directory (default -out/<date>-scaling); a scale.json there is updated: the points run replace theirs, the others are kept")
+	flag.IntVar(&flags.scaleMemCheck, "scale-memcheck-mib", 0, "the guest's RAM verifier's working set, MiB, for the scaling points run (0: the guest's 32); recorded per point")
 	flag.BoolVar(&flags.scale, "scale", false, "scaling runs instead (vmhop-ebpf once per point: RAM, written disk, client connections, two VMs at once)")
 	flag.Parse()
 	if err := run(); err != nil {
@@ -335,7 +343,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		return r, err
 	}
 	defer l.Down()
-	vm, err := l.StartVM(ctx, lab.VMConfig{MemMiB: sc.RAMMiB, DiskSize: sc.Disk, Prefill: sc.Fill})
+	vm, err := l.StartVM(ctx, lab.VMConfig{MemMiB: sc.RAMMiB, DiskSize: sc.Disk, Prefill: sc.Fill, MemCheckMiB: sc.MemCheckMiB})
 	if err != nil {
 		return r, err
 	}
@@ -357,6 +365,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 		out, merr = labrun.MigrateWith(ctx, l, &spec, log, sc.shape(), labrun.Options{Redirect: redirect, Capture: captureFilter})
 		d = live(out)
 		pcap = out.Pcap
+		r.Source, r.EchoUp = out.Source, out.EchoUp
 		g := out.Guest
 		r.Guest = fmt.Sprintf("same boot %v; RAM verifier %d lost, %d corrupt in %d checks; disk %s", g.SameBoot, g.MemLost, g.MemCorrupt, g.MemCycles, g.Disk)
 		if g.Problem != "" {

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/vmhop/vmhop/internal/labrun"
 )
 
 // Results is one benchmark run: the scenario, every mode's runs and
@@ -73,8 +75,14 @@ type RunResult struct {
 	Guest       string             `json:"guest"`
 	PcapSummary string             `json:"pcap_summary"`
 	Pcap        string             `json:"pcap,omitempty"` // kept beside the results when small
-	samples     []Sample
-	start       time.Time
+	// Source is the source VM after a failed live move: whether it
+	// stayed safe (nil if the move did not fail).
+	Source *labrun.SourceState `json:"source_after_failure,omitempty"`
+	// EchoUp: echo connections that had an answer when the move started
+	// (a live move: they open over time, labrun.Load.WaitEcho).
+	EchoUp  int `json:"echo_conns_up_at_start,omitempty"`
+	samples []Sample
+	start   time.Time
 }
 
 // PhaseMs is a phase's place, in ms since the move started.

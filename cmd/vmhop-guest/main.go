@@ -12,8 +12,15 @@ import (
 	"os/signal"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vmhop/vmhop/internal/guest"
 )
+
+// maxFiles is the agent's descriptor limit: the kernel gives init 1024
+// (4096 hard), and every client connection holds one; a load of a few
+// thousand connections must not run the guest out of them.
+const maxFiles = 1 << 16
 
 func main() {
 	cfg := guest.DefaultAgentConfig()
@@ -22,6 +29,9 @@ func main() {
 			fmt.Fprintln(os.Stderr, "vmhop-guest:", err)
 			os.Exit(2)
 		}
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: maxFiles, Max: maxFiles}); err != nil {
+		fmt.Fprintln(os.Stderr, "vmhop-guest: raise the descriptor limit:", err)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -5,10 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -101,6 +102,12 @@ type Status struct {
 	DiskErrors uint64  `json:"disk_errors"`
 	DirtyMiB   int     `json:"dirty_mib"`
 	DirtyRate  float64 `json:"dirty_mibps"`
+	// EchoConns is the TCP echo connections open now; MemAvailableMiB the
+	// guest kernel's MemAvailable (/proc/meminfo), what it can still give
+	// without swapping (the lab guest has no swap: at 0 it panics). A
+	// load of many connections shows what it costs the guest here.
+	EchoConns       int64   `json:"echo_conns"`
+	MemAvailableMiB float64 `json:"mem_available_mib"`
 	// Mem is the RAM verifier's count: Lost > 0 means a migration lost a
 	// guest memory write (nil when the verifier is off).
 	Mem *MemStats `json:"mem,omitempty"`
@@ -112,6 +119,7 @@ type Agent struct {
 	boot              BootID
 	start             time.Time
 	counter, requests atomic.Uint64
+	echoConns         atomic.Int64
 	acked, diskErrors atomic.Uint64
 	dirtyMu           sync.Mutex
 	dirtyStop         context.CancelFunc
@@ -150,6 +158,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			return err
 		}
 	}
+	if limit, ok := goMemLimit(); ok {
+		debug.SetMemoryLimit(limit)
+		fmt.Fprintf(os.Stderr, "vmhop-guest: Go memory limit %d MiB\n", limit>>20)
+	}
 	select {
 	case <-ctx.Done():
 		return nil
@@ -177,13 +189,94 @@ func (a *Agent) serveEchoTCP(ctx context.Context) error {
 		return err
 	}
 	context.AfterFunc(ctx, func() { ln.Close() })
+	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			return ctx.Err()
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return ctx.Err()
+			}
+			// Out of descriptors or memory for a moment: the agent is the
+			// guest's init, and its end is a kernel panic (and the VM's
+			// end: QEMU runs with -no-reboot). Wait and accept again.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			fmt.Fprintf(os.Stderr, "vmhop-guest: echo: accept: %v; again in %s\n", err, backoff)
+			time.Sleep(backoff)
+			continue
 		}
-		go func() { defer c.Close(); io.Copy(c, c) }()
+		backoff = 0
+		a.echoConns.Add(1)
+		go func() {
+			defer a.echoConns.Add(-1)
+			defer c.Close()
+			echo(c)
+		}()
 	}
+}
+
+// echoBuf is an echo connection's buffer: the load's lines are a few
+// bytes; what a bigger write brings comes back in several.
+const echoBuf = 2 << 10
+
+// echo sends back what c sends until it closes, through a small buffer of
+// its own. (io.Copy(c, c) splices through a pipe per connection, held
+// while it waits: its ring sized for 1 MiB and two more descriptors; at
+// 1000 connections the 128 MiB lab guest ran out of memory and its
+// kernel panicked: bench/results/2026-11-30-scaling, echo_conns=1000.)
+func echo(c net.Conn) {
+	buf := make([]byte, echoBuf)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// goMemLimit is the agent's Go memory limit: what the runtime holds now
+// and 3/4 of what the guest still has (MemAvailable); false if that is
+// unknown. The agent is the guest's init: if the guest runs out of
+// memory its kernel panics, and the runtime, left to GOGC alone, lets
+// its heap double before it collects. The last quarter is the kernel's
+// (socket buffers, page cache).
+func goMemLimit() (int64, bool) {
+	avail := memAvailableMiB()
+	if avail <= 0 {
+		return 0, false
+	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.Sys) + int64(avail*0.75*(1<<20)), true
+}
+
+// memAvailableMiB is /proc/meminfo's MemAvailable in MiB (-1 if unread).
+func memAvailableMiB() float64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return -1
+	}
+	return parseMemAvailable(string(b))
+}
+
+// parseMemAvailable reads MemAvailable (kB) from meminfo's text, in MiB;
+// -1 if it is not there.
+func parseMemAvailable(meminfo string) float64 {
+	for _, line := range strings.Split(meminfo, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "MemAvailable:" {
+			kb, err := strconv.ParseFloat(f[1], 64)
+			if err != nil {
+				return -1
+			}
+			return kb / 1024
+		}
+	}
+	return -1
 }
 
 func (a *Agent) serveEchoUDP(ctx context.Context) error {
@@ -210,6 +303,7 @@ func (a *Agent) status() Status {
 		Counter: a.counter.Load(), Requests: a.requests.Load(),
 		DiskAcked: a.acked.Load(), DiskErrors: a.diskErrors.Load(),
 		DirtyMiB: a.dirtyMiB, DirtyRate: a.dirtyRate,
+		EchoConns: a.echoConns.Load(), MemAvailableMiB: memAvailableMiB(),
 	}
 	a.memMu.Lock()
 	if a.mem != nil {

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -118,6 +119,9 @@ type Lab struct {
 	Name  string
 	Dir   string
 	State State
+
+	procMu sync.Mutex
+	procs  map[string]*Proc // the VMs this process started, by machine name
 }
 
 // State is what Down and status need after the process that built the lab is gone.

@@ -92,6 +92,19 @@ func runWANEm(specJSON string) error {
 type Proc struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
+	err    error // cmd.Wait's; valid once exited is closed
+}
+
+// ExitStatus says how the process ended ("exit status 0", "signal:
+// killed"), or "" while it runs.
+func (p *Proc) ExitStatus() string {
+	if !isClosed(p.exited) {
+		return ""
+	}
+	if p.cmd.ProcessState != nil {
+		return p.cmd.ProcessState.String()
+	}
+	return fmt.Sprint(p.err)
 }
 
 // Kill kills the process.
@@ -132,7 +145,7 @@ func (l *Lab) start(cmd *exec.Cmd, host, logName string, env []string, prog stri
 		return nil, fmt.Errorf("start %s in %s: %w", filepath.Base(prog), host, err)
 	}
 	p := &Proc{cmd: cmd, exited: make(chan struct{})}
-	go func() { cmd.Wait(); close(p.exited) }()
+	go func() { p.err = cmd.Wait(); close(p.exited) }()
 	return p, nil
 }
 

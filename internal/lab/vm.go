@@ -42,6 +42,9 @@ type VMConfig struct {
 	// ExistingDisk boots from the image already at the machine's disk path
 	// (a copy made by freeze-and-copy) instead of creating one.
 	ExistingDisk bool
+	// MemCheckMiB is the guest's RAM verifier's working set
+	// (vmhop.memmb); 0: the agent's default (guest.DefaultAgentConfig).
+	MemCheckMiB int
 	// Incoming starts a migration destination (-incoming defer) whose tap is
 	// not yet on the bridge: frames seen before switchover would be replayed
 	// into the guest on resume. The disk must exist (the migrator fills it).
@@ -90,6 +93,15 @@ func (l *Lab) fillVMDefaults(c *VMConfig) {
 	}
 }
 
+// memmb is the kernel command line's vmhop.memmb for a verifier of n
+// MiB ("" for the default).
+func memmb(n int) string {
+	if n <= 0 {
+		return ""
+	}
+	return fmt.Sprintf(" vmhop.memmb=%d", n)
+}
+
 // TCGPadKiB is added to every lab guest's RAM. QEMU 7.2 (Debian 12) under
 // TCG loses guest writes in migrations: the fast path of its dirty-bitmap
 // sync (a RAM block whose length is a multiple of 64 pages) does not reset
@@ -122,7 +134,7 @@ func (l *Lab) MachineFor(c VMConfig) (qemu.Machine, error) {
 		MemKiB: c.MemMiB<<10 + pad,
 		Kernel: kernel, Initrd: initrd,
 		Append: fmt.Sprintf("console=ttyS0 quiet panic=-1 vmhop.ip=%s/24 vmhop.gw=%s vmhop.ip6=%s/64 vmhop.gw6=%s vmhop.rate=%s",
-			c.IP, c.Gateway, c.IP6, c.Gateway6, strconv.FormatFloat(rate, 'f', -1, 64)),
+			c.IP, c.Gateway, c.IP6, c.Gateway6, strconv.FormatFloat(rate, 'f', -1, 64)) + memmb(c.MemCheckMiB),
 		Disk: l.Path(id + "." + c.Format), DiskFormat: c.Format,
 		Tap: "tap-" + c.Name,
 		// Same MAC on both hosts: it is the guest's NIC, which moves.
@@ -188,7 +200,22 @@ func (l *Lab) StartVM(ctx context.Context, c VMConfig) (*VM, error) {
 	}
 	vm := &VM{Name: c.Name, Host: c.Host, IP: c.IP, Machine: m, Pid: pid}
 	l.State.VMs[m.Name] = vm
+	l.procMu.Lock()
+	if l.procs == nil {
+		l.procs = map[string]*Proc{}
+	}
+	l.procs[m.Name] = proc
+	l.procMu.Unlock()
 	return vm, l.save()
+}
+
+// VMProcess is the QEMU process of machine (a Machine name) if this
+// process started it (StartVM), else nil: its ExitStatus says whether and
+// how it ended.
+func (l *Lab) VMProcess(machine string) *Proc {
+	l.procMu.Lock()
+	defer l.procMu.Unlock()
+	return l.procs[machine]
 }
 
 // prefill writes n random bytes to the raw image at path from offset off.

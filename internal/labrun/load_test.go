@@ -1,7 +1,9 @@
 package labrun
 
 import (
+	"context"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -79,5 +81,86 @@ func TestViewCountsUnansweredAndFailures(t *testing.T) {
 	}
 	if v.Ping.Sent != 7 || v.Ping.Answered != 5 || v.Ping.Lost != 2 {
 		t.Fatalf("ping = %+v", v.Ping)
+	}
+}
+
+// Echo connections open spread over one interval, or at EchoOpenRate
+// if that takes longer: 1000 at 1 Hz open 10 ms apart over 10 s, and
+// their sends fall in 100 slots of the second, 10 in each.
+func TestEchoPhaseSpreads(t *testing.T) {
+	s := time.Second
+	if got := echoRamp(1000, s); got != 10*time.Second {
+		t.Errorf("ramp of 1000 at 1 Hz: %s, want 10s", got)
+	}
+	if got := echoRamp(10, 10*time.Millisecond); got != 100*time.Millisecond {
+		t.Errorf("ramp of 10 at 100 Hz: %s, want 100ms", got)
+	}
+	if got := echoRamp(4, time.Second); got != time.Second {
+		t.Errorf("ramp of 4 at 1 Hz: %s, want one interval", got)
+	}
+	slots := map[time.Duration]int{}
+	for i := range 1000 {
+		ph := echoPhase(i, 1000, s)
+		if ph != time.Duration(i)*10*time.Millisecond {
+			t.Fatalf("connection %d at %s, want %s", i, ph, time.Duration(i)*10*time.Millisecond)
+		}
+		slots[ph%s]++
+	}
+	if len(slots) != 100 || slots[0] != 10 || slots[990*time.Millisecond] != 10 {
+		t.Errorf("sends fall in %d slots of the second (first %d, last %d), want 100 of 10", len(slots), slots[0], slots[990*time.Millisecond])
+	}
+	if got := echoPhase(3, 4, 10*time.Millisecond); got != 30*time.Millisecond {
+		t.Errorf("4 at 100 Hz, the fourth: %s", got)
+	}
+	if got := echoPhase(0, 1, s); got != 0 {
+		t.Errorf("one connection: %s", got)
+	}
+}
+
+// WaitEcho counts the connections that have had an answer, and returns
+// at once when every one has.
+func TestWaitEcho(t *testing.T) {
+	t0 := time.Now()
+	ld := &Load{Conns: 3, EchoEvery: time.Second}
+	ld.Echo = []*Probe{{replies: []time.Time{t0}}, {replies: []time.Time{t0}}, {replies: []time.Time{t0}}}
+	if up, of := ld.WaitEcho(context.Background(), time.Minute); up != 3 || of != 3 || time.Since(t0) > time.Second {
+		t.Fatalf("all up: %d of %d after %s", up, of, time.Since(t0))
+	}
+	ld.Echo[1].replies = nil
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if up, of := ld.WaitEcho(ctx, time.Minute); up != 2 || of != 3 {
+		t.Fatalf("one down: %d of %d", up, of)
+	}
+}
+
+// A client waits at least 3 of its intervals (where the disruption
+// count starts) before it gives up; faster ones keep the load's 2 s.
+func TestPatience(t *testing.T) {
+	for _, c := range []struct{ giveUp, every, want time.Duration }{
+		{2 * time.Second, 10 * time.Millisecond, 2 * time.Second},
+		{2 * time.Second, 100 * time.Millisecond, 2 * time.Second},
+		{2 * time.Second, time.Second, 3 * time.Second},
+		{5 * time.Second, time.Second, 5 * time.Second},
+	} {
+		if got := patience(c.giveUp, c.every); got != c.want {
+			t.Errorf("patience(%s, %s) = %s, want %s", c.giveUp, c.every, got, c.want)
+		}
+	}
+}
+
+// A failure after the switch is no source left unsafe: the summary says
+// the VM moved.
+func TestSourceStateSummary(t *testing.T) {
+	safe := SourceState{QEMU: "running", QMPStatus: "running", Answers: true, SameBoot: true, DNS: "10.1.0.10", DNSUnchanged: true, Safe: true}
+	if got := safe.Summary(); got != "safe: QEMU running, QMP status running, the guest answers (same boot), DNS 10.1.0.10 (unchanged)" {
+		t.Errorf("safe: %s", got)
+	}
+	moved := SourceState{Moved: true, QEMU: "running", QMPStatus: "postmigrate", Answers: true, SameBoot: true, DNS: "10.1.0.10", DNSUnchanged: true}
+	if got := moved.Summary(); !strings.HasPrefix(got, "moved, not at the source: the VM moved (the failure came after the switch") {
+		t.Errorf("moved: %s", got)
+	}
+	if got := lastPanic("x\n[   79.121046] Kernel panic - not syncing: System is deadlocked on memory\n[ 79.12]  panic+0x118\n"); got != "Kernel panic - not syncing: System is deadlocked on memory" {
+		t.Errorf("lastPanic: %q", got)
 	}
 }

@@ -34,6 +34,12 @@ type Outcome struct {
 	// Pcap is the client's packet capture (in the lab's directory: copy it
 	// before the lab goes down).
 	Pcap string `json:",omitempty"`
+	// EchoUp of EchoConns echo connections had an answer when the move
+	// started (the load's connections open over time: Load.WaitEcho).
+	EchoUp, EchoConns int
+	// Source is the source VM after a move that failed before the VM
+	// moved: whether it stayed safe at site A (nil otherwise).
+	Source *SourceState `json:",omitempty"`
 	// Err is the migration's error, if any, with its exit code.
 	Err  string `json:",omitempty"`
 	Exit int
@@ -274,10 +280,18 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 	load := &Load{L: l, Addr: vm.IP, Name: spec.DNS.Name, DNS: netip.MustParseAddrPort(spec.DNS.Server),
 		Conns: shape.Conns, EchoEvery: shape.EchoEvery, HTTPEvery: shape.HTTPEvery, PingEvery: shape.PingEvery,
 		GiveUp: shape.GiveUp, BulkRate: shape.BulkRate}
+	load.defaults() // before Run: WaitEcho reads them
 	lctx, stop := context.WithCancel(ctx)
 	loadDone := make(chan struct{})
 	go func() { load.Run(lctx); close(loadDone) }()
 	time.Sleep(time.Second)
+	// Many echo connections open over time (EchoOpenRate): the move
+	// starts once every one has had an answer, or 15 s after they all
+	// should have.
+	out.EchoUp, out.EchoConns = load.WaitEcho(ctx, 15*time.Second)
+	if out.EchoUp < out.EchoConns {
+		log.Warn("the move starts with echo connections not up", "up", out.EchoUp, "of", out.EchoConns)
+	}
 
 	// The operator's part: hand the spec to site A's vmhopd and follow it.
 	out.Start = time.Now()
@@ -319,6 +333,7 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 	case f := <-ended:
 		fin = &f
 	}
+	movedOn := fin == nil       // the VM runs at site B now (drain began)
 	time.Sleep(3 * time.Second) // the clients keep talking to the moved VM
 	stop()
 	<-loadDone
@@ -353,6 +368,10 @@ func MigrateWith(ctx context.Context, l *lab.Lab, spec *config.Migration, log *s
 	}
 	if err == nil && !out.Guest.OK() {
 		err = fmt.Errorf("the guest did not survive the move: %s", out.Guest.Problem)
+	}
+	if err != nil && !movedOn {
+		src := CheckSource(ctx, l, vm, before, spec.DNS.Name, netip.MustParseAddrPort(spec.DNS.Server))
+		out.Source = &src
 	}
 	if err != nil {
 		out.Err = err.Error()

@@ -27,6 +27,10 @@ type Probe struct {
 	// GiveUp, if set, ends a connection that got no answer for this long
 	// (a client's own timeout: how it notices a server that went away).
 	GiveUp time.Duration
+	// Phase delays the first connection (and with it every send after):
+	// the load spreads its connections over one Interval this way, as
+	// independent clients are, instead of sending in lockstep.
+	Phase time.Duration
 
 	mu          sync.Mutex
 	sent, got   int
@@ -39,6 +43,13 @@ type Probe struct {
 // Run probes until ctx ends.
 func (p *Probe) Run(ctx context.Context) {
 	target := p.Target
+	if p.Phase > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(p.Phase):
+		}
+	}
 	for ctx.Err() == nil {
 		c, err := p.L.DialTCP(ctx, lab.Client, target)
 		if err != nil {

@@ -24,6 +24,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	qemu.FakeQMPChild()
 	lab.RunChild()
 	os.Exit(m.Run())
 }

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -269,7 +270,9 @@ func (m *Mirror) CancelLeftover(ctx context.Context) error {
 func (m *Mirror) teardown(ctx context.Context) error {
 	var first error
 	if m.targetAdded {
-		if err := m.Src.Execute(ctx, "blockdev-del", map[string]any{"node-name": mirrorNode}, nil); err != nil && first == nil {
+		// A source QEMU that exited took the node with it: nothing to
+		// remove (the VM is lost, which the migration's error says).
+		if err := m.Src.Execute(ctx, "blockdev-del", map[string]any{"node-name": mirrorNode}, nil); err != nil && first == nil && !errors.Is(err, ErrExited) {
 			first = err
 		}
 		m.targetAdded = false

@@ -5,6 +5,7 @@ package qemu
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -21,6 +22,11 @@ import (
 // ErrClosed is returned for commands on a monitor whose connection ended
 // (QEMU exited, or Close was called).
 var ErrClosed = errors.New("qmp: monitor closed")
+
+// ErrExited is ErrClosed when the QEMU at the other end exited: its
+// process is gone, and with it everything it held (the VM, block jobs,
+// nodes). errors.Is(err, ErrClosed) holds for it too.
+var ErrExited = fmt.Errorf("%w: QEMU exited", ErrClosed)
 
 // Error is a command's error reply.
 type Error struct {
@@ -66,6 +72,10 @@ type Monitor struct {
 	nextID  uint64
 	done    chan struct{}
 	err     error // why the reader stopped; valid once done is closed
+	pid     int   // QEMU's, from the socket (SO_PEERCRED); 0 if unknown
+
+	goneOnce sync.Once
+	gone     bool // the connection ended with QEMU's process (closedErr)
 }
 
 // Dial connects to QEMU's QMP unix socket at path, retrying until the socket
@@ -100,7 +110,7 @@ func Dial(ctx context.Context, path string) (*Monitor, error) {
 		return nil, fmt.Errorf("qmp dial %s: no greeting: %v", path, err)
 	}
 	conn.SetReadDeadline(time.Time{})
-	m := &Monitor{conn: conn, pending: map[string]chan reply{}, subs: map[chan Event]struct{}{}, done: make(chan struct{})}
+	m := &Monitor{conn: conn, pending: map[string]chan reply{}, subs: map[chan Event]struct{}{}, done: make(chan struct{}), pid: peerPID(conn)}
 	go m.read(r)
 	if err := m.Execute(ctx, "qmp_capabilities", nil, nil); err != nil {
 		m.Close()
@@ -167,7 +177,7 @@ func (m *Monitor) execute(ctx context.Context, command string, args, out any, f 
 	m.mu.Lock()
 	if isDone(m.done) {
 		m.mu.Unlock()
-		return fmt.Errorf("qmp %s: %w", command, ErrClosed)
+		return fmt.Errorf("qmp %s: %w", command, m.closedErr())
 	}
 	m.nextID++
 	id := strconv.FormatUint(m.nextID, 10)
@@ -210,7 +220,7 @@ func (m *Monitor) execute(ctx context.Context, command string, args, out any, f 
 		}
 		return nil
 	case <-m.done:
-		return fmt.Errorf("qmp %s: %w", command, ErrClosed)
+		return fmt.Errorf("qmp %s: %w", command, m.closedErr())
 	case <-ctx.Done():
 		return fmt.Errorf("qmp %s: %w", command, ctx.Err())
 	}
@@ -235,6 +245,71 @@ func (m *Monitor) Events() (<-chan Event, func()) {
 			close(ch)
 		}
 	}
+}
+
+// closedErr is why commands fail on the ended connection: ErrExited
+// when QEMU's process is gone (it is given half a second to be: the
+// socket closes as it exits), else ErrClosed.
+func (m *Monitor) closedErr() error {
+	m.goneOnce.Do(func() {
+		if m.pid <= 0 {
+			return
+		}
+		for i := 0; i < 10 && !m.gone; i++ {
+			if m.gone = processGone(m.pid); !m.gone {
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+	})
+	if m.gone {
+		return fmt.Errorf("%w (pid %d)", ErrExited, m.pid)
+	}
+	return ErrClosed
+}
+
+// Exited says whether the connection ended because QEMU's process did.
+func (m *Monitor) Exited() bool {
+	return isDone(m.done) && errors.Is(m.closedErr(), ErrExited)
+}
+
+// PID is QEMU's process id, read from the socket when it connected (0 if
+// unknown).
+func (m *Monitor) PID() int { return m.pid }
+
+// peerPID is the pid of the process at the other end of a unix socket
+// connection (SO_PEERCRED), 0 if unknown.
+func peerPID(c net.Conn) int {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return 0
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	pid := 0
+	raw.Control(func(fd uintptr) {
+		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+			pid = int(cred.Pid)
+		}
+	})
+	return pid
+}
+
+// processGone says whether process pid has exited: no such process, or
+// a zombie not yet reaped.
+func processGone(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return errors.Is(err, os.ErrNotExist)
+	}
+	// pid (comm) state ...: the comm may hold spaces and parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return false
+	}
+	st := b[i+2]
+	return st == 'Z' || st == 'X'
 }
 
 // Done is closed when the connection ends.
