@@ -8,8 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"runtime"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -158,10 +156,6 @@ func (a *Agent) Run(ctx context.Context) error {
 			return err
 		}
 	}
-	if limit, ok := goMemLimit(); ok {
-		debug.SetMemoryLimit(limit)
-		fmt.Fprintf(os.Stderr, "vmhop-guest: Go memory limit %d MiB\n", limit>>20)
-	}
 	select {
 	case <-ctx.Done():
 		return nil
@@ -236,22 +230,6 @@ func echo(c net.Conn) {
 			return
 		}
 	}
-}
-
-// goMemLimit is the agent's Go memory limit: what the runtime holds now
-// and 3/4 of what the guest still has (MemAvailable); false if that is
-// unknown. The agent is the guest's init: if the guest runs out of
-// memory its kernel panics, and the runtime, left to GOGC alone, lets
-// its heap double before it collects. The last quarter is the kernel's
-// (socket buffers, page cache).
-func goMemLimit() (int64, bool) {
-	avail := memAvailableMiB()
-	if avail <= 0 {
-		return 0, false
-	}
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	return int64(ms.Sys) + int64(avail*0.75*(1<<20)), true
 }
 
 // memAvailableMiB is /proc/meminfo's MemAvailable in MiB (-1 if unread).
