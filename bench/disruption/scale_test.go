@@ -33,10 +33,12 @@ func TestParsePointList(t *testing.T) {
 	}
 }
 
-// The committed scaling run (2026-11-30), its 1000-connection point
-// failed; a rerun of that point alone is merged into it.
+// The scaling run as first committed (f818a2f, 2026-11-30, a file from
+// before per-point dates): its 1000-connection point failed; a rerun of
+// that point alone is merged into it. A copy under testdata, so that
+// reruns merged into the committed directory do not change this test.
 func TestMergeScaleRerunsOnePoint(t *testing.T) {
-	prev, err := readScaleFile("../results/2026-11-30-scaling/scale.json")
+	prev, err := readScaleFile("testdata/scale-old-format.json")
 	if err != nil || prev == nil {
 		t.Fatalf("read the committed file: %v, %v", prev, err)
 	}
