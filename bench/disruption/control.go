@@ -17,17 +17,12 @@ import (
 // can go below. It returns the run and the pcap's path (in the lab).
 func control(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, sc *scenario) (runData, string, error) {
 	d := runData{NoMove: true}
-	pcap := l.Path("client.pcap")
-	capture, err := labrun.StartCaptureFilter(l, pcap, captureFilter)
+	lr, err := startLoad(ctx, l, vm, spec, sc)
 	if err != nil {
 		return d, "", err
 	}
-	load := sc.load(l, vm.IP, spec)
-	lctx, stop := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() { load.Run(lctx); close(done) }()
-	defer func() { stop(); <-done }()
-	time.Sleep(time.Second)
+	defer lr.End()
+	pcap := lr.Pcap
 
 	t0 := time.Now()
 	select {
@@ -37,10 +32,8 @@ func control(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration
 	}
 	t1 := time.Now()
 	time.Sleep(3 * time.Second)
-	stop()
-	<-done
-	byPort, _, cerr := capture.StopByPort(labrun.EchoPort)
-	d.View = load.View(byPort)
+	var cerr error
+	d.View, cerr = lr.End()
 	// The window is Start to Stopped: the round trips "during the copy"
 	// (rttMetrics) are the window's, with nothing moving.
 	d.Start, d.Stopped = t0, t1

@@ -26,17 +26,12 @@ import (
 // reconnect by name. It returns the run and the pcap's path (in the lab).
 func freezeAndCopy(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration, sc *scenario) (runData, string, error) {
 	var d runData
-	pcap := l.Path("client.pcap")
-	capture, err := labrun.StartCaptureFilter(l, pcap, captureFilter)
+	lr, err := startLoad(ctx, l, vm, spec, sc)
 	if err != nil {
 		return d, "", err
 	}
-	load := sc.load(l, vm.IP, spec)
-	lctx, stop := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() { load.Run(lctx); close(done) }()
-	defer func() { stop(); <-done }()
-	time.Sleep(time.Second)
+	defer lr.End()
+	pcap, load := lr.Pcap, lr.Load
 
 	t0 := time.Now()
 	d.Start, d.Stopped = t0, t0
@@ -92,10 +87,8 @@ func freezeAndCopy(ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Mig
 	}
 	tBack := time.Now()
 	time.Sleep(3 * time.Second) // the clients keep talking to the moved VM
-	stop()
-	<-done
-	byPort, _, cerr := capture.StopByPort(labrun.EchoPort)
-	d.View = load.View(byPort)
+	var cerr error
+	d.View, cerr = lr.End()
 	d.Pause = tBooted.Sub(t0)
 	d.Total = tFlipped.Sub(t0)
 	d.Phases = []labrun.Span{{Name: "freeze", From: t0, To: tStopped}, {Name: "copy", From: tStopped, To: tCopied},

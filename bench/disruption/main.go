@@ -291,7 +291,7 @@ func run() error {
 }
 
 // barMetrics are the decomposed metrics the bar charts show.
-var barMetrics = []string{"vm_pause_ms", "disruption_total_ms", "echo_gap_longest_ms", "bulk_gap_longest_ms", "tcp_rto_retransmits",
+var barMetrics = []string{"vm_pause_ms", "disruption_total_ms", "echo_gap_longest_ms", "echo_gap_switchover_ms", "bulk_gap_longest_ms", "tcp_rto_retransmits",
 	"http_fail_window_ms", "new_addr_after_stop_ms", "ping_lost", "total_move_ms"}
 
 // plots draws each mode's first good run's timeline and the bar charts

@@ -37,6 +37,8 @@ var metrics = []metric{
 	{"disruption_total_ms", "total disruption as the README defines it: worst echo connection, gaps over 30 ms less the 10 ms interval"},
 	{"disruption_outage_ms", "the same over gaps over 100 ms only"},
 	{"echo_gap_longest_ms", "longest gap of any persistent echo connection (in-flight)"},
+	{"echo_gap_switchover_ms", "longest gap of any echo connection that overlaps the VM's pause (stopped at A to running at B): what the switchover costs a connection in flight"},
+	{"echo_gap_copy_longest_ms", "longest gap of any echo connection that ended before the VM stopped (while it ran at A during the move: the copy's load on the host and the uplink)"},
 	{"echo_gap_total_mean_ms", "gaps over 30 ms summed per echo connection, mean over connections"},
 	{"bulk_gap_longest_ms", "longest gap in the bulk download's arriving data"},
 	{"bulk_received_bytes", "bytes the bulk download received during the load"},
@@ -67,7 +69,8 @@ func compute(d runData) map[string]float64 {
 		m["migration_wire_bytes"] = float64(d.MigrationWire)
 	}
 	var worst labrun.Disruption
-	var longest, sum time.Duration
+	var longest, sum, across, before time.Duration
+	split := false
 	reconnects := 0
 	echo := d.View.Echo
 	if d.Capture != nil {
@@ -96,6 +99,10 @@ func compute(d runData) map[string]float64 {
 				every = 10 * time.Millisecond
 			}
 			echo[i].Disruption = labrun.GapsIn(arr, every, from, d.View.End)
+			if !d.Stopped.IsZero() {
+				a, b := splitGaps(arr, from, d.View.End, d.Start, d.Stopped, d.Resumed)
+				across, before, split = max(across, a), max(before, b), true
+			}
 		}
 	}
 	for _, e := range echo {
@@ -109,6 +116,14 @@ func compute(d runData) map[string]float64 {
 	m["disruption_total_ms"] = ms(worst.Total)
 	m["disruption_outage_ms"] = ms(worst.Outage)
 	m["echo_gap_longest_ms"] = ms(longest)
+	if split {
+		if !d.NoMove {
+			m["echo_gap_switchover_ms"] = ms(across)
+		}
+		if d.Stopped.After(d.Start) { // freeze-and-copy stops at once: no copy while it runs
+			m["echo_gap_copy_longest_ms"] = ms(before)
+		}
+	}
 	if n := len(echo); n > 0 {
 		m["echo_gap_total_mean_ms"] = ms(sum) / float64(n)
 	}
@@ -146,6 +161,37 @@ func compute(d runData) map[string]float64 {
 		}
 	}
 	return m
+}
+
+// splitGaps returns, over the gaps between arrivals (bounded by from and
+// end as labrun.GapsIn bounds them), the longest that overlaps the pause
+// [stopped, resumed] and the longest that ended after start and by
+// stopped (the move under way, the VM still at A). A zero resumed (a
+// control run) makes the pause the instant stopped.
+func splitGaps(arrivals []time.Time, from, end, start, stopped, resumed time.Time) (across, before time.Duration) {
+	if resumed.Before(stopped) {
+		resumed = stopped
+	}
+	pts := append([]time.Time(nil), arrivals...)
+	sort.Slice(pts, func(i, j int) bool { return pts[i].Before(pts[j]) })
+	if !from.IsZero() && (len(pts) == 0 || from.Before(pts[0])) {
+		pts = append([]time.Time{from}, pts...)
+	}
+	if !end.IsZero() && (len(pts) == 0 || end.After(pts[len(pts)-1])) {
+		pts = append(pts, end)
+	}
+	for i := 1; i < len(pts); i++ {
+		p, q := pts[i-1], pts[i]
+		switch g := q.Sub(p); {
+		case !q.After(stopped):
+			if q.After(start) {
+				before = max(before, g)
+			}
+		case p.Before(resumed) || p.Equal(resumed) && resumed.Equal(stopped):
+			across = max(across, g)
+		}
+	}
+	return across, before
 }
 
 // bulkPorts lists the bulk download's client ports.

@@ -99,6 +99,11 @@ func TestCompute(t *testing.T) {
 	if m["echo_gap_longest_ms"] != 7000-10 || m["disruption_total_ms"] != 7000-10-10+3000-10 {
 		t.Errorf("from the capture: longest %v, total %v; want 6990, 9970", m["echo_gap_longest_ms"], m["disruption_total_ms"])
 	}
+	// Without a resume time the pause is the instant the VM stopped (2 s):
+	// the 3 s gap spans it, the 10 ms one ended before.
+	if m["echo_gap_switchover_ms"] != 3000 || m["echo_gap_copy_longest_ms"] != 10 {
+		t.Errorf("switchover %v, copy %v; want 3000, 10", m["echo_gap_switchover_ms"], m["echo_gap_copy_longest_ms"])
+	}
 	for k := range m {
 		found := false
 		for _, mt := range metrics {
@@ -192,6 +197,47 @@ func TestPlots(t *testing.T) {
 // metrics (the echo gaps: the guest's floor; the window's round trips)
 // and none of a move's: no pause, move time, wire bytes or new address,
 // so its table cells are "-" and its bars absent.
+func TestSplitGaps(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(ms ...int) []time.Time {
+		var out []time.Time
+		for _, m := range ms {
+			out = append(out, t0.Add(time.Duration(m)*time.Millisecond))
+		}
+		return out
+	}
+	stop, resume := t0.Add(100*time.Millisecond), t0.Add(400*time.Millisecond)
+	for _, c := range []struct {
+		name           string
+		arr            []time.Time
+		across, before time.Duration
+	}{
+		{"one gap holds the pause", at(0, 10, 40, 500, 510), 460 * time.Millisecond, 30 * time.Millisecond},
+		{"a reply inside the pause splits it", at(0, 10, 250, 900), 650 * time.Millisecond, 10 * time.Millisecond},
+		{"a gap ending exactly at the stop is before it", at(0, 100, 130), 30 * time.Millisecond, 100 * time.Millisecond},
+		{"after the resume is neither", at(0, 10, 420, 430, 2000), 410 * time.Millisecond, 10 * time.Millisecond},
+		// No reply at all: from the load's start to its end.
+		{"nothing answered", nil, 5 * time.Second, 0},
+	} {
+		from := time.Time{}
+		if c.arr == nil {
+			from = t0
+		}
+		a, b := splitGaps(c.arr, from, t0.Add(5*time.Second), t0.Add(-time.Second), stop, resume)
+		if c.arr != nil {
+			// The end of the load bounds the last gap; it starts after the resume.
+			a, b = splitGaps(c.arr, from, time.Time{}, t0.Add(-time.Second), stop, resume)
+		}
+		if a != c.across || b != c.before {
+			t.Errorf("%s: across %v before %v; want %v, %v", c.name, a, b, c.across, c.before)
+		}
+	}
+	// Gaps that ended before the move started are the lead-in's.
+	if _, b := splitGaps(at(0, 60, 70), time.Time{}, time.Time{}, t0.Add(65*time.Millisecond), stop, resume); b != 10*time.Millisecond {
+		t.Errorf("before the start counted: %v, want 10ms", b)
+	}
+}
+
 func TestComputeControl(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	ms := time.Millisecond
