@@ -368,3 +368,90 @@ func TestRecoveryRetried(t *testing.T) {
 		t.Errorf("record %+v after %d plans, want recovered after 3", got.Outcome, p.calls.Load())
 	}
 }
+
+// goneSource and goneDest play what a roll back without the source VM
+// touches: the redirect and the tunnels (any other call panics: it must
+// not happen).
+type goneSource struct {
+	migrator.SourceHost
+	calls *[]string
+}
+
+func (h goneSource) RemoveRedirect(context.Context, migrator.RedirectRemove) error {
+	*h.calls = append(*h.calls, "remove redirect")
+	return nil
+}
+func (h goneSource) RetireTunnel(context.Context, migrator.Tunnel) error {
+	*h.calls = append(*h.calls, "retire tunnel")
+	return nil
+}
+
+type goneDest struct {
+	migrator.Destination
+	calls *[]string
+}
+
+func (h goneDest) RetireTunnel(context.Context, migrator.Tunnel) error {
+	*h.calls = append(*h.calls, "retire tunnel at the destination")
+	return nil
+}
+
+// goneDriver is a source hypervisor whose VM exited (hypervisor.Liveness).
+type goneDriver struct{ hypervisor.Driver }
+
+func (goneDriver) SourceGone(context.Context) (bool, string) {
+	return true, "its QMP socket /run/web1.qmp is missing and no process names it"
+}
+func (goneDriver) DestinationStatus(context.Context) (string, error) {
+	return "", errors.New("not asked")
+}
+
+// gonePlanner rebuilds plans whose source VM is gone.
+type gonePlanner struct {
+	fakeMigrator
+	calls atomic.Int32
+	acts  []string
+}
+
+func (p *gonePlanner) RecoveryPlan(context.Context, *journal.Record) (*migrator.Plan, func(), error) {
+	p.calls.Add(1)
+	return &migrator.Plan{Source: goneSource{calls: &p.acts}, Dest: goneDest{calls: &p.acts}, Driver: goneDriver{}, SourceDisk: "/var/lib/vmhop/web1.raw"}, nil, nil
+}
+
+// TestRecoverSourceGone: a record left before the commit point whose
+// source VM is gone is rolled back without it and closed failed (the
+// error says the VM is not running and must be started again): the
+// recovery succeeds, so it is not retried, and the VM may be migrated
+// again.
+func TestRecoverSourceGone(t *testing.T) {
+	cfg := localOnly(t)
+	s := journal.NewStore(filepath.Join(cfg.StateDir, "journal"))
+	r := &journal.Record{ID: "web1-0000901e", Name: "web1", VM: "qemu:/run/vmhop/web1.qmp", Started: time.Now()}
+	r.Apply(migrator.PhaseEvent{Phase: "datapath", Token: 5}, time.Now())
+	if err := s.Write(r); err != nil {
+		t.Fatal(err)
+	}
+	p := &gonePlanner{}
+	d := start(t, cfg, Options{Migrator: p, RecoveryRetry: 10 * time.Millisecond}, nil)
+	out, err := d.Recover(context.Background())
+	if err != nil || len(out) != 1 || out[0].Error != "" || out[0].Recovery.Direction != journal.DirRollBack || out[0].Recovery.Facts.SourceGone == "" {
+		t.Fatalf("recover: %+v %v", out, err)
+	}
+	got, _ := s.Read(r.ID)
+	if got.Open() || got.State != journal.StateRolledBack || got.Outcome.OK || got.Outcome.ExitCode != migrator.ExitAborted ||
+		!strings.Contains(got.Outcome.Error, "is not running") || !strings.Contains(got.Outcome.Error, "/var/lib/vmhop/web1.raw") ||
+		!strings.Contains(got.Outcome.Error, "Start the VM again") {
+		t.Fatalf("record: state %s, outcome %+v", got.State, got.Outcome)
+	}
+	if strings.Join(p.acts, ", ") != "remove redirect, retire tunnel, retire tunnel at the destination" {
+		t.Errorf("actions: %v", p.acts)
+	}
+	time.Sleep(100 * time.Millisecond) // ten retry periods
+	if n := p.calls.Load(); n != 1 {
+		t.Errorf("the plan was rebuilt %d times; want once (no retry)", n)
+	}
+	lc := NewLocalClient(cfg.Socket)
+	if _, err := lc.Migrate(context.Background(), readSpec(t)); err != nil {
+		t.Fatalf("migrate the VM again: %v", err)
+	}
+}

@@ -85,9 +85,12 @@ func (s *SourceMigrator) Preflight(ctx context.Context, job *Job) (any, error) {
 
 // RecoveryPlan implements RecoveryPlanner: the plan from the record's
 // spec, as Migrate builds it; if the VM cannot be adopted again (its
-// source QEMU quit: the record is past the commit point), a plan with
-// what recovery's actions need: this host's work, the peer's, a QEMU
-// driver on the source's QMP socket, DNS, and the MACs the journal kept.
+// source QEMU quit: the record is past the commit point, or before it
+// the QEMU is gone for good, qemu.Gone), a plan with what recovery's
+// actions need: this host's work, the peer's, a QEMU driver on the
+// source's QMP socket, DNS, and the MACs the journal kept. Before the
+// commit point a source that is only unreachable (or any other failure)
+// is an error: the recovery is retried.
 func (s *SourceMigrator) RecoveryPlan(ctx context.Context, rec *journal.Record) (*migrator.Plan, func(), error) {
 	f, err := config.Parse([]byte(rec.Spec))
 	if err != nil || f.Migration == nil {
@@ -101,16 +104,24 @@ func (s *SourceMigrator) RecoveryPlan(ctx context.Context, rec *journal.Record) 
 	}
 	cleanup()
 	if !rec.Done.Committed {
-		// Before the commit point the source VM must be there to resume.
-		return nil, nil, err
+		// Before the commit point the source VM must be there to resume,
+		// unless it is gone for good: then journal.Recover rolls back
+		// without it and closes the record.
+		gone, why := qemu.Gone(f.Migration.VM.QMPSocket)
+		if !gone {
+			return nil, nil, err
+		}
+		log.Warn("recover: the source VM is gone; a plan from the journal to roll back without it", "why", why, "err", err)
+		return s.journalPlan(ctx, rec, f.Migration)
 	}
 	log.Warn("recover: the VM cannot be adopted again; a plan from the journal", "err", err)
 	return s.journalPlan(ctx, rec, f.Migration)
 }
 
-// journalPlan is a plan for a migration past its commit point whose
-// source VM is gone: enough for the forward actions (DNS, stop the
-// source, drain).
+// journalPlan is a plan for a migration whose source VM is gone: enough
+// for the forward actions (DNS, stop the source, drain) past the commit
+// point, and before it for the roll back without the source (disk
+// stream, destination, DNS TTL, redirect, tunnels).
 func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, spec *config.Migration) (*migrator.Plan, func(), error) {
 	cfg := s.D.Config()
 	peerName := ""
@@ -164,7 +175,7 @@ func (s *SourceMigrator) journalPlan(ctx context.Context, rec *journal.Record, s
 	p := &plan
 	p.Label, p.VM, p.SourceQMP, p.Log = peerName, spec.VM.QMPSocket, spec.VM.QMPSocket, s.D.log.With("recover", rec.ID)
 	p.Source, p.Dest, p.SourceWAN, p.DestWAN = s.Work.Host, RemoteDestination{Peer: in.Peer}, spec.Source.Address, spec.Destination.Address
-	p.Driver, p.Disk, p.DestDisk, p.DestTap = drv, disk, spec.Destination.Disk, spec.Destination.Tap
+	p.Driver, p.Disk, p.SourceDisk, p.DestDisk, p.DestTap = drv, disk, spec.VM.Disk, spec.Destination.Disk, spec.Destination.Tap
 	p.VMMAC, p.GatewayMAC = vmMAC, gwMAC
 	if k, err := ddns.LoadKey(spec.DNS.TSIGKeyFile); err == nil {
 		p.DNS = &ddns.Client{Server: spec.DNS.Server, Key: k, Timeout: spec.DNS.Timeout}

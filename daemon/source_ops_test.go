@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,8 +17,10 @@ import (
 // TestRecoveryPlanFromTheJournal: a record past its commit point whose
 // source VM cannot be adopted again gets a plan from the spec and the
 // journal (the peer, the addresses, the MACs it kept, DNS); before the
-// commit point the adoption's error stands (the VM must be there to
-// resume); a spec that does not parse is said.
+// commit point so does one whose source QEMU is gone (its QMP socket
+// missing: recovery rolls back without it), while one whose socket still
+// listens keeps the plan's error (the recovery is retried); a spec that
+// does not parse is said.
 func TestRecoveryPlanFromTheJournal(t *testing.T) {
 	ca := newTestCA(t)
 	cfg := ca.config(t, "site-a", "site-b=10.2.0.2:7710")
@@ -41,8 +44,23 @@ func TestRecoveryPlanFromTheJournal(t *testing.T) {
 		t.Fatalf("plan from the journal: %+v", p)
 	}
 	rec.Done.Committed = false
+	p, cleanup2, err := s.RecoveryPlan(context.Background(), rec)
+	if err != nil {
+		t.Fatalf("before the commit point, the source VM gone: %v", err)
+	}
+	defer cleanup2()
+	if p.SourceDisk != "/var/lib/vmhop/web1.raw" || p.Label != "site-b" || p.Driver == nil {
+		t.Fatalf("plan from the journal, the source VM gone: %+v", p)
+	}
+	sock := filepath.Join(t.TempDir(), "web1.qmp")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	rec.Spec = strings.Replace(spec, "/run/vmhop/web1.qmp", sock, 1)
 	if _, _, err := s.RecoveryPlan(context.Background(), rec); err == nil || !strings.Contains(err.Error(), "migration.source.address") {
-		t.Fatalf("before the commit point: %v", err)
+		t.Fatalf("before the commit point, the source VM there: %v", err)
 	}
 	rec.Spec = "nonsense: ["
 	if _, _, err := s.RecoveryPlan(context.Background(), rec); err == nil || !strings.Contains(err.Error(), "does not parse") {

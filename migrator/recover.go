@@ -83,6 +83,25 @@ func ProbeSource(ctx context.Context, p *Plan) (bool, error) {
 	return rc.SourceMigrated(ctx)
 }
 
+// SourceGone says whether p's source VM is gone for good (its driver is
+// a hypervisor.Liveness that says so), and why. Drivers that cannot tell
+// are never gone: recovery retries as before.
+func SourceGone(ctx context.Context, p *Plan) (bool, string) {
+	if l, ok := p.Driver.(hypervisor.Liveness); ok {
+		return l.SourceGone(ctx)
+	}
+	return false, ""
+}
+
+// DestinationStatus is the destination hypervisor's run state for p's
+// migration (hypervisor.Liveness); an error if the driver cannot say.
+func DestinationStatus(ctx context.Context, p *Plan) (string, error) {
+	if l, ok := p.Driver.(hypervisor.Liveness); ok {
+		return l.DestinationStatus(ctx)
+	}
+	return "", fmt.Errorf("destination status: the %T driver cannot say", p.Driver)
+}
+
 // Recover carries out actions in order for the migration p describes (p
 // as the spec gives it; st from the journal). Every action is tried; the
 // errors are joined, each named by its action, except that a failed
@@ -95,7 +114,8 @@ func Recover(ctx context.Context, p *Plan, st RecoveryState, actions []RecoveryA
 	}
 	p.Token = st.Token
 	p.dnsCachedUntil = st.DNSCachedUntil
-	if rc, ok := p.Driver.(hypervisor.Recoverable); ok {
+	// A source known gone is not dialled (QEMU's dial waits 10 s for it).
+	if rc, ok := p.Driver.(hypervisor.Recoverable); ok && !goneOnly(SourceGone(ctx, p)) {
 		if err := rc.ConnectSource(ctx); err != nil {
 			p.Log.Warn("recover: source hypervisor", "err", err)
 		}
@@ -117,6 +137,9 @@ func Recover(ctx context.Context, p *Plan, st RecoveryState, actions []RecoveryA
 	}
 	return errors.Join(errs...)
 }
+
+// goneOnly is SourceGone's first result.
+func goneOnly(gone bool, _ string) bool { return gone }
 
 func (p *Plan) recoverOne(ctx context.Context, a RecoveryAction, st RecoveryState) error {
 	switch a {
@@ -165,6 +188,10 @@ func (p *Plan) recoverOne(ctx context.Context, a RecoveryAction, st RecoveryStat
 		}
 		return err
 	case ActStopSource:
+		if gone, why := SourceGone(ctx, p); gone {
+			p.Log.Info("recover: the source VM is gone already", "why", why)
+			return nil
+		}
 		if rc, ok := p.Driver.(hypervisor.Recoverable); ok {
 			if err := rc.ConnectSource(ctx); errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
 				p.Log.Info("recover: the source VM is gone already (its QMP socket does not answer)", "err", err)

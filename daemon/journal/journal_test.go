@@ -125,6 +125,15 @@ func TestRule(t *testing.T) {
 		{"copying", through(t, "disk-bulk", false), Facts{}, DirRollBack,
 			acts("end-disk-stream", "abort-destination", "restore-dns-ttl", "remove-redirect", "retire-tunnels")},
 		{"switching, not asked", through(t, "memory", false), Facts{}, DirUndecided, acts("probe-source")},
+		{"preparing, source gone", through(t, "datapath", false), Facts{SourceGone: "gone"}, DirRollBack, acts("remove-redirect", "retire-tunnels")},
+		{"copying, source gone", through(t, "disk-bulk", false), Facts{SourceGone: "gone"}, DirRollBack,
+			acts("end-disk-stream", "abort-destination", "restore-dns-ttl", "remove-redirect", "retire-tunnels")},
+		{"switching, source gone, destination waiting", through(t, "memory", false), Facts{SourceGone: "gone", DestStatus: "inmigrate"}, DirRollBack,
+			acts("remove-redirect", "end-disk-stream", "abort-destination", "restore-dns-ttl", "retire-tunnels")},
+		{"switching, source gone, destination runs it", through(t, "memory", false), Facts{SourceGone: "gone", DestStatus: "running"}, DirForward,
+			acts("check-health", "flip-dns", "restore-dns-ttl", "end-disk-stream", "stop-source", "finish-drain")},
+		{"switching, source gone, destination unknown", through(t, "memory", false), Facts{SourceGone: "gone", DestStatus: "unknown: unreachable"}, DirOperator, nil},
+		{"switching, source gone, destination paused", through(t, "memory", false), Facts{SourceGone: "gone", DestStatus: "paused"}, DirOperator, nil},
 		{"switching, not migrated", through(t, "memory", false), Facts{SourceMigrated: &no}, DirRollBack,
 			acts("cancel-source-migration", "remove-redirect", "end-disk-stream", "resume-source", "abort-destination", "restore-dns-ttl", "retire-tunnels")},
 		{"switching, migrated", through(t, "memory", false), Facts{SourceMigrated: &yes}, DirForward,
@@ -273,6 +282,22 @@ func (d fakeDest) HeldAddrs(context.Context, migrator.AddrQuery) (migrator.HeldA
 type fakeDriver struct {
 	c        *calls
 	migrated bool
+	gone     bool   // the source VM's process exited
+	dest     string // the destination's run state; "" cannot say
+}
+
+func (d *fakeDriver) SourceGone(context.Context) (bool, string) {
+	if d.gone {
+		return true, "its QMP socket /run/web1.qmp refuses connections and no process names it"
+	}
+	return false, "its QMP socket /run/web1.qmp accepts connections"
+}
+func (d *fakeDriver) DestinationStatus(context.Context) (string, error) {
+	d.c.add("driver: destination status")
+	if d.dest == "" {
+		return "", errors.New("no incoming migration web1-x on this host")
+	}
+	return d.dest, nil
 }
 
 func (d *fakeDriver) PrepareDestination(context.Context) error { return nil }
@@ -367,6 +392,85 @@ func TestRecoverSwitching(t *testing.T) {
 			}
 			cl.list = nil
 			if rc, err := Recover(context.Background(), s, got, fakePlan(cl, c.migrated)); err != nil || rc.Direction != DirNone || len(cl.list) != 0 {
+				t.Errorf("second recovery: %s %v, calls %v", rc.Direction, err, cl.list)
+			}
+		})
+	}
+}
+
+// TestRecoverSourceGone: a record before the commit point whose source VM
+// is gone (its QEMU exited) is rolled back without the source (nothing
+// cancelled or resumed there) and closed failed, the error naming the VM,
+// that it is not running, its untouched disk image and that it must be
+// started again; a second recovery does nothing. Inside the memory stream
+// the destination is asked: waiting for the stream -> the same roll back;
+// running the VM -> forward (committed); no answer -> operator, nothing
+// done at the destination, the record left open without an error (no
+// retry).
+func TestRecoverSourceGone(t *testing.T) {
+	retire := "source: retire tunnel " + strings.Repeat("*", 42)
+	for _, c := range []struct {
+		name  string
+		phase string
+		dest  string
+		want  []string
+		dir   Direction
+		state State // "": left open
+		exit  int
+	}{
+		{"preparing", "datapath", "", []string{"source: remove redirect", retire, "dest: retire tunnel"}, DirRollBack, StateRolledBack, migrator.ExitAborted},
+		{"copying", "disk-bulk", "", []string{"driver: abort destination", "dest: abort", "dns: restore ttl 300",
+			"source: remove redirect", retire, "dest: retire tunnel"}, DirRollBack, StateRolledBack, migrator.ExitAborted},
+		{"switching, destination waiting", "memory", "inmigrate", []string{"driver: destination status", "source: remove redirect",
+			"driver: abort destination", "dest: abort", "dns: restore ttl 300", retire, "dest: retire tunnel"}, DirRollBack, StateRolledBack, migrator.ExitAborted},
+		{"switching, destination runs it", "memory", "running", []string{"driver: destination status", "dns: flip", "dns: restore ttl 300",
+			"source: remove redirect", "dest: attach vm (tunnel off)", retire, "dest: retire tunnel"}, DirForward, StateDrained, migrator.ExitMoved},
+		{"switching, destination cannot say", "memory", "", []string{"driver: destination status"}, DirOperator, "", 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s := NewStore(t.TempDir())
+			rec := through(t, c.phase, false)
+			rec.VM = "qemu:/run/web1.qmp"
+			if err := s.Write(rec); err != nil {
+				t.Fatal(err)
+			}
+			cl := &calls{}
+			plan := func() *migrator.Plan {
+				p := fakePlan(cl, false)
+				p.Driver = &fakeDriver{c: cl, gone: true, dest: c.dest}
+				p.SourceDisk, p.Label = "/var/lib/vm/web1.qcow2", "site-b"
+				return p
+			}
+			rc, err := Recover(context.Background(), s, rec, plan())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rc.Direction != c.dir || rc.Facts.SourceGone == "" || strings.Join(cl.list, "\n") != strings.Join(c.want, "\n") {
+				t.Fatalf("%s (%s), calls:\n  %s\nwant %s\n  %s", rc.Direction, rc.Why, strings.Join(cl.list, "\n  "), c.dir, strings.Join(c.want, "\n  "))
+			}
+			got, err := s.Read(rec.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.state == "" {
+				if !got.Open() || got.Recovery == nil || got.Recovery.Direction != DirOperator || !strings.Contains(got.Recovery.Why, "not running") {
+					t.Fatalf("record: state %s, outcome %+v, recovery %+v", got.State, got.Outcome, got.Recovery)
+				}
+				return
+			}
+			if got.Open() || got.State != c.state || got.Outcome.ExitCode != c.exit || !got.Outcome.Recovered {
+				t.Fatalf("record: state %s, outcome %+v", got.State, got.Outcome)
+			}
+			if c.dir == DirRollBack {
+				for _, w := range []string{"qemu:/run/web1.qmp is not running", "refuses connections", "site-b", "old address",
+					"/var/lib/vm/web1.qcow2 on the source is untouched", "Start the VM again"} {
+					if !strings.Contains(got.Outcome.Error, w) {
+						t.Errorf("outcome error %q does not say %q", got.Outcome.Error, w)
+					}
+				}
+			}
+			cl.list = nil
+			if rc, err := Recover(context.Background(), s, got, plan()); err != nil || rc.Direction != DirNone || len(cl.list) != 0 {
 				t.Errorf("second recovery: %s %v, calls %v", rc.Direction, err, cl.list)
 			}
 		})

@@ -130,6 +130,24 @@ type Recoverable interface {
 	CancelMigration(ctx context.Context) error
 }
 
+// Liveness is a Recoverable driver that can tell a source VM that is
+// gone for good from one unreachable for a moment, and ask the
+// destination how far its copy got: a recovery before the commit point
+// whose source VM died uses it to roll back without the source, or to
+// leave the decision to an operator.
+type Liveness interface {
+	// SourceGone says whether the source VM's hypervisor process is gone
+	// (QEMU: its QMP socket is missing or refuses connections, and no
+	// process names the socket); why says what was found. Anything else
+	// (a timeout, a full backlog, a permission error) is not gone.
+	SourceGone(ctx context.Context) (gone bool, why string)
+	// DestinationStatus is the destination hypervisor's run state for
+	// the migration (QEMU's query-status: "inmigrate" while it waits for
+	// the stream, "running" once the VM runs there); an error if it
+	// cannot say.
+	DestinationStatus(ctx context.Context) (string, error)
+}
+
 // ByteReporter is a Driver whose progress reports carry the bytes sent,
 // at least every few seconds while the stream runs (QEMU's do; a
 // VirtualBox teleport reports 10% steps only). The migrator's stall
