@@ -493,3 +493,101 @@ func qmpBlockJobs(t *testing.T, ctx context.Context, sock string) []string {
 	}
 	return out
 }
+
+// TestSourceVMGoneWhileDaemonDown: site A's vmhopd and then the source
+// VM's QEMU are killed (SIGKILL) during the disk's bulk copy, and vmhopd
+// is started again. Its recovery finds the source VM gone for good (the
+// QMP socket refuses, no process names it), rolls back what the
+// migration made without it and closes the record failed (not retried):
+// no QEMU, image, tap, datapath entry, secret, record or listener of the
+// migration is left at either site, DNS still names the old address, the
+// source's image is where it was, and the error says the VM is not
+// running and must be started again.
+func TestSourceVMGoneWhileDaemonDown(t *testing.T) {
+	l, vm, spec := daemonLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	img, err := os.Stat(vm.Machine.Disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	yaml, dm := specYAML(t, l, vm, spec)
+	lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
+	id, err := lc.Migrate(ctx, yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	_, ferr := lc.Follow(ctx, id, func(ev daemon.Event) error {
+		if duringBulk.trigger(ev) {
+			once.Do(func() {
+				for _, p := range append([]int{daemonPid(t, l, lab.SiteA)}, nsPids(t, l, lab.SiteA, "qemu")...) {
+					if err := syscall.Kill(p, syscall.SIGKILL); err != nil {
+						t.Error(err)
+					}
+					waitGone(p)
+				}
+			})
+		}
+		return nil
+	})
+	if ferr == nil {
+		t.Fatal("the migration's progress went on after site A's vmhopd was killed")
+	}
+	if rec := readRecord(t, l, id); rec.State != journal.StateCopying || !rec.Open() {
+		t.Fatalf("journal after the kill: state %s (open %v), want copying, open", rec.State, rec.Open())
+	}
+	if q := nsPids(t, l, lab.SiteA, "qemu"); len(q) != 0 {
+		t.Fatalf("source QEMU still runs: %v", q)
+	}
+	t0 := time.Now()
+	if err := StartDaemon(ctx, l, lab.SiteA); err != nil {
+		t.Fatal(err)
+	}
+	rec := waitRecovered(t, ctx, l, id)
+	t.Logf("recovered in %s: %s %v, facts %+v; outcome %+v", time.Since(t0).Round(time.Millisecond),
+		rec.Recovery.Direction, rec.Recovery.Actions, rec.Recovery.Facts, *rec.Outcome)
+	if rec.Recovery.Direction != journal.DirRollBack || rec.Recovery.Facts.SourceGone == "" || rec.Outcome.OK ||
+		rec.Outcome.ExitCode != migrator.ExitAborted || !strings.Contains(rec.Outcome.Error, "is not running") ||
+		!strings.Contains(rec.Outcome.Error, "Start the VM again") {
+		t.Errorf("recovery %s (facts %+v), outcome %+v: want a roll back without the source, closed failed saying the VM is not running",
+			rec.Recovery.Direction, rec.Recovery.Facts, *rec.Outcome)
+	}
+	// Nothing of the migration left, at either site.
+	for _, site := range []string{lab.SiteA, lab.SiteB} {
+		if q := nsPids(t, l, site, "qemu"); len(q) != 0 {
+			t.Errorf("QEMU processes at %s: %v", site, q)
+		}
+		e, err := datapath.ReadPinned(l.PinDir(site))
+		if err != nil {
+			t.Errorf("datapath at %s: %v", site, err)
+		} else if len(e.Redirects)+len(e.Peers)+len(e.VMs)+len(e.NAT) > 0 {
+			t.Errorf("datapath at %s keeps %+v", site, e)
+		}
+		out, err := netns.Run(ctx, l.NS(site), "ss", "-Hltn")
+		if err != nil {
+			t.Errorf("ss at %s: %v", site, err)
+		} else if left := ListenersInRange(out, MigrationPorts); len(left) > 0 {
+			t.Errorf("%s listens on ports of vmhopd.migration_ports: %v", site, left)
+		}
+	}
+	assertNoMigrationFiles(t, l)
+	if _, err := os.Stat(dm.Disk); !os.IsNotExist(err) {
+		t.Errorf("destination image %s left: %v", dm.Disk, err)
+	}
+	if out, err := netns.Run(ctx, l.NS(lab.SiteB), "ip", "link", "show", dm.Tap); err == nil {
+		t.Errorf("tap %s left at site B: %s", dm.Tap, out)
+	}
+	if a := dnsA(t, l); a != lab.OldIP {
+		t.Errorf("dns: %s, want the old address %s", a, lab.OldIP)
+	}
+	if st, err := os.Stat(vm.Machine.Disk); err != nil {
+		t.Errorf("the source image: %v", err)
+	} else if st.Size() != img.Size() {
+		t.Errorf("the source image %s: size %d, was %d", vm.Machine.Disk, st.Size(), img.Size())
+	}
+	// Closed: a later start or recover finds nothing to do.
+	if recs, err := lc.RecoveryPlan(ctx); err != nil || len(recs) != 0 {
+		t.Errorf("vmhop recover after it: %+v, %v", recs, err)
+	}
+}
