@@ -131,13 +131,24 @@ func (p *Path) setVM(h *netlink.Handle, e *vmEntry, t *tunnel, fresh bool) error
 	tunName, mark := "", uint32(0)
 	if t != nil {
 		tunName, mark = t.name, t.mark
+		// The tunnel's rule before the table that marks packets for it: a
+		// VM packet marked while no rule sends the mark into the tunnel
+		// leaves through the uplink, is SNATed to new_ip there, and
+		// conntrack keeps that binding for the flow's life: the client
+		// gets the rest of an old connection from new_ip and resets it.
+		if err := p.setVMRule(h, e, t); err != nil {
+			return err
+		}
 	}
 	if err := p.withNft(func(c *nftables.Conn) error {
 		return setVMTable(c, vmTable(e.OldIP), buildVMRules(e.VM, tunName, mark), !fresh)
 	}); err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	return p.setVMRule(h, e, t)
+	if t == nil {
+		return p.setVMRule(h, e, nil) // the drain: the rule after the table stopped marking
+	}
+	return nil
 }
 
 // setVMRule points the tunnel's mark at its table (default route into

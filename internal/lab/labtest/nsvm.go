@@ -105,6 +105,7 @@ type Transfers struct {
 	echo, up net.Conn
 	upDone   chan error
 	downDone chan []byte
+	downErr  error // the download's read error (set before downDone)
 }
 
 // StartTransfers opens the transfers from the lab's client to ServeNSVM's
@@ -146,7 +147,8 @@ func StartTransfers(t testing.TB, l *lab.Lab, payload []byte, timeout time.Durat
 	}()
 	go func() {
 		down.SetDeadline(time.Now().Add(timeout))
-		b, _ := io.ReadAll(down)
+		b, err := io.ReadAll(down)
+		tr.downErr = err
 		tr.downDone <- b
 	}()
 	return tr
@@ -172,8 +174,8 @@ func (tr *Transfers) Check(t testing.TB) {
 		t.Errorf("upload across the move: server saw %q, want sha %s from the client", line, SHA256(tr.payload)[:12])
 	}
 	if got := <-tr.downDone; !bytes.Equal(got, tr.payload) {
-		t.Errorf("download across the move: %d bytes, sha %s, want %d bytes sha %s",
-			len(got), SHA256(got)[:12], len(tr.payload), SHA256(tr.payload)[:12])
+		t.Errorf("download across the move: %d bytes, sha %s, want %d bytes sha %s (read: %v)",
+			len(got), SHA256(got)[:12], len(tr.payload), SHA256(tr.payload)[:12], tr.downErr)
 	}
 }
 
