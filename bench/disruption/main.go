@@ -397,6 +397,7 @@ func runOne(ctx context.Context, sc *scenario, mode string, rep int, dir string,
 	d.EchoEvery = sc.echoEvery()
 	r.Metrics = compute(d)
 	r.start = d.Start
+	r.Start, r.Stopped, r.Resumed = d.Start, d.Stopped, d.Resumed
 	for _, s := range d.Phases {
 		r.Phases = append(r.Phases, PhaseMs{Name: s.Name, FromMs: msSince(d.Start, s.From), ToMs: msSince(d.Start, s.To)})
 	}
