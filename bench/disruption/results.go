@@ -80,7 +80,7 @@ type RunResult struct {
 	Source *labrun.SourceState `json:"source_after_failure,omitempty"`
 	// EchoUp: echo connections that had an answer when the move started
 	// (a live move: they open over time, labrun.Load.WaitEcho).
-	EchoUp  int `json:"echo_conns_up_at_start,omitempty"`
+	EchoUp int `json:"echo_conns_up_at_start,omitempty"`
 	// The move's start and the VM's pause on the host's wall clock (the
 	// capture's clock): where the phases and the pause sit in a pcap
 	// kept with -pcap-dir. Stopped is Resumed less QEMU's pause (live).
