@@ -172,14 +172,7 @@ func splitGaps(arrivals []time.Time, from, end, start, stopped, resumed time.Tim
 	if resumed.Before(stopped) {
 		resumed = stopped
 	}
-	pts := append([]time.Time(nil), arrivals...)
-	sort.Slice(pts, func(i, j int) bool { return pts[i].Before(pts[j]) })
-	if !from.IsZero() && (len(pts) == 0 || from.Before(pts[0])) {
-		pts = append([]time.Time{from}, pts...)
-	}
-	if !end.IsZero() && (len(pts) == 0 || end.After(pts[len(pts)-1])) {
-		pts = append(pts, end)
-	}
+	pts := labrun.Bounded(append([]time.Time(nil), arrivals...), from, end)
 	for i := 1; i < len(pts); i++ {
 		p, q := pts[i-1], pts[i]
 		switch g := q.Sub(p); {

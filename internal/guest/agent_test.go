@@ -31,6 +31,22 @@ func freeAddr(t *testing.T) string {
 	return ln.Addr().String()
 }
 
+// dialEcho connects to the echo service at addr, waiting up to half a
+// second for it to listen.
+func dialEcho(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	var c net.Conn
+	var err error
+	for try := 0; try < 50; try++ {
+		if c, err = net.Dial("tcp", addr); err == nil {
+			return c
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal(err)
+	return nil
+}
+
 // The echo service sends back every byte, also of a write larger than
 // its buffer, and counts its open connections.
 func TestEchoTCP(t *testing.T) {
@@ -40,18 +56,7 @@ func TestEchoTCP(t *testing.T) {
 	go func() { errc <- a.serveEchoTCP(ctx) }()
 	var conns []net.Conn
 	for i := 0; i < 50; i++ {
-		var c net.Conn
-		var err error
-		for try := 0; try < 50; try++ {
-			if c, err = net.Dial("tcp", a.cfg.EchoAddr); err == nil {
-				break
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, c)
+		conns = append(conns, dialEcho(t, a.cfg.EchoAddr))
 	}
 	big := bytes.Repeat([]byte("0123456789abcdef"), 4*echoBuf) // 4 buffers' worth and more
 	for i, c := range conns {
@@ -98,17 +103,7 @@ func TestEchoTCPSurvivesAcceptFailure(t *testing.T) {
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { errc <- a.serveEchoTCP(ctx) }()
-	var c net.Conn
-	var err error
-	for try := 0; try < 50; try++ {
-		if c, err = net.Dial("tcp", a.cfg.EchoAddr); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dialEcho(t, a.cfg.EchoAddr)
 	defer c.Close()
 	// Accepted at once. Now every descriptor but one is taken (a low
 	// limit, filled with /dev/null), and the next client takes that one:

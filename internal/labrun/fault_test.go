@@ -21,6 +21,7 @@ import (
 	"github.com/vmhop/vmhop/bpf"
 	"github.com/vmhop/vmhop/daemon"
 	"github.com/vmhop/vmhop/daemon/journal"
+	"github.com/vmhop/vmhop/internal/config"
 	"github.com/vmhop/vmhop/internal/guest"
 	"github.com/vmhop/vmhop/internal/lab"
 	"github.com/vmhop/vmhop/internal/netns"
@@ -164,12 +165,7 @@ func runFaultRow(t *testing.T, row faultRow) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	yaml, dm := specYAML(t, l, vm, spec)
-	lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
-	id, err := lc.Migrate(ctx, yaml)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lc, id, dm := startMigration(t, ctx, l, vm, spec)
 
 	var once sync.Once
 	killed := make(chan time.Time, 1)
@@ -300,6 +296,20 @@ func runFaultRow(t *testing.T, row faultRow) {
 		}
 	}
 	assertEndState(t, ctx, l, vm, dm, row.endAt, before)
+}
+
+// startMigration hands spec for vm to site A's vmhopd, as vmhop migrate
+// does, and returns the client, the migration's ID and the machine it
+// makes at site B.
+func startMigration(t *testing.T, ctx context.Context, l *lab.Lab, vm *lab.VM, spec *config.Migration) (*daemon.LocalClient, string, qemu.Machine) {
+	t.Helper()
+	yaml, dm := specYAML(t, l, vm, spec)
+	lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
+	id, err := lc.Migrate(ctx, yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lc, id, dm
 }
 
 // waitGone waits until pid is no more (up to 5 s).
@@ -511,12 +521,7 @@ func TestSourceVMGoneWhileDaemonDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	yaml, dm := specYAML(t, l, vm, spec)
-	lc := daemon.NewLocalClient(DaemonSocket(l, lab.SiteA))
-	id, err := lc.Migrate(ctx, yaml)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lc, id, dm := startMigration(t, ctx, l, vm, spec)
 	var once sync.Once
 	_, ferr := lc.Follow(ctx, id, func(ev daemon.Event) error {
 		if duringBulk.trigger(ev) {

@@ -182,14 +182,7 @@ func Gaps(arrivals []time.Time, interval time.Duration) Disruption {
 // open.
 func GapsIn(arrivals []time.Time, interval time.Duration, start, end time.Time) Disruption {
 	d := Disruption{Samples: len(arrivals), Interval: interval, Threshold: 3 * interval, OutageThreshold: 100 * time.Millisecond}
-	sort.Slice(arrivals, func(i, j int) bool { return arrivals[i].Before(arrivals[j]) })
-	pts := arrivals
-	if !start.IsZero() && (len(pts) == 0 || start.Before(pts[0])) {
-		pts = append([]time.Time{start}, pts...)
-	}
-	if !end.IsZero() && (len(pts) == 0 || end.After(pts[len(pts)-1])) {
-		pts = append(pts, end)
-	}
+	pts := Bounded(arrivals, start, end)
 	var all []Gap
 	for i := 1; i < len(pts); i++ {
 		g := pts[i].Sub(pts[i-1])
@@ -207,6 +200,21 @@ func GapsIn(arrivals []time.Time, interval time.Duration, start, end time.Time) 
 	sort.Slice(all, func(i, j int) bool { return all[i].Length > all[j].Length })
 	d.Worst = all[:min(5, len(all))]
 	return d
+}
+
+// Bounded is arrivals sorted (in place), with start before them and end
+// after them where those are set and lie outside: the points between
+// which GapsIn measures gaps.
+func Bounded(arrivals []time.Time, start, end time.Time) []time.Time {
+	sort.Slice(arrivals, func(i, j int) bool { return arrivals[i].Before(arrivals[j]) })
+	pts := arrivals
+	if !start.IsZero() && (len(pts) == 0 || start.Before(pts[0])) {
+		pts = append([]time.Time{start}, pts...)
+	}
+	if !end.IsZero() && (len(pts) == 0 || end.After(pts[len(pts)-1])) {
+		pts = append(pts, end)
+	}
+	return pts
 }
 
 // Result returns the probe's counts and its disruption.

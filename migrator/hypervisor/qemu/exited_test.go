@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -33,24 +32,17 @@ func FakeQMPChild() {
 	if err != nil {
 		os.Exit(2)
 	}
-	w := json.NewEncoder(c)
-	w.Encode(map[string]any{"QMP": map[string]any{"version": map[string]any{}, "capabilities": []string{}}})
-	r := bufio.NewScanner(c)
-	for r.Scan() {
-		var req struct {
-			Execute string `json:"execute"`
-			ID      string `json:"id"`
-		}
-		json.Unmarshal(r.Bytes(), &req)
-		switch req.Execute {
+	serveQMP(c, func(w *json.Encoder, cmd, id string) bool {
+		switch cmd {
 		case "quit":
 			os.Exit(0) // no reply: gone, like QEMU whose guest panicked
 		case "qmp_capabilities", "blockdev-del":
-			w.Encode(map[string]any{"return": map[string]any{}, "id": req.ID})
+			w.Encode(map[string]any{"return": map[string]any{}, "id": id})
 		default:
-			w.Encode(map[string]any{"return": map[string]any{"status": "running"}, "id": req.ID})
+			w.Encode(map[string]any{"return": map[string]any{"status": "running"}, "id": id})
 		}
-	}
+		return false
+	})
 	time.Sleep(time.Hour) // the client went; QEMU runs on (killed by the test's cleanup)
 }
 

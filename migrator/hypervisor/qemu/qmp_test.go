@@ -33,29 +33,41 @@ func fakeQEMU(t *testing.T) string {
 			return
 		}
 		defer c.Close()
-		w := json.NewEncoder(c)
-		w.Encode(map[string]any{"QMP": map[string]any{"version": map[string]any{}, "capabilities": []string{}}})
-		r := bufio.NewScanner(c)
-		for r.Scan() {
-			var req struct {
-				Execute string `json:"execute"`
-				ID      string `json:"id"`
-			}
-			json.Unmarshal(r.Bytes(), &req)
-			switch req.Execute {
+		serveQMP(c, func(w *json.Encoder, cmd, id string) bool {
+			switch cmd {
 			case "qmp_capabilities":
-				w.Encode(map[string]any{"return": map[string]any{}, "id": req.ID})
+				w.Encode(map[string]any{"return": map[string]any{}, "id": id})
 			case "query-status":
 				w.Encode(map[string]any{"event": "STOP", "data": map[string]any{}, "timestamp": map[string]any{"seconds": 1, "microseconds": 5}})
-				w.Encode(map[string]any{"return": map[string]any{"status": "paused", "running": false}, "id": req.ID})
+				w.Encode(map[string]any{"return": map[string]any{"status": "paused", "running": false}, "id": id})
 			case "quit":
-				return
+				return true
 			default:
-				w.Encode(map[string]any{"error": map[string]any{"class": "CommandNotFound", "desc": "The command " + req.Execute + " has not been found"}, "id": req.ID})
+				w.Encode(map[string]any{"error": map[string]any{"class": "CommandNotFound", "desc": "The command " + cmd + " has not been found"}, "id": id})
 			}
-		}
+			return false
+		})
 	}()
 	return path
+}
+
+// serveQMP is a fake QEMU's monitor on c: QMP's greeting, then each
+// command's name and id to answer, which writes what QEMU would on w; it
+// returns when the client goes or answer says the monitor ends.
+func serveQMP(c net.Conn, answer func(w *json.Encoder, cmd, id string) (end bool)) {
+	w := json.NewEncoder(c)
+	w.Encode(map[string]any{"QMP": map[string]any{"version": map[string]any{}, "capabilities": []string{}}})
+	r := bufio.NewScanner(c)
+	for r.Scan() {
+		var req struct {
+			Execute string `json:"execute"`
+			ID      string `json:"id"`
+		}
+		json.Unmarshal(r.Bytes(), &req)
+		if answer(w, req.Execute, req.ID) {
+			return
+		}
+	}
 }
 
 func TestMonitor(t *testing.T) {
